@@ -1,0 +1,159 @@
+//! Backends: one trait, two implementations that compute the same functions.
+//!
+//! [`CpuBackend`] is the reference and always works; [`CudaBackend`] runs the kernels in
+//! `kernels/*.cu` through cudarc and is chosen by [`select`] only when libcuda, a device and the
+//! compiled kernels are all present.
+
+pub mod cpu;
+pub mod cuda;
+
+pub use cpu::CpuBackend;
+pub use cuda::{CudaBackend, CudaStatus};
+
+use crate::ema::{CodeSums, SumMode};
+use crate::error::{Error, Result};
+use crate::matrix::{MatRef, Matrix};
+use crate::nearest::{Assignment, Metric};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Instant;
+
+/// The four primitives of vector quantization.
+///
+/// Every method validates its inputs and returns a typed [`Error`] for bad ones; no method
+/// panics on user input.
+pub trait Backend: Send + Sync {
+    /// Short name: "cpu" or "cuda".
+    fn name(&self) -> &'static str;
+    /// One line on what runs: threads, GPU name and compute capability.
+    fn describe(&self) -> String;
+    /// Nearest code per row of `x` (SPEC §1). Never materialises the N×K distance matrix.
+    fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment>;
+    /// Codebook rows named by `indices`, as an N×D matrix.
+    fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix>;
+    /// Per-code sums and counts of the rows of `x` assigned by `indices` (SPEC §4).
+    fn code_sums(
+        &self,
+        x: MatRef<'_>,
+        indices: &[u32],
+        codes: usize,
+        mode: SumMode,
+    ) -> Result<CodeSums>;
+    /// Exact histogram of `indices` over `codes` codes.
+    fn usage(&self, indices: &[u32], codes: usize) -> Result<Vec<u32>>;
+
+    /// Median seconds per call of each primitive, `reps` runs after a warm-up.
+    ///
+    /// The default times the host-level calls with a wall clock. The CUDA backend overrides it
+    /// to time the kernels alone with events, inputs resident on the device.
+    fn time_primitives(
+        &self,
+        x: MatRef<'_>,
+        codebook: MatRef<'_>,
+        metric: Metric,
+        reps: usize,
+    ) -> Result<PrimitiveTimes> {
+        let k = codebook.rows();
+        let a = self.nearest(x, codebook, metric)?;
+        let idx = &a.indices;
+        Ok(PrimitiveTimes {
+            nearest: median_secs(reps, || self.nearest(x, codebook, metric).map(drop))?,
+            gather: median_secs(reps, || self.gather(codebook, idx).map(drop))?,
+            code_sums: median_secs(reps, || {
+                self.code_sums(x, idx, k, SumMode::Fast).map(drop)
+            })?,
+            code_sums_deterministic: median_secs(reps, || {
+                self.code_sums(x, idx, k, SumMode::Deterministic).map(drop)
+            })?,
+            usage: median_secs(reps, || self.usage(idx, k).map(drop))?,
+            timed_with: "wall clock around host calls",
+        })
+    }
+}
+
+/// Median time per primitive, in seconds.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct PrimitiveTimes {
+    pub nearest: f64,
+    pub gather: f64,
+    pub code_sums: f64,
+    pub code_sums_deterministic: f64,
+    pub usage: f64,
+    /// How the times were taken.
+    pub timed_with: &'static str,
+}
+
+/// Runs `f` once to warm up, then `reps` times; returns the median wall-clock seconds.
+pub fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(&mut times))
+}
+
+/// Median of a non-empty list (sorts it).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        0.5 * (v[m - 1] + v[m])
+    }
+}
+
+/// Which backend to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when libcuda, a device and the kernels are all present; the CPU otherwise.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+impl FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown device {s:?}: expected auto, cpu or cuda"
+            ))),
+        }
+    }
+}
+
+/// The backend for `device`. `Auto` never fails and never panics: it falls back to the CPU.
+/// `Cuda` fails with [`Error::CudaUnavailable`] saying why when CUDA cannot run.
+///
+/// ```
+/// let b = vqx::backend::select(vqx::backend::Device::Cpu).unwrap();
+/// assert_eq!(b.name(), "cpu");
+/// ```
+pub fn select(device: Device) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cpu => Ok(Box::new(CpuBackend::new())),
+        Device::Cuda => Ok(Box::new(CudaBackend::new(0)?)),
+        Device::Auto => match CudaBackend::new(0) {
+            Ok(b) => Ok(Box::new(b)),
+            Err(_) => Ok(Box::new(CpuBackend::new())),
+        },
+    }
+}

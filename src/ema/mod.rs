@@ -1,0 +1,118 @@
+//! EMA scatter-add: per-code sums of the assigned rows and per-code counts, the statistics the
+//! EMA codebook update consumes (SPEC §4).
+
+use crate::error::{Error, Result};
+use crate::matrix::MatRef;
+use rayon::prelude::*;
+use std::fmt;
+use std::str::FromStr;
+
+/// How the per-code sums are accumulated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum SumMode {
+    /// Whatever order is fastest (float atomics on CUDA): the last bits may differ run to run.
+    #[default]
+    Fast,
+    /// Rows of each code summed in increasing row order: bit-identical run to run.
+    Deterministic,
+}
+
+impl fmt::Display for SumMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SumMode::Fast => "fast",
+            SumMode::Deterministic => "deterministic",
+        })
+    }
+}
+
+impl FromStr for SumMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fast" => Ok(SumMode::Fast),
+            "deterministic" => Ok(SumMode::Deterministic),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown sum mode {s:?}: expected fast or deterministic"
+            ))),
+        }
+    }
+}
+
+/// Per-code statistics of one batch: s_k = Σ_{i(n)=k} x_n and n_k = #{n : i(n) = k}.
+///
+/// ```
+/// use vqx::{backend::{Backend, CpuBackend}, ema::SumMode, MatRef};
+/// let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+/// let s = CpuBackend::new().code_sums(MatRef::new(&x, 3, 2)?, &[1, 0, 1], 2, SumMode::Fast)?;
+/// assert_eq!(s.counts, vec![1, 2]);
+/// assert_eq!(s.sums, vec![3.0, 4.0, 6.0, 8.0]);
+/// # Ok::<(), vqx::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct CodeSums {
+    /// K × D row-major sums.
+    pub sums: Vec<f32>,
+    /// K counts.
+    pub counts: Vec<u32>,
+    /// The mode the sums were computed in.
+    pub mode: SumMode,
+}
+
+/// Checks a scatter-add's inputs: one index per row, indices in range, finite rows.
+pub fn validate(x: MatRef<'_>, indices: &[u32], codes: usize) -> Result<()> {
+    x.check_nonempty("input")?;
+    if indices.len() != x.rows() {
+        return Err(Error::Shape {
+            what: "indices vs input rows".into(),
+            expected: format!("{} indices (one per input row)", x.rows()),
+            got: format!("{} indices", indices.len()),
+        });
+    }
+    crate::usage::validate(indices, codes)?;
+    x.check_finite("input")
+}
+
+/// Row ids grouped by code, each group in increasing row order (a stable counting sort):
+/// returns (offsets of length K + 1, row ids).
+pub fn group_by_code(indices: &[u32], codes: usize) -> (Vec<usize>, Vec<u32>) {
+    let counts = crate::usage::cpu(indices, codes);
+    let mut offsets = Vec::with_capacity(codes + 1);
+    let mut acc = 0usize;
+    offsets.push(0);
+    for &c in &counts {
+        acc += c as usize;
+        offsets.push(acc);
+    }
+    let mut next = offsets[..codes].to_vec();
+    let mut rows = vec![0u32; indices.len()];
+    for (n, &k) in indices.iter().enumerate() {
+        rows[next[k as usize]] = n as u32;
+        next[k as usize] += 1;
+    }
+    (offsets, rows)
+}
+
+/// CPU twin of the scatter-add kernels. Always deterministic: each code's rows are summed in
+/// increasing row order in f64 and rounded once, so `mode` only labels the result.
+pub fn cpu(x: MatRef<'_>, indices: &[u32], codes: usize, mode: SumMode) -> CodeSums {
+    let d = x.cols();
+    let (offsets, rows) = group_by_code(indices, codes);
+    let mut sums = vec![0f32; codes * d];
+    sums.par_chunks_mut(d)
+        .enumerate()
+        .for_each_init(Vec::<f64>::new, |acc, (k, out)| {
+            acc.clear();
+            acc.resize(d, 0.0);
+            for &n in &rows[offsets[k]..offsets[k + 1]] {
+                for (a, &v) in acc.iter_mut().zip(x.row(n as usize)) {
+                    *a += v as f64;
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                *o = *a as f32;
+            }
+        });
+    let counts = offsets.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
+    CodeSums { sums, counts, mode }
+}

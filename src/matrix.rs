@@ -1,0 +1,151 @@
+//! Row-major f32 matrices: the one layout every primitive takes.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+
+/// A borrowed row-major `rows × cols` matrix of f32.
+///
+/// ```
+/// use vqx::MatRef;
+/// let data = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+/// let m = MatRef::new(&data, 2, 3).unwrap();
+/// assert_eq!(m.row(1), &[4.0, 5.0, 6.0]);
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// Wraps `data` as `rows × cols`; its length must be exactly `rows * cols`.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+        let want = rows.checked_mul(cols).ok_or_else(|| {
+            Error::InvalidArgument(format!("{rows} × {cols} overflows usize"))
+        })?;
+        if data.len() != want {
+            return Err(Error::Shape {
+                what: "matrix data".into(),
+                expected: format!("{rows} × {cols} = {want} values"),
+                got: format!("{} values", data.len()),
+            });
+        }
+        Ok(MatRef { data, rows, cols })
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// All values, row after row.
+    pub fn data(&self) -> &'a [f32] {
+        self.data
+    }
+    /// Row `i` (panics if `i >= rows`, like slice indexing).
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+    /// Rows `start..end` as a matrix of their own.
+    pub fn slice_rows(&self, start: usize, end: usize) -> MatRef<'a> {
+        MatRef {
+            data: &self.data[start * self.cols..end * self.cols],
+            rows: end - start,
+            cols: self.cols,
+        }
+    }
+    /// Errors with the first row and column holding a NaN or infinity.
+    pub fn check_finite(&self, what: &str) -> Result<()> {
+        if let Some(pos) = self.data.iter().position(|v| !v.is_finite()) {
+            let cols = self.cols.max(1);
+            return Err(Error::NonFinite {
+                what: what.into(),
+                row: pos / cols,
+                col: pos % cols,
+                value: self.data[pos],
+            });
+        }
+        Ok(())
+    }
+    /// Errors when there are no rows or no columns.
+    pub fn check_nonempty(&self, what: &str) -> Result<()> {
+        if self.rows == 0 || self.cols == 0 {
+            return Err(Error::Empty {
+                what: what.into(),
+                detail: format!("shape {} × {}", self.rows, self.cols),
+            });
+        }
+        Ok(())
+    }
+    pub fn to_owned(&self) -> Matrix {
+        Matrix {
+            data: self.data.to_vec(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+}
+
+/// An owned row-major `rows × cols` matrix of f32.
+///
+/// ```
+/// use vqx::Matrix;
+/// let m = Matrix::from_f16(&[half::f16::from_f32(0.5); 4], 2, 2).unwrap();
+/// assert_eq!(m.as_ref().row(0), &[0.5, 0.5]);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Matrix {
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Matrix {
+    /// Takes `data` as `rows × cols`; its length must be exactly `rows * cols`.
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
+        MatRef::new(&data, rows, cols)?;
+        Ok(Matrix { data, rows, cols })
+    }
+    /// A `rows × cols` matrix of zeros.
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        Matrix {
+            data: vec![0.0; rows * cols],
+            rows,
+            cols,
+        }
+    }
+    /// Converts half-precision values (exactly: every f16 is an f32).
+    pub fn from_f16(data: &[f16], rows: usize, cols: usize) -> Result<Self> {
+        Self::new(data.iter().map(|v| v.to_f32()).collect(), rows, cols)
+    }
+    /// Converts bfloat16 values (exactly: every bf16 is an f32).
+    pub fn from_bf16(data: &[bf16], rows: usize, cols: usize) -> Result<Self> {
+        Self::new(data.iter().map(|v| v.to_f32()).collect(), rows, cols)
+    }
+    pub fn as_ref(&self) -> MatRef<'_> {
+        MatRef {
+            data: &self.data,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+    pub fn into_vec(self) -> Vec<f32> {
+        self.data
+    }
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+}

@@ -1,0 +1,123 @@
+//! CPU twin of the fused nearest kernel.
+//!
+//! Rows are split into blocks of [`ROW_BLOCK`] handled by rayon threads; each block walks the
+//! codebook in tiles of [`CODE_TILE`] codes. One GEMM call (the `gemm` crate: packed,
+//! AVX2/AVX-512 microkernels, far faster than anything worth writing here) fills the tile with
+//! s = ||c||² − 2 x·c directly, and a scan keeps the best and runner-up score per row. Memory
+//! is O(N + K·D + threads·ROW_BLOCK·CODE_TILE): the N×K matrix never exists.
+
+use super::{Candidates, Prepared};
+use crate::matrix::MatRef;
+use rayon::prelude::*;
+
+/// Rows per block (one rayon task).
+pub const ROW_BLOCK: usize = 128;
+/// Codes per tile: ROW_BLOCK × CODE_TILE scores (256 KiB) stay in L2.
+pub const CODE_TILE: usize = 512;
+
+/// Best and runner-up scores per row of `x` against `prepared`'s scored codebook.
+pub fn candidates(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
+    let n = x.rows();
+    let d = x.cols();
+    let cb = prepared.scored(codebook);
+    let norms = prepared.norms();
+    let cosine = prepared.metric() == super::Metric::Cosine;
+    let mut out = Candidates {
+        best: vec![0; n],
+        best_score: vec![0.0; n],
+        second_score: vec![0.0; n],
+    };
+    out.best
+        .par_chunks_mut(ROW_BLOCK)
+        .zip(out.best_score.par_chunks_mut(ROW_BLOCK))
+        .zip(out.second_score.par_chunks_mut(ROW_BLOCK))
+        .enumerate()
+        .for_each_init(
+            || (vec![0f32; ROW_BLOCK * CODE_TILE], Vec::<f32>::new()),
+            |(tile, xbuf), (block, ((best, best_s), second_s))| {
+                let r0 = block * ROW_BLOCK;
+                let rows = best.len();
+                let xb = x.slice_rows(r0, r0 + rows);
+                let xs: &[f32] = if cosine {
+                    xbuf.clear();
+                    xbuf.extend_from_slice(xb.data());
+                    for row in xbuf.chunks_mut(d) {
+                        let inv = super::inv_norm_f64(row);
+                        row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
+                    }
+                    xbuf
+                } else {
+                    xb.data()
+                };
+                best_s.fill(f32::INFINITY);
+                second_s.fill(f32::INFINITY);
+                let k_total = cb.rows();
+                let mut k0 = 0;
+                while k0 < k_total {
+                    let kt = CODE_TILE.min(k_total - k0);
+                    let t = &mut tile[..rows * kt];
+                    for r in 0..rows {
+                        t[r * kt..(r + 1) * kt].copy_from_slice(&norms[k0..k0 + kt]);
+                    }
+                    // SAFETY: every pointer/stride pair addresses memory inside its slice:
+                    // dst rows×kt row-major (t has rows*kt), lhs rows×d row-major (xs),
+                    // rhs d×kt with element (j, c) at cb[(k0 + c)·d + j] (cb has K·d).
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            kt,
+                            d,
+                            t.as_mut_ptr(),
+                            1,
+                            kt as isize,
+                            true,
+                            xs.as_ptr(),
+                            1,
+                            d as isize,
+                            cb.data()[k0 * d..].as_ptr(),
+                            d as isize,
+                            1,
+                            1.0,
+                            -2.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    for r in 0..rows {
+                        scan_row(
+                            &t[r * kt..(r + 1) * kt],
+                            k0 as u32,
+                            &mut best[r],
+                            &mut best_s[r],
+                            &mut second_s[r],
+                        );
+                    }
+                    k0 += kt;
+                }
+            },
+        );
+    out
+}
+
+/// Folds one tile row into the running (best index, best score, runner-up score).
+/// Strict `<` keeps the first of equal scores, so ties go to the smallest index.
+#[inline]
+fn scan_row(scores: &[f32], base: u32, best: &mut u32, best_s: &mut f32, second_s: &mut f32) {
+    let (mut b, mut bs, mut ss) = (*best, *best_s, *second_s);
+    for (j, &v) in scores.iter().enumerate() {
+        if v < ss {
+            if v < bs {
+                ss = bs;
+                bs = v;
+                b = base + j as u32;
+            } else {
+                ss = v;
+            }
+        }
+    }
+    *best = b;
+    *best_s = bs;
+    *second_s = ss;
+}
