@@ -19,11 +19,13 @@
 //! ```
 
 pub mod backend;
+pub mod bench;
 pub mod ema;
 pub mod error;
 pub mod gather;
 pub mod matrix;
 pub mod nearest;
+pub mod npy;
 pub mod reference;
 pub mod usage;
 

@@ -1,0 +1,478 @@
+//! The benchmark report behind `vqx bench`: times the four primitives of a backend on random
+//! data and sets each time against the machine's physical floor (SPEC §8).
+//!
+//! Per primitive the report gives the median time, vectors per second, and
+//! - for `nearest`: GFLOP/s counting 2·N·K·D flops, against the f32 compute ceiling;
+//! - for the others: GB/s counting the bytes that must move at least once (gather: N·D·4 read
+//!   plus N·D·4 written plus N·4 of indices; code sums: N·D·4 + N·4 + K·D·4; usage: N·4),
+//!   against the memory bandwidth.
+//!
+//! CPU ceilings: SPEC §8's ~185 GFLOP/s for an f32 GEMM on 2 threads, scaled by threads/2, and
+//! a memcpy bandwidth measured when the report starts. CUDA ceilings: the H100 SXM datasheet,
+//! 67 TFLOP/s f32 SIMT (33 ms for N=1M, D=256, K=4096) and 3.35 TB/s HBM3 (4.8 TB/s on an H200).
+//!
+//! ```
+//! use vqx::bench::{run, BenchConfig, BenchShape};
+//! let backend = vqx::backend::CpuBackend::new();
+//! let cfg = BenchConfig {
+//!     shapes: vec![BenchShape { n: 256, dim: 8, codes: 16 }],
+//!     reps: 1,
+//!     ..BenchConfig::default()
+//! };
+//! let report = run(&backend, &cfg)?;
+//! assert_eq!(report.results[0].primitives.len(), 5);
+//! assert!(report.render_text().contains("nearest"));
+//! # Ok::<(), vqx::Error>(())
+//! ```
+
+use crate::backend::{Backend, PrimitiveTimes};
+use crate::error::Result;
+use crate::matrix::Matrix;
+use crate::nearest::Metric;
+use rayon::prelude::*;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::time::Instant;
+
+/// One benchmark problem: N rows of width D against K codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BenchShape {
+    pub n: usize,
+    pub dim: usize,
+    pub codes: usize,
+}
+
+/// The benchmark shapes of SPEC §7, as (N, D, K).
+pub const DEFAULT_SHAPES: [BenchShape; 4] = [
+    BenchShape {
+        n: 1_048_576,
+        dim: 256,
+        codes: 4096,
+    },
+    BenchShape {
+        n: 262_144,
+        dim: 128,
+        codes: 4096,
+    },
+    BenchShape {
+        n: 65_536,
+        dim: 64,
+        codes: 1024,
+    },
+    BenchShape {
+        n: 262_144,
+        dim: 8,
+        codes: 16_384,
+    },
+];
+
+/// On the CPU, N is capped so one nearest call is at most this many flops (2·N·K·D), which
+/// keeps each shape to a few seconds on a small machine.
+pub const CPU_FLOP_CAP: f64 = 2e10;
+
+/// SPEC §8: an f32 GEMM (4096×4096×256) on 2 threads of this Zen 4 machine, ~180–190 GFLOP/s.
+pub const CPU_F32_GFLOPS_PER_2_THREADS: f64 = 185.0;
+/// H100 SXM datasheet: f32 on the SIMT cores (no tensor cores), TFLOP/s.
+pub const H100_F32_SIMT_TFLOPS: f64 = 67.0;
+/// H100 SXM datasheet HBM3 bandwidth, TB/s.
+pub const H100_HBM_TBS: f64 = 3.35;
+/// H200 datasheet HBM3e bandwidth, TB/s (same compute as the H100).
+pub const H200_HBM_TBS: f64 = 4.8;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub shapes: Vec<BenchShape>,
+    pub metric: Metric,
+    /// Timed runs per primitive, after one warm-up; the median is reported.
+    pub reps: usize,
+    /// Cap N on the CPU so 2·N·K·D ≤ [`CPU_FLOP_CAP`] (the report says when it did).
+    pub scale_for_cpu: bool,
+    /// Seed of the random inputs.
+    pub seed: u64,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            shapes: DEFAULT_SHAPES.to_vec(),
+            metric: Metric::L2,
+            reps: 5,
+            scale_for_cpu: true,
+            seed: 0x5eed_0f_7a11,
+        }
+    }
+}
+
+/// The machine the numbers came from.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub os: &'static str,
+    pub arch: &'static str,
+    pub cpu_model: Option<String>,
+    pub rayon_threads: usize,
+    pub gpu: Option<String>,
+    pub compute_capability: Option<(i32, i32)>,
+}
+
+/// The ceilings the fractions are taken against.
+#[derive(Clone, Debug, Serialize)]
+pub struct Floors {
+    /// f32 compute ceiling for nearest, GFLOP/s.
+    pub compute_gflops: f64,
+    pub compute_source: String,
+    /// Memory bandwidth ceiling for the other primitives, GB/s (read + write bytes).
+    pub bandwidth_gbs: f64,
+    pub bandwidth_source: String,
+}
+
+/// One primitive's numbers.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrimitiveResult {
+    pub name: &'static str,
+    pub ms: f64,
+    pub vectors_per_s: f64,
+    /// For nearest: 2·N·K·D / t.
+    pub gflops: Option<f64>,
+    /// For the others: bytes moved / t.
+    pub gbs: Option<f64>,
+    /// Achieved rate over the floor's rate (1.0 = at the physical limit).
+    pub floor_fraction: f64,
+    /// Time the floor allows, ms.
+    pub floor_ms: f64,
+}
+
+/// One shape's numbers.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShapeResult {
+    /// The shape asked for.
+    pub requested: BenchShape,
+    /// The shape run (N smaller than asked when scaled for the CPU).
+    pub shape: BenchShape,
+    pub scaled: bool,
+    pub timed_with: &'static str,
+    pub primitives: Vec<PrimitiveResult>,
+}
+
+/// Everything `vqx bench` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub vqx_version: &'static str,
+    /// UTC, ISO 8601.
+    pub date: String,
+    pub backend: &'static str,
+    pub backend_description: String,
+    pub machine: Machine,
+    pub metric: String,
+    pub reps: usize,
+    pub seed: u64,
+    pub floors: Floors,
+    pub results: Vec<ShapeResult>,
+}
+
+/// Runs the benchmark of `cfg` on `backend`.
+pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
+    let cuda = backend.name() == "cuda";
+    let status = if cuda {
+        Some(crate::backend::cuda::status())
+    } else {
+        None
+    };
+    let machine = Machine {
+        os: std::env::consts::OS,
+        arch: std::env::consts::ARCH,
+        cpu_model: cpu_model(),
+        rayon_threads: rayon::current_num_threads(),
+        gpu: status.as_ref().and_then(|s| s.device_name.clone()),
+        compute_capability: status.as_ref().and_then(|s| s.compute_capability),
+    };
+    let floors = if cuda {
+        gpu_floors(machine.gpu.as_deref())
+    } else {
+        cpu_floors(machine.rayon_threads)
+    };
+    let mut results = Vec::with_capacity(cfg.shapes.len());
+    for (i, &requested) in cfg.shapes.iter().enumerate() {
+        let mut shape = requested;
+        let mut scaled = false;
+        if !cuda && cfg.scale_for_cpu {
+            let per_row = 2.0 * shape.codes as f64 * shape.dim as f64;
+            let cap = ((CPU_FLOP_CAP / per_row).floor() as usize).max(1);
+            if shape.n > cap {
+                shape.n = cap;
+                scaled = true;
+            }
+        }
+        let seed = cfg.seed.wrapping_add(i as u64 * 0x9e37_79b9_7f4a_7c15);
+        let x = random_matrix(shape.n, shape.dim, seed);
+        let codebook = random_matrix(shape.codes, shape.dim, seed ^ 0xc0de_b00c);
+        let times = backend.time_primitives(x.as_ref(), codebook.as_ref(), cfg.metric, cfg.reps)?;
+        results.push(ShapeResult {
+            requested,
+            shape,
+            scaled,
+            timed_with: times.timed_with,
+            primitives: primitive_results(shape, &times, &floors),
+        });
+    }
+    Ok(BenchReport {
+        vqx_version: env!("CARGO_PKG_VERSION"),
+        date: utc_now(),
+        backend: backend.name(),
+        backend_description: backend.describe(),
+        machine,
+        metric: cfg.metric.to_string(),
+        reps: cfg.reps,
+        seed: cfg.seed,
+        floors,
+        results,
+    })
+}
+
+fn primitive_results(s: BenchShape, t: &PrimitiveTimes, floors: &Floors) -> Vec<PrimitiveResult> {
+    let (n, d, k) = (s.n as f64, s.dim as f64, s.codes as f64);
+    let flops = 2.0 * n * k * d;
+    let gather_bytes = 2.0 * n * d * 4.0 + n * 4.0;
+    let sums_bytes = n * d * 4.0 + n * 4.0 + k * d * 4.0;
+    let usage_bytes = n * 4.0;
+    let compute = |name, secs: f64| {
+        let floor_s = flops / (floors.compute_gflops * 1e9);
+        PrimitiveResult {
+            name,
+            ms: secs * 1e3,
+            vectors_per_s: n / secs,
+            gflops: Some(flops / secs / 1e9),
+            gbs: None,
+            floor_fraction: floor_s / secs,
+            floor_ms: floor_s * 1e3,
+        }
+    };
+    let memory = |name, secs: f64, bytes: f64| {
+        let floor_s = bytes / (floors.bandwidth_gbs * 1e9);
+        PrimitiveResult {
+            name,
+            ms: secs * 1e3,
+            vectors_per_s: n / secs,
+            gflops: None,
+            gbs: Some(bytes / secs / 1e9),
+            floor_fraction: floor_s / secs,
+            floor_ms: floor_s * 1e3,
+        }
+    };
+    vec![
+        compute("nearest", t.nearest),
+        memory("gather", t.gather, gather_bytes),
+        memory("code_sums", t.code_sums, sums_bytes),
+        memory(
+            "code_sums_deterministic",
+            t.code_sums_deterministic,
+            sums_bytes,
+        ),
+        memory("usage", t.usage, usage_bytes),
+    ]
+}
+
+fn cpu_floors(threads: usize) -> Floors {
+    let compute = CPU_F32_GFLOPS_PER_2_THREADS * threads as f64 / 2.0;
+    let bw = measure_copy_bandwidth();
+    Floors {
+        compute_gflops: compute,
+        compute_source: format!(
+            "SPEC §8: f32 GEMM ~{CPU_F32_GFLOPS_PER_2_THREADS} GFLOP/s on 2 threads, scaled to \
+             {threads} threads"
+        ),
+        bandwidth_gbs: bw,
+        bandwidth_source: "memcpy of 256 MiB on all rayon threads, measured at start \
+                           (bytes read + written)"
+            .into(),
+    }
+}
+
+fn gpu_floors(name: Option<&str>) -> Floors {
+    let h200 = name.is_some_and(|n| n.contains("H200"));
+    let (bw, which) = if h200 {
+        (H200_HBM_TBS, "H200 HBM3e")
+    } else {
+        (H100_HBM_TBS, "H100 SXM HBM3")
+    };
+    Floors {
+        compute_gflops: H100_F32_SIMT_TFLOPS * 1e3,
+        compute_source: format!(
+            "H100/H200 datasheet: {H100_F32_SIMT_TFLOPS} TFLOP/s f32 SIMT (no tensor cores)"
+        ),
+        bandwidth_gbs: bw * 1e3,
+        bandwidth_source: format!("{which} datasheet: {bw} TB/s"),
+    }
+}
+
+/// Read + write bandwidth of a parallel memcpy, GB/s (best of a few runs).
+fn measure_copy_bandwidth() -> f64 {
+    const LEN: usize = 32 << 20; // 32 Mi u64 = 256 MiB
+    let src: Vec<u64> = (0..LEN as u64).into_par_iter().collect();
+    let mut dst = vec![0u64; LEN];
+    let chunk = (LEN / rayon::current_num_threads().max(1)).max(1 << 16);
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let t = Instant::now();
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    2.0 * (LEN * 8) as f64 / best / 1e9
+}
+
+/// Uniform values in [-1, 1), reproducible from `seed` whatever the thread count.
+///
+/// A splitmix64 stream per row rather than the `rand` crate: `rand` is only a dev-dependency,
+/// and benchmark inputs need reproducibility and speed, not statistical quality.
+pub fn random_matrix(rows: usize, cols: usize, seed: u64) -> Matrix {
+    let mut data = vec![0f32; rows * cols];
+    if cols > 0 {
+        data.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+            let mut state = seed ^ (r as u64).wrapping_mul(0xd1b5_4a32_d192_ed03);
+            for v in row {
+                let bits = splitmix64(&mut state) >> 40; // 24 random bits
+                *v = bits as f32 * (2.0 / 16_777_216.0) - 1.0;
+            }
+        });
+    }
+    Matrix::new(data, rows, cols).expect("length is rows * cols")
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// Now, UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format_utc(secs)
+}
+
+/// Seconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian calendar).
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days since 1970-01-01 to a civil date, counting in 400-year eras from 0000-03-01.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl BenchReport {
+    /// The report as an aligned text table.
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            s,
+            "vqx {} bench, {} ({} metric, median of {} runs, seed {:#x})",
+            self.vqx_version, self.date, self.metric, self.reps, self.seed
+        );
+        let _ = writeln!(s, "backend: {}", self.backend_description);
+        let _ = writeln!(
+            s,
+            "machine: {} {}, {}, {} rayon threads{}",
+            m.os,
+            m.arch,
+            m.cpu_model.as_deref().unwrap_or("unknown CPU"),
+            m.rayon_threads,
+            match (&m.gpu, m.compute_capability) {
+                (Some(g), Some((a, b))) => format!(", GPU {g} (sm_{a}{b})"),
+                (Some(g), None) => format!(", GPU {g}"),
+                _ => String::new(),
+            }
+        );
+        let f = &self.floors;
+        let _ = writeln!(
+            s,
+            "floors: nearest {:.0} GFLOP/s ({}); memory {:.1} GB/s ({})",
+            f.compute_gflops, f.compute_source, f.bandwidth_gbs, f.bandwidth_source
+        );
+        for r in &self.results {
+            let sh = r.shape;
+            let _ = writeln!(s);
+            let _ = write!(s, "N={} D={} K={}", sh.n, sh.dim, sh.codes);
+            if r.scaled {
+                let _ = write!(
+                    s,
+                    "  (N scaled down from {} for the CPU: 2·N·K·D ≤ {:.0e} flops)",
+                    r.requested.n, CPU_FLOP_CAP
+                );
+            }
+            let _ = writeln!(s, "  [{}]", r.timed_with);
+            let _ = writeln!(
+                s,
+                "  {:<24} {:>10} {:>14} {:>12} {:>10} {:>10}",
+                "primitive", "ms", "vectors/s", "rate", "floor ms", "of floor"
+            );
+            for p in &r.primitives {
+                let rate = match (p.gflops, p.gbs) {
+                    (Some(g), _) => format!("{g:.1} GFLOP/s"),
+                    (None, Some(b)) => format!("{b:.1} GB/s"),
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    s,
+                    "  {:<24} {:>10.3} {:>14.3e} {:>12} {:>10.3} {:>9.1}%",
+                    p.name,
+                    p.ms,
+                    p.vectors_per_s,
+                    rate,
+                    p.floor_ms,
+                    100.0 * p.floor_fraction
+                );
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_709_251_199), "2024-02-29T23:59:59Z");
+    }
+
+    #[test]
+    fn random_is_reproducible_and_in_range() {
+        let a = random_matrix(100, 7, 3);
+        assert_eq!(a, random_matrix(100, 7, 3));
+        assert!(a.data().iter().all(|v| (-1.0..1.0).contains(v)));
+        assert_ne!(a, random_matrix(100, 7, 4));
+    }
+}

@@ -1,0 +1,76 @@
+//! `vqx bench`: time the primitives against the machine's floors.
+
+use std::path::PathBuf;
+use vqx::backend::{Device, select};
+use vqx::bench::{BenchConfig, BenchShape};
+use vqx::{Error, Metric, Result};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Rows N (with --dim and --codebook-size; default: the shapes of SPEC §7, N scaled down on
+    /// the CPU).
+    #[arg(long, requires_all = ["dim", "codebook_size"])]
+    pub n: Option<usize>,
+    /// Vector width D.
+    #[arg(long, requires_all = ["n", "codebook_size"])]
+    pub dim: Option<usize>,
+    /// Codebook size K.
+    #[arg(long, requires_all = ["n", "dim"])]
+    pub codebook_size: Option<usize>,
+    /// Distance: l2 or cosine.
+    #[arg(long, default_value = "l2")]
+    pub metric: Metric,
+    /// Backend: auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+    /// Timed runs per primitive (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = BenchConfig::default().seed)]
+    pub seed: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the report to this file instead of stdout.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut cfg = BenchConfig {
+        metric: args.metric,
+        reps: args.reps.max(1),
+        seed: args.seed,
+        ..BenchConfig::default()
+    };
+    if let (Some(n), Some(dim), Some(codes)) = (args.n, args.dim, args.codebook_size) {
+        if n == 0 || dim == 0 || codes == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "--n, --dim and --codebook-size must be positive (got {n}, {dim}, {codes})"
+            )));
+        }
+        cfg.shapes = vec![BenchShape { n, dim, codes }];
+        cfg.scale_for_cpu = false;
+    }
+    let backend = select(args.device)?;
+    let report = vqx::bench::run(backend.as_ref(), &cfg)?;
+    let text = if args.json {
+        let mut t = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::InvalidArgument(format!("cannot encode JSON: {e}")))?;
+        t.push('\n');
+        t
+    } else {
+        report.render_text()
+    };
+    match &args.output {
+        Some(path) => std::fs::write(path, text).map_err(|e| Error::Io {
+            path: path.clone(),
+            source: e,
+        }),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
