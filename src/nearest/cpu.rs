@@ -103,21 +103,50 @@ pub fn candidates(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> C
 
 /// Folds one tile row into the running (best index, best score, runner-up score).
 /// Strict `<` keeps the first of equal scores, so ties go to the smallest index.
+///
+/// Most of a row's scores lose to the runner-up already held, so blocks of [`SCAN_BLOCK`]
+/// are first reduced to their minimum with lane-wise selects (which vectorise), and only a
+/// block whose minimum beats the runner-up is walked one score at a time.
 #[inline]
 fn scan_row(scores: &[f32], base: u32, best: &mut u32, best_s: &mut f32, second_s: &mut f32) {
     let (mut b, mut bs, mut ss) = (*best, *best_s, *second_s);
-    for (j, &v) in scores.iter().enumerate() {
-        if v < ss {
-            if v < bs {
-                ss = bs;
-                bs = v;
-                b = base + j as u32;
-            } else {
-                ss = v;
+    let mut start = 0;
+    for block in scores.chunks(SCAN_BLOCK) {
+        if block_min(block) < ss {
+            for (j, &v) in block.iter().enumerate() {
+                if v < ss {
+                    if v < bs {
+                        ss = bs;
+                        bs = v;
+                        b = base + (start + j) as u32;
+                    } else {
+                        ss = v;
+                    }
+                }
             }
         }
+        start += block.len();
     }
     *best = b;
     *best_s = bs;
     *second_s = ss;
+}
+
+const SCAN_BLOCK: usize = 64;
+const LANES: usize = 16;
+
+#[inline]
+fn block_min(block: &[f32]) -> f32 {
+    let mut m = [f32::INFINITY; LANES];
+    let mut chunks = block.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            m[i] = if c[i] < m[i] { c[i] } else { m[i] };
+        }
+    }
+    for &v in chunks.remainder() {
+        m[0] = if v < m[0] { v } else { m[0] };
+    }
+    m.iter()
+        .fold(f32::INFINITY, |a, &v| if v < a { v } else { a })
 }

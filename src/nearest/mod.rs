@@ -256,24 +256,38 @@ pub fn exact_row(x: &[f32], codebook: MatRef<'_>, metric: Metric) -> (u32, f64) 
     for k in 0..codebook.rows() {
         let c = codebook.row(k);
         let d = match metric {
-            Metric::L2 => x
-                .iter()
-                .zip(c)
-                .map(|(&a, &b)| {
-                    let t = a as f64 - b as f64;
-                    t * t
-                })
-                .sum::<f64>(),
-            Metric::Cosine => {
-                let dot: f64 = x.iter().zip(c).map(|(&a, &b)| a as f64 * b as f64).sum();
-                1.0 - dot * x_inv * inv_norm_f64(c)
-            }
+            Metric::L2 => sum_lanes(x, c, |a, b| {
+                let t = a - b;
+                t * t
+            }),
+            Metric::Cosine => 1.0 - sum_lanes(x, c, |a, b| a * b) * x_inv * inv_norm_f64(c),
         };
         if d < best.1 {
             best = (k as u32, d);
         }
     }
     (best.0, best.1.max(0.0))
+}
+
+/// Σ_i f(x_i, c_i) in f64 with 8 independent accumulators (a fixed order, so the result is
+/// deterministic, and one the compiler vectorises).
+#[inline]
+fn sum_lanes(x: &[f32], c: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
+    const L: usize = 8;
+    let mut acc = [0f64; L];
+    let (xc, cc) = (x.chunks_exact(L), c.chunks_exact(L));
+    let (xr, cr) = (xc.remainder(), cc.remainder());
+    for (a, b) in xc.zip(cc) {
+        for i in 0..L {
+            acc[i] += f(a[i] as f64, b[i] as f64);
+        }
+    }
+    let tail: f64 = xr
+        .iter()
+        .zip(cr)
+        .map(|(&a, &b)| f(a as f64, b as f64))
+        .sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 pub(crate) fn norm_sq_f64(v: &[f32]) -> f64 {

@@ -1,0 +1,102 @@
+//! Helpers shared by the integration tests: seeded data and comparisons whose failure messages
+//! name the index and both values.
+#![allow(dead_code)]
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use vqx::{MatRef, Metric, reference};
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Uniform values in [-1, 1).
+pub fn uniform(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut r = rng(seed);
+    (0..rows * cols)
+        .map(|_| r.r#gen::<f32>() * 2.0 - 1.0)
+        .collect()
+}
+
+/// Approximately standard normal values (sum of uniforms), scaled and shifted.
+pub fn normal(rows: usize, cols: usize, seed: u64, scale: f32, shift: f32) -> Vec<f32> {
+    let mut r = rng(seed);
+    (0..rows * cols)
+        .map(|_| {
+            let s: f32 = (0..4).map(|_| r.r#gen::<f32>()).sum::<f32>() - 2.0;
+            s * 1.732 * scale + shift
+        })
+        .collect()
+}
+
+/// Rows drawn around `centers` (K × D) with small noise; returns (rows, the centre of each row).
+pub fn clustered(
+    centers: &[f32],
+    k: usize,
+    d: usize,
+    n: usize,
+    noise: f32,
+    seed: u64,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut r = rng(seed);
+    let mut x = Vec::with_capacity(n * d);
+    let mut label = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = r.gen_range(0..k);
+        label.push(c as u32);
+        for j in 0..d {
+            x.push(centers[c * d + j] + noise * (r.r#gen::<f32>() * 2.0 - 1.0));
+        }
+    }
+    (x, label)
+}
+
+/// Checks `got` against the naive f64 reference: every row's index must be the reference's,
+/// except on a true tie (the reference distances of the two codes are equal to 1e-12
+/// relative), where either is accepted. Distances must be within the documented bound of the
+/// expanded form, 4·(D + 8)·u·(||x||² + ||c||² + |d|) for L2 (u = 2⁻²⁴), plus `abs`.
+pub fn assert_exact_nearest(
+    x: MatRef<'_>,
+    codebook: MatRef<'_>,
+    metric: Metric,
+    got: &vqx::Assignment,
+    abs: f64,
+    context: &str,
+) {
+    let want = reference::nearest(x, codebook, metric);
+    let u = 1.0 / 16_777_216.0;
+    let gamma = 4.0 * (x.cols() as f64 + 8.0) * u;
+    assert_eq!(got.indices.len(), want.len(), "{context}: number of rows");
+    assert_eq!(got.distances.len(), want.len(), "{context}: number of distances");
+    for (n, (&(wi, wd), (&gi, &gd))) in want.iter().zip(got.indices.iter().zip(&got.distances)).enumerate() {
+        if gi != wi {
+            let gd64 = reference::distance(x.row(n), codebook.row(gi as usize), metric);
+            let tie = (gd64 - wd).abs() <= 1e-12 * wd.abs().max(1e-300);
+            assert!(
+                tie,
+                "{context}: row {n}: index {gi} (f64 distance {gd64:e}) but the reference says {wi} (f64 distance {wd:e})"
+            );
+        }
+        let sq = |v: &[f32]| v.iter().map(|&a| a as f64 * a as f64).sum::<f64>();
+        let scale = match metric {
+            Metric::L2 => sq(x.row(n)) + sq(codebook.row(wi as usize)) + wd.abs(),
+            Metric::Cosine => 2.0,
+        };
+        let tol = abs + gamma * scale;
+        assert!(
+            (gd as f64 - wd).abs() <= tol,
+            "{context}: row {n}: distance {gd:e}, reference {wd:e} (tolerance {tol:e})"
+        );
+    }
+}
+
+/// Element-wise closeness with a message naming the first offending index and both values.
+pub fn assert_close(got: &[f32], want: &[f64], rel: f64, abs: f64, context: &str) {
+    assert_eq!(got.len(), want.len(), "{context}: lengths differ");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g as f64 - w).abs() <= abs + rel * w.abs(),
+            "{context}: index {i}: got {g:e}, want {w:e} (rel {rel:e}, abs {abs:e})"
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! CPU nearest vs the naive f64 reference: random and clustered data, awkward sizes around the
+//! CPU tiles, several seeds, L2 and cosine, ties, f16 input, and every kind of bad input.
+
+mod common;
+use common::*;
+use vqx::backend::{Backend, CpuBackend};
+use vqx::nearest::cpu::{CODE_TILE, ROW_BLOCK};
+use vqx::{Error, MatRef, Matrix, Metric};
+
+const ABS: f64 = 1e-6;
+
+fn check(n: usize, d: usize, k: usize, seed: u64, metric: Metric) {
+    let x = uniform(n, d, seed);
+    let c = uniform(k, d, seed + 1000);
+    let (xm, cm) = (
+        MatRef::new(&x, n, d).unwrap(),
+        MatRef::new(&c, k, d).unwrap(),
+    );
+    let got = CpuBackend::new().nearest(xm, cm, metric).unwrap();
+    assert_exact_nearest(
+        xm,
+        cm,
+        metric,
+        &got,
+        ABS,
+        &format!("N={n} D={d} K={k} seed={seed} {metric}"),
+    );
+}
+
+#[test]
+fn awkward_sizes_match_reference() {
+    let ns = [1, ROW_BLOCK - 1, ROW_BLOCK + 1, 3 * ROW_BLOCK + 7];
+    let ks = [1, 2, CODE_TILE - 1, CODE_TILE + 1];
+    let ds = [1, 3, 17, 64];
+    for (i, &n) in ns.iter().enumerate() {
+        for (j, &k) in ks.iter().enumerate() {
+            let d = ds[(i + j) % ds.len()];
+            for seed in 0..2 {
+                for metric in [Metric::L2, Metric::Cosine] {
+                    check(n, d, k, seed * 7 + (i * 4 + j) as u64, metric);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn large_shape_matches_reference() {
+    for seed in 0..3 {
+        check(
+            2 * ROW_BLOCK + 5,
+            128,
+            2 * CODE_TILE + 3,
+            100 + seed,
+            Metric::L2,
+        );
+    }
+    check(ROW_BLOCK + 3, 256, 1024, 200, Metric::Cosine);
+}
+
+#[test]
+fn large_dimension_and_many_codes() {
+    check(9, 4096, 33, 300, Metric::L2);
+    check(5, 3, 65_536, 301, Metric::L2);
+}
+
+#[test]
+fn clustered_data_finds_its_centres() {
+    let (k, d) = (64, 32);
+    let centers = normal(k, d, 5, 10.0, 3.0);
+    let (x, label) = clustered(&centers, k, d, 1000, 0.1, 6);
+    let (xm, cm) = (
+        MatRef::new(&x, 1000, d).unwrap(),
+        MatRef::new(&centers, k, d).unwrap(),
+    );
+    for metric in [Metric::L2, Metric::Cosine] {
+        let got = CpuBackend::new().nearest(xm, cm, metric).unwrap();
+        assert_exact_nearest(
+            xm,
+            cm,
+            metric,
+            &got,
+            ABS,
+            &format!("clustered {metric}"),
+        );
+    }
+    let got = CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap();
+    for (n, (&g, &w)) in got.indices.iter().zip(&label).enumerate() {
+        assert_eq!(g, w, "row {n}: index {g}, true centre {w}");
+    }
+}
+
+#[test]
+fn large_offset_data_stays_exact() {
+    // ||x||² ≫ the gaps between codes: the cancellation the rounding bound must cover.
+    let (n, d, k) = (300, 64, 700);
+    let x = normal(n, d, 11, 1.0, 100.0);
+    let c = normal(k, d, 12, 1.0, 100.0);
+    let (xm, cm) = (
+        MatRef::new(&x, n, d).unwrap(),
+        MatRef::new(&c, k, d).unwrap(),
+    );
+    let got = CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap();
+    assert_exact_nearest(xm, cm, Metric::L2, &got, ABS, "offset 100");
+}
+
+#[test]
+fn near_ties_are_resolved_exactly() {
+    // Codes that differ in the last bits of one coordinate: f32 scores cannot tell them apart,
+    // the f64 recheck must.
+    let d = 8;
+    let base = uniform(1, d, 21);
+    let mut c = Vec::new();
+    for i in 0..CODE_TILE + 5 {
+        let mut row = base.clone();
+        row[i % d] += (i as f32) * 1e-6;
+        c.extend_from_slice(&row);
+    }
+    let k = c.len() / d;
+    let x = uniform(ROW_BLOCK + 1, d, 22)
+        .iter()
+        .map(|v| v * 1e-3)
+        .zip(base.iter().cycle())
+        .map(|(a, b)| a + b)
+        .collect::<Vec<_>>();
+    let n = x.len() / d;
+    let (xm, cm) = (
+        MatRef::new(&x, n, d).unwrap(),
+        MatRef::new(&c, k, d).unwrap(),
+    );
+    let got = CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap();
+    assert!(
+        got.rechecked > 0,
+        "near-equal codes must trigger the recheck"
+    );
+    assert_exact_nearest(xm, cm, Metric::L2, &got, 0.0, "near ties");
+}
+
+#[test]
+fn exact_ties_go_to_the_smallest_index() {
+    let d = 5;
+    let row = uniform(1, d, 31);
+    // The same code at positions 3, 700 and 1500; other codes far away.
+    let k = 1600;
+    let mut c = uniform(k, d, 32)
+        .iter()
+        .map(|v| v + 50.0)
+        .collect::<Vec<_>>();
+    for &pos in &[3usize, 700, 1500] {
+        c[pos * d..(pos + 1) * d].copy_from_slice(&row);
+    }
+    let x: Vec<f32> = (0..ROW_BLOCK + 2)
+        .flat_map(|_| row.iter().map(|v| v + 0.01))
+        .collect();
+    let n = x.len() / d;
+    let (xm, cm) = (
+        MatRef::new(&x, n, d).unwrap(),
+        MatRef::new(&c, k, d).unwrap(),
+    );
+    for metric in [Metric::L2, Metric::Cosine] {
+        let got = CpuBackend::new().nearest(xm, cm, metric).unwrap();
+        for (i, &g) in got.indices.iter().enumerate() {
+            assert_eq!(
+                g, 3,
+                "{metric}: row {i}: index {g}, want 3 (first of three equal codes)"
+            );
+        }
+    }
+}
+
+#[test]
+fn zero_rows_under_cosine() {
+    let (d, k) = (4, 3);
+    let c = vec![0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+    let x = vec![0.0; d * 2];
+    let got = CpuBackend::new()
+        .nearest(
+            MatRef::new(&x, 2, d).unwrap(),
+            MatRef::new(&c, k, d).unwrap(),
+            Metric::Cosine,
+        )
+        .unwrap();
+    assert_eq!(
+        got.indices,
+        vec![0, 0],
+        "a zero row has cosine 0 to all: the first code wins"
+    );
+    assert_eq!(got.distances, vec![1.0, 1.0]);
+}
+
+#[test]
+fn f16_input_equals_its_f32_conversion() {
+    let (n, d, k) = (ROW_BLOCK + 9, 24, 100);
+    let xh: Vec<half::f16> = uniform(n, d, 41)
+        .iter()
+        .map(|&v| half::f16::from_f32(v))
+        .collect();
+    let xf: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+    let c = uniform(k, d, 42);
+    let cm = MatRef::new(&c, k, d).unwrap();
+    let from_half = Matrix::from_f16(&xh, n, d).unwrap();
+    let a = CpuBackend::new()
+        .nearest(from_half.as_ref(), cm, Metric::L2)
+        .unwrap();
+    let xm = MatRef::new(&xf, n, d).unwrap();
+    assert_exact_nearest(xm, cm, Metric::L2, &a, ABS, "f16 input");
+    let bf: Vec<half::bf16> = xf.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let from_bf = Matrix::from_bf16(&bf, n, d).unwrap();
+    let b = CpuBackend::new()
+        .nearest(from_bf.as_ref(), cm, Metric::L2)
+        .unwrap();
+    assert_exact_nearest(from_bf.as_ref(), cm, Metric::L2, &b, ABS, "bf16 input");
+}
+
+#[test]
+fn result_does_not_depend_on_thread_count() {
+    let (n, d, k) = (5 * ROW_BLOCK + 3, 32, 777);
+    let x = uniform(n, d, 51);
+    let c = uniform(k, d, 52);
+    let (xm, cm) = (
+        MatRef::new(&x, n, d).unwrap(),
+        MatRef::new(&c, k, d).unwrap(),
+    );
+    let many = CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let one = pool.install(|| CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap());
+    assert_eq!(many, one);
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let b = CpuBackend::new();
+    let c = uniform(4, 3, 1);
+    let cm = MatRef::new(&c, 4, 3).unwrap();
+    let x = uniform(2, 3, 2);
+    let xm = MatRef::new(&x, 2, 3).unwrap();
+
+    let empty = MatRef::new(&[], 0, 3).unwrap();
+    assert!(matches!(
+        b.nearest(empty, cm, Metric::L2),
+        Err(Error::Empty { .. })
+    ));
+    assert!(matches!(
+        b.nearest(xm, empty, Metric::L2),
+        Err(Error::Empty { .. })
+    ));
+
+    let x4 = uniform(2, 4, 3);
+    let err = b
+        .nearest(MatRef::new(&x4, 2, 4).unwrap(), cm, Metric::L2)
+        .unwrap_err();
+    assert!(matches!(err, Error::Shape { .. }), "{err}");
+    assert!(
+        err.to_string().contains("3 columns") && err.to_string().contains("4 columns"),
+        "{err}"
+    );
+
+    let mut bad = x.clone();
+    bad[4] = f32::NAN;
+    let err = b
+        .nearest(MatRef::new(&bad, 2, 3).unwrap(), cm, Metric::L2)
+        .unwrap_err();
+    match err {
+        Error::NonFinite { row, col, .. } => assert_eq!((row, col), (1, 1)),
+        e => panic!("want NonFinite, got {e}"),
+    }
+    let mut badc = c.clone();
+    badc[11] = f32::INFINITY;
+    let err = b
+        .nearest(xm, MatRef::new(&badc, 4, 3).unwrap(), Metric::L2)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("codebook") && err.to_string().contains("row 3"),
+        "{err}"
+    );
+
+    assert!(matches!(MatRef::new(&x, 3, 3), Err(Error::Shape { .. })));
+}
