@@ -99,7 +99,7 @@ impl Default for BenchConfig {
             metric: Metric::L2,
             reps: 5,
             scale_for_cpu: true,
-            seed: 0x5eed_0f_7a11,
+            seed: 0x5eed_f00d,
         }
     }
 }

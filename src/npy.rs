@@ -161,6 +161,12 @@ impl NpyMatrixReader {
         let path = path.as_ref();
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+        if file_len == 0 {
+            return Err(npy_err(
+                path,
+                "is an empty file (0 bytes), not a .npy array",
+            ));
+        }
         let mut file = BufReader::with_capacity(1 << 20, f);
         let header = NpyHeader::from_reader(&mut file).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {

@@ -1,0 +1,327 @@
+//! .npy reading and writing: round trips, f16, streaming chunks, every rejected file, and the
+//! atomicity of the writers.
+
+use half::f16;
+use npyz::WriterBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+use vqx::npy::{self, NpyDtype, NpyMatrixReader, NpyStreamWriter};
+use vqx::{Error, Matrix};
+
+fn uniform(rows: usize, cols: usize, seed: u64) -> Matrix {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let data = (0..rows * cols)
+        .map(|_| r.r#gen::<f32>() * 2.0 - 1.0)
+        .collect();
+    Matrix::new(data, rows, cols).unwrap()
+}
+
+/// Writes `data` with T's default dtype, the given shape and order, through npyz.
+fn write_npy<T: npyz::AutoSerialize>(path: &Path, shape: &[u64], order: npyz::Order, data: &[T]) {
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .order(order)
+        .writer(std::io::BufWriter::new(
+            std::fs::File::create(path).unwrap(),
+        ))
+        .begin_nd()
+        .unwrap();
+    for v in data {
+        w.push(v).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// A version 1.0 .npy file with an arbitrary header dict and data bytes.
+fn raw_npy(path: &Path, dict: &str, data: &[u8]) {
+    let mut header = dict.to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn npy_msg(e: Error) -> String {
+    match e {
+        Error::Npy { .. } => e.to_string(),
+        other => panic!("expected Error::Npy, got {other:?}"),
+    }
+}
+
+#[test]
+fn matrix_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.npy");
+    let m = uniform(37, 5, 1);
+    npy::write_matrix(&p, m.as_ref()).unwrap();
+    let back = npy::read_matrix(&p).unwrap();
+    assert_eq!(back, m);
+    // npyz agrees on what was written.
+    let f = npyz::NpyFile::new(std::fs::File::open(&p).unwrap()).unwrap();
+    assert_eq!(f.shape(), &[37, 5]);
+    assert_eq!(f.dtype().descr(), "'<f4'");
+    assert_eq!(f.into_vec::<f32>().unwrap(), m.data());
+}
+
+#[test]
+fn indices_and_distances_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let pi = dir.path().join("i.npy");
+    let pd = dir.path().join("d.npy");
+    let idx = vec![0u32, 7, u32::MAX, 3];
+    npy::write_indices(&pi, &idx).unwrap();
+    assert_eq!(
+        npy::read_indices(&pi).unwrap(),
+        vec![0i64, 7, u32::MAX as i64, 3]
+    );
+    let f = npyz::NpyFile::new(std::fs::File::open(&pi).unwrap()).unwrap();
+    assert_eq!(f.dtype().descr(), "'<i8'");
+    assert_eq!(f.shape(), &[4]);
+    let d = vec![0.5f32, 1e-30, 3.25];
+    npy::write_distances(&pd, &d).unwrap();
+    assert_eq!(npy::read_vector(&pd).unwrap(), d);
+    // An empty vector is a valid file too.
+    npy::write_indices(&pi, &[]).unwrap();
+    assert!(npy::read_indices(&pi).unwrap().is_empty());
+}
+
+#[test]
+fn f16_reads_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("h.npy");
+    let m = uniform(9, 4, 2);
+    let h: Vec<f16> = m.data().iter().map(|&v| f16::from_f32(v)).collect();
+    write_npy(&p, &[9, 4], npyz::Order::C, &h);
+    let r = NpyMatrixReader::open(&p).unwrap();
+    assert_eq!(r.dtype(), NpyDtype::F16);
+    let back = npy::read_matrix(&p).unwrap();
+    assert_eq!(back, Matrix::from_f16(&h, 9, 4).unwrap());
+}
+
+#[test]
+fn streaming_chunks_cover_every_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.npy");
+    let m = uniform(103, 3, 3);
+    npy::write_matrix(&p, m.as_ref()).unwrap();
+    let mut r = NpyMatrixReader::open(&p).unwrap();
+    assert_eq!((r.rows(), r.cols(), r.dtype()), (103, 3, NpyDtype::F32));
+    let mut all = Vec::new();
+    let mut sizes = Vec::new();
+    while let Some(c) = r.next_chunk(10).unwrap() {
+        sizes.push(c.rows());
+        all.extend_from_slice(c.data());
+    }
+    assert_eq!(sizes, [10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 3]);
+    assert_eq!(all, m.data());
+    assert_eq!(r.remaining(), 0);
+}
+
+#[test]
+fn streaming_writer_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("q.npy");
+    let m = uniform(20, 6, 4);
+    let mut w = NpyStreamWriter::matrix(&p, 20, 6).unwrap();
+    assert!(!p.exists(), "nothing at the final path before finish");
+    for start in (0..20).step_by(7) {
+        let end = (start + 7).min(20);
+        w.append_rows(m.as_ref().slice_rows(start, end)).unwrap();
+    }
+    w.finish().unwrap();
+    assert_eq!(npy::read_matrix(&p).unwrap(), m);
+    // No temporary files left in the directory.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("q.npy")]);
+}
+
+fn only_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn dropped_writer_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("out.npy");
+    {
+        let mut w = NpyStreamWriter::indices(&p, 10).unwrap();
+        w.append_u32(&[1, 2, 3]).unwrap();
+    }
+    assert!(!p.exists());
+    assert!(
+        only_files(dir.path()).is_empty(),
+        "{:?}",
+        only_files(dir.path())
+    );
+}
+
+#[test]
+fn short_writer_fails_and_keeps_the_old_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("out.npy");
+    npy::write_distances(&p, &[1.0, 2.0]).unwrap();
+    let mut w = NpyStreamWriter::vector(&p, 5).unwrap();
+    w.append(&[9.0, 9.0]).unwrap();
+    let e = w.finish().unwrap_err();
+    assert!(e.to_string().contains("2 values written"), "{e}");
+    // The file that was there is untouched, and no temporary is left.
+    assert_eq!(npy::read_vector(&p).unwrap(), vec![1.0, 2.0]);
+    assert_eq!(only_files(dir.path()), vec!["out.npy".to_string()]);
+}
+
+#[test]
+fn overlong_append_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("out.npy");
+    let mut w = NpyStreamWriter::vector(&p, 2).unwrap();
+    let e = w.append(&[1.0, 2.0, 3.0]).unwrap_err();
+    assert!(e.to_string().contains("exceed"), "{e}");
+    drop(w);
+    assert!(only_files(dir.path()).is_empty());
+}
+
+#[test]
+fn writer_into_missing_directory_is_io_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("no/such/dir/out.npy");
+    let e = npy::write_indices(&p, &[1]).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    assert!(e.to_string().contains("out.npy"), "{e}");
+}
+
+#[test]
+fn missing_file_is_io_error_naming_path() {
+    let e = npy::read_matrix("/nonexistent/dir/x.npy").unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    assert!(e.to_string().contains("/nonexistent/dir/x.npy"), "{e}");
+}
+
+#[test]
+fn f64_is_rejected_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.npy");
+    write_npy(&p, &[2, 2], npyz::Order::C, &[1.0f64, 2.0, 3.0, 4.0]);
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(msg.contains("d.npy"), "{msg}");
+    assert!(
+        msg.contains("float64") && msg.contains("astype(np.float32)"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn integers_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("i.npy");
+    write_npy(&p, &[2, 2], npyz::Order::C, &[1i64, 2, 3, 4]);
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(msg.contains("int64"), "{msg}");
+}
+
+#[test]
+fn fortran_order_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f.npy");
+    write_npy(&p, &[2, 3], npyz::Order::Fortran, &[1f32; 6]);
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(msg.contains("Fortran"), "{msg}");
+}
+
+#[test]
+fn wrong_rank_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.npy");
+    write_npy(&p, &[2, 3, 4], npyz::Order::C, &[0f32; 24]);
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(
+        msg.contains("3 dimensions") && msg.contains("(2, 3, 4)"),
+        "{msg}"
+    );
+    write_npy(&p, &[5], npyz::Order::C, &[0f32; 5]);
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(
+        msg.contains("1 dimension ") && msg.contains("(5,)"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn big_endian_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("be.npy");
+    raw_npy(
+        &p,
+        "{'descr': '>f4', 'fortran_order': False, 'shape': (1, 2), }",
+        &[0u8; 8],
+    );
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(msg.contains("big-endian"), "{msg}");
+}
+
+#[test]
+fn bf16_raw_void_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bf.npy");
+    raw_npy(
+        &p,
+        "{'descr': '|V2', 'fortran_order': False, 'shape': (1, 2), }",
+        &[0u8; 4],
+    );
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(msg.contains("bfloat16"), "{msg}");
+}
+
+#[test]
+fn truncated_data_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.npy");
+    npy::write_matrix(&p, uniform(10, 4, 5).as_ref()).unwrap();
+    let len = std::fs::metadata(&p).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(len - 6).unwrap();
+    drop(f);
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(
+        msg.contains("truncated") && msg.contains("160 bytes"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn truncated_header_and_garbage_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("h.npy");
+    std::fs::write(&p, b"\x93NUMPY\x01\x00\x76\x00{'descr'").unwrap();
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(msg.contains("h.npy"), "{msg}");
+    std::fs::write(&p, b"hello, this is not an npy file at all").unwrap();
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(msg.contains("not a valid .npy"), "{msg}");
+    std::fs::write(&p, b"").unwrap();
+    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
+    assert!(msg.contains("empty file"), "{msg}");
+}
+
+#[test]
+fn empty_matrix_reads_as_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("e.npy");
+    write_npy::<f32>(&p, &[0, 8], npyz::Order::C, &[]);
+    let m = npy::read_matrix(&p).unwrap();
+    assert_eq!((m.rows(), m.cols()), (0, 8));
+}
