@@ -21,9 +21,9 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// Wraps `data` as `rows × cols`; its length must be exactly `rows * cols`.
     pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
-        let want = rows.checked_mul(cols).ok_or_else(|| {
-            Error::InvalidArgument(format!("{rows} × {cols} overflows usize"))
-        })?;
+        let want = rows
+            .checked_mul(cols)
+            .ok_or_else(|| Error::InvalidArgument(format!("{rows} × {cols} overflows usize")))?;
         if data.len() != want {
             return Err(Error::Shape {
                 what: "matrix data".into(),

@@ -75,14 +75,7 @@ fn clustered_data_finds_its_centres() {
     );
     for metric in [Metric::L2, Metric::Cosine] {
         let got = CpuBackend::new().nearest(xm, cm, metric).unwrap();
-        assert_exact_nearest(
-            xm,
-            cm,
-            metric,
-            &got,
-            ABS,
-            &format!("clustered {metric}"),
-        );
+        assert_exact_nearest(xm, cm, metric, &got, ABS, &format!("clustered {metric}"));
     }
     let got = CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap();
     for (n, (&g, &w)) in got.indices.iter().zip(&label).enumerate() {

@@ -59,9 +59,7 @@ pub trait Backend: Send + Sync {
         Ok(PrimitiveTimes {
             nearest: median_secs(reps, || self.nearest(x, codebook, metric).map(drop))?,
             gather: median_secs(reps, || self.gather(codebook, idx).map(drop))?,
-            code_sums: median_secs(reps, || {
-                self.code_sums(x, idx, k, SumMode::Fast).map(drop)
-            })?,
+            code_sums: median_secs(reps, || self.code_sums(x, idx, k, SumMode::Fast).map(drop))?,
             code_sums_deterministic: median_secs(reps, || {
                 self.code_sums(x, idx, k, SumMode::Deterministic).map(drop)
             })?,

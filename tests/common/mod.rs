@@ -67,8 +67,16 @@ pub fn assert_exact_nearest(
     let u = 1.0 / 16_777_216.0;
     let gamma = 4.0 * (x.cols() as f64 + 8.0) * u;
     assert_eq!(got.indices.len(), want.len(), "{context}: number of rows");
-    assert_eq!(got.distances.len(), want.len(), "{context}: number of distances");
-    for (n, (&(wi, wd), (&gi, &gd))) in want.iter().zip(got.indices.iter().zip(&got.distances)).enumerate() {
+    assert_eq!(
+        got.distances.len(),
+        want.len(),
+        "{context}: number of distances"
+    );
+    for (n, (&(wi, wd), (&gi, &gd))) in want
+        .iter()
+        .zip(got.indices.iter().zip(&got.distances))
+        .enumerate()
+    {
         if gi != wi {
             let gd64 = reference::distance(x.row(n), codebook.row(gi as usize), metric);
             let tie = (gd64 - wd).abs() <= 1e-12 * wd.abs().max(1e-300);
