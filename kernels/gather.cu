@@ -1,0 +1,47 @@
+// gather.cu — codebook rows by index (SPEC §2): out[n, :] = C[idx[n], :].
+//
+// What it computes
+//   out (N×D, row-major f32) from the codebook C (K×D, row-major f32) and idx (N × u32). The host
+//   validates every index against K before launching (vqx::gather::validate); the kernels do not
+//   check them again.
+//
+// Launch shape (computed by the launcher in src/backend/cuda.rs)
+//   gather_f32:   1-D grid-stride loop over the N·D output elements; block = 256 threads,
+//                 grid = min(ceil(N·D / 256), 65535·... capped by the launcher).
+//   gather_f32x4: the same over N·D/4 float4 elements; used when D % 4 == 0 (the device
+//                 allocations are 256-byte aligned, so every row then starts 16-byte aligned).
+//   Consecutive threads write consecutive output elements: stores are coalesced, loads read
+//   whole code rows (coalesced within a row, codebook rows stay in L2).
+//
+// Limits
+//   N·D < 2^63 elements; D ≥ 1; K < 2^32.
+
+extern "C" __global__ void gather_f32(const float* __restrict__ cb,
+                                      const unsigned int* __restrict__ idx,
+                                      float* __restrict__ out,
+                                      long long n,
+                                      long long d)
+{
+    const long long total = n * d;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const long long row = e / d;
+        const long long col = e - row * d;
+        out[e] = cb[(long long)idx[row] * d + col];
+    }
+}
+
+extern "C" __global__ void gather_f32x4(const float4* __restrict__ cb,
+                                        const unsigned int* __restrict__ idx,
+                                        float4* __restrict__ out,
+                                        long long n,
+                                        long long d4)
+{
+    const long long total = n * d4;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const long long row = e / d4;
+        const long long col = e - row * d4;
+        out[e] = cb[(long long)idx[row] * d4 + col];
+    }
+}
