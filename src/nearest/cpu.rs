@@ -3,7 +3,7 @@
 //! Rows are split into blocks of [`ROW_BLOCK`] handled by rayon threads; each block walks the
 //! codebook in tiles of [`CODE_TILE`] codes. One GEMM call (the `gemm` crate: packed,
 //! AVX2/AVX-512 microkernels, far faster than anything worth writing here) fills the tile with
-//! s = ||c||² − 2 x·c directly, and a scan keeps the best and runner-up score per row. Memory
+//! −2 x·c, and a scan adds ||c||² and keeps the best and runner-up score per row. Memory
 //! is O(N + K·D + threads·ROW_BLOCK·CODE_TILE): the N×K matrix never exists.
 
 use super::{Candidates, Prepared};
@@ -56,9 +56,6 @@ pub fn candidates(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> C
                 while k0 < k_total {
                     let kt = CODE_TILE.min(k_total - k0);
                     let t = &mut tile[..rows * kt];
-                    for r in 0..rows {
-                        t[r * kt..(r + 1) * kt].copy_from_slice(&norms[k0..k0 + kt]);
-                    }
                     // SAFETY: every pointer/stride pair addresses memory inside its slice:
                     // dst rows×kt row-major (t has rows*kt), lhs rows×d row-major (xs),
                     // rhs d×kt with element (j, c) at cb[(k0 + c)·d + j] (cb has K·d).
@@ -70,14 +67,14 @@ pub fn candidates(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> C
                             t.as_mut_ptr(),
                             1,
                             kt as isize,
-                            true,
+                            false,
                             xs.as_ptr(),
                             1,
                             d as isize,
                             cb.data()[k0 * d..].as_ptr(),
                             d as isize,
                             1,
-                            1.0,
+                            0.0,
                             -2.0,
                             false,
                             false,
@@ -88,6 +85,7 @@ pub fn candidates(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> C
                     for r in 0..rows {
                         scan_row(
                             &t[r * kt..(r + 1) * kt],
+                            &norms[k0..k0 + kt],
                             k0 as u32,
                             &mut best[r],
                             &mut best_s[r],
@@ -108,12 +106,20 @@ pub fn candidates(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> C
 /// are first reduced to their minimum with lane-wise selects (which vectorise), and only a
 /// block whose minimum beats the runner-up is walked one score at a time.
 #[inline]
-fn scan_row(scores: &[f32], base: u32, best: &mut u32, best_s: &mut f32, second_s: &mut f32) {
+fn scan_row(
+    dots: &[f32],
+    norms: &[f32],
+    base: u32,
+    best: &mut u32,
+    best_s: &mut f32,
+    second_s: &mut f32,
+) {
     let (mut b, mut bs, mut ss) = (*best, *best_s, *second_s);
     let mut start = 0;
-    for block in scores.chunks(SCAN_BLOCK) {
-        if block_min(block) < ss {
-            for (j, &v) in block.iter().enumerate() {
+    for (block, nb) in dots.chunks(SCAN_BLOCK).zip(norms.chunks(SCAN_BLOCK)) {
+        if block_min(block, nb) < ss {
+            for (j, (&m2dot, &norm)) in block.iter().zip(nb).enumerate() {
+                let v = norm + m2dot;
                 if v < ss {
                     if v < bs {
                         ss = bs;
@@ -135,16 +141,20 @@ fn scan_row(scores: &[f32], base: u32, best: &mut u32, best_s: &mut f32, second_
 const SCAN_BLOCK: usize = 64;
 const LANES: usize = 16;
 
+/// min_j (norms[j] + dots[j]) over one block.
 #[inline]
-fn block_min(block: &[f32]) -> f32 {
+fn block_min(dots: &[f32], norms: &[f32]) -> f32 {
     let mut m = [f32::INFINITY; LANES];
-    let mut chunks = block.chunks_exact(LANES);
-    for c in &mut chunks {
+    let mut chunks = dots.chunks_exact(LANES).zip(norms.chunks_exact(LANES));
+    for (c, n) in &mut chunks {
         for i in 0..LANES {
-            m[i] = if c[i] < m[i] { c[i] } else { m[i] };
+            let v = n[i] + c[i];
+            m[i] = if v < m[i] { v } else { m[i] };
         }
     }
-    for &v in chunks.remainder() {
+    let tail = dots.len() - dots.len() % LANES;
+    for (&c, &n) in dots[tail..].iter().zip(&norms[tail..]) {
+        let v = n + c;
         m[0] = if v < m[0] { v } else { m[0] };
     }
     m.iter()
