@@ -32,3 +32,8 @@ pub mod usage;
 pub use error::{Error, Result};
 pub use matrix::{MatRef, Matrix};
 pub use nearest::{Assignment, Metric};
+
+/// The README's example is compiled and run as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
