@@ -193,16 +193,12 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
     };
     let mut results = Vec::with_capacity(cfg.shapes.len());
     for (i, &requested) in cfg.shapes.iter().enumerate() {
-        let mut shape = requested;
-        let mut scaled = false;
-        if !cuda && cfg.scale_for_cpu {
-            let per_row = 2.0 * shape.codes as f64 * shape.dim as f64;
-            let cap = ((CPU_FLOP_CAP / per_row).floor() as usize).max(1);
-            if shape.n > cap {
-                shape.n = cap;
-                scaled = true;
-            }
-        }
+        let shape = if !cuda && cfg.scale_for_cpu {
+            scale_for_cpu(requested)
+        } else {
+            requested
+        };
+        let scaled = shape != requested;
         let seed = cfg.seed.wrapping_add(i as u64 * 0x9e37_79b9_7f4a_7c15);
         let x = random_matrix(shape.n, shape.dim, seed);
         let codebook = random_matrix(shape.codes, shape.dim, seed ^ 0xc0de_b00c);
@@ -227,6 +223,16 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
         floors,
         results,
     })
+}
+
+/// `shape` with N capped so one nearest call is at most [`CPU_FLOP_CAP`] flops (at least 1 row).
+pub fn scale_for_cpu(shape: BenchShape) -> BenchShape {
+    let per_row = 2.0 * shape.codes as f64 * shape.dim as f64;
+    let cap = ((CPU_FLOP_CAP / per_row).floor() as usize).max(1);
+    BenchShape {
+        n: shape.n.min(cap),
+        ..shape
+    }
 }
 
 fn primitive_results(s: BenchShape, t: &PrimitiveTimes, floors: &Floors) -> Vec<PrimitiveResult> {
@@ -282,9 +288,10 @@ fn cpu_floors(threads: usize) -> Floors {
              {threads} threads"
         ),
         bandwidth_gbs: bw,
-        bandwidth_source: "memcpy of 256 MiB on all rayon threads, measured at start \
-                           (bytes read + written)"
-            .into(),
+        bandwidth_source: format!(
+            "parallel memcpy of 256 MiB on {threads} threads, bytes read + written, measured at \
+             start; working sets that fit in cache can beat it"
+        ),
     }
 }
 
@@ -432,7 +439,7 @@ impl BenchReport {
             let _ = writeln!(s, "  [{}]", r.timed_with);
             let _ = writeln!(
                 s,
-                "  {:<24} {:>10} {:>14} {:>12} {:>10} {:>10}",
+                "  {:<24} {:>10} {:>12} {:>15} {:>10} {:>9}",
                 "primitive", "ms", "vectors/s", "rate", "floor ms", "of floor"
             );
             for p in &r.primitives {
@@ -443,7 +450,7 @@ impl BenchReport {
                 };
                 let _ = writeln!(
                     s,
-                    "  {:<24} {:>10.3} {:>14.3e} {:>12} {:>10.3} {:>9.1}%",
+                    "  {:<24} {:>10.3} {:>12.3e} {:>15} {:>10.3} {:>8.1}%",
                     p.name,
                     p.ms,
                     p.vectors_per_s,
@@ -466,6 +473,19 @@ mod tests {
         assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_utc(1_709_251_199), "2024-02-29T23:59:59Z");
+    }
+
+    #[test]
+    fn cpu_scaling_caps_flops() {
+        for s in DEFAULT_SHAPES {
+            let t = scale_for_cpu(s);
+            assert_eq!((t.dim, t.codes), (s.dim, s.codes));
+            assert!(t.n <= s.n && t.n >= 1);
+            assert!(2.0 * (t.n * t.dim * t.codes) as f64 <= CPU_FLOP_CAP);
+        }
+        assert_eq!(scale_for_cpu(DEFAULT_SHAPES[0]).n, 9536);
+        // (65536, 64, 1024) is under the cap: unchanged.
+        assert_eq!(scale_for_cpu(DEFAULT_SHAPES[2]), DEFAULT_SHAPES[2]);
     }
 
     #[test]

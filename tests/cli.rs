@@ -452,6 +452,42 @@ fn bad_flag_values_exit_1() {
 }
 
 #[test]
+fn cuda_when_unavailable_says_why() {
+    let status = vqx::backend::cuda::status();
+    if status.available {
+        return; // Covered by the GPU tests.
+    }
+    let case = Case::new();
+    let xp = case.write("x.npy", &uniform(10, 4, 1));
+    let cp = case.write("c.npy", &uniform(8, 4, 2));
+    let o = vqx(&[
+        "quantize",
+        "-c",
+        &cp,
+        "-i",
+        &xp,
+        "-o",
+        &case.s("o.npy"),
+        "--device",
+        "cuda",
+    ]);
+    expect_error(&o, &["CUDA"]);
+    assert!(!case.path("o.npy").exists());
+    let o = vqx(&[
+        "bench",
+        "--n",
+        "10",
+        "--dim",
+        "4",
+        "--codebook-size",
+        "8",
+        "--device",
+        "cuda",
+    ]);
+    expect_error(&o, &["CUDA"]);
+}
+
+#[test]
 fn info_reports_backends() {
     let o = vqx(&["info"]);
     expect_ok(&o);
