@@ -98,8 +98,8 @@ fn describe_unsupported(dtype: &DType) -> String {
             bytes * 8
         ),
         TypeChar::Int | TypeChar::Uint => format!(
-            "has integer dtype {}{} ({descr}); vqx reads float vectors (float32 or float16); \
-             if these are indices they are not an input matrix",
+            "has integer dtype {}{} ({descr}); vqx reads vectors of float32 or float16, \
+             not integers",
             if ts.type_char() == TypeChar::Int {
                 "int"
             } else {
