@@ -90,6 +90,8 @@ pub struct BenchConfig {
     pub scale_for_cpu: bool,
     /// Seed of the random inputs.
     pub seed: u64,
+    /// Time these (input, codebook) instead of random data of `shapes`.
+    pub data: Option<(Matrix, Matrix)>,
 }
 
 impl Default for BenchConfig {
@@ -100,6 +102,7 @@ impl Default for BenchConfig {
             reps: 5,
             scale_for_cpu: true,
             seed: 0x5eed_f00d,
+            data: None,
         }
     }
 }
@@ -192,7 +195,27 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
         cpu_floors(machine.rayon_threads)
     };
     let mut results = Vec::with_capacity(cfg.shapes.len());
-    for (i, &requested) in cfg.shapes.iter().enumerate() {
+    if let Some((x, codebook)) = &cfg.data {
+        let shape = BenchShape {
+            n: x.rows(),
+            dim: x.cols(),
+            codes: codebook.rows(),
+        };
+        let times = backend.time_primitives(x.as_ref(), codebook.as_ref(), cfg.metric, cfg.reps)?;
+        results.push(ShapeResult {
+            requested: shape,
+            shape,
+            scaled: false,
+            timed_with: times.timed_with,
+            primitives: primitive_results(shape, &times, &floors),
+        });
+    }
+    let shapes = if cfg.data.is_some() {
+        &[][..]
+    } else {
+        &cfg.shapes[..]
+    };
+    for (i, &requested) in shapes.iter().enumerate() {
         let shape = if !cuda && cfg.scale_for_cpu {
             scale_for_cpu(requested)
         } else {

@@ -626,3 +626,41 @@ fn help_for_every_subcommand() {
     expect_ok(&o);
     assert!(stdout(&o).contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn bench_on_given_files() {
+    let case = Case::new();
+    let x = case.write("x.npy", &uniform(300, 6, 1));
+    let c = case.write("c.npy", &uniform(40, 6, 2));
+    let o = vqx(&[
+        "bench",
+        "--input",
+        &x,
+        "--codebook",
+        &c,
+        "--reps",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    expect_ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let shape = &v["results"][0]["shape"];
+    assert_eq!(
+        (
+            shape["n"].as_u64(),
+            shape["dim"].as_u64(),
+            shape["codes"].as_u64()
+        ),
+        (Some(300), Some(6), Some(40))
+    );
+    assert_eq!(
+        v["results"].as_array().unwrap().len(),
+        1,
+        "only the given data is timed"
+    );
+    let c7 = case.write("c7.npy", &uniform(40, 7, 3));
+    let o = vqx(&["bench", "--input", &x, "--codebook", &c7, "--device", "cpu"]);
+    expect_error(&o, &["6 columns", "7 columns"]);
+}

@@ -17,6 +17,12 @@ pub struct Args {
     /// Codebook size K.
     #[arg(long, requires_all = ["n", "dim"])]
     pub codebook_size: Option<usize>,
+    /// Time on this input (.npy, N×D) instead of random data; needs --codebook.
+    #[arg(long, requires = "codebook", conflicts_with_all = ["n", "dim", "codebook_size"])]
+    pub input: Option<PathBuf>,
+    /// Codebook (.npy, K×D) to time with --input.
+    #[arg(long, requires = "input")]
+    pub codebook: Option<PathBuf>,
     /// Distance: l2 or cosine.
     #[arg(long, default_value = "l2")]
     pub metric: Metric,
@@ -52,6 +58,18 @@ pub fn run(args: Args) -> Result<()> {
         }
         cfg.shapes = vec![BenchShape { n, dim, codes }];
         cfg.scale_for_cpu = false;
+    }
+    if let (Some(input), Some(codebook)) = (&args.input, &args.codebook) {
+        let codebook = super::load_codebook(codebook)?;
+        let x = vqx::npy::read_matrix(input)?;
+        if x.cols() != codebook.cols() {
+            return Err(Error::Shape {
+                what: format!("{} vs codebook width", input.display()),
+                expected: format!("{} columns", codebook.cols()),
+                got: format!("{} columns", x.cols()),
+            });
+        }
+        cfg.data = Some((x, codebook));
     }
     let backend = select(args.device)?;
     let report = vqx::bench::run(backend.as_ref(), &cfg)?;
