@@ -6,14 +6,15 @@
 // ema_sums_atomic_f32 — the fast mode
 //   1-D grid-stride loop over the N·D elements of x; each element is added to its code's row with
 //   a float atomicAdd, and the thread holding column 0 of a row adds 1 to the row's count. The
-//   launcher zeroes `sums` and `counts` first. block = 256 threads, grid capped by the launcher.
+//   launcher zeroes `sums` and `counts` first. block = 256 threads,
+//   grid = min(ceil(N·D / 256), 32 × the SM count).
 //   f32 atomics land in whatever order the hardware serves them: the last bits of a sum may
 //   differ run to run (error of any summation order: ≤ (n_k − 1)·2^-24·Σ|x| per element).
 //
 // ema_sums_sorted_f32 — the deterministic mode
 //   The host does the stable counting sort (vqx::ema::group_by_code): offsets (K + 1 × u64) and
 //   row ids (N × u32) grouped by code, each group in increasing row order. One block per code
-//   (grid-stride over codes, grid = min(K, cap)), threads over the D columns (block = the
+//   (grid-stride over codes, grid = min(K, 2^24)), threads over the D columns (block = the
 //   launcher's choice, a multiple of 32 up to 256; columns beyond blockDim are looped). Each
 //   column is accumulated in f64 over the code's rows in that fixed order and rounded once to f32,
 //   exactly as the CPU twin does: bit-identical run to run and to vqx::ema::cpu. counts[k] is

@@ -7,7 +7,7 @@
 //
 // Launch shape (computed by the launcher in src/backend/cuda.rs)
 //   gather_f32:   1-D grid-stride loop over the N·D output elements; block = 256 threads,
-//                 grid = min(ceil(N·D / 256), 65535·... capped by the launcher).
+//                 grid = min(ceil(N·D / 256), 32 × the SM count).
 //   gather_f32x4: the same over N·D/4 float4 elements; used when D % 4 == 0 (the device
 //                 allocations are 256-byte aligned, so every row then starts 16-byte aligned).
 //   Consecutive threads write consecutive output elements: stores are coalesced, loads read

@@ -5,8 +5,8 @@
 //   `counts` before launching; N ≤ u32::MAX so no count can overflow.
 //
 // Launch shape (computed by the launcher in src/backend/cuda.rs)
-//   1-D grid-stride loop over the N indices, block = 256 threads, grid capped by the launcher
-//   (a few blocks per SM).
+//   1-D grid-stride loop over the N indices, block = 256 threads
+//   (grid = min(ceil(N / 256), 4 × the SM count)).
 //   privatised != 0: each block keeps its own histogram in dynamic shared memory
 //     (shared_mem_bytes = 4·K, used when 4·K ≤ 48 KiB, i.e. K ≤ 12,288), counts with shared
 //     atomics, then adds its non-zero bins to `counts` with one global atomic each.
