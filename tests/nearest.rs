@@ -4,19 +4,19 @@
 mod common;
 use common::*;
 use vqx::backend::{Backend, CpuBackend};
-use vqx::nearest::cpu::{CODE_TILE, ROW_BLOCK};
+use vqx::nearest::cpu::{CODE_TILE, CpuKernel, ROW_BLOCK};
 use vqx::{Error, MatRef, Matrix, Metric};
 
 const ABS: f64 = 1e-6;
 
-fn check(n: usize, d: usize, k: usize, seed: u64, metric: Metric) {
+fn check(b: CpuBackend, n: usize, d: usize, k: usize, seed: u64, metric: Metric) {
     let x = uniform(n, d, seed);
     let c = uniform(k, d, seed + 1000);
     let (xm, cm) = (
         MatRef::new(&x, n, d).unwrap(),
         MatRef::new(&c, k, d).unwrap(),
     );
-    let got = CpuBackend::new().nearest(xm, cm, metric).unwrap();
+    let got = b.nearest(xm, cm, metric).unwrap();
     assert_exact_nearest(
         xm,
         cm,
@@ -27,27 +27,27 @@ fn check(n: usize, d: usize, k: usize, seed: u64, metric: Metric) {
     );
 }
 
-#[test]
-fn awkward_sizes_match_reference() {
-    let ns = [1, ROW_BLOCK - 1, ROW_BLOCK + 1, 3 * ROW_BLOCK + 7];
-    let ks = [1, 2, CODE_TILE - 1, CODE_TILE + 1];
+fn awkward_sizes_match_reference(b: CpuBackend) {
+    // Around the portable tiles (ROW_BLOCK × CODE_TILE) and the AVX-512 blocks (8 × 32).
+    let ns = [1, 7, 9, ROW_BLOCK - 1, ROW_BLOCK + 1, 3 * ROW_BLOCK + 7];
+    let ks = [1, 2, 31, 33, CODE_TILE - 1, CODE_TILE + 1];
     let ds = [1, 3, 17, 64];
     for (i, &n) in ns.iter().enumerate() {
         for (j, &k) in ks.iter().enumerate() {
             let d = ds[(i + j) % ds.len()];
             for seed in 0..2 {
                 for metric in [Metric::L2, Metric::Cosine] {
-                    check(n, d, k, seed * 7 + (i * 4 + j) as u64, metric);
+                    check(b, n, d, k, seed * 7 + (i * 4 + j) as u64, metric);
                 }
             }
         }
     }
 }
 
-#[test]
-fn large_shape_matches_reference() {
+fn large_shape_matches_reference(b: CpuBackend) {
     for seed in 0..3 {
         check(
+            b,
             2 * ROW_BLOCK + 5,
             128,
             2 * CODE_TILE + 3,
@@ -55,17 +55,15 @@ fn large_shape_matches_reference() {
             Metric::L2,
         );
     }
-    check(ROW_BLOCK + 3, 256, 1024, 200, Metric::Cosine);
+    check(b, ROW_BLOCK + 3, 256, 1024, 200, Metric::Cosine);
 }
 
-#[test]
-fn large_dimension_and_many_codes() {
-    check(9, 4096, 33, 300, Metric::L2);
-    check(5, 3, 65_536, 301, Metric::L2);
+fn large_dimension_and_many_codes(b: CpuBackend) {
+    check(b, 9, 4096, 33, 300, Metric::L2);
+    check(b, 5, 3, 65_536, 301, Metric::L2);
 }
 
-#[test]
-fn clustered_data_finds_its_centres() {
+fn clustered_data_finds_its_centres(b: CpuBackend) {
     let (k, d) = (64, 32);
     let centers = normal(k, d, 5, 10.0, 3.0);
     let (x, label) = clustered(&centers, k, d, 1000, 0.1, 6);
@@ -74,17 +72,16 @@ fn clustered_data_finds_its_centres() {
         MatRef::new(&centers, k, d).unwrap(),
     );
     for metric in [Metric::L2, Metric::Cosine] {
-        let got = CpuBackend::new().nearest(xm, cm, metric).unwrap();
+        let got = b.nearest(xm, cm, metric).unwrap();
         assert_exact_nearest(xm, cm, metric, &got, ABS, &format!("clustered {metric}"));
     }
-    let got = CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap();
+    let got = b.nearest(xm, cm, Metric::L2).unwrap();
     for (n, (&g, &w)) in got.indices.iter().zip(&label).enumerate() {
         assert_eq!(g, w, "row {n}: index {g}, true centre {w}");
     }
 }
 
-#[test]
-fn large_offset_data_stays_exact() {
+fn large_offset_data_stays_exact(b: CpuBackend) {
     // ||x||² ≫ the gaps between codes: the cancellation the rounding bound must cover.
     let (n, d, k) = (300, 64, 700);
     let x = normal(n, d, 11, 1.0, 100.0);
@@ -93,12 +90,11 @@ fn large_offset_data_stays_exact() {
         MatRef::new(&x, n, d).unwrap(),
         MatRef::new(&c, k, d).unwrap(),
     );
-    let got = CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap();
+    let got = b.nearest(xm, cm, Metric::L2).unwrap();
     assert_exact_nearest(xm, cm, Metric::L2, &got, ABS, "offset 100");
 }
 
-#[test]
-fn near_ties_are_resolved_exactly() {
+fn near_ties_are_resolved_exactly(b: CpuBackend) {
     // Codes that differ in the last bits of one coordinate: f32 scores cannot tell them apart,
     // the f64 recheck must.
     let d = 8;
@@ -121,7 +117,7 @@ fn near_ties_are_resolved_exactly() {
         MatRef::new(&x, n, d).unwrap(),
         MatRef::new(&c, k, d).unwrap(),
     );
-    let got = CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap();
+    let got = b.nearest(xm, cm, Metric::L2).unwrap();
     assert!(
         got.rechecked > 0,
         "near-equal codes must trigger the recheck"
@@ -129,8 +125,7 @@ fn near_ties_are_resolved_exactly() {
     assert_exact_nearest(xm, cm, Metric::L2, &got, 0.0, "near ties");
 }
 
-#[test]
-fn exact_ties_go_to_the_smallest_index() {
+fn exact_ties_go_to_the_smallest_index(b: CpuBackend) {
     let d = 5;
     let row = uniform(1, d, 31);
     // The same code at positions 3, 700 and 1500; other codes far away.
@@ -151,7 +146,7 @@ fn exact_ties_go_to_the_smallest_index() {
         MatRef::new(&c, k, d).unwrap(),
     );
     for metric in [Metric::L2, Metric::Cosine] {
-        let got = CpuBackend::new().nearest(xm, cm, metric).unwrap();
+        let got = b.nearest(xm, cm, metric).unwrap();
         for (i, &g) in got.indices.iter().enumerate() {
             assert_eq!(
                 g, 3,
@@ -161,12 +156,11 @@ fn exact_ties_go_to_the_smallest_index() {
     }
 }
 
-#[test]
-fn zero_rows_under_cosine() {
+fn zero_rows_under_cosine(b: CpuBackend) {
     let (d, k) = (4, 3);
     let c = vec![0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0];
     let x = vec![0.0; d * 2];
-    let got = CpuBackend::new()
+    let got = b
         .nearest(
             MatRef::new(&x, 2, d).unwrap(),
             MatRef::new(&c, k, d).unwrap(),
@@ -181,8 +175,7 @@ fn zero_rows_under_cosine() {
     assert_eq!(got.distances, vec![1.0, 1.0]);
 }
 
-#[test]
-fn f16_input_equals_its_f32_conversion() {
+fn f16_input_equals_its_f32_conversion(b: CpuBackend) {
     let (n, d, k) = (ROW_BLOCK + 9, 24, 100);
     let xh: Vec<half::f16> = uniform(n, d, 41)
         .iter()
@@ -192,21 +185,16 @@ fn f16_input_equals_its_f32_conversion() {
     let c = uniform(k, d, 42);
     let cm = MatRef::new(&c, k, d).unwrap();
     let from_half = Matrix::from_f16(&xh, n, d).unwrap();
-    let a = CpuBackend::new()
-        .nearest(from_half.as_ref(), cm, Metric::L2)
-        .unwrap();
+    let a = b.nearest(from_half.as_ref(), cm, Metric::L2).unwrap();
     let xm = MatRef::new(&xf, n, d).unwrap();
     assert_exact_nearest(xm, cm, Metric::L2, &a, ABS, "f16 input");
     let bf: Vec<half::bf16> = xf.iter().map(|&v| half::bf16::from_f32(v)).collect();
     let from_bf = Matrix::from_bf16(&bf, n, d).unwrap();
-    let b = CpuBackend::new()
-        .nearest(from_bf.as_ref(), cm, Metric::L2)
-        .unwrap();
+    let b = b.nearest(from_bf.as_ref(), cm, Metric::L2).unwrap();
     assert_exact_nearest(from_bf.as_ref(), cm, Metric::L2, &b, ABS, "bf16 input");
 }
 
-#[test]
-fn result_does_not_depend_on_thread_count() {
+fn result_does_not_depend_on_thread_count(b: CpuBackend) {
     let (n, d, k) = (5 * ROW_BLOCK + 3, 32, 777);
     let x = uniform(n, d, 51);
     let c = uniform(k, d, 52);
@@ -214,18 +202,16 @@ fn result_does_not_depend_on_thread_count() {
         MatRef::new(&x, n, d).unwrap(),
         MatRef::new(&c, k, d).unwrap(),
     );
-    let many = CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap();
+    let many = b.nearest(xm, cm, Metric::L2).unwrap();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .unwrap();
-    let one = pool.install(|| CpuBackend::new().nearest(xm, cm, Metric::L2).unwrap());
+    let one = pool.install(|| b.nearest(xm, cm, Metric::L2).unwrap());
     assert_eq!(many, one);
 }
 
-#[test]
-fn bad_input_is_a_typed_error() {
-    let b = CpuBackend::new();
+fn bad_input_is_a_typed_error(b: CpuBackend) {
     let c = uniform(4, 3, 1);
     let cm = MatRef::new(&c, 4, 3).unwrap();
     let x = uniform(2, 3, 2);
@@ -272,3 +258,42 @@ fn bad_input_is_a_typed_error() {
 
     assert!(matches!(MatRef::new(&x, 3, 3), Err(Error::Shape { .. })));
 }
+
+/// Every test above, once per CPU kernel. On a CPU without AVX-512F the `avx512` copies run the
+/// portable kernel (and say so).
+macro_rules! for_each_kernel {
+    ($($name:ident),* $(,)?) => {
+        mod avx512 {
+            use super::*;
+            $(#[test]
+            fn $name() {
+                if CpuKernel::Avx512.resolve() != CpuKernel::Avx512 {
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "note: {}: no AVX-512F here, the portable kernel runs", stringify!($name));
+                }
+                super::$name(CpuBackend::with_kernel(CpuKernel::Avx512))
+            })*
+        }
+        mod portable {
+            use super::*;
+            $(#[test]
+            fn $name() {
+                super::$name(CpuBackend::with_kernel(CpuKernel::Portable))
+            })*
+        }
+    };
+}
+
+for_each_kernel!(
+    awkward_sizes_match_reference,
+    large_shape_matches_reference,
+    large_dimension_and_many_codes,
+    clustered_data_finds_its_centres,
+    large_offset_data_stays_exact,
+    near_ties_are_resolved_exactly,
+    exact_ties_go_to_the_smallest_index,
+    zero_rows_under_cosine,
+    f16_input_equals_its_f32_conversion,
+    result_does_not_depend_on_thread_count,
+    bad_input_is_a_typed_error
+);

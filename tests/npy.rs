@@ -37,7 +37,7 @@ fn write_npy<T: npyz::AutoSerialize>(path: &Path, shape: &[u64], order: npyz::Or
 /// A version 1.0 .npy file with an arbitrary header dict and data bytes.
 fn raw_npy(path: &Path, dict: &str, data: &[u8]) {
     let mut header = dict.to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');

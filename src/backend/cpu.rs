@@ -4,16 +4,31 @@ use super::Backend;
 use crate::ema::{self, CodeSums, SumMode};
 use crate::error::Result;
 use crate::matrix::{MatRef, Matrix};
+use crate::nearest::cpu::CpuKernel;
 use crate::nearest::{self, Assignment, Metric};
 use crate::{gather, usage};
 
 /// Runs every primitive on the CPU with rayon's global thread pool.
+///
+/// ```
+/// use vqx::backend::{Backend, CpuBackend};
+/// use vqx::nearest::cpu::CpuKernel;
+/// let portable = CpuBackend::with_kernel(CpuKernel::Portable);
+/// assert!(portable.describe().contains("portable"));
+/// ```
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    kernel: CpuKernel,
+}
 
 impl CpuBackend {
+    /// The fastest kernel this CPU supports.
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend::default()
+    }
+    /// A backend whose nearest search uses `kernel` (where the CPU supports it).
+    pub fn with_kernel(kernel: CpuKernel) -> Self {
+        CpuBackend { kernel }
     }
 }
 
@@ -22,15 +37,19 @@ impl Backend for CpuBackend {
         "cpu"
     }
     fn describe(&self) -> String {
+        let kernel = match self.kernel.resolve() {
+            CpuKernel::Avx512 => "fused AVX-512 nearest kernel",
+            _ => "portable nearest (f32 GEMM tiles through the `gemm` crate)",
+        };
         format!(
-            "cpu: {} rayon threads, f32 GEMM tiles through the `gemm` crate",
+            "cpu: {} rayon threads, {kernel}",
             rayon::current_num_threads()
         )
     }
     fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment> {
         nearest::validate(x, codebook)?;
         let prepared = nearest::Prepared::new(codebook, metric);
-        let candidates = nearest::cpu::candidates(x, codebook, &prepared);
+        let candidates = nearest::cpu::candidates_with(self.kernel, x, codebook, &prepared);
         Ok(nearest::finish(
             x,
             codebook,

@@ -344,7 +344,7 @@ impl CudaBackend {
         n: usize,
         d: usize,
     ) -> Result<()> {
-        let vec4 = d % 4 == 0;
+        let vec4 = d.is_multiple_of(4);
         let (f, width, op) = if vec4 {
             (&self.kernels.gather_f32x4, d / 4, "gather_f32x4")
         } else {

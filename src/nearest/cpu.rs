@@ -1,6 +1,9 @@
 //! CPU twin of the fused nearest kernel.
 //!
-//! Rows are split into blocks of [`ROW_BLOCK`] handled by rayon threads; each block walks the
+//! Two implementations of one contract: [`super::avx512`] (hand-written, fused, on CPUs with
+//! AVX-512F) and the portable path below, chosen by [`CpuKernel`].
+//!
+//! Portable path: rows are split into blocks of [`ROW_BLOCK`] handled by rayon threads; each block walks the
 //! codebook in tiles of [`CODE_TILE`] codes. One GEMM call (the `gemm` crate: packed,
 //! AVX2/AVX-512 microkernels, far faster than anything worth writing here) fills the tile with
 //! −2 x·c, and a scan adds ||c||² and keeps the best and runner-up score per row. Memory
@@ -15,8 +18,60 @@ pub const ROW_BLOCK: usize = 128;
 /// Codes per tile: ROW_BLOCK × CODE_TILE scores (256 KiB) stay in L2.
 pub const CODE_TILE: usize = 512;
 
-/// Best and runner-up scores per row of `x` against `prepared`'s scored codebook.
+/// Which CPU implementation scores the rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuKernel {
+    /// AVX-512 where the CPU has it, portable otherwise.
+    #[default]
+    Auto,
+    /// The fused AVX-512F kernel (falls back to portable on a CPU without AVX-512F).
+    Avx512,
+    /// GEMM tiles through the `gemm` crate (AVX2/FMA or scalar) and a scan.
+    Portable,
+}
+
+impl CpuKernel {
+    /// The implementation that will actually run on this CPU.
+    pub fn resolve(self) -> CpuKernel {
+        #[cfg(target_arch = "x86_64")]
+        if self != CpuKernel::Portable && super::avx512::available() {
+            return CpuKernel::Avx512;
+        }
+        CpuKernel::Portable
+    }
+}
+
+/// Best and runner-up scores per row of `x` against `prepared`'s scored codebook, with the
+/// best kernel for this CPU.
 pub fn candidates(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
+    candidates_with(CpuKernel::Auto, x, codebook, prepared)
+}
+
+/// [`candidates`] with an explicit kernel (tests run both).
+pub fn candidates_with(
+    kernel: CpuKernel,
+    x: MatRef<'_>,
+    codebook: MatRef<'_>,
+    prepared: &Prepared,
+) -> Candidates {
+    match kernel.resolve() {
+        #[cfg(target_arch = "x86_64")]
+        CpuKernel::Avx512 => super::avx512::candidates(x, codebook, prepared),
+        _ => portable(x, codebook, prepared),
+    }
+}
+
+/// Copies `rows` into `buf` scaled to unit norm (zero rows stay zero).
+pub(crate) fn normalize_into(rows: MatRef<'_>, buf: &mut Vec<f32>) {
+    buf.clear();
+    buf.extend_from_slice(rows.data());
+    for row in buf.chunks_mut(rows.cols()) {
+        let inv = super::inv_norm_f64(row);
+        row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
+    }
+}
+
+fn portable(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
     let n = x.rows();
     let d = x.cols();
     let cb = prepared.scored(codebook);
@@ -39,12 +94,7 @@ pub fn candidates(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> C
                 let rows = best.len();
                 let xb = x.slice_rows(r0, r0 + rows);
                 let xs: &[f32] = if cosine {
-                    xbuf.clear();
-                    xbuf.extend_from_slice(xb.data());
-                    for row in xbuf.chunks_mut(d) {
-                        let inv = super::inv_norm_f64(row);
-                        row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
-                    }
+                    normalize_into(xb, xbuf);
                     xbuf
                 } else {
                     xb.data()

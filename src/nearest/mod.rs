@@ -6,6 +6,8 @@
 //! rounding bound are recomputed exactly in f64, so every backend returns the index an exact
 //! computation would, ties going to the smallest k.
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod cpu;
 
 use crate::error::{Error, Result};
