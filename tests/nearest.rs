@@ -94,6 +94,32 @@ fn large_offset_data_stays_exact(b: CpuBackend) {
     assert_exact_nearest(xm, cm, Metric::L2, &got, ABS, "offset 100");
 }
 
+fn shifted_data_over_many_seeds(b: CpuBackend) {
+    // A common offset makes ||x||² dwarf the gaps between codes (the case where FAISS's f32
+    // expanded form loses the winner): the recheck must make every row exact.
+    for seed in 0..6 {
+        let (n, d, k) = (700, 16, 300);
+        let shift = [8.0, 30.0, 100.0][seed as usize % 3];
+        let x = normal(n, d, 400 + seed, 1.0, shift);
+        let c = normal(k, d, 500 + seed, 1.0, shift);
+        let (xm, cm) = (
+            MatRef::new(&x, n, d).unwrap(),
+            MatRef::new(&c, k, d).unwrap(),
+        );
+        for metric in [Metric::L2, Metric::Cosine] {
+            let got = b.nearest(xm, cm, metric).unwrap();
+            assert_exact_nearest(
+                xm,
+                cm,
+                metric,
+                &got,
+                ABS,
+                &format!("shift {shift} seed {seed} {metric}"),
+            );
+        }
+    }
+}
+
 fn near_ties_are_resolved_exactly(b: CpuBackend) {
     // Codes that differ in the last bits of one coordinate: f32 scores cannot tell them apart,
     // the f64 recheck must.
@@ -285,6 +311,7 @@ macro_rules! for_each_kernel {
 }
 
 for_each_kernel!(
+    shifted_data_over_many_seeds,
     awkward_sizes_match_reference,
     large_shape_matches_reference,
     large_dimension_and_many_codes,

@@ -109,10 +109,16 @@ pub struct Candidates {
 
 /// The f32 rounding model behind the recheck bound.
 ///
-/// A score s_k = ||c_k||² − 2 x·c_k summed in f32 over D terms is off by at most
-/// γ·(||c_k||² + 2||x||·||c_k||) with γ = (D + 2)·u (Higham's bound for a dot product, any
-/// summation order, with u the unit roundoff). The winner can only be wrong when the runner-up's
-/// score is within twice that of the winner's, so those rows, and only those, are recomputed.
+/// A score s̃_k = fl(n_k − 2·fl(x·c_k)) computed in f32 is off from the exact
+/// s_k = ||c_k||² − 2 x·c_k by at most
+/// - γ_D·2||x||·||c_k|| for the dot product (Higham's bound, γ_D = D·u/(1 − D·u), any summation
+///   order, with or without FMA, u the unit roundoff; Cauchy–Schwarz for Σ|x_i c_i|),
+/// - u·||c_k||² for rounding the f64 norm to f32, u·|s̃_k| for the final subtraction,
+/// - under cosine, 2u per normalised operand (each is rounded once from f64),
+///
+/// all of which fit in γ·(||c_max||² + 2||x||·||c_max||) with γ = (D + 8)·u·1.001. The winner
+/// can only be wrong when the runner-up's score is within twice that of the winner's, so those
+/// rows, and only those, are recomputed.
 #[derive(Clone, Copy, Debug)]
 pub struct RoundingModel {
     /// Unit roundoff of the arithmetic that produced the scores (2^-24 for f32).
@@ -186,9 +192,9 @@ impl Prepared {
 
     /// Largest error of any one score of a row whose norm is `x_norm`.
     fn score_error(&self, x_norm: f64, model: RoundingModel) -> f64 {
-        let gamma = (self.dim as f64 + model.extra_terms) * model.unit_roundoff;
-        // Twice the textbook bound: headroom for how ||c||² itself was rounded to f32.
-        2.0 * gamma * (self.max_code_norm * self.max_code_norm + 2.0 * x_norm * self.max_code_norm)
+        // 1.001 covers the 1/(1 − D·u) of γ_D for any D below 2^14.
+        let gamma = (self.dim as f64 + model.extra_terms) * model.unit_roundoff * 1.001;
+        gamma * (self.max_code_norm * self.max_code_norm + 2.0 * x_norm * self.max_code_norm)
     }
 }
 
