@@ -116,7 +116,7 @@ pub struct Candidates {
 /// - u·||c_k||² for rounding the f64 norm to f32, u·|s̃_k| for the final subtraction,
 /// - under cosine, 2u per normalised operand (each is rounded once from f64),
 ///
-/// all of which fit in γ·(||c_max||² + 2||x||·||c_max||) with γ = (D + 8)·u·1.001. The winner
+/// all of which fit in γ·(||c_max||² + 2||x||·||c_max||) with γ = (D + 8)·u/(1 − (D + 8)·u). The winner
 /// can only be wrong when the runner-up's score is within twice that of the winner's, so those
 /// rows, and only those, are recomputed.
 #[derive(Clone, Copy, Debug)]
@@ -192,8 +192,8 @@ impl Prepared {
 
     /// Largest error of any one score of a row whose norm is `x_norm`.
     fn score_error(&self, x_norm: f64, model: RoundingModel) -> f64 {
-        // 1.001 covers the 1/(1 − D·u) of γ_D for any D below 2^14.
-        let gamma = (self.dim as f64 + model.extra_terms) * model.unit_roundoff * 1.001;
+        let nu = (self.dim as f64 + model.extra_terms) * model.unit_roundoff;
+        let gamma = nu / (1.0 - nu).max(f64::MIN_POSITIVE);
         gamma * (self.max_code_norm * self.max_code_norm + 2.0 * x_norm * self.max_code_norm)
     }
 }
