@@ -93,26 +93,39 @@ pub fn group_by_code(indices: &[u32], codes: usize) -> (Vec<usize>, Vec<u32>) {
     (offsets, rows)
 }
 
-/// CPU twin of the scatter-add kernels. Always deterministic: each code's rows are summed in
-/// increasing row order in f64 and rounded once, so `mode` only labels the result.
+/// CPU twin of the scatter-add kernels. Always deterministic, whatever the thread count: each
+/// code's rows are summed in increasing row order in f64 and rounded once, so `mode` only
+/// labels the result.
+///
+/// Codes are split into contiguous ranges, one rayon task each; every task scans all indices
+/// and accumulates only the rows of its own codes. x is read once in all, no sort is needed,
+/// and no two tasks write the same sum.
 pub fn cpu(x: MatRef<'_>, indices: &[u32], codes: usize, mode: SumMode) -> CodeSums {
     let d = x.cols();
-    let (offsets, rows) = group_by_code(indices, codes);
+    // Several ranges per thread keep the tasks balanced when usage is skewed.
+    let parts = (rayon::current_num_threads() * 4).clamp(1, codes.max(1));
+    let per = codes.div_ceil(parts).max(1);
     let mut sums = vec![0f32; codes * d];
-    sums.par_chunks_mut(d)
+    let mut counts = vec![0u32; codes];
+    sums.par_chunks_mut(per * d)
+        .zip(counts.par_chunks_mut(per))
         .enumerate()
-        .for_each_init(Vec::<f64>::new, |acc, (k, out)| {
-            acc.clear();
-            acc.resize(d, 0.0);
-            for &n in &rows[offsets[k]..offsets[k + 1]] {
-                for (a, &v) in acc.iter_mut().zip(x.row(n as usize)) {
-                    *a += v as f64;
+        .for_each(|(p, (sums, counts))| {
+            let k0 = p * per;
+            let mut acc = vec![0f64; sums.len()];
+            for (n, &k) in indices.iter().enumerate() {
+                let local = (k as usize).wrapping_sub(k0);
+                if local < counts.len() {
+                    counts[local] += 1;
+                    let a = &mut acc[local * d..(local + 1) * d];
+                    for (a, &v) in a.iter_mut().zip(x.row(n)) {
+                        *a += v as f64;
+                    }
                 }
             }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
+            for (o, a) in sums.iter_mut().zip(&acc) {
                 *o = *a as f32;
             }
         });
-    let counts = offsets.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
     CodeSums { sums, counts, mode }
 }
