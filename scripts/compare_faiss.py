@@ -35,10 +35,10 @@ def time_faiss(x, c, reps):
     return statistics.median(times), i[:, 0]
 
 
-def time_vqx(vqx, xpath, cpath, reps):
+def time_vqx(vqx, xpath, cpath, reps, kernel="auto"):
     out = subprocess.run(
         [vqx, "bench", "--input", xpath, "--codebook", cpath, "--device", "cpu",
-         "--reps", str(reps), "--json"],
+         "--cpu-kernel", kernel, "--reps", str(reps), "--json"],
         check=True, capture_output=True, text=True).stdout
     report = json.loads(out)
     prim = {p["name"]: p for p in report["results"][0]["primitives"]}
@@ -67,12 +67,14 @@ def main():
             xp, cp, ip = (os.path.join(tmp, f) for f in ("x.npy", "c.npy", "i.npy"))
             np.save(xp, x)
             np.save(cp, c)
-            tf, tv = [], []
+            tf, tv, tp = [], [], []
             for _ in range(args.rounds):
                 t, fi = time_faiss(x, c, args.reps)
                 tf.append(t)
-                t, _ = time_vqx(args.vqx, xp, cp, args.reps)
+                t, report = time_vqx(args.vqx, xp, cp, args.reps)
                 tv.append(t)
+                t, _ = time_vqx(args.vqx, xp, cp, args.reps, "portable")
+                tp.append(t)
             subprocess.run([args.vqx, "quantize", "--codebook", cp, "--input", xp,
                             "--output", ip, "--device", "cpu"], check=True, capture_output=True)
             vi = np.load(ip)
@@ -90,6 +92,8 @@ def main():
             flops = 2.0 * n * d * k
             row = dict(n=n, d=d, k=k, shift=shift, faiss_ms=1e3 * statistics.median(tf),
                        vqx_ms=1e3 * statistics.median(tv),
+                       vqx_portable_ms=1e3 * statistics.median(tp),
+                       vqx_backend=report["backend_description"],
                        faiss_gflops=flops / statistics.median(tf) / 1e9,
                        vqx_gflops=flops / statistics.median(tv) / 1e9,
                        disagreements=len(diff), vqx_exact_on=vqx_right,
@@ -97,11 +101,13 @@ def main():
             row["speedup"] = row["faiss_ms"] / row["vqx_ms"]
             rows.append(row)
     print(f"{'shape':>34} {'faiss ms':>9} {'vqx ms':>9} {'faiss GF/s':>10} {'vqx GF/s':>9} "
-          f"{'vqx/faiss':>9}  disagreements (vqx right / faiss right / tie)")
+          f"{'vqx/faiss':>9} {'portable ms':>11} {'port/faiss':>10}  "
+          f"disagreements (vqx right / faiss right / tie)")
     for r in rows:
         print(f"{'N=%d D=%d K=%d shift=%g' % (r['n'], r['d'], r['k'], r['shift']):>34} {r['faiss_ms']:9.1f} "
               f"{r['vqx_ms']:9.1f} {r['faiss_gflops']:10.1f} {r['vqx_gflops']:9.1f} "
-              f"{r['speedup']:8.2f}x  {r['disagreements']} ({r['vqx_exact_on']} / "
+              f"{r['speedup']:8.2f}x {r['vqx_portable_ms']:11.1f} "
+              f"{r['faiss_ms'] / r['vqx_portable_ms']:9.2f}x  {r['disagreements']} ({r['vqx_exact_on']} / "
               f"{r['faiss_exact_on']} / {r['true_ties']})")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,8 +1,9 @@
 //! `vqx bench`: time the primitives against the machine's floors.
 
 use std::path::PathBuf;
-use vqx::backend::{Device, select};
+use vqx::backend::{Backend, CpuBackend, Device, select};
 use vqx::bench::{BenchConfig, BenchShape};
+use vqx::nearest::cpu::CpuKernel;
 use vqx::{Error, Metric, Result};
 
 #[derive(Debug, clap::Args)]
@@ -23,6 +24,9 @@ pub struct Args {
     /// Codebook (.npy, K×D) to time with --input.
     #[arg(long, requires = "input")]
     pub codebook: Option<PathBuf>,
+    /// CPU nearest kernel: auto (AVX-512 where the CPU has it), avx512 or portable.
+    #[arg(long, default_value = "auto")]
+    pub cpu_kernel: CpuKernel,
     /// Distance: l2 or cosine.
     #[arg(long, default_value = "l2")]
     pub metric: Metric,
@@ -71,7 +75,15 @@ pub fn run(args: Args) -> Result<()> {
         }
         cfg.data = Some((x, codebook));
     }
-    let backend = select(args.device)?;
+    let backend: Box<dyn Backend> = match (args.device, args.cpu_kernel) {
+        (_, CpuKernel::Auto) => select(args.device)?,
+        (Device::Cpu, kernel) => Box::new(CpuBackend::with_kernel(kernel)),
+        (device, kernel) => {
+            return Err(Error::InvalidArgument(format!(
+                "--cpu-kernel {kernel} needs --device cpu (got --device {device})"
+            )));
+        }
+    };
     let report = vqx::bench::run(backend.as_ref(), &cfg)?;
     let text = if args.json {
         let mut t = serde_json::to_string_pretty(&report)

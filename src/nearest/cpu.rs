@@ -30,6 +30,30 @@ pub enum CpuKernel {
     Portable,
 }
 
+impl std::fmt::Display for CpuKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CpuKernel::Auto => "auto",
+            CpuKernel::Avx512 => "avx512",
+            CpuKernel::Portable => "portable",
+        })
+    }
+}
+
+impl std::str::FromStr for CpuKernel {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(CpuKernel::Auto),
+            "avx512" | "avx-512" => Ok(CpuKernel::Avx512),
+            "portable" => Ok(CpuKernel::Portable),
+            _ => Err(crate::Error::InvalidArgument(format!(
+                "unknown CPU kernel {s:?}: expected auto, avx512 or portable"
+            ))),
+        }
+    }
+}
+
 impl CpuKernel {
     /// The implementation that will actually run on this CPU.
     pub fn resolve(self) -> CpuKernel {
