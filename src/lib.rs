@@ -26,7 +26,9 @@ pub mod gather;
 pub mod matrix;
 pub mod nearest;
 pub mod npy;
+pub mod quantizer;
 pub mod reference;
+pub mod schedule;
 pub mod usage;
 
 pub use error::{Error, Result};

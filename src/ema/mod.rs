@@ -1,6 +1,9 @@
 //! EMA scatter-add: per-code sums of the assigned rows and per-code counts, the statistics the
 //! EMA codebook update consumes (SPEC §4).
 
+mod update;
+pub use update::EmaState;
+
 use crate::error::{Error, Result};
 use crate::matrix::MatRef;
 use rayon::prelude::*;

@@ -16,7 +16,10 @@ use std::fmt;
 use std::str::FromStr;
 
 /// How distance between a row and a code is measured.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Metric {
     /// Squared Euclidean distance; reported distances are ||x − c||², clamped at 0.
     #[default]

@@ -1,0 +1,138 @@
+//! Autograd-lite: the backward pass of the quantizer layer (SPEC §2, §3).
+//!
+//! Output z = x + sg(q − x) (straight-through) or the rotation trick; both equal q in value.
+//! Losses: commitment β·mean((x − sg(q))²) (gradient to x only) and, in gradient mode, the
+//! codebook loss mean((sg(x) − q)²) (gradient to the codes only). Means run over the kept
+//! (unmasked) rows × D.
+
+use super::{CodebookLearning, Estimator, Forward, VectorQuantizer};
+use crate::ema::SumMode;
+use crate::error::{Error, Result};
+use crate::matrix::{MatRef, Matrix};
+
+/// Gradients of L = L_decoder(z) + commitment + codebook loss.
+#[derive(Clone, Debug)]
+pub struct Gradients {
+    /// dL/dx (N × D): the output gradient passed through the estimator, plus
+    /// 2β(x − q)/(kept·D) on kept rows.
+    pub x: Matrix,
+    /// dL/dC (K × D) in gradient mode: Σ_{i(n)=k} 2(q_n − x_n)/(kept·D) over kept rows.
+    /// None under EMA, where no gradient reaches the codebook.
+    pub codebook: Option<Matrix>,
+}
+
+pub(super) fn backward(
+    vq: &VectorQuantizer,
+    fwd: &Forward,
+    x: MatRef<'_>,
+    grad_output: MatRef<'_>,
+) -> Result<Gradients> {
+    let (n, d) = (fwd.quantized.rows(), fwd.quantized.cols());
+    for (what, m) in [("input", x), ("output gradient", grad_output)] {
+        if (m.rows(), m.cols()) != (n, d) {
+            return Err(Error::Shape {
+                what: format!("{what} vs the forward pass"),
+                expected: format!("{n} × {d}"),
+                got: format!("{} × {}", m.rows(), m.cols()),
+            });
+        }
+    }
+    grad_output.check_finite("output gradient")?;
+    let q = fwd.quantized.as_ref();
+    let scale = if fwd.kept_rows() == 0 {
+        0.0
+    } else {
+        2.0 / (fwd.kept_rows() as f64 * d as f64)
+    };
+    let beta = vq.config.commitment_weight as f64;
+
+    let mut gx = Matrix::zeros(n, d);
+    for (r, out) in gx.data_mut().chunks_mut(d).enumerate() {
+        let (xr, qr, gr) = (x.row(r), q.row(r), grad_output.row(r));
+        match vq.config.estimator {
+            Estimator::StraightThrough => out.copy_from_slice(gr),
+            Estimator::RotationTrick => rotate_gradient(xr, qr, gr, out),
+        }
+        if fwd.kept(r) && beta != 0.0 {
+            for ((o, &a), &b) in out.iter_mut().zip(xr).zip(qr) {
+                *o = (*o as f64 + beta * scale * (a as f64 - b as f64)) as f32;
+            }
+        }
+    }
+
+    let codebook = match vq.config.learning {
+        CodebookLearning::Ema { .. } => None,
+        CodebookLearning::Gradient => {
+            // Scatter-add of 2(q − x)/(kept·D): the EMA scatter-add kernel over the differences.
+            let rows: Vec<usize> = (0..n).filter(|&r| fwd.kept(r)).collect();
+            let k = vq.config.codebook_size;
+            if rows.is_empty() {
+                Some(Matrix::zeros(k, d))
+            } else {
+                let mut diff = Vec::with_capacity(rows.len() * d);
+                for &r in &rows {
+                    diff.extend(q.row(r).iter().zip(x.row(r)).map(|(&a, &b)| a - b));
+                }
+                let diff = Matrix::new(diff, rows.len(), d)?;
+                let idx: Vec<u32> = rows.iter().map(|&r| fwd.indices[r]).collect();
+                let sums = vq
+                    .backend
+                    .code_sums(diff.as_ref(), &idx, k, SumMode::Deterministic)?;
+                let data = sums
+                    .sums
+                    .iter()
+                    .map(|&s| (s as f64 * scale) as f32)
+                    .collect();
+                Some(Matrix::new(data, k, d)?)
+            }
+        }
+    };
+    Ok(Gradients { x: gx, codebook })
+}
+
+/// The rotation trick's backward for one row: with u = x/‖x‖, q̂ = q/‖q‖,
+/// w = (u + q̂)/‖u + q̂‖ and λ = ‖q‖/‖x‖, dL/dx = λ(g − 2w(w·g) + 2u(q̂·g)), the transpose of
+/// the Jacobian λ(I − 2wwᵀ + 2q̂uᵀ). Where the rotation is undefined (x = 0, q = 0, or q
+/// pointing exactly opposite x) the row falls back to straight-through.
+fn rotate_gradient(x: &[f32], q: &[f32], g: &[f32], out: &mut [f32]) {
+    let norm = |v: &[f32]| v.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+    let (nx, nq) = (norm(x), norm(q));
+    let w: Vec<f64> = x
+        .iter()
+        .zip(q)
+        .map(|(&a, &b)| a as f64 / nx + b as f64 / nq)
+        .collect();
+    let nw = w.iter().map(|v| v * v).sum::<f64>().sqrt();
+    if nx == 0.0 || nq == 0.0 || !nw.is_normal() {
+        out.copy_from_slice(g);
+        return;
+    }
+    let lambda = nq / nx;
+    let wg: f64 = w.iter().zip(g).map(|(&a, &b)| a / nw * b as f64).sum();
+    let qg: f64 = q
+        .iter()
+        .zip(g)
+        .map(|(&a, &b)| a as f64 / nq * b as f64)
+        .sum();
+    for i in 0..out.len() {
+        let (ui, wi) = (x[i] as f64 / nx, w[i] / nw);
+        out[i] = (lambda * (g[i] as f64 - 2.0 * wi * wg + 2.0 * ui * qg)) as f32;
+    }
+}
+
+/// The rotation trick's forward value for one row: λ[x − 2(x·w)w + 2(x·u)q̂], equal to q up to
+/// rounding. Exposed so tests can check value and gradient against each other.
+pub fn rotation_trick_value(x: &[f32], q: &[f32]) -> Vec<f64> {
+    let norm = |v: &[f32]| v.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+    let (nx, nq) = (norm(x), norm(q));
+    let u: Vec<f64> = x.iter().map(|&a| a as f64 / nx).collect();
+    let qh: Vec<f64> = q.iter().map(|&a| a as f64 / nq).collect();
+    let w: Vec<f64> = u.iter().zip(&qh).map(|(a, b)| a + b).collect();
+    let nw = w.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let w: Vec<f64> = w.iter().map(|v| v / nw).collect();
+    let xw: f64 = x.iter().zip(&w).map(|(&a, b)| a as f64 * b).sum();
+    let xu: f64 = x.iter().zip(&u).map(|(&a, b)| a as f64 * b).sum();
+    (0..x.len())
+        .map(|i| nq / nx * (x[i] as f64 - 2.0 * xw * w[i] + 2.0 * xu * qh[i]))
+        .collect()
+}

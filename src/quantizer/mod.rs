@@ -1,0 +1,479 @@
+//! The quantizer layer users embed in their training code (SPEC §2–§5): nearest code,
+//! straight-through output, commitment and codebook losses, their gradients, EMA codebook
+//! updates, dead-code re-seeding, data or k-means init, and usage statistics.
+//!
+//! One training step, as vector-quantize-pytorch orders it: assign with the current codebook,
+//! return q from that codebook, then update the EMA counts and sums, recompute the codebook,
+//! and re-seed dead codes.
+
+mod config;
+mod grad;
+mod init;
+
+pub use config::{CodebookLearning, Estimator, Init, QuantizerConfig};
+pub use grad::{Gradients, rotation_trick_value};
+
+use crate::backend::{self, Backend};
+use crate::ema::{EmaState, SumMode};
+use crate::error::{Error, Result};
+use crate::matrix::{MatRef, Matrix};
+use crate::nearest::{Metric, normalize_rows};
+use crate::usage::UsageSummary;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+/// Statistics of one forward pass (over the rows the mask keeps).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct StepStats {
+    /// Training steps taken so far, this one included (0 in eval).
+    pub step: u64,
+    /// Rows that counted (mask true).
+    pub rows: usize,
+    /// exp(entropy) of this batch's code usage.
+    pub perplexity: f64,
+    /// Codes used by this batch.
+    pub used: usize,
+    /// Codes whose EMA count is below the dead-code threshold after this step (before
+    /// re-seeding); 0 when the threshold is 0.
+    pub dead: usize,
+    /// Codes re-seeded from this batch.
+    pub replaced: usize,
+    /// Rows whose nearest code was recomputed in f64.
+    pub rechecked: usize,
+    /// Whether this step initialised the codebook.
+    pub initialized: bool,
+}
+
+/// What a forward pass returns. The layer's output value is `quantized` (q); its gradient
+/// is given by [`VectorQuantizer::backward`].
+#[derive(Clone, Debug)]
+pub struct Forward {
+    pub indices: Vec<u32>,
+    /// q_n = C[i(n)] from the codebook the rows were assigned with.
+    pub quantized: Matrix,
+    /// Winning distance per row.
+    pub distances: Vec<f32>,
+    /// β·mean((x − sg(q))²) over the kept rows.
+    pub commitment_loss: f32,
+    /// mean((sg(x) − q)²) over the kept rows in gradient mode; 0 under EMA.
+    pub codebook_loss: f32,
+    pub stats: StepStats,
+    mask: Option<Vec<bool>>,
+    kept: usize,
+}
+
+/// A vector-quantization layer with its codebook and EMA state.
+///
+/// ```
+/// use vqx::quantizer::{QuantizerConfig, VectorQuantizer};
+/// use vqx::{backend::Device, MatRef};
+/// let cfg = QuantizerConfig::new(4, 2).device(Device::Cpu).seed(1);
+/// let mut vq = VectorQuantizer::new(cfg)?;
+/// let x = [0.0f32, 0.1, 5.0, 5.0, 0.1, 0.0, 5.1, 4.9, -3.0, 2.0, 3.0, -2.0];
+/// let out = vq.forward(MatRef::new(&x, 6, 2)?, None, true)?; // first batch initialises
+/// assert_eq!(out.indices.len(), 6);
+/// let grads = vq.backward(&out, MatRef::new(&x, 6, 2)?, MatRef::new(&[1.0; 12], 6, 2)?)?;
+/// assert_eq!(grads.x.rows(), 6);
+/// # Ok::<(), vqx::Error>(())
+/// ```
+pub struct VectorQuantizer {
+    config: QuantizerConfig,
+    backend: Box<dyn Backend>,
+    codebook: Matrix,
+    /// Present under EMA learning.
+    ema: Option<EmaState>,
+    initted: bool,
+    step: u64,
+    rng: ChaCha8Rng,
+    usage_total: Vec<u64>,
+}
+
+impl VectorQuantizer {
+    /// A quantizer whose codebook is initialised on the first training batch.
+    pub fn new(config: QuantizerConfig) -> Result<Self> {
+        config.validate()?;
+        if config.init == Init::Given {
+            return Err(Error::InvalidArgument(
+                "init = given needs a codebook: use VectorQuantizer::with_codebook".into(),
+            ));
+        }
+        let codebook = Matrix::zeros(config.codebook_size, config.dim);
+        Self::build(config, codebook, false)
+    }
+
+    /// A quantizer starting from `codebook` (K × D as configured); EMA counts start at 1.
+    pub fn with_codebook(mut config: QuantizerConfig, codebook: Matrix) -> Result<Self> {
+        config.init = Init::Given;
+        config.validate()?;
+        check_codebook_shape(&config, &codebook)?;
+        codebook.as_ref().check_finite("codebook")?;
+        Self::build(config, codebook, true)
+    }
+
+    /// A quantizer resumed from its codebook, EMA state and step (e.g. a checkpoint).
+    pub fn from_state(
+        config: QuantizerConfig,
+        codebook: Matrix,
+        ema: Option<EmaState>,
+        step: u64,
+        usage_total: Option<Vec<u64>>,
+    ) -> Result<Self> {
+        config.validate()?;
+        check_codebook_shape(&config, &codebook)?;
+        codebook.as_ref().check_finite("codebook")?;
+        let mut vq = Self::build(config, codebook, true)?;
+        if let Some(e) = ema {
+            if (e.codes(), e.dim()) != (vq.config.codebook_size, vq.config.dim) {
+                return Err(Error::Shape {
+                    what: "EMA state vs codebook".into(),
+                    expected: format!("{} × {}", vq.config.codebook_size, vq.config.dim),
+                    got: format!("{} × {}", e.codes(), e.dim()),
+                });
+            }
+            if vq.ema.is_some() {
+                vq.ema = Some(e);
+            }
+        }
+        if let Some(u) = usage_total {
+            if u.len() != vq.config.codebook_size {
+                return Err(Error::Shape {
+                    what: "cumulative usage vs codebook".into(),
+                    expected: format!("{} counts", vq.config.codebook_size),
+                    got: format!("{} counts", u.len()),
+                });
+            }
+            vq.usage_total = u;
+        }
+        vq.step = step;
+        // Later steps draw fresh numbers: the stream depends on the seed and the step.
+        vq.rng =
+            ChaCha8Rng::seed_from_u64(vq.config.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        Ok(vq)
+    }
+
+    fn build(config: QuantizerConfig, codebook: Matrix, initted: bool) -> Result<Self> {
+        let backend = backend::select(config.device)?;
+        let ema = match config.learning {
+            CodebookLearning::Ema { .. } => Some(EmaState::seeded(codebook.as_ref())),
+            CodebookLearning::Gradient => None,
+        };
+        Ok(VectorQuantizer {
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            usage_total: vec![0; config.codebook_size],
+            config,
+            backend,
+            codebook,
+            ema,
+            initted,
+            step: 0,
+        })
+    }
+
+    pub fn config(&self) -> &QuantizerConfig {
+        &self.config
+    }
+    pub fn codebook(&self) -> &Matrix {
+        &self.codebook
+    }
+    /// The EMA counts and sums (EMA learning only).
+    pub fn ema(&self) -> Option<&EmaState> {
+        self.ema.as_ref()
+    }
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+    pub fn initialized(&self) -> bool {
+        self.initted
+    }
+    /// Codes assigned over all training steps.
+    pub fn usage_total(&self) -> &[u64] {
+        &self.usage_total
+    }
+    /// The backend running the primitives.
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    /// Replaces the codebook (gradient learning: after the user's optimiser step).
+    pub fn set_codebook(&mut self, codebook: Matrix) -> Result<()> {
+        check_codebook_shape(&self.config, &codebook)?;
+        codebook.as_ref().check_finite("codebook")?;
+        self.codebook = codebook;
+        self.initted = true;
+        Ok(())
+    }
+
+    /// Quantizes `x` (N × D). `mask[n] = false` marks padding rows: they get indices and
+    /// outputs but count in no loss, statistic, init or EMA update. `train` runs the
+    /// training-side effects (init on the first batch, EMA update, dead-code re-seeding).
+    pub fn forward(
+        &mut self,
+        x: MatRef<'_>,
+        mask: Option<&[bool]>,
+        train: bool,
+    ) -> Result<Forward> {
+        let d = self.config.dim;
+        if x.cols() != d {
+            return Err(Error::Shape {
+                what: "input width vs quantizer dimension".into(),
+                expected: format!("{d} columns"),
+                got: format!("{} columns", x.cols()),
+            });
+        }
+        x.check_nonempty("input")?;
+        if let Some(m) = mask
+            && m.len() != x.rows()
+        {
+            return Err(Error::Shape {
+                what: "mask vs input rows".into(),
+                expected: format!("{} flags (one per row)", x.rows()),
+                got: format!("{} flags", m.len()),
+            });
+        }
+        x.check_finite("input")?;
+        let kept_rows: Option<Vec<usize>> = mask.map(|m| (0..m.len()).filter(|&i| m[i]).collect());
+        let kept = kept_rows.as_ref().map_or(x.rows(), Vec::len);
+        // The rows that count, compacted when a mask drops some.
+        let compact;
+        let xk = match &kept_rows {
+            Some(rows) if rows.len() < x.rows() => {
+                compact = gather_rows(x, rows);
+                compact.as_ref()
+            }
+            _ => x,
+        };
+
+        let mut initialized = false;
+        if train && !self.initted {
+            if kept == 0 {
+                return Err(Error::Empty {
+                    what: "first training batch".into(),
+                    detail: "every row is masked: nothing to initialise the codebook from".into(),
+                });
+            }
+            self.initialize(xk)?;
+            initialized = true;
+        }
+
+        let assignment = self
+            .backend
+            .nearest(x, self.codebook.as_ref(), self.config.metric)?;
+        let quantized = self
+            .backend
+            .gather(self.codebook.as_ref(), &assignment.indices)?;
+
+        let kept_idx: Vec<u32> = match &kept_rows {
+            Some(rows) => rows.iter().map(|&r| assignment.indices[r]).collect(),
+            None => assignment.indices.clone(),
+        };
+        let mse = match &kept_rows {
+            Some(rows) => mean_sq_diff(x, quantized.as_ref(), rows.iter().copied(), kept),
+            None => mean_sq_diff(x, quantized.as_ref(), 0..x.rows(), kept),
+        };
+        let counts = self.backend.usage(&kept_idx, self.config.codebook_size)?;
+        let summary = UsageSummary::from_counts(&counts);
+
+        let (mut dead, mut replaced) = (0, 0);
+        if train {
+            for (t, &c) in self.usage_total.iter_mut().zip(&counts) {
+                *t += c as u64;
+            }
+            if let (Some(ema), CodebookLearning::Ema { decay, eps }) =
+                (self.ema.as_mut(), self.config.learning)
+                && kept > 0
+            {
+                let mode = if self.config.deterministic {
+                    SumMode::Deterministic
+                } else {
+                    SumMode::Fast
+                };
+                let sums =
+                    self.backend
+                        .code_sums(xk, &kept_idx, self.config.codebook_size, mode)?;
+                ema.update(&sums, decay)?;
+                self.codebook = ema.codebook(eps);
+                if self.config.metric == Metric::Cosine {
+                    self.codebook = normalize_rows(self.codebook.as_ref());
+                }
+                (dead, replaced) = self.reseed_dead_codes(xk);
+            }
+            self.step += 1;
+        }
+
+        let beta = self.config.commitment_weight as f64;
+        Ok(Forward {
+            indices: assignment.indices,
+            quantized,
+            distances: assignment.distances,
+            commitment_loss: (beta * mse) as f32,
+            codebook_loss: match self.config.learning {
+                CodebookLearning::Gradient => mse as f32,
+                CodebookLearning::Ema { .. } => 0.0,
+            },
+            stats: StepStats {
+                step: if train { self.step } else { 0 },
+                rows: kept,
+                perplexity: summary.perplexity,
+                used: summary.used,
+                dead,
+                replaced,
+                rechecked: assignment.rechecked,
+                initialized,
+            },
+            mask: mask.map(<[bool]>::to_vec),
+            kept,
+        })
+    }
+
+    /// Re-seeds codes whose EMA count is below the threshold from distinct rows of `x`
+    /// (masked replace: live codes stay bit-identical). With more dead codes than rows, a
+    /// random subset is re-seeded now and the rest on later steps. Returns (dead, replaced).
+    fn reseed_dead_codes(&mut self, x: MatRef<'_>) -> (usize, usize) {
+        let threshold = self.config.dead_code_threshold;
+        let Some(ema) = self.ema.as_mut() else {
+            return (0, 0);
+        };
+        if threshold <= 0.0 {
+            return (0, 0);
+        }
+        let mut dead: Vec<usize> = (0..ema.codes())
+            .filter(|&k| ema.cluster_size()[k] < threshold)
+            .collect();
+        let n_dead = dead.len();
+        if n_dead == 0 || x.rows() == 0 {
+            return (n_dead, 0);
+        }
+        let take = n_dead.min(x.rows());
+        if take < n_dead {
+            dead.shuffle(&mut self.rng);
+            dead.truncate(take);
+            dead.sort_unstable();
+        }
+        let rows = rand::seq::index::sample(&mut self.rng, x.rows(), take);
+        let count = self.config.effective_reset_count();
+        let cosine = self.config.metric == Metric::Cosine;
+        let d = self.config.dim;
+        for (&k, r) in dead.iter().zip(rows.iter()) {
+            let mut row = x.row(r).to_vec();
+            if cosine {
+                let inv = crate::nearest::inv_norm_f64(&row);
+                row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
+            }
+            self.codebook.data_mut()[k * d..(k + 1) * d].copy_from_slice(&row);
+            ema.reset(k, &row, count);
+        }
+        (n_dead, take)
+    }
+
+    /// Gradients of the layer given dL/d(output) (N × D, the decoder's gradient): see
+    /// [`Gradients`].
+    pub fn backward(
+        &self,
+        fwd: &Forward,
+        x: MatRef<'_>,
+        grad_output: MatRef<'_>,
+    ) -> Result<Gradients> {
+        grad::backward(self, fwd, x, grad_output)
+    }
+
+    fn initialize(&mut self, x: MatRef<'_>) -> Result<()> {
+        let eps = match self.config.learning {
+            CodebookLearning::Ema { eps, .. } => eps,
+            CodebookLearning::Gradient => 1e-5,
+        };
+        let (codebook, ema) = match self.config.init {
+            Init::Data | Init::Given => {
+                let c = init::data_sample(x, self.config.codebook_size, &mut self.rng);
+                let e = EmaState::seeded(c.as_ref());
+                (c, e)
+            }
+            Init::KMeans { iters } => init::kmeans(
+                self.backend.as_ref(),
+                x,
+                self.config.codebook_size,
+                iters,
+                self.config.metric,
+                eps,
+                &mut self.rng,
+            )?,
+        };
+        self.codebook = if self.config.metric == Metric::Cosine {
+            normalize_rows(codebook.as_ref())
+        } else {
+            codebook
+        };
+        if self.ema.is_some() {
+            self.ema = Some(ema);
+        }
+        self.initted = true;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for VectorQuantizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VectorQuantizer")
+            .field("config", &self.config)
+            .field("backend", &self.backend.name())
+            .field("step", &self.step)
+            .field("initialized", &self.initted)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_codebook_shape(config: &QuantizerConfig, codebook: &Matrix) -> Result<()> {
+    if (codebook.rows(), codebook.cols()) != (config.codebook_size, config.dim) {
+        return Err(Error::Shape {
+            what: "codebook vs quantizer configuration".into(),
+            expected: format!("{} × {}", config.codebook_size, config.dim),
+            got: format!("{} × {}", codebook.rows(), codebook.cols()),
+        });
+    }
+    Ok(())
+}
+
+/// The rows of `x` named by `rows`, in that order.
+pub(crate) fn gather_rows(x: MatRef<'_>, rows: &[usize]) -> Matrix {
+    let mut data = Vec::with_capacity(rows.len() * x.cols());
+    for &r in rows {
+        data.extend_from_slice(x.row(r));
+    }
+    Matrix::new(data, rows.len(), x.cols()).expect("rows × cols values")
+}
+
+/// Σ over `rows` of ||x_n − q_n||², divided by (kept · D); 0 when nothing is kept.
+fn mean_sq_diff(
+    x: MatRef<'_>,
+    q: MatRef<'_>,
+    rows: impl Iterator<Item = usize>,
+    kept: usize,
+) -> f64 {
+    if kept == 0 {
+        return 0.0;
+    }
+    let total: f64 = rows
+        .map(|r| {
+            x.row(r)
+                .iter()
+                .zip(q.row(r))
+                .map(|(&a, &b)| {
+                    let t = a as f64 - b as f64;
+                    t * t
+                })
+                .sum::<f64>()
+        })
+        .sum();
+    total / (kept as f64 * x.cols() as f64)
+}
+
+impl Forward {
+    /// Whether row `n` counted (not padding).
+    pub fn kept(&self, n: usize) -> bool {
+        self.mask.as_ref().is_none_or(|m| m[n])
+    }
+    /// Rows that counted.
+    pub fn kept_rows(&self) -> usize {
+        self.kept
+    }
+}
