@@ -49,6 +49,10 @@ pub enum Error {
     /// An argument outside what the operation supports.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A checkpoint or state dict (safetensors) that cannot be used: not safetensors, a
+    /// missing or misshapen tensor, unknown keys, bad metadata.
+    #[error("{path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
 }
 
 /// Result with [`Error`].

@@ -20,6 +20,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
 pub mod ema;
 pub mod error;
 pub mod gather;

@@ -3,10 +3,11 @@
 pub mod bench;
 pub mod info;
 pub mod quantize;
+pub mod stats;
 
 use clap::{Parser, Subcommand};
 use std::path::Path;
-use vqx::{Error, Matrix, Result};
+use vqx::{Matrix, Result};
 
 /// Vector quantization engine: fused nearest-code search, gather, EMA statistics and usage
 /// counting on CPU and CUDA.
@@ -25,6 +26,9 @@ pub enum Command {
     Quantize(quantize::Args),
     /// Time the four primitives and compare them with the machine's physical floors.
     Bench(bench::Args),
+    /// What a codebook file holds and how its codes are used: K, D, EMA counts, dead codes,
+    /// perplexity; optionally an SVG plot.
+    Stats(stats::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -32,35 +36,30 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Stats(a) => stats::run(a),
     }
 }
 
-/// Reads a K×D codebook. Only .npy so far; vqx checkpoints and safetensors state dicts
-/// (SPEC §9) are to come here.
+/// Reads a K×D codebook from any file [`vqx::checkpoint::load_codebook`] accepts (.npy, vqx
+/// checkpoint, vector-quantize-pytorch or ESM3 state dict; SPEC §9). For a state dict or
+/// checkpoint it says on stderr which format and keys were used (nothing for a plain .npy).
 pub fn load_codebook(path: &Path) -> Result<Matrix> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    match ext.as_deref() {
-        Some("npy") => {}
-        other => {
-            return Err(Error::Npy {
-                path: path.to_path_buf(),
-                msg: format!(
-                    "only .npy codebooks are supported so far ({}); safetensors state dicts \
-                     and vqx checkpoints are not yet",
-                    match other {
-                        Some(e) => format!("this file ends in .{e}"),
-                        None => "this file has no extension".into(),
-                    }
-                ),
-            });
+    let loaded = vqx::checkpoint::load_codebook(path)?;
+    if loaded.format != vqx::checkpoint::CodebookFormat::Npy {
+        eprintln!("codebook {}: {}", path.display(), loaded.describe());
+        if loaded.initted == Some(false) {
+            eprintln!(
+                "warning: `{}_codebook.initted` is false: the k-means init never ran, so this \
+                 codebook was never trained",
+                loaded.prefix
+            );
+        }
+        if loaded.format == vqx::checkpoint::CodebookFormat::VqPytorch && loaded.rows_unit_norm() {
+            eprintln!(
+                "note: every code row has norm 1, as vector-quantize-pytorch stores a \
+                 use_cosine_sim codebook; quantize with --metric cosine if it was trained so"
+            );
         }
     }
-    let codebook = vqx::npy::read_matrix(path)?;
-    let what = format!("codebook {}", path.display());
-    codebook.as_ref().check_nonempty(&what)?;
-    codebook.as_ref().check_finite(&what)?;
-    Ok(codebook)
+    Ok(loaded.codebook)
 }
