@@ -9,6 +9,7 @@
 mod config;
 mod grad;
 mod init;
+mod persist;
 
 pub use config::{CodebookLearning, Estimator, Init, QuantizerConfig};
 pub use grad::{Gradients, rotation_trick_value};
