@@ -1,0 +1,175 @@
+//! vqx against vector-quantize-pytorch 1.32.0 on the fixtures of
+//! `scripts/make_vqpytorch_fixtures.py` (docs/interop.md): from the same codebook and batches,
+//! the same indices, outputs, losses, gradients, and EMA counts, sums and codebook after every
+//! step; and its saved codebook quantizes the eval batch to its indices.
+
+use safetensors::SafeTensors;
+use safetensors::tensor::Dtype;
+use vqx::backend::{Backend, CpuBackend, Device};
+use vqx::ema::EmaState;
+use vqx::quantizer::{CodebookLearning, QuantizerConfig, VectorQuantizer};
+use vqx::{MatRef, Matrix, Metric};
+
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/vqpytorch_ema.safetensors"
+);
+const STATE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/vqpytorch_state.safetensors"
+);
+const K: usize = 32;
+const D: usize = 16;
+
+fn f32s(st: &SafeTensors, key: &str) -> Vec<f32> {
+    let t = st
+        .tensor(key)
+        .unwrap_or_else(|e| panic!("fixture key {key}: {e}"));
+    assert_eq!(t.dtype(), Dtype::F32, "{key}");
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn i64s(st: &SafeTensors, key: &str) -> Vec<u32> {
+    let t = st
+        .tensor(key)
+        .unwrap_or_else(|e| panic!("fixture key {key}: {e}"));
+    assert_eq!(t.dtype(), Dtype::I64, "{key}");
+    t.data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+        .collect()
+}
+
+/// |got − want| ≤ ulps · ulp(want) + tiny, element by element, naming the first miss.
+fn assert_ulps(got: &[f32], want: &[f32], ulps: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = ulps * f32::EPSILON * w.abs().max(f32::MIN_POSITIVE) + 1e-12;
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: index {i}: vqx {g:e}, vector-quantize-pytorch {w:e}"
+        );
+    }
+}
+
+#[test]
+fn ema_steps_match_vector_quantize_pytorch() {
+    let bytes = std::fs::read(FIXTURE).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let codebook = Matrix::new(f32s(&st, "before._codebook.embed"), K, D).unwrap();
+    let ema = EmaState::from_parts(
+        f32s(&st, "before._codebook.cluster_size"),
+        Matrix::new(f32s(&st, "before._codebook.embed_avg"), K, D).unwrap(),
+    )
+    .unwrap();
+    let config = QuantizerConfig::new(K, D)
+        .learning(CodebookLearning::Ema {
+            decay: 0.9,
+            eps: 1e-5,
+        })
+        .commitment_weight(0.25)
+        .device(Device::Cpu);
+    let mut vq = VectorQuantizer::from_state(config, codebook, Some(ema), 0, None).unwrap();
+    // |vqx − torch| of each codebook value going into the step (0 before the first).
+    let mut carried = vec![0f32; K * D];
+    for step in 0..3 {
+        let x = f32s(&st, &format!("batch.{step}"));
+        let n = x.len() / D;
+        let xm = MatRef::new(&x, n, D).unwrap();
+        let out = vq.forward(xm, None, true).unwrap();
+        assert_eq!(
+            out.indices,
+            i64s(&st, &format!("indices.{step}")),
+            "step {step}: indices"
+        );
+        // Their output is x + (q − x) in f32: q up to one rounding of each operation, plus
+        // the codebook difference carried from the previous steps.
+        let theirs = f32s(&st, &format!("quantize.{step}"));
+        for (i, (&a, &b)) in out.quantized.data().iter().zip(&theirs).enumerate() {
+            let code = out.indices[i / D] as usize;
+            let tol = 2.0 * f32::EPSILON * (x[i].abs() + a.abs()) + carried[code * D + i % D];
+            assert!(
+                (a - b).abs() <= tol,
+                "step {step}: output {i}: vqx {a:e}, theirs {b:e}"
+            );
+        }
+        let loss = f32s(&st, &format!("loss.{step}"))[0];
+        assert!(
+            (out.commitment_loss - loss).abs() <= 1e-6 * loss.abs(),
+            "step {step}: loss {} vs {loss}",
+            out.commitment_loss
+        );
+        let g = f32s(&st, &format!("upstream.{step}"));
+        let grads = vq
+            .backward(&out, xm, MatRef::new(&g, n, D).unwrap())
+            .unwrap();
+        assert_ulps(
+            grads.x.data(),
+            &f32s(&st, &format!("grad.{step}")),
+            4.0,
+            &format!("step {step}: dL/dx"),
+        );
+
+        let e = vq.ema().unwrap();
+        let pre = format!("after.{step}._codebook");
+        assert_ulps(
+            e.cluster_size(),
+            &f32s(&st, &format!("{pre}.cluster_size")),
+            2.0,
+            &format!("step {step}: N"),
+        );
+        // torch sums each code's rows in f32 in row order, vqx in f64 rounded once: they may
+        // differ by the f32 sum's error, at most (n_k + 1)·u·Σ|x| per coordinate, times the
+        // EMA weight 0.1, plus a few ulps of the lerp (and of the division for c).
+        let idx = &out.indices;
+        let smoothed = e.smoothed_counts(1e-5);
+        let theirs_m = f32s(&st, &format!("{pre}.embed_avg"));
+        let theirs_c = f32s(&st, &format!("{pre}.embed"));
+        let (ours_m, ours_c) = (e.embed_avg().data(), vq.codebook().data());
+        for k in 0..K {
+            let rows: Vec<usize> = (0..n).filter(|&r| idx[r] as usize == k).collect();
+            for j in 0..D {
+                let abs_sum: f32 = rows.iter().map(|&r| x[r * D + j].abs()).sum();
+                let sum_err = 0.1 * (rows.len() as f32 + 1.0) * f32::EPSILON * abs_sum;
+                let i = k * D + j;
+                let tol_m =
+                    sum_err + 4.0 * f32::EPSILON * theirs_m[i].abs() + carried[i] * smoothed[k];
+                assert!(
+                    (ours_m[i] - theirs_m[i]).abs() <= tol_m,
+                    "step {step}: m[{k}][{j}]: vqx {:e}, theirs {:e} (tolerance {tol_m:e})",
+                    ours_m[i],
+                    theirs_m[i]
+                );
+                let tol_c =
+                    sum_err / smoothed[k] + 8.0 * f32::EPSILON * theirs_c[i].abs() + carried[i];
+                carried[i] = (ours_c[i] - theirs_c[i]).abs();
+                assert!(
+                    (ours_c[i] - theirs_c[i]).abs() <= tol_c,
+                    "step {step}: c[{k}][{j}]: vqx {:e}, theirs {:e} (tolerance {tol_c:e})",
+                    ours_c[i],
+                    theirs_c[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn saved_state_dict_quantizes_like_pytorch() {
+    let loaded = vqx::checkpoint::load_codebook(STATE).unwrap();
+    let bytes = std::fs::read(STATE).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let x = f32s(&st, "eval.x");
+    let want = i64s(&st, "eval.indices");
+    let a = CpuBackend::new()
+        .nearest(
+            MatRef::new(&x, x.len() / D, D).unwrap(),
+            loaded.codebook.as_ref(),
+            Metric::L2,
+        )
+        .unwrap();
+    assert_eq!(a.indices, want);
+}
