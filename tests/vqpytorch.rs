@@ -129,14 +129,14 @@ fn ema_steps_match_vector_quantize_pytorch() {
         let theirs_m = f32s(&st, &format!("{pre}.embed_avg"));
         let theirs_c = f32s(&st, &format!("{pre}.embed"));
         let (ours_m, ours_c) = (e.embed_avg().data(), vq.codebook().data());
-        for k in 0..K {
+        for (k, &smoothed_k) in smoothed.iter().enumerate() {
             let rows: Vec<usize> = (0..n).filter(|&r| idx[r] as usize == k).collect();
             for j in 0..D {
                 let abs_sum: f32 = rows.iter().map(|&r| x[r * D + j].abs()).sum();
                 let sum_err = 0.1 * (rows.len() as f32 + 1.0) * f32::EPSILON * abs_sum;
                 let i = k * D + j;
                 let tol_m =
-                    sum_err + 4.0 * f32::EPSILON * theirs_m[i].abs() + carried[i] * smoothed[k];
+                    sum_err + 4.0 * f32::EPSILON * theirs_m[i].abs() + carried[i] * smoothed_k;
                 assert!(
                     (ours_m[i] - theirs_m[i]).abs() <= tol_m,
                     "step {step}: m[{k}][{j}]: vqx {:e}, theirs {:e} (tolerance {tol_m:e})",
@@ -144,7 +144,7 @@ fn ema_steps_match_vector_quantize_pytorch() {
                     theirs_m[i]
                 );
                 let tol_c =
-                    sum_err / smoothed[k] + 8.0 * f32::EPSILON * theirs_c[i].abs() + carried[i];
+                    sum_err / smoothed_k + 8.0 * f32::EPSILON * theirs_c[i].abs() + carried[i];
                 carried[i] = (ours_c[i] - theirs_c[i]).abs();
                 assert!(
                     (ours_c[i] - theirs_c[i]).abs() <= tol_c,
