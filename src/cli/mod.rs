@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod info;
 pub mod quantize;
+pub mod schedule;
 pub mod stats;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ pub enum Command {
     Quantize(quantize::Args),
     /// Time the four primitives and compare them with the machine's physical floors.
     Bench(bench::Args),
+    /// Noise schedules for masked-token training: r(t) or samples of r as CSV, and a plot.
+    Schedule(schedule::Args),
     /// What a codebook file holds and how its codes are used: K, D, EMA counts, dead codes,
     /// perplexity; optionally an SVG plot.
     Stats(stats::Args),
@@ -36,6 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Schedule(a) => schedule::run(a),
         Command::Stats(a) => stats::run(a),
     }
 }
