@@ -415,3 +415,50 @@ fn status_explains_itself() {
         }
     }
 }
+
+/// The quantizer layer on CUDA gives the CPU's indices, statistics and EMA state, step by
+/// step (deterministic sums on both; f32 state within a few ulps).
+#[test]
+fn quantizer_layer_matches_cpu() {
+    use vqx::backend::Device;
+    use vqx::quantizer::{CodebookLearning, QuantizerConfig, VectorQuantizer};
+    if gpu("quantizer_layer_matches_cpu").is_none() {
+        return;
+    }
+    let (k, d, n) = (300, 24, 2000);
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let x = random(n, d, &mut rng);
+    let config = |device| {
+        QuantizerConfig::new(k, d)
+            .learning(CodebookLearning::Ema {
+                decay: 0.9,
+                eps: 1e-5,
+            })
+            .dead_code_threshold(0.05)
+            .deterministic(true)
+            .seed(5)
+            .device(device)
+    };
+    let mut on_gpu = VectorQuantizer::new(config(Device::Cuda)).unwrap();
+    let mut on_cpu = VectorQuantizer::new(config(Device::Cpu)).unwrap();
+    for step in 0..5 {
+        let b = (step % 4) * 500;
+        let batch = x.as_ref().slice_rows(b, b + 500);
+        let g = on_gpu.forward(batch, None, true).unwrap();
+        let c = on_cpu.forward(batch, None, true).unwrap();
+        assert_eq!(g.indices, c.indices, "step {step}: indices");
+        assert_eq!(g.stats, c.stats, "step {step}: statistics");
+        let (eg, ec) = (on_gpu.ema().unwrap(), on_cpu.ema().unwrap());
+        assert_eq!(
+            eg.cluster_size(),
+            ec.cluster_size(),
+            "step {step}: EMA counts"
+        );
+        // Deterministic sums accumulate in f64 on both: the same f32 after rounding.
+        assert_eq!(
+            eg.embed_avg().data(),
+            ec.embed_avg().data(),
+            "step {step}: EMA sums"
+        );
+    }
+}
