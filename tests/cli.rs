@@ -402,7 +402,7 @@ fn one_d_codebook_is_refused() {
 }
 
 #[test]
-fn non_npy_codebook_says_only_npy_so_far() {
+fn codebook_that_is_neither_npy_nor_safetensors_is_a_clear_error() {
     let case = Case::new();
     std::fs::write(case.path("c.safetensors"), b"{}").unwrap();
     let xp = case.write("x.npy", &uniform(10, 4, 1));
@@ -415,7 +415,7 @@ fn non_npy_codebook_says_only_npy_so_far() {
         "-o",
         &case.s("o.npy"),
     ]);
-    expect_error(&o, &["only .npy", "safetensors"]);
+    expect_error(&o, &["c.safetensors", "not a safetensors file"]);
 }
 
 #[test]
