@@ -16,7 +16,7 @@
 use super::{NoiseSchedule, Schedule, check_rate};
 use crate::{Error, Result};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rayon::prelude::*;
 
 /// ESM3 structure-token MASK id (SPEC §7).
@@ -258,9 +258,11 @@ pub fn mask_tokens(
             let dropped = rng.r#gen::<f64>() < config.track_dropout;
             let drawn = check_rate(schedule, schedule.sample(&mut rng))?;
             let r = if dropped { 1.0 } else { drawn };
+            // One u32 per token against r·2^32 (half the generator output of an f64 draw):
+            // r = 1 masks every eligible position, r = 0 none, other rates to within 2^-32.
+            let threshold = (r * 4_294_967_296.0) as u64;
             for (id, m) in ids.iter_mut().zip(mask.iter_mut()) {
-                // gen::<f64>() is in [0, 1): r = 1 masks every eligible position, r = 0 none.
-                if config.eligible(*id) && rng.r#gen::<f64>() < r {
+                if config.eligible(*id) && u64::from(rng.next_u32()) < threshold {
                     *id = config.mask_id;
                     *m = true;
                 }
