@@ -21,7 +21,7 @@ pub struct Args {
     /// Time on this input (.npy, N×D) instead of random data; needs --codebook.
     #[arg(long, requires = "codebook", conflicts_with_all = ["n", "dim", "codebook_size"])]
     pub input: Option<PathBuf>,
-    /// Codebook (.npy, K×D) to time with --input.
+    /// Codebook (K×D: .npy, vqx checkpoint or safetensors state dict) to time with --input.
     #[arg(long, requires = "input")]
     pub codebook: Option<PathBuf>,
     /// CPU nearest kernel: auto (AVX-512 where the CPU has it), avx512 or portable.

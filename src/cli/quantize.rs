@@ -13,7 +13,8 @@ const DEFAULT_CHUNK_BYTES: usize = 256 << 20;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Codebook, K×D (.npy, float32 or float16).
+    /// Codebook, K×D: a .npy (float32 or float16), a vqx checkpoint, or a vector-quantize-pytorch
+    /// or ESM3 state dict saved as safetensors (recognised by its keys).
     #[arg(long, short)]
     pub codebook: PathBuf,
     /// Input vectors, N×D (.npy, float32 or float16); read in chunks, so it may exceed memory.
