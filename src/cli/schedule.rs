@@ -208,6 +208,7 @@ fn plot_svg(schedules: &[Schedule], draws: &[Vec<f64>], seed: u64) -> Result<Str
             .map_err(plot_error)?;
         chart
             .configure_mesh()
+            .max_light_lines(0)
             .x_desc("t")
             .y_desc("r(t)")
             .draw()
@@ -284,6 +285,7 @@ fn density_panel<DB: DrawingBackend>(
         .map_err(plot_error)?;
     chart
         .configure_mesh()
+        .max_light_lines(0)
         .x_desc("r")
         .y_desc("density")
         .x_labels(6)
