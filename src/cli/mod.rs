@@ -1,6 +1,7 @@
 //! Command-line interface: one module per subcommand.
 
 pub mod bench;
+pub mod fit;
 pub mod info;
 pub mod quantize;
 pub mod schedule;
@@ -27,6 +28,8 @@ pub enum Command {
     Quantize(quantize::Args),
     /// Time the four primitives and compare them with the machine's physical floors.
     Bench(bench::Args),
+    /// Learn a codebook for a set of vectors with the EMA rule; writes a checkpoint.
+    Fit(fit::Args),
     /// Noise schedules for masked-token training: r(t) or samples of r as CSV, and a plot.
     Schedule(schedule::Args),
     /// What a codebook file holds and how its codes are used: K, D, EMA counts, dead codes,
@@ -39,6 +42,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Fit(a) => fit::run(a),
         Command::Schedule(a) => schedule::run(a),
         Command::Stats(a) => stats::run(a),
     }
