@@ -303,6 +303,15 @@ fn fits_well_separated_clusters() {
         }
         let s = last.unwrap();
         assert_eq!(s.dead, 0, "{init:?}: no dead codes at the end ({s:?})");
+        let total = vq.statistics();
+        assert_eq!(
+            (total.step, total.cumulative_used, total.dead),
+            (60, k, Some(0)),
+            "{total:?}"
+        );
+        // The EMA counts sum to the batch size once the start (N = 1) has decayed away.
+        let counts = total.ema_counts.unwrap();
+        assert!((counts.mean * k as f64 - 512.0).abs() < 1.0, "{counts:?}");
         assert!(
             s.perplexity > 0.8 * k as f64,
             "{init:?}: perplexity {} near K = {k}",

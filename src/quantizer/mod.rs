@@ -46,6 +46,22 @@ pub struct StepStats {
     pub initialized: bool,
 }
 
+/// Cumulative statistics of a quantizer (SPEC §5).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct QuantizerStats {
+    /// Training steps taken.
+    pub step: u64,
+    /// exp(entropy) of the usage summed over all training steps.
+    pub cumulative_perplexity: f64,
+    /// Codes used at least once over all training steps.
+    pub cumulative_used: usize,
+    /// Codes whose EMA count N_k is below the dead-code threshold (ESM3's 1e-5 when the
+    /// threshold is 0); None without EMA counts.
+    pub dead: Option<usize>,
+    /// Distribution of the EMA counts N_k (mean, std, min, median, max); None without them.
+    pub ema_counts: Option<crate::usage::CountDistribution>,
+}
+
 /// What a forward pass returns. The layer's output value is `quantized` (q); its gradient
 /// is given by [`VectorQuantizer::backward`].
 #[derive(Clone, Debug)]
@@ -191,6 +207,34 @@ impl VectorQuantizer {
     pub fn usage_total(&self) -> &[u64] {
         &self.usage_total
     }
+    /// Cumulative statistics: usage over all steps and the distribution of the EMA counts.
+    pub fn statistics(&self) -> QuantizerStats {
+        let threshold = if self.config.dead_code_threshold > 0.0 {
+            self.config.dead_code_threshold
+        } else {
+            1e-5
+        };
+        QuantizerStats {
+            step: self.step,
+            cumulative_perplexity: crate::usage::perplexity(
+                &self
+                    .usage_total
+                    .iter()
+                    .map(|&c| c as f64)
+                    .collect::<Vec<_>>(),
+            ),
+            cumulative_used: self.usage_total.iter().filter(|&&c| c > 0).count(),
+            dead: self
+                .ema
+                .as_ref()
+                .map(|e| e.cluster_size().iter().filter(|&&n| n < threshold).count()),
+            ema_counts: self
+                .ema
+                .as_ref()
+                .and_then(|e| crate::usage::CountDistribution::from_values(e.cluster_size()).ok()),
+        }
+    }
+
     /// The backend running the primitives.
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
