@@ -47,16 +47,14 @@ impl Backend for CpuBackend {
         )
     }
     fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment> {
-        nearest::validate(x, codebook)?;
-        let prepared = nearest::Prepared::new(codebook, metric);
-        let candidates = nearest::cpu::candidates_with(self.kernel, x, codebook, &prepared);
-        Ok(nearest::finish(
-            x,
-            codebook,
-            &prepared,
-            nearest::RoundingModel::F32,
-            candidates,
-        ))
+        nearest::search(x, codebook, metric, |prepared| {
+            Ok(nearest::cpu::candidates_with(
+                self.kernel,
+                x,
+                codebook,
+                prepared,
+            ))
+        })
     }
     fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix> {
         gather::validate(codebook, indices)?;

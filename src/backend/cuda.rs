@@ -531,16 +531,9 @@ impl Backend for CudaBackend {
     }
 
     fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment> {
-        nearest::validate(x, codebook)?;
-        let prepared = Prepared::new(codebook, metric);
-        let candidates = self.candidates(x, codebook, &prepared)?;
-        Ok(nearest::finish(
-            x,
-            codebook,
-            &prepared,
-            nearest::RoundingModel::F32,
-            candidates,
-        ))
+        nearest::search(x, codebook, metric, |prepared| {
+            self.candidates(x, codebook, prepared)
+        })
     }
 
     fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix> {

@@ -99,6 +99,20 @@ pub fn validate(x: MatRef<'_>, codebook: MatRef<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The whole search every backend runs: validate, prepare the codebook, let the backend's
+/// kernel score the rows (`candidates`), then [`finish`] with the f32 rounding model.
+pub fn search(
+    x: MatRef<'_>,
+    codebook: MatRef<'_>,
+    metric: Metric,
+    candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
+) -> Result<Assignment> {
+    validate(x, codebook)?;
+    let prepared = Prepared::new(codebook, metric);
+    let c = candidates(&prepared)?;
+    Ok(finish(x, codebook, &prepared, RoundingModel::F32, c))
+}
+
 /// What a backend's fused kernel leaves per row, before [`finish`].
 #[derive(Clone, Debug, Default)]
 pub struct Candidates {
