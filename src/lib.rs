@@ -25,6 +25,7 @@ pub mod ema;
 pub mod error;
 pub mod gather;
 pub mod matrix;
+pub mod model;
 pub mod nearest;
 pub mod npy;
 pub mod quantizer;

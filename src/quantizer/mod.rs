@@ -163,9 +163,6 @@ impl VectorQuantizer {
             vq.usage_total = u;
         }
         vq.step = step;
-        // Later steps draw fresh numbers: the stream depends on the seed and the step.
-        vq.rng =
-            ChaCha8Rng::seed_from_u64(vq.config.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         Ok(vq)
     }
 
@@ -176,7 +173,7 @@ impl VectorQuantizer {
             CodebookLearning::Gradient => None,
         };
         Ok(VectorQuantizer {
-            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            rng: step_rng(config.seed, 0),
             usage_total: vec![0; config.codebook_size],
             config,
             backend,
@@ -290,6 +287,11 @@ impl VectorQuantizer {
         };
 
         let mut initialized = false;
+        if train {
+            // Each training step draws from a stream that depends only on (seed, step), so a
+            // quantizer resumed from a checkpoint samples exactly as an uninterrupted one.
+            self.rng = step_rng(self.config.seed, self.step);
+        }
         if train && !self.initted {
             if kept == 0 {
                 return Err(Error::Empty {
@@ -465,6 +467,12 @@ impl std::fmt::Debug for VectorQuantizer {
             .field("initialized", &self.initted)
             .finish_non_exhaustive()
     }
+}
+
+/// The random stream of training step `step` (0-based: steps taken before it): the seed
+/// itself for the first step, so the init draws what a fresh `seed_from_u64(seed)` would.
+fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 fn check_codebook_shape(config: &QuantizerConfig, codebook: &Matrix) -> Result<()> {

@@ -1,0 +1,87 @@
+//! Fully connected layer y = x·Wᵀ + b, with W stored out×in as PyTorch's `nn.Linear` does.
+
+use super::matmul::matmul;
+use crate::matrix::{MatRef, Matrix};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// A linear layer (`in → out`).
+///
+/// ```
+/// use vqx::model::Linear;
+/// use vqx::{MatRef, Matrix};
+/// let mut l = Linear::zeros(2, 1);
+/// l.weight = Matrix::new(vec![1.0, -1.0], 1, 2)?;
+/// l.bias = vec![0.5];
+/// let y = l.forward(MatRef::new(&[3.0, 1.0], 1, 2)?);
+/// assert_eq!(y.data(), &[2.5]);
+/// # Ok::<(), vqx::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Linear {
+    /// out × in.
+    pub weight: Matrix,
+    /// out values.
+    pub bias: Vec<f32>,
+}
+
+impl Linear {
+    /// Weights and biases uniform in ±1/√in (PyTorch's default init for `nn.Linear`).
+    pub fn new(inputs: usize, outputs: usize, rng: &mut ChaCha8Rng) -> Self {
+        let bound = 1.0 / (inputs.max(1) as f32).sqrt();
+        let w = (0..inputs * outputs)
+            .map(|_| rng.gen_range(-bound..bound))
+            .collect();
+        let bias = (0..outputs).map(|_| rng.gen_range(-bound..bound)).collect();
+        Linear {
+            weight: Matrix::new(w, outputs, inputs).expect("out × in values"),
+            bias,
+        }
+    }
+
+    /// All-zero parameters (also the shape of this layer's gradient).
+    pub fn zeros(inputs: usize, outputs: usize) -> Self {
+        Linear {
+            weight: Matrix::zeros(outputs, inputs),
+            bias: vec![0.0; outputs],
+        }
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.weight.cols()
+    }
+    pub fn outputs(&self) -> usize {
+        self.weight.rows()
+    }
+
+    /// y = x·Wᵀ + b for x of N × in.
+    pub fn forward(&self, x: MatRef<'_>) -> Matrix {
+        let (n, o) = (x.rows(), self.outputs());
+        let mut y = Matrix::zeros(n, o);
+        for row in y.data_mut().chunks_mut(o) {
+            row.copy_from_slice(&self.bias);
+        }
+        matmul(y.data_mut(), x, false, self.weight.as_ref(), true, true);
+        y
+    }
+
+    /// Given the layer's input `x` and dL/dy, adds dL/dW = dyᵀ·x and dL/db = Σ_n dy to `grad`
+    /// and returns dL/dx = dy·W.
+    pub fn backward(&self, x: MatRef<'_>, dy: MatRef<'_>, grad: &mut Linear) -> Matrix {
+        matmul(grad.weight.data_mut(), dy, true, x, false, true);
+        // Column sums in f64, in row order: deterministic and accurate for large batches.
+        let o = self.outputs();
+        let mut sums = vec![0.0f64; o];
+        for r in 0..dy.rows() {
+            for (s, &v) in sums.iter_mut().zip(dy.row(r)) {
+                *s += v as f64;
+            }
+        }
+        for (b, s) in grad.bias.iter_mut().zip(sums) {
+            *b = (*b as f64 + s) as f32;
+        }
+        let mut dx = Matrix::zeros(x.rows(), self.inputs());
+        matmul(dx.data_mut(), dy, false, self.weight.as_ref(), false, false);
+        dx
+    }
+}
