@@ -31,6 +31,7 @@ pub mod npy;
 pub mod quantizer;
 pub mod reference;
 pub mod schedule;
+pub mod train;
 pub mod usage;
 
 pub use error::{Error, Result};

@@ -1,0 +1,335 @@
+//! Training a [`VqVae`] (issue 5): the configuration, one optimisation step (forward, backward,
+//! global-norm clipping, AdamW under a warm-up + cosine schedule, the codebook by EMA or by
+//! AdamW), evaluation on held-out rows, and checkpoints that resume bit for bit.
+//!
+//! A resumed run is the uninterrupted one: the checkpoint holds every parameter, AdamW's
+//! moments, the step and the quantizer's state; the batches and the quantizer's random draws
+//! are functions of (seed, step), so nothing else carries state.
+
+mod checkpoint;
+mod data;
+mod optim;
+
+pub use checkpoint::{CHECKPOINT_FILE, load_model, load_trainer, save_trainer};
+pub use data::{BatchSampler, DataSource, Dataset, Synthetic};
+pub use optim::{AdamW, AdamWConfig, WarmupCosine, clip_global_norm};
+
+use crate::error::{Error, Result};
+use crate::matrix::MatRef;
+use crate::model::{VqVae, VqVaeConfig};
+use crate::quantizer::{CodebookLearning, QuantizerConfig};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Everything that defines a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: VqVaeConfig,
+    pub quantizer: QuantizerConfig,
+    pub data: DataSource,
+    /// Total optimisation steps.
+    pub steps: u64,
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warm-up steps.
+    pub warmup: u64,
+    /// Final learning rate as a fraction of the peak.
+    pub min_lr_ratio: f64,
+    pub adam: AdamWConfig,
+    /// Global gradient-norm limit; 0 = no clipping.
+    pub clip: f64,
+    /// Keep the encoder at its initial weights (the control of the "encoder learns through
+    /// the straight-through estimator" experiment).
+    pub freeze_encoder: bool,
+    /// Seed of the batch order.
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// A run on `data` with the defaults: 2000 steps of 256 rows, lr 1e-3 with 100 warm-up
+    /// steps down to 0.1·lr, AdamW (0.9, 0.95, wd 0.05), clipping at 1.0.
+    ///
+    /// ```
+    /// use vqx::model::VqVaeConfig;
+    /// use vqx::quantizer::QuantizerConfig;
+    /// use vqx::train::{DataSource, Synthetic, TrainConfig};
+    /// let data = DataSource::Synthetic {
+    ///     spec: "gmm:dim=16".parse()?, rows: 1024, eval_rows: 256, seed: 0,
+    /// };
+    /// let cfg = TrainConfig::new(VqVaeConfig::new(16, 4, vec![32]), QuantizerConfig::new(16, 4), data);
+    /// assert!(cfg.validate().is_ok());
+    /// # Ok::<(), vqx::Error>(())
+    /// ```
+    pub fn new(model: VqVaeConfig, quantizer: QuantizerConfig, data: DataSource) -> Self {
+        TrainConfig {
+            model,
+            quantizer,
+            data,
+            steps: 2000,
+            batch_size: 256,
+            lr: 1e-3,
+            warmup: 100,
+            min_lr_ratio: 0.1,
+            adam: AdamWConfig::default(),
+            clip: 1.0,
+            freeze_encoder: false,
+            seed: 0,
+        }
+    }
+
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> WarmupCosine {
+        WarmupCosine {
+            peak: self.lr,
+            warmup: self.warmup,
+            total: self.steps,
+            min_ratio: self.min_lr_ratio,
+        }
+    }
+
+    /// Every setting in range, or an error naming the one that is not.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.quantizer.validate()?;
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.quantizer.dim != self.model.code_dim {
+            return bad(format!(
+                "quantizer dimension {} differs from the code dimension {}",
+                self.quantizer.dim, self.model.code_dim
+            ));
+        }
+        if self.steps == 0 {
+            return bad("steps must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch size must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad(format!(
+                "learning rate must be finite and ≥ 0, got {}",
+                self.lr
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(format!(
+                "min-lr ratio must be in [0, 1], got {}",
+                self.min_lr_ratio
+            ));
+        }
+        let a = self.adam;
+        if !((0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2)) {
+            return bad(format!(
+                "AdamW betas must be in [0, 1), got ({}, {})",
+                a.beta1, a.beta2
+            ));
+        }
+        if !(a.eps > 0.0 && a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
+            return bad("AdamW eps must be > 0 and weight decay finite and ≥ 0".into());
+        }
+        if !(self.clip.is_finite() && self.clip >= 0.0) {
+            return bad(format!("clip must be finite and ≥ 0, got {}", self.clip));
+        }
+        Ok(())
+    }
+}
+
+/// What one training step reports.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepMetrics {
+    /// Steps taken, this one included.
+    pub step: u64,
+    pub lr: f64,
+    pub loss: f64,
+    pub reconstruction: f64,
+    pub commitment: f64,
+    pub codebook_loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub perplexity: f64,
+    pub used: usize,
+    pub dead: usize,
+    pub replaced: usize,
+    /// Seconds of the whole step (batch gather, passes, optimiser).
+    pub step_seconds: f64,
+    /// Seconds of it in the quantizer's forward and backward.
+    pub quantizer_seconds: f64,
+}
+
+/// A model, its optimiser state and the data, at a step.
+///
+/// ```
+/// use vqx::model::VqVaeConfig;
+/// use vqx::quantizer::QuantizerConfig;
+/// use vqx::train::{DataSource, Trainer, TrainConfig};
+/// let data = DataSource::Synthetic {
+///     spec: "gmm:dim=8,components=4".parse()?, rows: 256, eval_rows: 64, seed: 0,
+/// };
+/// let mut cfg = TrainConfig::new(
+///     VqVaeConfig::new(8, 2, vec![16]),
+///     QuantizerConfig::new(8, 2).device(vqx::backend::Device::Cpu),
+///     data,
+/// );
+/// cfg.steps = 5;
+/// cfg.batch_size = 32;
+/// let mut t = Trainer::new(cfg)?;
+/// while !t.finished() {
+///     let m = t.step()?;
+///     assert!(m.loss.is_finite());
+/// }
+/// assert!(t.evaluate()? > 0.0);
+/// # Ok::<(), vqx::Error>(())
+/// ```
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub model: VqVae,
+    pub optimizer: AdamW,
+    /// Steps taken.
+    pub step: u64,
+    pub data: Dataset,
+    sampler: BatchSampler,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("step", &self.step)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Names of the trained tensors in optimiser order, and whether weight decay applies.
+pub(crate) fn parameter_names(model: &VqVae) -> Vec<(String, usize, bool)> {
+    let mut out = Vec::new();
+    for (part, mlp) in [("encoder", &model.encoder), ("decoder", &model.decoder)] {
+        for (name, _, v) in mlp.tensors() {
+            let decay = name.starts_with("linears.") && name.ends_with(".weight");
+            out.push((format!("{part}.{name}"), v.len(), decay));
+        }
+    }
+    if model.quantizer.config().learning == CodebookLearning::Gradient {
+        out.push((
+            "quantizer.codebook".into(),
+            model.quantizer.codebook().data().len(),
+            false,
+        ));
+    }
+    out
+}
+
+impl Trainer {
+    /// A fresh run: loads or generates the data, initialises the model (seeded).
+    pub fn new(config: TrainConfig) -> Result<Self> {
+        config.validate()?;
+        let data = Dataset::load(&config.data)?;
+        let model = VqVae::new(config.model.clone(), config.quantizer.clone())?;
+        let sizes: Vec<usize> = parameter_names(&model).iter().map(|p| p.1).collect();
+        let optimizer = AdamW::new(config.adam, &sizes);
+        Self::from_parts(config, model, optimizer, 0, data)
+    }
+
+    /// Assembles a trainer (e.g. from a checkpoint), checking the data width.
+    pub fn from_parts(
+        config: TrainConfig,
+        model: VqVae,
+        optimizer: AdamW,
+        step: u64,
+        data: Dataset,
+    ) -> Result<Self> {
+        if data.train.cols() != config.model.data_dim {
+            return Err(Error::Shape {
+                what: "data width vs the model's data dimension".into(),
+                expected: format!("{} columns", config.model.data_dim),
+                got: format!("{} columns", data.train.cols()),
+            });
+        }
+        data.train.as_ref().check_nonempty("training data")?;
+        let sampler = BatchSampler::new(data.train.rows(), config.batch_size, config.seed);
+        Ok(Trainer {
+            config,
+            model,
+            optimizer,
+            step,
+            data,
+            sampler,
+        })
+    }
+
+    /// Whether every configured step has been taken.
+    pub fn finished(&self) -> bool {
+        self.step >= self.config.steps
+    }
+
+    /// One optimisation step on the next batch.
+    pub fn step(&mut self) -> Result<StepMetrics> {
+        let start = Instant::now();
+        let d = self.data.train.cols();
+        let rows = self.sampler.indices(self.step);
+        let batch = crate::quantizer::gather_rows(self.data.train.as_ref(), &rows);
+        let (out, mut grads) = self
+            .model
+            .forward_backward(MatRef::new(batch.data(), rows.len(), d)?, true)?;
+
+        let lr = self.config.schedule().lr(self.step);
+        let frozen = self.config.freeze_encoder;
+        let names = parameter_names(&self.model);
+        let mut codebook = self.model.quantizer.codebook().clone();
+        let learn_codebook = grads.codebook.is_some();
+        let grad_norm;
+        {
+            let mut g: Vec<&mut [f32]> = grads.encoder.tensors_mut();
+            let n_enc = g.len();
+            g.extend(grads.decoder.tensors_mut());
+            if let Some(c) = grads.codebook.as_mut() {
+                g.push(c.data_mut());
+            }
+            // A frozen encoder's gradient takes no part in the norm (it is not applied).
+            grad_norm = if frozen {
+                clip_global_norm(&mut g[n_enc..], self.config.clip)
+            } else {
+                clip_global_norm(&mut g, self.config.clip)
+            };
+            let mut p: Vec<&mut [f32]> = self.model.encoder.tensors_mut();
+            p.extend(self.model.decoder.tensors_mut());
+            if learn_codebook {
+                p.push(codebook.data_mut());
+            }
+            let gr: Vec<&[f32]> = g.iter().map(|s| &**s).collect();
+            let decay: Vec<bool> = names.iter().map(|n| n.2).collect();
+            // A frozen encoder's tensors (first in the order) stay at their initial values.
+            let first = if frozen { n_enc } else { 0 };
+            self.optimizer
+                .step_from(first, &mut p, &gr, &decay, lr, self.step + 1);
+        }
+        if learn_codebook {
+            self.model.quantizer.set_codebook(codebook)?;
+        }
+        self.step += 1;
+        Ok(StepMetrics {
+            step: self.step,
+            lr,
+            loss: out.loss,
+            reconstruction: out.reconstruction,
+            commitment: out.commitment,
+            codebook_loss: out.codebook,
+            grad_norm,
+            perplexity: out.stats.perplexity,
+            used: out.stats.used,
+            dead: out.stats.dead,
+            replaced: out.stats.replaced,
+            step_seconds: start.elapsed().as_secs_f64(),
+            quantizer_seconds: out.quantizer_seconds,
+        })
+    }
+
+    /// Reconstruction MSE on the held-out rows (on the training rows when none are held out).
+    pub fn evaluate(&self) -> Result<f64> {
+        let x = if self.data.eval.rows() > 0 {
+            &self.data.eval
+        } else {
+            &self.data.train
+        };
+        self.model.reconstruction_mse(x.as_ref())
+    }
+}

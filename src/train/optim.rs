@@ -1,0 +1,167 @@
+//! AdamW (decoupled weight decay, Loshchilov & Hutter), the warm-up + cosine learning-rate
+//! schedule VAR and ESM3 train with, and gradient clipping by global norm.
+
+use serde::{Deserialize, Serialize};
+
+/// AdamW's hyper-parameters. Defaults: β = (0.9, 0.95), ε = 1e-8, weight decay 0.05 (VAR's
+/// tokenizer and ESM3 train with β₂ = 0.95).
+///
+/// ```
+/// use vqx::train::AdamWConfig;
+/// let c = AdamWConfig::default();
+/// assert_eq!((c.beta1, c.beta2), (0.9, 0.95));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled decay, applied to the tensors marked for it (the linear layers' weights).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        }
+    }
+}
+
+/// AdamW's first and second moments, one pair of buffers per parameter tensor.
+///
+/// ```
+/// use vqx::train::{AdamW, AdamWConfig};
+/// let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..Default::default() }, &[2]);
+/// let mut p = vec![1.0f32, -1.0];
+/// opt.step(&mut [&mut p[..]], &[&[0.5, -0.5][..]], &[false], 0.1, 1);
+/// // The first step moves each value by lr·sign(g) (m̂/√v̂ = ±1).
+/// assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] + 0.9).abs() < 1e-6);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+    pub m: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl AdamW {
+    /// Zero moments for tensors of the given sizes.
+    pub fn new(config: AdamWConfig, sizes: &[usize]) -> Self {
+        AdamW {
+            config,
+            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+        }
+    }
+
+    /// One update of every tensor (`t` is 1-based, for the bias corrections): p ← p·(1 −
+    /// lr·λ) where `decay[i]`, then p ← p − lr·m̂/(√v̂ + ε). The arithmetic runs in f64 per
+    /// value, so an update is deterministic and independent of threads.
+    pub fn step(
+        &mut self,
+        params: &mut [&mut [f32]],
+        grads: &[&[f32]],
+        decay: &[bool],
+        lr: f64,
+        t: u64,
+    ) {
+        self.step_from(0, params, grads, decay, lr, t);
+    }
+
+    /// [`Self::step`] on tensors `first..` only: the ones before are frozen (left as they
+    /// are, their moments at 0).
+    pub fn step_from(
+        &mut self,
+        first: usize,
+        params: &mut [&mut [f32]],
+        grads: &[&[f32]],
+        decay: &[bool],
+        lr: f64,
+        t: u64,
+    ) {
+        let c = self.config;
+        let t = t.min(i32::MAX as u64).max(1) as i32;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        for (i, p) in params.iter_mut().enumerate().skip(first) {
+            let (m, v, g) = (&mut self.m[i], &mut self.v[i], grads[i]);
+            let shrink = if decay[i] {
+                1.0 - lr * c.weight_decay
+            } else {
+                1.0
+            };
+            for j in 0..p.len() {
+                let gj = g[j] as f64;
+                let mj = c.beta1 * m[j] as f64 + (1.0 - c.beta1) * gj;
+                let vj = c.beta2 * v[j] as f64 + (1.0 - c.beta2) * gj * gj;
+                m[j] = mj as f32;
+                v[j] = vj as f32;
+                let update = (mj / bc1) / ((vj / bc2).sqrt() + c.eps);
+                p[j] = (p[j] as f64 * shrink - lr * update) as f32;
+            }
+        }
+    }
+}
+
+/// Linear warm-up from 0 to the peak, then a half cosine down to `min_ratio`·peak at the
+/// last step (VAR, ESM3).
+///
+/// ```
+/// use vqx::train::WarmupCosine;
+/// let s = WarmupCosine { peak: 1e-3, warmup: 10, total: 110, min_ratio: 0.1 };
+/// assert!((s.lr(0) - 1e-4).abs() < 1e-12);      // step 1 of 10 warm-up steps
+/// assert!((s.lr(9) - 1e-3).abs() < 1e-12);      // the peak at the end of warm-up
+/// assert!((s.lr(109) - 1e-4).abs() < 1e-12);    // the floor at the last step
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WarmupCosine {
+    pub peak: f64,
+    pub warmup: u64,
+    pub total: u64,
+    pub min_ratio: f64,
+}
+
+impl WarmupCosine {
+    /// The learning rate of step `step` (0-based).
+    pub fn lr(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.peak * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self
+            .total
+            .saturating_sub(self.warmup)
+            .saturating_sub(1)
+            .max(1);
+        let p = ((step - self.warmup) as f64 / span as f64).min(1.0);
+        let floor = self.peak * self.min_ratio;
+        floor + (self.peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+    }
+}
+
+/// Scales every gradient by max_norm/‖g‖ when the global L2 norm ‖g‖ (over all tensors)
+/// exceeds `max_norm` (0 or less: no clipping); returns ‖g‖ before clipping.
+///
+/// ```
+/// let (mut a, mut b) = (vec![3.0f32], vec![4.0f32]);
+/// let norm = vqx::train::clip_global_norm(&mut [&mut a[..], &mut b[..]], 1.0);
+/// assert_eq!(norm, 5.0);
+/// assert!((a[0] - 0.6).abs() < 1e-6 && (b[0] - 0.8).abs() < 1e-6);
+/// ```
+pub fn clip_global_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
+    let norm = grads
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|&v| v as f64 * v as f64)
+        .sum::<f64>()
+        .sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let s = max_norm / (norm + 1e-12);
+        for g in grads.iter_mut() {
+            g.iter_mut().for_each(|v| *v = (*v as f64 * s) as f32);
+        }
+    }
+    norm
+}
