@@ -1,11 +1,14 @@
 //! Command-line interface: one module per subcommand.
 
 pub mod bench;
+pub mod encode;
 pub mod fit;
 pub mod info;
+pub mod plot;
 pub mod quantize;
 pub mod schedule;
 pub mod stats;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 use std::path::Path;
@@ -35,6 +38,15 @@ pub enum Command {
     /// What a codebook file holds and how its codes are used: K, D, EMA counts, dead codes,
     /// perplexity; optionally an SVG plot.
     Stats(stats::Args),
+    /// Train a VQ-VAE (MLP encoder → quantizer → MLP decoder) on a .npy file or a built-in
+    /// synthetic data set; checkpoints, metrics, resume, Ctrl-C saves.
+    Train(train::Args),
+    /// Tokens of vectors with a model trained by `vqx train`.
+    Encode(encode::EncodeArgs),
+    /// Vectors from tokens with a model trained by `vqx train`.
+    Decode(encode::DecodeArgs),
+    /// Loss and codebook-usage curves of a `vqx train` run as an SVG.
+    Plot(plot::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -45,6 +57,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Fit(a) => fit::run(a),
         Command::Schedule(a) => schedule::run(a),
         Command::Stats(a) => stats::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Encode(a) => encode::encode(a),
+        Command::Decode(a) => encode::decode(a),
+        Command::Plot(a) => plot::run(a),
     }
 }
 

@@ -1,0 +1,426 @@
+//! `vqx train`: train a VQ-VAE (MLP encoder → quantizer → MLP decoder) on a .npy file or a
+//! built-in synthetic data set, with a progress bar, per-step JSON-lines metrics, atomic
+//! checkpoints, bit-for-bit resume and a checkpoint on Ctrl-C.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use vqx::backend::Device;
+use vqx::model::{Activation, VqVaeConfig};
+use vqx::quantizer::{CodebookLearning, Init, QuantizerConfig};
+use vqx::train::{self, AdamWConfig, DataSource, StepMetrics, TrainConfig, Trainer};
+use vqx::{Error, Metric, Result};
+
+/// Metrics file in the output directory (one JSON object per step).
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+const INTERRUPTED_EXIT: i32 = 130;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Training vectors (.npy, N×D, f32 or f16).
+    #[arg(long, conflicts_with_all = ["synthetic", "resume"])]
+    pub data: Option<PathBuf>,
+    /// A built-in data set: gmm or manifold, optionally with options, e.g.
+    /// gmm:dim=64,components=64,std=0.1 or manifold:dim=64,intrinsic=2,noise=0.01.
+    #[arg(long, conflicts_with = "resume")]
+    pub synthetic: Option<String>,
+    /// Training rows generated for --synthetic.
+    #[arg(long, default_value_t = 16384)]
+    pub rows: usize,
+    /// Held-out rows (generated for --synthetic, set aside from --data) for the evaluation.
+    #[arg(long, default_value_t = 2048)]
+    pub eval_rows: usize,
+    /// K, the number of codes.
+    #[arg(long, default_value_t = 256)]
+    pub codebook_size: usize,
+    /// Dimension of the codes (the encoder's output).
+    #[arg(long, default_value_t = 8)]
+    pub code_dim: usize,
+    /// Hidden widths of the encoder, comma-separated (the decoder mirrors them); "" for none.
+    #[arg(long, default_value = "256,256")]
+    pub hidden: String,
+    /// gelu or relu.
+    #[arg(long, default_value = "gelu")]
+    pub activation: Activation,
+    /// A layer norm before every hidden activation.
+    #[arg(long)]
+    pub layer_norm: bool,
+    /// Total optimisation steps (with --resume: the new total).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Linear warm-up steps before the cosine decay.
+    #[arg(long, default_value_t = 100)]
+    pub warmup: u64,
+    /// Final learning rate as a fraction of the peak.
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    /// AdamW's decoupled weight decay (linear weights only).
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping; 0 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// β of the commitment loss.
+    #[arg(long, default_value_t = 0.25)]
+    pub commitment_weight: f32,
+    /// How the codebook learns: ema or gradient (AdamW on the codebook loss).
+    #[arg(long, default_value = "ema")]
+    pub codebook: String,
+    /// EMA decay γ.
+    #[arg(long, default_value_t = 0.99)]
+    pub ema_decay: f32,
+    /// Re-seed codes whose EMA count falls below this; 0 = off (EMA only).
+    #[arg(long, default_value_t = 0.0)]
+    pub dead_code_threshold: f32,
+    /// Codebook init on the first batch: data or kmeans.
+    #[arg(long, default_value = "data")]
+    pub init: String,
+    /// Distance: l2 or cosine.
+    #[arg(long, default_value = "l2")]
+    pub metric: Metric,
+    /// Keep the encoder at its initial weights (the control experiment).
+    #[arg(long)]
+    pub freeze_encoder: bool,
+    /// Seed of the weights, data, batches and quantizer draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Quantizer backend: auto, cpu or cuda (the MLPs run on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+    /// Sum EMA statistics in a fixed order on CUDA too (the CPU always does).
+    #[arg(long)]
+    pub deterministic: bool,
+    /// Write a checkpoint every N steps (and always at the end); 0 = only at the end.
+    #[arg(long, default_value_t = 500)]
+    pub checkpoint_every: u64,
+    /// Held-out reconstruction MSE every N steps (and at the end); 0 = only at the end.
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: u64,
+    /// Stop after this step with a checkpoint, as Ctrl-C does (exit status 0); the run
+    /// continues with --resume on the configured schedule.
+    #[arg(long, value_name = "STEP")]
+    pub stop_at: Option<u64>,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Output directory: checkpoint.safetensors, metrics.jsonl, config.json, summary.json.
+    #[arg(long, short, conflicts_with = "resume")]
+    pub output: Option<PathBuf>,
+    /// Continue the run in DIR from its checkpoint, with its stored configuration (only
+    /// --steps, --device, --deterministic, --checkpoint-every, --eval-every, --stop-at and
+    /// --quiet apply). Bit for bit the uninterrupted run, unless --steps changes the total
+    /// (and with it the learning-rate schedule).
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+}
+
+fn parse_hidden(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<usize>().ok().filter(|&v| v > 0).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "--hidden {s:?}: {p:?} is not a positive width (e.g. --hidden 256,256)"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn fresh_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
+    let output = args.output.clone().ok_or_else(|| {
+        Error::InvalidArgument("--output DIR is required (or --resume DIR)".into())
+    })?;
+    let data = match (&args.data, &args.synthetic) {
+        (Some(p), None) => DataSource::Npy {
+            path: std::path::absolute(p).unwrap_or_else(|_| p.clone()),
+            eval_rows: args.eval_rows,
+            seed: args.seed,
+        },
+        (None, Some(s)) => DataSource::Synthetic {
+            spec: s.parse()?,
+            rows: args.rows,
+            eval_rows: args.eval_rows,
+            seed: args.seed,
+        },
+        _ => {
+            return Err(Error::InvalidArgument(
+                "give the training data: --data X.npy or --synthetic NAME (or --resume DIR)".into(),
+            ));
+        }
+    };
+    let data_dim = match &data {
+        DataSource::Synthetic { spec, .. } => spec.dim(),
+        DataSource::Npy { path, .. } => vqx::npy::NpyMatrixReader::open(path)?.cols(),
+    };
+    let learning = match args.codebook.to_ascii_lowercase().as_str() {
+        "ema" => CodebookLearning::Ema {
+            decay: args.ema_decay,
+            eps: 1e-5,
+        },
+        "gradient" | "grad" => CodebookLearning::Gradient,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "--codebook {other:?}: expected ema or gradient"
+            )));
+        }
+    };
+    let init = match args.init.to_ascii_lowercase().as_str() {
+        "data" => Init::Data,
+        "kmeans" => Init::KMeans { iters: 10 },
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "--init {other:?}: expected data or kmeans"
+            )));
+        }
+    };
+    let quantizer = QuantizerConfig::new(args.codebook_size, args.code_dim)
+        .metric(args.metric)
+        .commitment_weight(args.commitment_weight)
+        .learning(learning)
+        .dead_code_threshold(args.dead_code_threshold)
+        .init(init)
+        .deterministic(args.deterministic)
+        .seed(args.seed)
+        .device(args.device);
+    let mut model = VqVaeConfig::new(data_dim, args.code_dim, parse_hidden(&args.hidden)?);
+    model.activation = args.activation;
+    model.layer_norm = args.layer_norm;
+    model.seed = args.seed;
+    let mut c = TrainConfig::new(model, quantizer, data);
+    c.steps = args.steps.unwrap_or(2000);
+    c.batch_size = args.batch_size;
+    c.lr = args.lr;
+    c.warmup = args.warmup;
+    c.min_lr_ratio = args.min_lr_ratio;
+    c.adam = AdamWConfig {
+        weight_decay: args.weight_decay,
+        ..AdamWConfig::default()
+    };
+    c.clip = args.clip;
+    c.freeze_encoder = args.freeze_encoder;
+    c.seed = args.seed;
+    c.validate()?;
+    Ok((c, output))
+}
+
+/// Keeps the metrics lines of steps ≤ `step` (a run may have logged steps after its last
+/// checkpoint) and returns the file opened for appending.
+fn reopen_metrics(path: &Path, step: u64) -> Result<std::fs::File> {
+    let mut kept = Vec::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        for line in std::io::BufReader::new(f).lines() {
+            let line = line.map_err(|e| Error::Io {
+                path: path.into(),
+                source: e,
+            })?;
+            let s = serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+            if s.is_some_and(|s| s <= step) {
+                kept.push(line);
+            }
+        }
+    }
+    let mut text = kept.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    vqx::checkpoint::write_atomic(path, text.as_bytes())?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::Io {
+            path: path.into(),
+            source: e,
+        })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (mut trainer, dir) = match &args.resume {
+        Some(dir) => {
+            let path = dir.join(train::CHECKPOINT_FILE);
+            let mut t = train::load_trainer(&path, args.device)?;
+            if let Some(s) = args.steps {
+                t.config.steps = s;
+                t.config.validate()?;
+            }
+            if args.deterministic {
+                t.config.quantizer.deterministic = true;
+            }
+            eprintln!(
+                "resuming {} at step {} of {}",
+                path.display(),
+                t.step,
+                t.config.steps
+            );
+            (t, dir.clone())
+        }
+        None => {
+            let (config, dir) = fresh_config(&args)?;
+            std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
+            (Trainer::new(config)?, dir)
+        }
+    };
+    let config_json = serde_json::to_string_pretty(&trainer.config)
+        .map_err(|e| Error::InvalidArgument(format!("cannot encode the configuration: {e}")))?;
+    vqx::checkpoint::write_atomic(&dir.join("config.json"), config_json.as_bytes())?;
+    let ckpt_path = dir.join(train::CHECKPOINT_FILE);
+    let metrics_path = dir.join(METRICS_FILE);
+    let mut metrics = std::io::BufWriter::new(reopen_metrics(&metrics_path, trainer.step)?);
+    let io_err = |e| Error::Io {
+        path: metrics_path.clone(),
+        source: e,
+    };
+
+    // Ctrl-C only raises a flag; the loop saves a checkpoint at the end of the current step.
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        if let Err(e) = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)) {
+            eprintln!("warning: cannot catch Ctrl-C ({e}): an interrupted run saves nothing");
+        }
+    }
+
+    let total = trainer.config.steps;
+    let k = trainer.config.quantizer.codebook_size;
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(trainer.step);
+    let start = Instant::now();
+    let (mut step_s, mut quant_s, mut timed) = (0.0f64, 0.0f64, 0u64);
+    let mut last: Option<StepMetrics> = None;
+    let mut eval = None;
+    while !trainer.finished() {
+        let m = trainer.step()?;
+        // The first step of a run (codebook init) is left out of the timing.
+        if m.step > 1 {
+            step_s += m.step_seconds;
+            quant_s += m.quantizer_seconds;
+            timed += 1;
+        }
+        let mut line = serde_json::to_value(&m)
+            .map_err(|e| Error::InvalidArgument(format!("metrics: {e}")))?;
+        let at_eval =
+            trainer.finished() || (args.eval_every > 0 && m.step.is_multiple_of(args.eval_every));
+        if at_eval {
+            let e = trainer.evaluate()?;
+            line["eval_reconstruction"] = serde_json::json!(e);
+            eval = Some(e);
+        }
+        line["elapsed_s"] = serde_json::json!(start.elapsed().as_secs_f64());
+        writeln!(metrics, "{line}").map_err(io_err)?;
+        bar.set_message(format!(
+            "loss {:.4}  recon {:.4}  perplexity {:.1}  used {}/{k}  dead {}",
+            m.loss, m.reconstruction, m.perplexity, m.used, m.dead
+        ));
+        bar.inc(1);
+        let stop_here = args.stop_at == Some(m.step);
+        let interrupted = stop.load(Ordering::SeqCst);
+        let periodic = args.checkpoint_every > 0 && m.step.is_multiple_of(args.checkpoint_every);
+        if periodic || interrupted || stop_here || trainer.finished() {
+            metrics.flush().map_err(io_err)?;
+            train::save_trainer(&trainer, &ckpt_path)?;
+        }
+        last = Some(m);
+        if interrupted && !trainer.finished() {
+            bar.finish_and_clear();
+            eprintln!(
+                "interrupted at step {} of {total}: checkpoint saved to {}; continue with \
+                 `vqx train --resume {}`",
+                trainer.step,
+                ckpt_path.display(),
+                dir.display()
+            );
+            std::process::exit(INTERRUPTED_EXIT);
+        }
+        if stop_here && !trainer.finished() {
+            bar.finish_and_clear();
+            eprintln!(
+                "stopped at step {} of {total} (--stop-at): checkpoint saved to {}; continue                  with `vqx train --resume {}`",
+                trainer.step,
+                ckpt_path.display(),
+                dir.display()
+            );
+            return Ok(());
+        }
+    }
+    bar.finish_and_clear();
+    metrics.flush().map_err(io_err)?;
+    if last.is_none() {
+        eprintln!(
+            "nothing to do: the run in {} is at step {total}",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let eval = match eval {
+        Some(e) => e,
+        None => trainer.evaluate()?,
+    };
+    let s = trainer.model.quantizer.statistics();
+    let per_step_ms = if timed > 0 {
+        1e3 * step_s / timed as f64
+    } else {
+        0.0
+    };
+    let quant_share = if step_s > 0.0 { quant_s / step_s } else { 0.0 };
+    let m = last.expect("checked");
+    let summary = serde_json::json!({
+        "step": trainer.step,
+        "eval_reconstruction": eval,
+        "last_loss": m.loss,
+        "last_reconstruction": m.reconstruction,
+        "last_perplexity": m.perplexity,
+        "last_used": m.used,
+        "cumulative_perplexity": s.cumulative_perplexity,
+        "cumulative_used": s.cumulative_used,
+        "dead_codes": s.dead,
+        "codebook_size": k,
+        "mean_step_ms": per_step_ms,
+        "quantizer_share": quant_share,
+        "quantizer_backend": trainer.model.quantizer.backend().name(),
+        "seconds": start.elapsed().as_secs_f64(),
+    });
+    let text = serde_json::to_string_pretty(&summary)
+        .map_err(|e| Error::InvalidArgument(format!("summary: {e}")))?;
+    vqx::checkpoint::write_atomic(&dir.join("summary.json"), text.as_bytes())?;
+    eprintln!(
+        "trained {} steps in {:.1} s ({per_step_ms:.2} ms/step, {:.1}% in the quantizer on {}); \
+         held-out reconstruction MSE {eval:.5}; last batch perplexity {:.1}, used {}/{k}; \
+         cumulative perplexity {:.1}, dead codes {}; wrote {}",
+        trainer.step,
+        start.elapsed().as_secs_f64(),
+        100.0 * quant_share,
+        trainer.model.quantizer.backend().name(),
+        m.perplexity,
+        m.used,
+        s.cumulative_perplexity,
+        s.dead.map_or("n/a".to_string(), |d| d.to_string()),
+        dir.display()
+    );
+    Ok(())
+}
