@@ -19,7 +19,7 @@ const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// use vqx::MatRef;
 /// use vqx::model::matmul::matmul;
 /// let a = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2×3
-/// let b = [1.0f32, 0.0, 1.0, 1.0, 0.0, 1.0]; // 2×3, used transposed: 3×2
+/// let b = [1.0f32, 0.0, 1.0, 0.0, 1.0, 1.0]; // 2×3, used transposed: 3×2
 /// let mut out = [0.0f32; 4];
 /// matmul(&mut out, MatRef::new(&a, 2, 3)?, false, MatRef::new(&b, 2, 3)?, true, false);
 /// assert_eq!(out, [4.0, 5.0, 10.0, 11.0]);
