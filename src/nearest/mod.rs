@@ -9,6 +9,7 @@
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 pub mod cpu;
+pub mod emulate;
 
 use crate::error::{Error, Result};
 use crate::matrix::MatRef;
@@ -107,10 +108,87 @@ pub fn search(
     metric: Metric,
     candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
 ) -> Result<Assignment> {
+    search_with_precision(x, codebook, metric, Precision::Exact, candidates)
+}
+
+/// [`search`] for scores computed at `precision`: the same sequence, with [`finish`] using
+/// that precision's rounding model ([`Precision::model`]), so rows whose margin is inside the
+/// wider low-precision bound are recomputed exactly.
+pub fn search_with_precision(
+    x: MatRef<'_>,
+    codebook: MatRef<'_>,
+    metric: Metric,
+    precision: Precision,
+    candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
+) -> Result<Assignment> {
     validate(x, codebook)?;
     let prepared = Prepared::new(codebook, metric);
     let c = candidates(&prepared)?;
-    Ok(finish(x, codebook, &prepared, RoundingModel::F32, c))
+    Ok(finish(x, codebook, &prepared, precision.model(), c))
+}
+
+/// The arithmetic the scores of `nearest` are computed in. Whatever the precision, the indices
+/// returned are those of an exact computation on every row that is not a true tie: rows whose
+/// margin is inside the precision's rounding bound ([`RoundingModel`]) are recomputed exactly.
+///
+/// ```
+/// use vqx::nearest::Precision;
+/// assert_eq!("bf16".parse::<Precision>()?, Precision::Bf16);
+/// assert_eq!(Precision::Tf32.to_string(), "tf32");
+/// # Ok::<(), vqx::Error>(())
+/// ```
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f32 operands and f32 arithmetic (the SIMT kernel, the CPU kernels).
+    #[default]
+    Exact,
+    /// Operands rounded to tf32 (10 explicit mantissa bits, u = 2^-11), products and sums in
+    /// f32 on tensor cores (CUDA only).
+    Tf32,
+    /// Operands rounded to bf16 (7 explicit mantissa bits, u = 2^-8), products and sums in f32
+    /// on tensor cores (CUDA only).
+    Bf16,
+}
+
+impl Precision {
+    /// Every precision, in the order `--precision` lists them.
+    pub const ALL: [Precision; 3] = [Precision::Exact, Precision::Tf32, Precision::Bf16];
+
+    /// The rounding model [`finish`] uses for scores computed at this precision.
+    pub fn model(self) -> RoundingModel {
+        match self {
+            Precision::Exact => RoundingModel::F32,
+            Precision::Tf32 => RoundingModel::TF32,
+            Precision::Bf16 => RoundingModel::BF16,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Exact => "exact",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "exact" | "f32" | "fp32" => Ok(Precision::Exact),
+            "tf32" => Ok(Precision::Tf32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown precision {s:?}: expected exact, tf32 or bf16"
+            ))),
+        }
+    }
 }
 
 /// What a backend's fused kernel leaves per row, before [`finish`].
@@ -124,24 +202,55 @@ pub struct Candidates {
     pub second_score: Vec<f32>,
 }
 
-/// The f32 rounding model behind the recheck bound.
+/// The rounding model behind the recheck bound.
 ///
-/// A score s̃_k = fl(n_k − 2·fl(x·c_k)) computed in f32 is off from the exact
+/// **f32 scores.** A score s̃_k = fl(n_k − 2·fl(x·c_k)) computed in f32 is off from the exact
 /// s_k = ||c_k||² − 2 x·c_k by at most
 /// - γ_D·2||x||·||c_k|| for the dot product (Higham's bound, γ_D = D·u/(1 − D·u), any summation
 ///   order, with or without FMA, u the unit roundoff; Cauchy–Schwarz for Σ|x_i c_i|),
 /// - u·||c_k||² for rounding the f64 norm to f32, u·|s̃_k| for the final subtraction,
 /// - under cosine, 2u per normalised operand (each is rounded once from f64),
 ///
-/// all of which fit in γ·(||c_max||² + 2||x||·||c_max||) with γ = (D + 8)·u/(1 − (D + 8)·u). The winner
-/// can only be wrong when the runner-up's score is within twice that of the winner's, so those
-/// rows, and only those, are recomputed.
-#[derive(Clone, Copy, Debug)]
+/// all of which fit in γ·(||c_max||² + 2||x||·||c_max||) with γ = (D + 8)·u/(1 − (D + 8)·u).
+///
+/// **Low-precision operands** (tf32, bf16: [`Precision`]). The kernel rounds each operand once,
+/// x̃_i = x_i(1 + δ_i), c̃_i = c_i(1 + ε_i) with |δ_i|, |ε_i| ≤ u_op (`operand_roundoff`: 2^-11
+/// for tf32, 2^-8 for bf16; both round-to-nearest, ties away or to even, whose error is at most
+/// half an ulp either way). Then x̃_i c̃_i − x_i c_i = x_i c_i((1 + δ_i)(1 + ε_i) − 1), and
+/// |(1 + δ)(1 + ε) − 1| ≤ 2u_op + u_op², so
+///
+///   |Σ x̃_i c̃_i − Σ x_i c_i| ≤ (2u_op + u_op²)·Σ|x_i c_i| ≤ (2u_op + u_op²)·||x||·||c_k||,
+///
+/// independent of D. The f32 accumulation of the rounded products adds γ_D·Σ|x̃_i c̃_i| ≤
+/// γ_D·(1 + u_op)²·||x||·||c_k||. The products of two tf32 or two bf16 values are exact in f32
+/// (11 + 11 and 8 + 8 significant bits ≤ 24), so the accumulation is the only f32 rounding of
+/// the dot product. Tensor cores do not round like IEEE f32 adds: the published measurements
+/// (Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ CS
+/// 2021) show truncation (round toward zero: relative error < 2·2^-24) and operands aligned to
+/// the largest exponent of each block sum without guard bits, which at most doubles the error
+/// per accumulated term again. The tensor-core models therefore take u = 2^-22 (four times
+/// f32's unit roundoff) for every accumulation and epilogue rounding, so the same γ formula
+/// covers them. Altogether
+///
+///   |s̃_k − s_k| ≤ γ·||c_max||² + 2||x||·||c_max||·(γ(1 + u_op)² + 2u_op + u_op²) + η,
+///
+/// with η = 2·2^-124·(√D·(||x|| + ||c_max||) + D) for operands or products that underflow
+/// (flushed to zero, or rounded as subnormals): each contributes an absolute error below 2^-126
+/// per operand or product. (η is about 10^-37: it matters only for all-but-zero data.)
+///
+/// **The recheck.** The winner can only be wrong when the runner-up's score is within twice that
+/// bound of the winner's, so those rows, and only those, are recomputed by [`exact_row`] in f64
+/// (products of f32 values are exact in f64: stricter than the f32 recomputation SPEC §1 asks
+/// for).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RoundingModel {
-    /// Unit roundoff of the arithmetic that produced the scores (2^-24 for f32).
+    /// Unit roundoff of the arithmetic that accumulated the scores (2^-24 for f32).
     pub unit_roundoff: f64,
     /// Extra terms of error per score beyond D (normalisation, the norm term).
     pub extra_terms: f64,
+    /// Unit roundoff of the one rounding each operand gets before the products (0 for f32
+    /// operands, 2^-11 for tf32, 2^-8 for bf16).
+    pub operand_roundoff: f64,
 }
 
 impl RoundingModel {
@@ -149,6 +258,19 @@ impl RoundingModel {
     pub const F32: RoundingModel = RoundingModel {
         unit_roundoff: 1.0 / 16_777_216.0,
         extra_terms: 8.0,
+        operand_roundoff: 0.0,
+    };
+    /// Operands rounded to tf32 (u = 2^-11), accumulated on tensor cores (u = 2^-22, see above).
+    pub const TF32: RoundingModel = RoundingModel {
+        unit_roundoff: 1.0 / 4_194_304.0,
+        extra_terms: 8.0,
+        operand_roundoff: 1.0 / 2048.0,
+    };
+    /// Operands rounded to bf16 (u = 2^-8), accumulated on tensor cores (u = 2^-22).
+    pub const BF16: RoundingModel = RoundingModel {
+        unit_roundoff: 1.0 / 4_194_304.0,
+        extra_terms: 8.0,
+        operand_roundoff: 1.0 / 256.0,
     };
 }
 
@@ -207,11 +329,18 @@ impl Prepared {
         &self.norms
     }
 
-    /// Largest error of any one score of a row whose norm is `x_norm`.
-    fn score_error(&self, x_norm: f64, model: RoundingModel) -> f64 {
-        let nu = (self.dim as f64 + model.extra_terms) * model.unit_roundoff;
+    /// Largest error of any one score of a row whose norm is `x_norm` (the bound derived at
+    /// [`RoundingModel`]).
+    pub fn score_error(&self, x_norm: f64, model: RoundingModel) -> f64 {
+        let d = self.dim as f64;
+        let nu = (d + model.extra_terms) * model.unit_roundoff;
         let gamma = nu / (1.0 - nu).max(f64::MIN_POSITIVE);
-        gamma * (self.max_code_norm * self.max_code_norm + 2.0 * x_norm * self.max_code_norm)
+        let uo = model.operand_roundoff;
+        let cm = self.max_code_norm;
+        let dot = gamma * (1.0 + uo) * (1.0 + uo) + 2.0 * uo + uo * uo;
+        // Underflow: below 2^-126 per operand or product, scaled by Cauchy–Schwarz.
+        let eta = 2.0 * 2f64.powi(-124) * (d.sqrt() * (x_norm + cm) + d);
+        gamma * cm * cm + 2.0 * x_norm * cm * dot + eta
     }
 }
 
@@ -254,6 +383,12 @@ pub fn finish(
                 *index = k;
                 *dist = d as f32;
                 1
+            } else if model.operand_roundoff > 0.0 {
+                // Low-precision scores locate the winner but carry the operands' rounding
+                // (relative 2^-8 for bf16): the reported distance is recomputed exactly for
+                // the winning code alone (O(D) per row).
+                *dist = exact_distance(xr, codebook.row(*index as usize), prepared.metric) as f32;
+                0
             } else {
                 *dist = match prepared.metric {
                     Metric::L2 => (x_norm_sq + b).max(0.0) as f32,
@@ -279,19 +414,28 @@ pub fn exact_row(x: &[f32], codebook: MatRef<'_>, metric: Metric) -> (u32, f64) 
     let mut best = (0u32, f64::INFINITY);
     let x_inv = inv_norm_f64(x);
     for k in 0..codebook.rows() {
-        let c = codebook.row(k);
-        let d = match metric {
-            Metric::L2 => sum_lanes(x, c, |a, b| {
-                let t = a - b;
-                t * t
-            }),
-            Metric::Cosine => 1.0 - sum_lanes(x, c, |a, b| a * b) * x_inv * inv_norm_f64(c),
-        };
+        let d = distance_with(x, x_inv, codebook.row(k), metric);
         if d < best.1 {
             best = (k as u32, d);
         }
     }
     (best.0, best.1.max(0.0))
+}
+
+/// The distance [`exact_row`] computes between `x` and one code, clamped at 0.
+pub fn exact_distance(x: &[f32], c: &[f32], metric: Metric) -> f64 {
+    distance_with(x, inv_norm_f64(x), c, metric).max(0.0)
+}
+
+#[inline]
+fn distance_with(x: &[f32], x_inv: f64, c: &[f32], metric: Metric) -> f64 {
+    match metric {
+        Metric::L2 => sum_lanes(x, c, |a, b| {
+            let t = a - b;
+            t * t
+        }),
+        Metric::Cosine => 1.0 - sum_lanes(x, c, |a, b| a * b) * x_inv * inv_norm_f64(c),
+    }
 }
 
 /// Σ_i f(x_i, c_i) in f64 with 8 independent accumulators (a fixed order, so the result is
