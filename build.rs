@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// One PTX module per op family; cuda.rs expects exactly these names.
-const KERNELS: [&str; 4] = ["nearest", "gather", "ema", "usage"];
+const KERNELS: [&str; 5] = ["nearest", "nearest_tc", "gather", "ema", "usage"];
 /// The virtual architecture the PTX targets.
 const ARCH: &str = "compute_80";
 
