@@ -155,6 +155,14 @@ pub struct ShapeResult {
     pub scaled: bool,
     pub timed_with: &'static str,
     pub primitives: Vec<PrimitiveResult>,
+    /// CUDA only: median wall-clock ms of the whole `nearest` call (upload, kernel, download,
+    /// the host recheck of [`crate::nearest::finish`]) — what decides whether a low-precision
+    /// kernel beats the exact one once its rechecks are paid for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nearest_end_to_end_ms: Option<f64>,
+    /// CUDA only: rows `nearest` rechecked exactly on this shape's data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rechecked_rows: Option<usize>,
 }
 
 /// Everything `vqx bench` prints.
@@ -202,12 +210,15 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
             codes: codebook.rows(),
         };
         let times = backend.time_primitives(x.as_ref(), codebook.as_ref(), cfg.metric, cfg.reps)?;
+        let (e2e, rechecked) = end_to_end(backend, x, codebook, cfg)?;
         results.push(ShapeResult {
             requested: shape,
             shape,
             scaled: false,
             timed_with: times.timed_with,
             primitives: primitive_results(shape, &times, &floors),
+            nearest_end_to_end_ms: e2e,
+            rechecked_rows: rechecked,
         });
     }
     let shapes = if cfg.data.is_some() {
@@ -226,12 +237,15 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
         let x = random_matrix(shape.n, shape.dim, seed);
         let codebook = random_matrix(shape.codes, shape.dim, seed ^ 0xc0de_b00c);
         let times = backend.time_primitives(x.as_ref(), codebook.as_ref(), cfg.metric, cfg.reps)?;
+        let (e2e, rechecked) = end_to_end(backend, &x, &codebook, cfg)?;
         results.push(ShapeResult {
             requested,
             shape,
             scaled,
             timed_with: times.timed_with,
             primitives: primitive_results(shape, &times, &floors),
+            nearest_end_to_end_ms: e2e,
+            rechecked_rows: rechecked,
         });
     }
     Ok(BenchReport {
@@ -246,6 +260,27 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
         floors,
         results,
     })
+}
+
+/// On CUDA: the whole `nearest` call timed with a wall clock (median of `cfg.reps` after a
+/// warm-up) and the rows it rechecked; `None` elsewhere (the CPU's `nearest` time already is
+/// the whole call).
+fn end_to_end(
+    backend: &dyn Backend,
+    x: &Matrix,
+    codebook: &Matrix,
+    cfg: &BenchConfig,
+) -> Result<(Option<f64>, Option<usize>)> {
+    if backend.name() != "cuda" {
+        return Ok((None, None));
+    }
+    let a = backend.nearest(x.as_ref(), codebook.as_ref(), cfg.metric)?;
+    let t = crate::backend::median_secs(cfg.reps, || {
+        backend
+            .nearest(x.as_ref(), codebook.as_ref(), cfg.metric)
+            .map(drop)
+    })?;
+    Ok((Some(t * 1e3), Some(a.rechecked)))
 }
 
 /// `shape` with N capped so one nearest call is at most [`CPU_FLOP_CAP`] flops (at least 1 row).
@@ -492,6 +527,15 @@ impl BenchReport {
                     rate,
                     p.floor_ms,
                     100.0 * p.floor_fraction
+                );
+            }
+            if let (Some(ms), Some(rc)) = (r.nearest_end_to_end_ms, r.rechecked_rows) {
+                let _ = writeln!(
+                    s,
+                    "  nearest end to end (upload, kernel, download, recheck): {ms:.3} ms, \
+                     {rc} of {} rows rechecked ({:.2}%)",
+                    sh.n,
+                    100.0 * rc as f64 / sh.n.max(1) as f64
                 );
             }
         }

@@ -664,3 +664,30 @@ fn bench_on_given_files() {
     let o = vqx(&["bench", "--input", &x, "--codebook", &c7, "--device", "cpu"]);
     expect_error(&o, &["6 columns", "7 columns"]);
 }
+
+#[test]
+fn low_precision_on_the_cpu_is_refused_with_advice() {
+    let case = Case::new();
+    let xp = case.write("x.npy", &uniform(10, 4, 1));
+    let cp = case.write("c.npy", &uniform(8, 4, 2));
+    for p in ["tf32", "bf16"] {
+        let o = vqx(&[
+            "quantize",
+            "-c",
+            &cp,
+            "-i",
+            &xp,
+            "-o",
+            &case.s("o.npy"),
+            "--device",
+            "cpu",
+            "--precision",
+            p,
+        ]);
+        expect_error(&o, &[p, "CUDA", "--precision exact"]);
+        let o = vqx(&["bench", "--device", "cpu", "--precision", p]);
+        expect_error(&o, &[p, "CUDA", "--precision exact"]);
+    }
+    let o = vqx(&["bench", "--precision", "fp8"]);
+    expect_error(&o, &["fp8"]);
+}

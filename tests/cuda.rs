@@ -21,7 +21,7 @@ use std::io::Write;
 use vqx::backend::cuda::{self, CudaBackend};
 use vqx::backend::{Backend, CpuBackend};
 use vqx::ema::SumMode;
-use vqx::nearest::{self, Metric, Prepared};
+use vqx::nearest::{self, Metric, Precision, Prepared};
 use vqx::{MatRef, Matrix};
 
 const SEEDS: [u64; 3] = [1, 2, 3];
@@ -110,6 +110,79 @@ fn nearest_l2_matches_cpu() {
 #[test]
 fn nearest_cosine_matches_cpu() {
     check_nearest("nearest_cosine_matches_cpu", Metric::Cosine);
+}
+
+/// The tensor-core kernels (tf32, bf16) with their recheck against the CPU's exact indices, at
+/// sizes straddling their 128-row blocks, 128-code tiles and 16/32-dim chunks (D % 4 ≠ 0 takes
+/// the scalar loads), on uniform and shifted (offset 30: large norms, small differences) data.
+fn check_nearest_low_precision(test: &str, metric: Metric) {
+    let Some(gpu) = gpu(test) else { return };
+    let cpu = CpuBackend::new();
+    for precision in [Precision::Tf32, Precision::Bf16] {
+        let gpu = CudaBackend::new(0).unwrap().with_precision(precision);
+        assert_eq!(gpu.precision(), precision);
+        for (n, d, k) in NEAREST_SHAPES {
+            for (seed, shift) in [(1u64, 0.0f32), (2, 30.0)] {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (n * 31 + d * 7 + k) as u64);
+                let mut x = random(n, d, &mut rng);
+                let mut c = random(k, d, &mut rng);
+                x.data_mut().iter_mut().for_each(|v| *v += shift);
+                c.data_mut().iter_mut().for_each(|v| *v += shift);
+                let want = cpu.nearest(x.as_ref(), c.as_ref(), metric).unwrap();
+                let got = gpu.nearest(x.as_ref(), c.as_ref(), metric).unwrap();
+                let ctx =
+                    format!("{test}: {precision} N={n} D={d} K={k} seed={seed} shift={shift}");
+                assert_eq!(got.indices, want.indices, "{ctx}: indices");
+                for r in 0..n {
+                    assert!(
+                        close(got.distances[r], want.distances[r], 1e-5, 1e-5),
+                        "{ctx}: row {r}: cuda distance {} vs cpu {}",
+                        got.distances[r],
+                        want.distances[r]
+                    );
+                }
+                // The raw candidates: what nearest::emulate predicts, up to the summation order.
+                let prepared = Prepared::new(c.as_ref(), metric);
+                let raw = gpu
+                    .candidates_with_precision(x.as_ref(), c.as_ref(), &prepared, precision)
+                    .unwrap();
+                let emu =
+                    nearest::emulate::candidates(x.as_ref(), c.as_ref(), &prepared, precision);
+                // Same operands, different summation order: within twice the accumulation
+                // part of the bound (the model without its operand term).
+                let acc_only = nearest::RoundingModel {
+                    operand_roundoff: 0.0,
+                    ..precision.model()
+                };
+                for r in 0..n {
+                    let x_norm = match metric {
+                        Metric::L2 => x.row(r).iter().map(|&v| v as f64 * v as f64).sum::<f64>(),
+                        Metric::Cosine => 1.0,
+                    }
+                    .sqrt();
+                    let tol = 2.0 * prepared.score_error(x_norm, acc_only) + 1e-30;
+                    let diff = (raw.best_score[r] as f64 - emu.best_score[r] as f64).abs();
+                    assert!(
+                        diff <= tol,
+                        "{ctx}: row {r}: kernel best score {} vs emulated {} (tolerance {tol:e})",
+                        raw.best_score[r],
+                        emu.best_score[r]
+                    );
+                }
+            }
+        }
+    }
+    drop(gpu);
+}
+
+#[test]
+fn nearest_tf32_bf16_match_cpu_l2() {
+    check_nearest_low_precision("nearest_tf32_bf16_match_cpu_l2", Metric::L2);
+}
+
+#[test]
+fn nearest_tf32_bf16_match_cpu_cosine() {
+    check_nearest_low_precision("nearest_tf32_bf16_match_cpu_cosine", Metric::Cosine);
 }
 
 /// The raw kernel output (before the f64 recheck) against the CPU twin's: where the CPU's margin

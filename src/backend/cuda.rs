@@ -12,7 +12,7 @@ use super::{Backend, PrimitiveTimes};
 use crate::ema::{self, CodeSums, SumMode};
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
-use crate::nearest::{self, Assignment, Candidates, Metric, Prepared};
+use crate::nearest::{self, Assignment, Candidates, Metric, Precision, Prepared};
 use crate::{gather, usage};
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{
@@ -30,10 +30,14 @@ const KERNELS_STATUS: &str = env!("VQX_KERNELS_STATUS");
 
 /// The PTX of each module, by op family: (module, source text).
 #[cfg(vqx_kernels)]
-const PTX: Option<[(&str, &str); 4]> = Some([
+const PTX: Option<[(&str, &str); 5]> = Some([
     (
         "nearest",
         include_str!(concat!(env!("OUT_DIR"), "/nearest.ptx")),
+    ),
+    (
+        "nearest_tc",
+        include_str!(concat!(env!("OUT_DIR"), "/nearest_tc.ptx")),
     ),
     (
         "gather",
@@ -46,7 +50,7 @@ const PTX: Option<[(&str, &str); 4]> = Some([
     ),
 ]);
 #[cfg(not(vqx_kernels))]
-const PTX: Option<[(&str, &str); 4]> = None;
+const PTX: Option<[(&str, &str); 5]> = None;
 
 /// Rows per block of `nearest_f32` (NEAREST_BM in kernels/nearest.cu).
 pub const NEAREST_ROWS_PER_BLOCK: usize = 128;
@@ -54,8 +58,12 @@ pub const NEAREST_ROWS_PER_BLOCK: usize = 128;
 pub const NEAREST_CODES_PER_TILE: usize = 128;
 /// Dimensions per shared-memory chunk of `nearest_f32` (NEAREST_BK in kernels/nearest.cu).
 pub const NEAREST_DIM_CHUNK: usize = 8;
-/// Threads per block of `nearest_f32` (fixed by the kernel's thread mapping).
+/// Threads per block of `nearest_f32`, `nearest_tf32` and `nearest_bf16` (fixed by the
+/// kernels' thread mappings).
 const NEAREST_THREADS: u32 = 256;
+/// Rows per block of the tensor-core kernels `nearest_tf32` / `nearest_bf16` (TC_BM in
+/// kernels/nearest_tc.cu).
+pub const NEAREST_TC_ROWS_PER_BLOCK: usize = 128;
 /// Threads per block of the grid-stride kernels.
 const BLOCK: u32 = 256;
 /// Largest per-block histogram `usage_u32` keeps in shared memory, in codes (48 KiB of u32).
@@ -141,6 +149,8 @@ impl<T> OrCuda<T> for std::result::Result<T, DriverError> {
 /// The kernels, loaded once per backend.
 struct Kernels {
     nearest_f32: CudaFunction,
+    nearest_tf32: CudaFunction,
+    nearest_bf16: CudaFunction,
     gather_f32: CudaFunction,
     gather_f32x4: CudaFunction,
     ema_sums_atomic_f32: CudaFunction,
@@ -169,6 +179,8 @@ impl Kernels {
         };
         Ok(Kernels {
             nearest_f32: func("nearest", "nearest_f32")?,
+            nearest_tf32: func("nearest_tc", "nearest_tf32")?,
+            nearest_bf16: func("nearest_tc", "nearest_bf16")?,
             gather_f32: func("gather", "gather_f32")?,
             gather_f32x4: func("gather", "gather_f32x4")?,
             ema_sums_atomic_f32: func("ema", "ema_sums_atomic_f32")?,
@@ -179,8 +191,13 @@ impl Kernels {
 }
 
 /// Runs the four primitives on one CUDA device (the default stream of its primary context).
+///
+/// `nearest` scores at the backend's [`Precision`] (exact f32 unless [`Self::with_precision`]
+/// says otherwise); whatever the precision, rows whose margin is inside its rounding bound are
+/// recomputed exactly, so the indices are the same.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
+    precision: Precision,
     stream: Arc<CudaStream>,
     kernels: Kernels,
     name: String,
@@ -221,12 +238,26 @@ impl CudaBackend {
             .max(1) as u32;
         Ok(CudaBackend {
             ctx,
+            precision: Precision::Exact,
             stream,
             kernels,
             name,
             compute_capability,
             sm_count,
         })
+    }
+
+    /// This backend with `nearest` scoring at `precision`: [`Precision::Exact`] runs
+    /// `nearest_f32`, [`Precision::Tf32`] / [`Precision::Bf16`] the tensor-core kernels of
+    /// kernels/nearest_tc.cu, re-checked against their wider rounding bound.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The precision `nearest` scores at.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
@@ -261,8 +292,8 @@ impl CudaBackend {
             .op(&format!("downloading {what} ({} elements)", v.len()))
     }
 
-    /// Per-row candidates of the fused kernel, before [`nearest::finish`]: `x` is the raw
-    /// input (normalised here for cosine), `prepared` comes from the same codebook.
+    /// Per-row candidates of the fused exact-f32 kernel, before [`nearest::finish`]: `x` is
+    /// the raw input (normalised here for cosine), `prepared` comes from the same codebook.
     ///
     /// Inputs must already be validated with [`nearest::validate`].
     pub fn candidates(
@@ -270,6 +301,22 @@ impl CudaBackend {
         x: MatRef<'_>,
         codebook: MatRef<'_>,
         prepared: &Prepared,
+    ) -> Result<Candidates> {
+        self.candidates_with_precision(x, codebook, prepared, Precision::Exact)
+    }
+
+    /// Per-row candidates of the kernel for `precision` (`nearest_f32`, `nearest_tf32` or
+    /// `nearest_bf16`), before [`nearest::finish`], which must then use
+    /// [`Precision::model`]`(precision)`. The operands are uploaded in f32; the tensor-core
+    /// kernels round them as they stage them to shared memory (no conversion kernel).
+    ///
+    /// Inputs must already be validated with [`nearest::validate`].
+    pub fn candidates_with_precision(
+        &self,
+        x: MatRef<'_>,
+        codebook: MatRef<'_>,
+        prepared: &Prepared,
+        precision: Precision,
     ) -> Result<Candidates> {
         let n = x.rows();
         let scored = prepared.scored(codebook);
@@ -285,7 +332,16 @@ impl CudaBackend {
         let c_d = self.upload("codebook", scored.data())?;
         let norms_d = self.upload("code norms", prepared.norms())?;
         let mut out = NearestOut::new(self, n)?;
-        self.launch_nearest(&x_d, &c_d, &norms_d, &mut out, n, scored.rows(), x.cols())?;
+        self.launch_nearest(
+            precision,
+            &x_d,
+            &c_d,
+            &norms_d,
+            &mut out,
+            n,
+            scored.rows(),
+            x.cols(),
+        )?;
         Ok(Candidates {
             best: self.download("best indices", &out.best)?,
             best_score: self.download("best scores", &out.best_score)?,
@@ -296,6 +352,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn launch_nearest(
         &self,
+        precision: Precision,
         x: &CudaSlice<f32>,
         codebook: &CudaSlice<f32>,
         norms: &CudaSlice<f32>,
@@ -304,8 +361,24 @@ impl CudaBackend {
         k: usize,
         d: usize,
     ) -> Result<()> {
-        const OP: &str = "nearest_f32";
-        let blocks = n.div_ceil(NEAREST_ROWS_PER_BLOCK);
+        let (f, op, rows_per_block) = match precision {
+            Precision::Exact => (
+                &self.kernels.nearest_f32,
+                "nearest_f32",
+                NEAREST_ROWS_PER_BLOCK,
+            ),
+            Precision::Tf32 => (
+                &self.kernels.nearest_tf32,
+                "nearest_tf32",
+                NEAREST_TC_ROWS_PER_BLOCK,
+            ),
+            Precision::Bf16 => (
+                &self.kernels.nearest_bf16,
+                "nearest_bf16",
+                NEAREST_TC_ROWS_PER_BLOCK,
+            ),
+        };
+        let blocks = n.div_ceil(rows_per_block);
         let blocks = u32::try_from(blocks)
             .ok()
             .filter(|&b| b <= i32::MAX as u32)
@@ -318,7 +391,7 @@ impl CudaBackend {
             block_dim: (NEAREST_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.kernels.nearest_f32);
+        let mut b = self.stream.launch_builder(f);
         b.arg(x)
             .arg(codebook)
             .arg(norms)
@@ -328,11 +401,14 @@ impl CudaBackend {
             .arg(&n64)
             .arg(&k64)
             .arg(&d32);
-        // SAFETY: the argument list matches nearest_f32's signature (3 const f32 pointers,
-        // u32/f32/f32 outputs, i64 n, i64 k, i32 d). x holds n·d, codebook k·d and norms k
-        // floats; each output holds n elements. The kernel reads rows < n and codes < k only and
-        // writes outputs[r] for r < n only; block = 256 threads is the shape it is written for.
-        unsafe { b.launch(cfg) }.op(OP)?;
+        // SAFETY: the argument list matches the signature shared by nearest_f32, nearest_tf32
+        // and nearest_bf16 (3 const f32 pointers, u32/f32/f32 outputs, i64 n, i64 k, i32 d).
+        // x holds n·d, codebook k·d and norms k floats; each output holds n elements. The
+        // kernels read rows < n and codes < k only (16-byte loads only when d % 4 == 0, on
+        // cudarc's 256-byte-aligned allocations, at offsets that are multiples of 4 floats) and
+        // write outputs[r] for r < n only; block = 256 threads and grid = ceil(n / 128) blocks
+        // are the shapes they are written for; all use static shared memory only (≤ 46 KiB).
+        unsafe { b.launch(cfg) }.op(op)?;
         Ok(())
     }
 
@@ -524,15 +600,23 @@ impl Backend for CudaBackend {
     fn describe(&self) -> String {
         let (major, minor) = self.compute_capability;
         format!(
-            "cuda: {}, compute capability {major}.{minor}, {} SMs; exact f32 SIMT kernels \
-             (PTX compute_80, JIT-loaded)",
-            self.name, self.sm_count
+            "cuda: {}, compute capability {major}.{minor}, {} SMs; nearest at precision {} \
+             ({}; PTX compute_80, JIT-loaded)",
+            self.name,
+            self.sm_count,
+            self.precision,
+            match self.precision {
+                Precision::Exact => "exact f32 SIMT kernel",
+                Precision::Tf32 | Precision::Bf16 => {
+                    "tensor-core kernel, margins inside the bound rechecked exactly"
+                }
+            }
         )
     }
 
     fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment> {
-        nearest::search(x, codebook, metric, |prepared| {
-            self.candidates(x, codebook, prepared)
+        nearest::search_with_precision(x, codebook, metric, self.precision, |prepared| {
+            self.candidates_with_precision(x, codebook, prepared, self.precision)
         })
     }
 
@@ -621,10 +705,10 @@ impl Backend for CudaBackend {
         let mut out = NearestOut::new(self, n)?;
 
         let t_nearest = self.time_events(
-            "timing nearest_f32",
+            &format!("timing nearest ({})", self.precision),
             reps,
             || Ok(()),
-            || self.launch_nearest(&x_d, &c_d, &norms_d, &mut out, n, k, d),
+            || self.launch_nearest(self.precision, &x_d, &c_d, &norms_d, &mut out, n, k, d),
         )?;
 
         let idx_d = &out.best;

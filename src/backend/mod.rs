@@ -13,7 +13,7 @@ pub use cuda::{CudaBackend, CudaStatus};
 use crate::ema::{CodeSums, SumMode};
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
-use crate::nearest::{Assignment, Metric};
+use crate::nearest::{Assignment, Metric, Precision};
 use std::fmt;
 use std::str::FromStr;
 use std::time::Instant;
@@ -152,6 +152,32 @@ pub fn select(device: Device) -> Result<Box<dyn Backend>> {
         Device::Auto => match CudaBackend::new(0) {
             Ok(b) => Ok(Box::new(b)),
             Err(_) => Ok(Box::new(CpuBackend::new())),
+        },
+    }
+}
+
+/// The backend for `device` with `nearest` scoring at `precision`.
+///
+/// [`Precision::Exact`] is [`select`]. Tf32 and bf16 exist only on CUDA (tensor cores): with
+/// `Device::Cpu`, or `Device::Auto` where CUDA cannot run, they are refused with
+/// [`Error::InvalidArgument`] saying why (the CPU kernels compute exact f32 scores already;
+/// `nearest::emulate` is a slow test oracle, not a backend).
+pub fn select_with_precision(device: Device, precision: Precision) -> Result<Box<dyn Backend>> {
+    if precision == Precision::Exact {
+        return select(device);
+    }
+    let refuse = |why: String| {
+        Error::InvalidArgument(format!(
+            "--precision {precision} needs the CUDA backend (tensor cores); {why}. \
+             Use --precision exact on the CPU."
+        ))
+    };
+    match device {
+        Device::Cpu => Err(refuse("--device cpu was asked for".into())),
+        Device::Cuda | Device::Auto => match CudaBackend::new(0) {
+            Ok(b) => Ok(Box::new(b.with_precision(precision))),
+            Err(e) if device == Device::Auto => Err(refuse(format!("CUDA is unavailable: {e}"))),
+            Err(e) => Err(e),
         },
     }
 }

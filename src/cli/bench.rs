@@ -1,8 +1,9 @@
 //! `vqx bench`: time the primitives against the machine's floors.
 
 use std::path::PathBuf;
-use vqx::backend::{Backend, CpuBackend, Device, select};
+use vqx::backend::{Backend, CpuBackend, Device, select_with_precision};
 use vqx::bench::{BenchConfig, BenchShape};
+use vqx::nearest::Precision;
 use vqx::nearest::cpu::CpuKernel;
 use vqx::{Error, Metric, Result};
 
@@ -33,6 +34,12 @@ pub struct Args {
     /// Backend: auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// Arithmetic of the nearest-code scores: exact (f32), tf32 or bf16 (tensor cores, CUDA
+    /// only; refused on the CPU). Every precision returns the exact indices: rows whose margin
+    /// is inside the precision's rounding bound are recomputed exactly. Default exact, until a
+    /// GPU run shows a re-checked tensor-core path is faster (docs/gpu.md).
+    #[arg(long, default_value = "exact")]
+    pub precision: Precision,
     /// Timed runs per primitive (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
@@ -76,7 +83,14 @@ pub fn run(args: Args) -> Result<()> {
         cfg.data = Some((x, codebook));
     }
     let backend: Box<dyn Backend> = match (args.device, args.cpu_kernel) {
-        (_, CpuKernel::Auto) => select(args.device)?,
+        (_, CpuKernel::Auto) => select_with_precision(args.device, args.precision)?,
+        (Device::Cpu, _) if args.precision != Precision::Exact => {
+            return Err(Error::InvalidArgument(format!(
+                "--precision {} needs the CUDA backend (tensor cores); --device cpu was asked \
+                 for. Use --precision exact on the CPU.",
+                args.precision
+            )));
+        }
         (Device::Cpu, kernel) => Box::new(CpuBackend::with_kernel(kernel)),
         (device, kernel) => {
             return Err(Error::InvalidArgument(format!(

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
-use vqx::backend::{Device, select};
+use vqx::backend::{Device, select_with_precision};
+use vqx::nearest::Precision;
 use vqx::npy::{NpyMatrixReader, NpyStreamWriter};
 use vqx::usage::UsageSummary;
 use vqx::{Error, Matrix, Metric, Result};
@@ -35,6 +36,12 @@ pub struct Args {
     /// Backend: auto (CUDA when available), cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// Arithmetic of the nearest-code scores: exact (f32), tf32 or bf16 (tensor cores, CUDA
+    /// only; refused on the CPU). Every precision returns the exact indices: rows whose margin
+    /// is inside the precision's rounding bound are recomputed exactly. Default exact, until a
+    /// GPU run shows a re-checked tensor-core path is faster (docs/gpu.md).
+    #[arg(long, default_value = "exact")]
+    pub precision: Precision,
     /// Rows per chunk (default: about 256 MiB of f32 input).
     #[arg(long)]
     pub chunk_rows: Option<usize>,
@@ -105,7 +112,7 @@ pub fn run(args: Args) -> Result<()> {
             got: format!("input {} of shape {n} × {input_d}", args.input.display()),
         });
     }
-    let backend = select(args.device)?;
+    let backend = select_with_precision(args.device, args.precision)?;
     let chunk_rows = args
         .chunk_rows
         .unwrap_or_else(|| (DEFAULT_CHUNK_BYTES / (4 * d)).max(1))
