@@ -36,28 +36,7 @@
 #define NEAREST_PAD 4    // keeps the transposed shared stores free of bank conflicts
 #define NEAREST_THREADS 256
 
-struct Cand {
-    unsigned int idx;
-    float best;
-    float second;
-};
-
-// Merge of two candidates over disjoint code sets: the smaller score wins, the smaller index on
-// equal scores; the runner-up is the smallest of the loser's best and the winner's runner-up.
-__device__ __forceinline__ Cand merge_cand(Cand a, Cand b) {
-    const bool b_wins = (b.best < a.best) || (b.best == a.best && b.idx < a.idx);
-    Cand r;
-    if (b_wins) {
-        r.idx = b.idx;
-        r.best = b.best;
-        r.second = fminf(b.second, a.best);
-    } else {
-        r.idx = a.idx;
-        r.best = a.best;
-        r.second = fminf(a.second, b.best);
-    }
-    return r;
-}
+#include "candidates.cuh"
 
 extern "C" __global__ void __launch_bounds__(NEAREST_THREADS, 2)
 nearest_f32(const float* __restrict__ x,

@@ -56,27 +56,7 @@
 #define TC_MIN_BLOCKS 1
 #endif
 
-struct TcCand {
-    unsigned int idx;
-    float best;
-    float second;
-};
-
-// Merge of two candidates over disjoint code sets (as merge_cand in nearest.cu).
-__device__ __forceinline__ TcCand tc_merge(TcCand a, TcCand b) {
-    const bool b_wins = (b.best < a.best) || (b.best == a.best && b.idx < a.idx);
-    TcCand r;
-    if (b_wins) {
-        r.idx = b.idx;
-        r.best = b.best;
-        r.second = fminf(b.second, a.best);
-    } else {
-        r.idx = a.idx;
-        r.best = a.best;
-        r.second = fminf(a.second, b.best);
-    }
-    return r;
-}
+#include "candidates.cuh"
 
 __device__ __forceinline__ unsigned int to_tf32(float v) {
     unsigned int r;
@@ -291,14 +271,14 @@ __device__ __forceinline__ void nearest_tc_body(const float* __restrict__ x,
     // The 4 lanes of a group (t4 = 0..3) hold the same rows: merge by shuffles.
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        TcCand c = {bi[i], bs[i], ss[i]};
+        Cand c = {bi[i], bs[i], ss[i]};
 #pragma unroll
         for (int off = 1; off < 4; off <<= 1) {
-            TcCand o;
+            Cand o;
             o.idx = __shfl_xor_sync(0xffffffffu, c.idx, off);
             o.best = __shfl_xor_sync(0xffffffffu, c.best, off);
             o.second = __shfl_xor_sync(0xffffffffu, c.second, off);
-            c = tc_merge(c, o);
+            c = merge_cand(c, o);
         }
         if (t4 == 0) {
             const int r = wm * 64 + (i >> 1) * 16 + g + (i & 1) * 8;
@@ -310,11 +290,11 @@ __device__ __forceinline__ void nearest_tc_body(const float* __restrict__ x,
     __syncthreads();
     // Then across the 4 code warps, in a fixed order.
     if (tid < TC_BM && tid < rows_here) {
-        TcCand c = {m_idx[0][tid], m_best[0][tid], m_second[0][tid]};
+        Cand c = {m_idx[0][tid], m_best[0][tid], m_second[0][tid]};
 #pragma unroll
         for (int q = 1; q < 4; ++q) {
-            const TcCand o = {m_idx[q][tid], m_best[q][tid], m_second[q][tid]};
-            c = tc_merge(c, o);
+            const Cand o = {m_idx[q][tid], m_best[q][tid], m_second[q][tid]};
+            c = merge_cand(c, o);
         }
         const long long r = row0 + tid;
         best_out[r] = c.idx;
