@@ -283,6 +283,27 @@ fn bad_input_is_a_typed_error(b: CpuBackend) {
     );
 
     assert!(matches!(MatRef::new(&x, 3, 3), Err(Error::Shape { .. })));
+
+    // Finite but so large that f32 scores would overflow: an error, not a silent index.
+    let mut huge = x.clone();
+    huge[2] = 3e18;
+    let err = b
+        .nearest(MatRef::new(&huge, 2, 3).unwrap(), cm, Metric::L2)
+        .unwrap_err();
+    assert!(err.to_string().contains("overflow"), "{err}");
+    // Large but safe values still work exactly.
+    let big: Vec<f32> = x.iter().map(|v| v * 1e17).collect();
+    let bigc: Vec<f32> = c.iter().map(|v| v * 1e17).collect();
+    let (bx, bc) = (
+        MatRef::new(&big, 2, 3).unwrap(),
+        MatRef::new(&bigc, 4, 3).unwrap(),
+    );
+    let got = b.nearest(bx, bc, Metric::L2).unwrap();
+    let want: Vec<u32> = vqx::reference::nearest(bx, bc, Metric::L2)
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(got.indices, want);
 }
 
 /// Every test above, once per CPU kernel. On a CPU without AVX-512F the `avx512` copies run the

@@ -97,6 +97,24 @@ pub fn validate(x: MatRef<'_>, codebook: MatRef<'_>) -> Result<()> {
     }
     codebook.check_finite("codebook")?;
     x.check_finite("input")?;
+    check_magnitude(x, codebook)
+}
+
+/// Largest |value| for which every f32 score, dot product and norm of a search stays finite:
+/// with |v| ≤ M, ||x||, ||c|| ≤ √D·M and |s| ≤ 3·D·M², kept below f32::MAX / 8.
+fn check_magnitude(x: MatRef<'_>, codebook: MatRef<'_>) -> Result<()> {
+    let max_abs = |m: MatRef<'_>| m.data().iter().fold(0f32, |a, &v| a.max(v.abs())) as f64;
+    let (mx, mc) = (max_abs(x), max_abs(codebook));
+    let m = mx.max(mc);
+    let limit = (f32::MAX as f64 / 8.0 / (3.0 * x.cols() as f64)).sqrt();
+    if m > limit {
+        let what = if mx >= mc { "input" } else { "codebook" };
+        return Err(Error::InvalidArgument(format!(
+            "{what} has a value of magnitude {m:e}: with D = {} the f32 distances would \
+             overflow (the limit is {limit:e}); scale the data down",
+            x.cols()
+        )));
+    }
     Ok(())
 }
 
@@ -378,7 +396,9 @@ pub fn finish(
             };
             let err = prepared.score_error(x_norm, model);
             let (b, s) = (best_score[row] as f64, second_score[row] as f64);
-            if s - b <= 2.0 * err {
+            // A NaN margin (a non-finite score) also takes the exact path.
+            let margin = s - b;
+            if margin.is_nan() || margin <= 2.0 * err {
                 let (k, d) = exact_row(xr, codebook, prepared.metric);
                 *index = k;
                 *dist = d as f32;
