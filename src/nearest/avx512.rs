@@ -108,74 +108,56 @@ impl LaneState {
 /// Panics if the CPU lacks AVX-512F: callers check [`available`] first.
 pub fn candidates(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
     assert!(available(), "AVX-512F path called on a CPU without it");
-    let n = x.rows();
     let d = x.cols();
     let packed = pack(prepared.scored(codebook), prepared.norms());
-    let cosine = prepared.metric() == super::Metric::Cosine;
     let tile_panels = (TILE_BYTES / (d * NR * 4)).max(1);
-    let mut out = Candidates {
-        best: vec![0; n],
-        best_score: vec![0.0; n],
-        second_score: vec![0.0; n],
-    };
-    out.best
-        .par_chunks_mut(ROW_BLOCK)
-        .zip(out.best_score.par_chunks_mut(ROW_BLOCK))
-        .zip(out.second_score.par_chunks_mut(ROW_BLOCK))
-        .enumerate()
-        .for_each_init(
-            || (vec![LaneState::START; ROW_BLOCK], Vec::<f32>::new()),
-            |(states, xbuf), (block, ((best, best_s), second_s))| {
-                let r0 = block * ROW_BLOCK;
-                let rows = best.len();
-                let xb = x.slice_rows(r0, r0 + rows);
-                let xs: &[f32] = if cosine {
-                    super::cpu::normalize_into(xb, xbuf);
-                    xbuf
-                } else {
-                    xb.data()
-                };
-                let states = &mut states[..rows];
-                states.fill(LaneState::START);
-                let mut p0 = 0;
-                while p0 < packed.panels {
-                    let p1 = (p0 + tile_panels).min(packed.panels);
-                    for g in (0..rows).step_by(MR) {
-                        let live = MR.min(rows - g);
-                        // Missing rows of a short last group repeat the group's first row; their
-                        // results are dropped.
-                        let ptrs: [*const f32; MR] = std::array::from_fn(|r| {
-                            let row = g + if r < live { r } else { 0 };
-                            xs[row * d..].as_ptr()
-                        });
-                        for p in p0..p1 {
-                            // SAFETY: available() was checked above; each pointer in `ptrs`
-                            // addresses a full row of d values of `xs`, the panel slice holds
-                            // d·NR values and the norms slice NR, and `states[g..g + live]`
-                            // is in bounds.
-                            unsafe {
-                                block_8x32(
-                                    &ptrs,
-                                    &packed.data[p * d * NR..(p + 1) * d * NR],
-                                    &packed.norms[p * NR..(p + 1) * NR],
-                                    (p * NR) as u32,
-                                    &mut states[g..g + live],
-                                    packed.dim,
-                                );
-                            }
+    super::cpu::for_each_row_block(
+        x,
+        prepared,
+        ROW_BLOCK,
+        || vec![LaneState::START; ROW_BLOCK],
+        |states, xs, out| {
+            let rows = out.best.len();
+            let states = &mut states[..rows];
+            states.fill(LaneState::START);
+            let mut p0 = 0;
+            while p0 < packed.panels {
+                let p1 = (p0 + tile_panels).min(packed.panels);
+                for g in (0..rows).step_by(MR) {
+                    let live = MR.min(rows - g);
+                    // Missing rows of a short last group repeat the group's first row; their
+                    // results are dropped.
+                    let ptrs: [*const f32; MR] = std::array::from_fn(|r| {
+                        let row = g + if r < live { r } else { 0 };
+                        xs[row * d..].as_ptr()
+                    });
+                    for p in p0..p1 {
+                        // SAFETY: available() was checked above; each pointer in `ptrs`
+                        // addresses a full row of d values of `xs`, the panel slice holds
+                        // d·NR values and the norms slice NR, and `states[g..g + live]`
+                        // is in bounds.
+                        unsafe {
+                            block_8x32(
+                                &ptrs,
+                                &packed.data[p * d * NR..(p + 1) * d * NR],
+                                &packed.norms[p * NR..(p + 1) * NR],
+                                (p * NR) as u32,
+                                &mut states[g..g + live],
+                                packed.dim,
+                            );
                         }
                     }
-                    p0 = p1;
                 }
-                for (r, s) in states.iter().enumerate() {
-                    let (i, b, sc) = s.reduce();
-                    best[r] = i;
-                    best_s[r] = b;
-                    second_s[r] = sc;
-                }
-            },
-        );
-    out
+                p0 = p1;
+            }
+            for (r, s) in states.iter().enumerate() {
+                let (i, b, sc) = s.reduce();
+                out.best[r] = i;
+                out.best_score[r] = b;
+                out.second_score[r] = sc;
+            }
+        },
+    )
 }
 
 /// Scores 8 rows against one 32-code panel over all d, then folds the scores

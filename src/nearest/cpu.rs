@@ -96,10 +96,83 @@ pub(crate) fn normalize_into(rows: MatRef<'_>, buf: &mut Vec<f32>) {
 }
 
 fn portable(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
-    let n = x.rows();
     let d = x.cols();
     let cb = prepared.scored(codebook);
     let norms = prepared.norms();
+    for_each_row_block(
+        x,
+        prepared,
+        ROW_BLOCK,
+        || vec![0f32; ROW_BLOCK * CODE_TILE],
+        |tile, xs, out| {
+            let rows = out.best.len();
+            out.best_score.fill(f32::INFINITY);
+            out.second_score.fill(f32::INFINITY);
+            let k_total = cb.rows();
+            let mut k0 = 0;
+            while k0 < k_total {
+                let kt = CODE_TILE.min(k_total - k0);
+                let t = &mut tile[..rows * kt];
+                // SAFETY: every pointer/stride pair addresses memory inside its slice:
+                // dst rows×kt row-major (t has rows*kt), lhs rows×d row-major (xs),
+                // rhs d×kt with element (j, c) at cb[(k0 + c)·d + j] (cb has K·d).
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        kt,
+                        d,
+                        t.as_mut_ptr(),
+                        1,
+                        kt as isize,
+                        false,
+                        xs.as_ptr(),
+                        1,
+                        d as isize,
+                        cb.data()[k0 * d..].as_ptr(),
+                        d as isize,
+                        1,
+                        0.0,
+                        -2.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for r in 0..rows {
+                    scan_row(
+                        &t[r * kt..(r + 1) * kt],
+                        &norms[k0..k0 + kt],
+                        k0 as u32,
+                        &mut out.best[r],
+                        &mut out.best_score[r],
+                        &mut out.second_score[r],
+                    );
+                }
+                k0 += kt;
+            }
+        },
+    )
+}
+
+/// One block's share of [`Candidates`]: the outputs of its rows.
+pub(crate) struct BlockOut<'a> {
+    pub best: &'a mut [u32],
+    pub best_score: &'a mut [f32],
+    pub second_score: &'a mut [f32],
+}
+
+/// The driver both CPU kernels share: splits the rows of `x` into blocks of `row_block`, one
+/// rayon task each, hands `score` the block's rows (L2-normalised under cosine), a scratch
+/// value made by `init` once per worker, and the block's slices of the output.
+pub(crate) fn for_each_row_block<S>(
+    x: MatRef<'_>,
+    prepared: &Prepared,
+    row_block: usize,
+    init: impl Fn() -> S + Sync + Send,
+    score: impl Fn(&mut S, &[f32], BlockOut<'_>) + Sync + Send,
+) -> Candidates {
+    let n = x.rows();
     let cosine = prepared.metric() == super::Metric::Cosine;
     let mut out = Candidates {
         best: vec![0; n],
@@ -107,67 +180,27 @@ fn portable(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candida
         second_score: vec![0.0; n],
     };
     out.best
-        .par_chunks_mut(ROW_BLOCK)
-        .zip(out.best_score.par_chunks_mut(ROW_BLOCK))
-        .zip(out.second_score.par_chunks_mut(ROW_BLOCK))
+        .par_chunks_mut(row_block)
+        .zip(out.best_score.par_chunks_mut(row_block))
+        .zip(out.second_score.par_chunks_mut(row_block))
         .enumerate()
         .for_each_init(
-            || (vec![0f32; ROW_BLOCK * CODE_TILE], Vec::<f32>::new()),
-            |(tile, xbuf), (block, ((best, best_s), second_s))| {
-                let r0 = block * ROW_BLOCK;
-                let rows = best.len();
-                let xb = x.slice_rows(r0, r0 + rows);
+            || (init(), Vec::<f32>::new()),
+            |(scratch, xbuf), (block, ((best, best_score), second_score))| {
+                let r0 = block * row_block;
+                let xb = x.slice_rows(r0, r0 + best.len());
                 let xs: &[f32] = if cosine {
                     normalize_into(xb, xbuf);
                     xbuf
                 } else {
                     xb.data()
                 };
-                best_s.fill(f32::INFINITY);
-                second_s.fill(f32::INFINITY);
-                let k_total = cb.rows();
-                let mut k0 = 0;
-                while k0 < k_total {
-                    let kt = CODE_TILE.min(k_total - k0);
-                    let t = &mut tile[..rows * kt];
-                    // SAFETY: every pointer/stride pair addresses memory inside its slice:
-                    // dst rows×kt row-major (t has rows*kt), lhs rows×d row-major (xs),
-                    // rhs d×kt with element (j, c) at cb[(k0 + c)·d + j] (cb has K·d).
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            kt,
-                            d,
-                            t.as_mut_ptr(),
-                            1,
-                            kt as isize,
-                            false,
-                            xs.as_ptr(),
-                            1,
-                            d as isize,
-                            cb.data()[k0 * d..].as_ptr(),
-                            d as isize,
-                            1,
-                            0.0,
-                            -2.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    for r in 0..rows {
-                        scan_row(
-                            &t[r * kt..(r + 1) * kt],
-                            &norms[k0..k0 + kt],
-                            k0 as u32,
-                            &mut best[r],
-                            &mut best_s[r],
-                            &mut second_s[r],
-                        );
-                    }
-                    k0 += kt;
-                }
+                let out = BlockOut {
+                    best,
+                    best_score,
+                    second_score,
+                };
+                score(scratch, xs, out);
             },
         );
     out
