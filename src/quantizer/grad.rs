@@ -95,44 +95,61 @@ pub(super) fn backward(
 /// the Jacobian λ(I − 2wwᵀ + 2q̂uᵀ). Where the rotation is undefined (x = 0, q = 0, or q
 /// pointing exactly opposite x) the row falls back to straight-through.
 fn rotate_gradient(x: &[f32], q: &[f32], g: &[f32], out: &mut [f32]) {
-    let norm = |v: &[f32]| v.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
-    let (nx, nq) = (norm(x), norm(q));
-    let w: Vec<f64> = x
-        .iter()
-        .zip(q)
-        .map(|(&a, &b)| a as f64 / nx + b as f64 / nq)
-        .collect();
-    let nw = w.iter().map(|v| v * v).sum::<f64>().sqrt();
-    if nx == 0.0 || nq == 0.0 || !nw.is_normal() {
+    let Some(r) = Rotation::new(x, q) else {
         out.copy_from_slice(g);
         return;
+    };
+    let dot = |a: &[f64]| a.iter().zip(g).map(|(&v, &b)| v * b as f64).sum::<f64>();
+    let (wg, qg) = (dot(&r.w), dot(&r.qh));
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = (r.lambda * (g[i] as f64 - 2.0 * r.w[i] * wg + 2.0 * r.u[i] * qg)) as f32;
     }
-    let lambda = nq / nx;
-    let wg: f64 = w.iter().zip(g).map(|(&a, &b)| a / nw * b as f64).sum();
-    let qg: f64 = q
-        .iter()
-        .zip(g)
-        .map(|(&a, &b)| a as f64 / nq * b as f64)
-        .sum();
-    for i in 0..out.len() {
-        let (ui, wi) = (x[i] as f64 / nx, w[i] / nw);
-        out[i] = (lambda * (g[i] as f64 - 2.0 * wi * wg + 2.0 * ui * qg)) as f32;
+}
+
+/// The rotation taking x's direction to q's, in f64: u = x/‖x‖, q̂ = q/‖q‖,
+/// w = (u + q̂)/‖u + q̂‖, λ = ‖q‖/‖x‖. None where it is undefined (x = 0, q = 0, or q pointing
+/// exactly opposite x).
+struct Rotation {
+    u: Vec<f64>,
+    qh: Vec<f64>,
+    w: Vec<f64>,
+    lambda: f64,
+}
+
+impl Rotation {
+    fn new(x: &[f32], q: &[f32]) -> Option<Self> {
+        let norm = |v: &[f32]| v.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+        let (nx, nq) = (norm(x), norm(q));
+        if nx == 0.0 || nq == 0.0 {
+            return None;
+        }
+        let u: Vec<f64> = x.iter().map(|&a| a as f64 / nx).collect();
+        let qh: Vec<f64> = q.iter().map(|&a| a as f64 / nq).collect();
+        let w: Vec<f64> = u.iter().zip(&qh).map(|(a, b)| a + b).collect();
+        let nw = w.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if !nw.is_normal() {
+            return None;
+        }
+        let w = w.iter().map(|v| v / nw).collect();
+        Some(Rotation {
+            u,
+            qh,
+            w,
+            lambda: nq / nx,
+        })
     }
 }
 
 /// The rotation trick's forward value for one row: λ[x − 2(x·w)w + 2(x·u)q̂], equal to q up to
-/// rounding. Exposed so tests can check value and gradient against each other.
+/// rounding (q itself where the rotation is undefined). Exposed so tests can check value and
+/// gradient against each other.
 pub fn rotation_trick_value(x: &[f32], q: &[f32]) -> Vec<f64> {
-    let norm = |v: &[f32]| v.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
-    let (nx, nq) = (norm(x), norm(q));
-    let u: Vec<f64> = x.iter().map(|&a| a as f64 / nx).collect();
-    let qh: Vec<f64> = q.iter().map(|&a| a as f64 / nq).collect();
-    let w: Vec<f64> = u.iter().zip(&qh).map(|(a, b)| a + b).collect();
-    let nw = w.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let w: Vec<f64> = w.iter().map(|v| v / nw).collect();
-    let xw: f64 = x.iter().zip(&w).map(|(&a, b)| a as f64 * b).sum();
-    let xu: f64 = x.iter().zip(&u).map(|(&a, b)| a as f64 * b).sum();
+    let Some(r) = Rotation::new(x, q) else {
+        return q.iter().map(|&v| v as f64).collect();
+    };
+    let dot = |a: &[f64]| a.iter().zip(x).map(|(&v, &b)| v * b as f64).sum::<f64>();
+    let (xw, xu) = (dot(&r.w), dot(&r.u));
     (0..x.len())
-        .map(|i| nq / nx * (x[i] as f64 - 2.0 * xw * w[i] + 2.0 * xu * qh[i]))
+        .map(|i| r.lambda * (x[i] as f64 - 2.0 * xw * r.w[i] + 2.0 * xu * r.qh[i]))
         .collect()
 }
