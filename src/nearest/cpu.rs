@@ -89,10 +89,7 @@ pub fn candidates_with(
 pub(crate) fn normalize_into(rows: MatRef<'_>, buf: &mut Vec<f32>) {
     buf.clear();
     buf.extend_from_slice(rows.data());
-    for row in buf.chunks_mut(rows.cols()) {
-        let inv = super::inv_norm_f64(row);
-        row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
-    }
+    buf.chunks_mut(rows.cols()).for_each(super::normalize_row);
 }
 
 fn portable(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {

@@ -494,14 +494,15 @@ pub fn normalize_rows(m: MatRef<'_>) -> crate::Matrix {
     let mut out = m.to_owned();
     let cols = m.cols();
     if cols > 0 {
-        for row in out.data_mut().chunks_mut(cols) {
-            let inv = inv_norm_f64(row);
-            for v in row {
-                *v = (*v as f64 * inv) as f32;
-            }
-        }
+        out.data_mut().chunks_mut(cols).for_each(normalize_row);
     }
     out
+}
+
+/// Scales `row` to unit L2 norm in place (computed in f64, rounded once; a zero row stays zero).
+pub fn normalize_row(row: &mut [f32]) {
+    let inv = inv_norm_f64(row);
+    row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
 }
 
 /// ||c_k||² per code, computed in f64 and rounded once to f32 (kept out of any

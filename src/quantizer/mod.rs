@@ -404,8 +404,7 @@ impl VectorQuantizer {
         for (&k, r) in dead.iter().zip(rows.iter()) {
             let mut row = x.row(r).to_vec();
             if cosine {
-                let inv = crate::nearest::inv_norm_f64(&row);
-                row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
+                crate::nearest::normalize_row(&mut row);
             }
             self.codebook.data_mut()[k * d..(k + 1) * d].copy_from_slice(&row);
             ema.reset(k, &row, count);
