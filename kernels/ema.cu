@@ -23,6 +23,8 @@
 //
 // Limits: N·D < 2^63, K < 2^32, D < 2^31.
 
+#include "tiles.cuh"
+
 extern "C" __global__ void ema_sums_atomic_f32(const float* __restrict__ x,
                                                const unsigned int* __restrict__ idx,
                                                float* __restrict__ sums,

@@ -5,8 +5,8 @@
 //   validates every index against K before launching (vqx::gather::validate); the kernels do not
 //   check them again.
 //
-// Launch shape (computed by the launcher in src/backend/cuda.rs)
-//   gather_f32:   1-D grid-stride loop over the N·D output elements; block = 256 threads,
+// Launch shape (kernels/tiles.cuh; the launcher is src/backend/cuda/launch.rs)
+//   gather_f32:   1-D grid-stride loop over the N·D output elements; block = GRID_STRIDE_THREADS (256),
 //                 grid = min(ceil(N·D / 256), 32 × the SM count).
 //   gather_f32x4: the same over N·D/4 float4 elements; used when D % 4 == 0 (the device
 //                 allocations are 256-byte aligned, so every row then starts 16-byte aligned).
@@ -16,11 +16,15 @@
 // Limits
 //   N·D < 2^63 elements; D ≥ 1; K < 2^32.
 
-extern "C" __global__ void gather_f32(const float* __restrict__ cb,
-                                      const unsigned int* __restrict__ idx,
-                                      float* __restrict__ out,
-                                      long long n,
-                                      long long d)
+#include "tiles.cuh"
+
+// One body for both widths: T is float (one element) or float4 (four).
+template <typename T>
+__device__ __forceinline__ void gather_rows(const T* __restrict__ cb,
+                                            const unsigned int* __restrict__ idx,
+                                            T* __restrict__ out,
+                                            long long n,
+                                            long long d)
 {
     const long long total = n * d;
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -31,17 +35,20 @@ extern "C" __global__ void gather_f32(const float* __restrict__ cb,
     }
 }
 
+extern "C" __global__ void gather_f32(const float* __restrict__ cb,
+                                      const unsigned int* __restrict__ idx,
+                                      float* __restrict__ out,
+                                      long long n,
+                                      long long d)
+{
+    gather_rows(cb, idx, out, n, d);
+}
+
 extern "C" __global__ void gather_f32x4(const float4* __restrict__ cb,
                                         const unsigned int* __restrict__ idx,
                                         float4* __restrict__ out,
                                         long long n,
                                         long long d4)
 {
-    const long long total = n * d4;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        const long long row = e / d4;
-        const long long col = e - row * d4;
-        out[e] = cb[(long long)idx[row] * d4 + col];
-    }
+    gather_rows(cb, idx, out, n, d4);
 }

@@ -10,7 +10,7 @@
 //   bound. Cosine is the same kernel: the host passes L2-normalised x, the normalised codebook
 //   and norms of exactly 1. The N×K score matrix is never stored: memory is O(N + K·D).
 //
-// Launch shape (computed by the launcher in src/backend/cuda.rs)
+// Launch shape (kernels/tiles.cuh; the launcher is src/backend/cuda/launch.rs)
 //   grid  = (ceil(N / 128), 1, 1), block = (256, 1, 1), no dynamic shared memory.
 //   One block owns 128 rows and walks the whole codebook in tiles of 128 codes; the dimension is
 //   consumed in chunks of 8 (any D ≥ 1; D = 4096 is 512 chunks). Each chunk of the x tile and of
@@ -30,13 +30,14 @@
 //   in increasing-d order per (row, code) pair. Inputs must be finite (the host validates).
 //   Rows and codes beyond N/K inside a tile are zero-filled and never reported.
 
-#define NEAREST_BM 128   // rows per block
-#define NEAREST_BN 128   // codes per tile
-#define NEAREST_BK 8     // dimensions per chunk
-#define NEAREST_PAD 4    // keeps the transposed shared stores free of bank conflicts
-#define NEAREST_THREADS 256
-
 #include "candidates.cuh"
+#include "tiles.cuh"
+
+// The thread mapping below (16 × 16 threads, 8 × 8 scores each, 4 loads of a 128 × 8 tile per
+// thread) is written for exactly these values.
+static_assert(NEAREST_BM == 128 && NEAREST_BN == 128 && NEAREST_BK == 8 &&
+                  NEAREST_THREADS == 256 && NEAREST_PAD % 4 == 0,
+              "nearest_f32's thread mapping assumes 128 × 128 tiles, chunks of 8, 256 threads");
 
 extern "C" __global__ void __launch_bounds__(NEAREST_THREADS, 2)
 nearest_f32(const float* __restrict__ x,

@@ -18,7 +18,7 @@
 //   vqx::nearest::emulate is this kernel's scoring on the CPU (the test oracle). Cosine is the
 //   same kernel on normalised rows with norms of 1. The N×K matrix is never stored.
 //
-// Launch shape (src/backend/cuda.rs)
+// Launch shape (kernels/tiles.cuh; the launcher is src/backend/cuda/launch.rs)
 //   grid = (ceil(N / 128), 1, 1), block = (256, 1, 1), no dynamic shared memory.
 //   Row-stationary: block b owns rows 128·b … 128·b + 127 and walks the whole codebook in tiles
 //   of 128 codes; no atomics, no cross-block communication, deterministic. The dimension is
@@ -44,11 +44,6 @@
 //   (mma.sync with tf32/bf16). One block of 256 per SM by launch bounds (TC_MIN_BLOCKS): no
 //   spills; see docs/ptxas-report.md for the compiler's report.
 
-#define TC_BM 128       // rows per block
-#define TC_BN 128       // codes per tile
-#define TC_WORDS 16     // 32-bit words per row per chunk
-#define TC_STRIDE 20    // padded row stride in words
-#define TC_THREADS 256
 // Blocks per SM the register allocation is sized for: 1 gives ~172–177 registers and no spills
 // (nvcc 13.0); 2 caps registers at 128 and spills 60–132 bytes. Which runs faster is for a
 // GPU session to measure (scripts/gpu/run.sh); both are correct.
@@ -57,37 +52,62 @@
 #endif
 
 #include "candidates.cuh"
+#include "tiles.cuh"
+
+// 8 warps as 2 (rows) × 4 (codes) of 64 × 32, two loader threads per row of a 128-row tile.
+static_assert(TC_BM == 128 && TC_BN == 128 && TC_WORDS == 16 && TC_THREADS == 256 &&
+                  TC_STRIDE >= TC_WORDS && TC_STRIDE % 4 == 0,
+              "the tensor-core kernels' warp layout assumes 128 × 128 tiles, 16 words, 256 threads");
+
+// Inline PTX cannot compile for the host: under VQX_EMU (the emulated device, emu/device.h) each
+// helper calls its host twin instead, with the same operand order as the instruction.
 
 __device__ __forceinline__ unsigned int to_tf32(float v) {
+#ifdef VQX_EMU
+    return vqx_emu::cvt_rna_tf32(v);
+#else
     unsigned int r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
     return r;
+#endif
 }
 
 // Two bf16 in one word: `lo` (the smaller dimension index) in the low half, as the mma
 // fragments expect. cvt.rn.bf16x2.f32 d, a, b puts a in the upper half and b in the lower.
 __device__ __forceinline__ unsigned int to_bf16x2(float lo, float hi) {
+#ifdef VQX_EMU
+    return vqx_emu::cvt_rn_bf16x2(hi, lo);
+#else
     unsigned int r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+#endif
 }
 
 __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned int (&a)[4],
                                          unsigned int b0, unsigned int b1) {
+#ifdef VQX_EMU
+    vqx_emu::mma_m16n8k8_tf32(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned int (&a)[4],
                                          unsigned int b0, unsigned int b1) {
+#ifdef VQX_EMU
+    vqx_emu::mma_m16n8k16_bf16(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Reads the 8 words of dims this thread stages for one row of a tile, rounded to the operand

@@ -4,7 +4,7 @@
 //   counts (K × u32) from idx (N × u32). The host validates every index against K and zeroes
 //   `counts` before launching; N ≤ u32::MAX so no count can overflow.
 //
-// Launch shape (computed by the launcher in src/backend/cuda.rs)
+// Launch shape (kernels/tiles.cuh; the launcher is src/backend/cuda/launch.rs)
 //   1-D grid-stride loop over the N indices, block = 256 threads
 //   (grid = min(ceil(N / 256), 4 × the SM count)).
 //   privatised != 0: each block keeps its own histogram in dynamic shared memory
@@ -13,6 +13,8 @@
 //   privatised == 0: global atomicAdd per index (any K).
 //
 // Limits: N < 2^63, K < 2^32. Integer atomics: the result is exact and order-independent.
+
+#include "tiles.cuh"
 
 extern "C" __global__ void usage_u32(const unsigned int* __restrict__ idx,
                                      unsigned int* __restrict__ counts,

@@ -2,13 +2,14 @@
 //!
 //! [`CpuBackend`] is the reference and always works; [`CudaBackend`] runs the kernels in
 //! `kernels/*.cu` through cudarc and is chosen by [`select`] only when libcuda, a device and the
-//! compiled kernels are all present.
+//! compiled kernels are all present; [`EmuBackend`] runs the same kernels and launch code on an
+//! emulated device on the CPU (`cuda-emu`: slow, for checking, never chosen by `auto`).
 
 pub mod cpu;
 pub mod cuda;
 
 pub use cpu::CpuBackend;
-pub use cuda::{CudaBackend, CudaStatus};
+pub use cuda::{CudaBackend, CudaStatus, EmuBackend};
 
 use crate::ema::{CodeSums, SumMode};
 use crate::error::{Error, Result};
@@ -23,7 +24,7 @@ use std::time::Instant;
 /// Every method validates its inputs and returns a typed [`Error`] for bad ones; no method
 /// panics on user input.
 pub trait Backend: Send + Sync {
-    /// Short name: "cpu" or "cuda".
+    /// Short name: "cpu", "cuda" or "cuda-emu".
     fn name(&self) -> &'static str;
     /// One line on what runs: threads, GPU name and compute capability.
     fn describe(&self) -> String;
@@ -112,6 +113,9 @@ pub enum Device {
     Auto,
     Cpu,
     Cuda,
+    /// The CUDA kernels and launch code on the emulated device (kernels/*.cu run on the CPU):
+    /// a slow checking device, never chosen by `Auto`.
+    CudaEmu,
 }
 
 impl fmt::Display for Device {
@@ -120,6 +124,7 @@ impl fmt::Display for Device {
             Device::Auto => "auto",
             Device::Cpu => "cpu",
             Device::Cuda => "cuda",
+            Device::CudaEmu => "cuda-emu",
         })
     }
 }
@@ -131,8 +136,9 @@ impl FromStr for Device {
             "auto" => Ok(Device::Auto),
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda),
+            "cuda-emu" | "cuda_emu" => Ok(Device::CudaEmu),
             _ => Err(Error::InvalidArgument(format!(
-                "unknown device {s:?}: expected auto, cpu or cuda"
+                "unknown device {s:?}: expected auto, cpu, cuda or cuda-emu"
             ))),
         }
     }
@@ -149,6 +155,7 @@ pub fn select(device: Device) -> Result<Box<dyn Backend>> {
     match device {
         Device::Cpu => Ok(Box::new(CpuBackend::new())),
         Device::Cuda => Ok(Box::new(CudaBackend::new(0)?)),
+        Device::CudaEmu => Ok(Box::new(EmuBackend::new()?)),
         Device::Auto => match CudaBackend::new(0) {
             Ok(b) => Ok(Box::new(b)),
             Err(_) => Ok(Box::new(CpuBackend::new())),
@@ -158,8 +165,9 @@ pub fn select(device: Device) -> Result<Box<dyn Backend>> {
 
 /// The backend for `device` with `nearest` scoring at `precision`.
 ///
-/// [`Precision::Exact`] is [`select`]. Tf32 and bf16 exist only on CUDA (tensor cores): with
-/// `Device::Cpu`, or `Device::Auto` where CUDA cannot run, they are refused with
+/// [`Precision::Exact`] is [`select`]. Tf32 and bf16 exist only on CUDA (tensor cores; the
+/// emulated device runs the same kernels): with `Device::Cpu`, or `Device::Auto` where CUDA
+/// cannot run, they are refused with
 /// [`Error::InvalidArgument`] saying why (the CPU kernels compute exact f32 scores already;
 /// `nearest::emulate` is a slow test oracle, not a backend).
 pub fn select_with_precision(device: Device, precision: Precision) -> Result<Box<dyn Backend>> {
@@ -174,6 +182,7 @@ pub fn select_with_precision(device: Device, precision: Precision) -> Result<Box
     };
     match device {
         Device::Cpu => Err(refuse("--device cpu was asked for".into())),
+        Device::CudaEmu => Ok(Box::new(EmuBackend::new()?.with_precision(precision))),
         Device::Cuda | Device::Auto => match CudaBackend::new(0) {
             Ok(b) => Ok(Box::new(b.with_precision(precision))),
             Err(e) if device == Device::Auto => Err(refuse(format!("CUDA is unavailable: {e}"))),

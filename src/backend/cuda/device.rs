@@ -1,0 +1,95 @@
+//! What the launchers need from a device, implemented twice: by a real GPU through cudarc
+//! ([`super::driver::CudaGpu`]) and by the emulated device that runs the same kernels/*.cu on
+//! the CPU ([`super::emu::EmuGpu`]). The launch code (grid and block sizes, argument order,
+//! allocations, copies) is written once against this trait, so CI executes it on every run.
+
+use super::kernels::KernelId;
+use crate::error::Result;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+
+/// An element type that lives in device buffers.
+pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {}
+impl Elem for f32 {}
+impl Elem for u32 {}
+impl Elem for u64 {}
+
+/// Grid, block and dynamic shared memory of one launch, as in `cuLaunchKernel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchShape {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+impl LaunchShape {
+    /// A 1-D launch with no dynamic shared memory.
+    pub fn linear(blocks: u32, threads: u32) -> Self {
+        LaunchShape {
+            grid: (blocks, 1, 1),
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+}
+
+/// One kernel argument: a device buffer (read-only or written) or a scalar, in the kernel's
+/// parameter order. The emulated device checks each one's size against the kernel's parameter.
+pub enum Arg<'a, G: Gpu + ?Sized> {
+    F32(&'a G::Buf<f32>),
+    F32Mut(&'a mut G::Buf<f32>),
+    U32(&'a G::Buf<u32>),
+    U32Mut(&'a mut G::Buf<u32>),
+    U64(&'a G::Buf<u64>),
+    /// `long long`
+    I64(i64),
+    /// `int`
+    I32(i32),
+    /// `unsigned int`
+    U32Val(u32),
+}
+
+/// A device that owns buffers and launches the kernels of [`super::kernels`].
+pub trait Gpu: Send + Sync + 'static {
+    /// A buffer of `T` in this device's memory.
+    type Buf<T: Elem>: Send + Sync;
+
+    /// "cuda" or "cuda-emu".
+    fn name(&self) -> &'static str;
+    /// One line on what runs.
+    fn describe(&self) -> String;
+    /// Streaming multiprocessors the grid-stride launchers size their grids for.
+    fn sm_count(&self) -> u32;
+
+    fn alloc_zeros<T: Elem>(&self, what: &str, len: usize) -> Result<Self::Buf<T>>;
+    fn upload<T: Elem>(&self, what: &str, src: &[T]) -> Result<Self::Buf<T>>;
+    fn download<T: Elem>(&self, what: &str, buf: &Self::Buf<T>) -> Result<Vec<T>>;
+    fn zero<T: Elem>(&self, what: &str, buf: &mut Self::Buf<T>) -> Result<()>;
+
+    /// Launches `kernel` with `args` (asynchronously on a real GPU, in order on the device's
+    /// stream). `op` names the launch in errors.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in order and type, every buffer must hold at
+    /// least the elements the kernel will touch for these arguments and this shape, and the
+    /// shape must be one the kernel is written for.
+    unsafe fn launch(
+        &self,
+        kernel: KernelId,
+        op: &str,
+        shape: LaunchShape,
+        args: &mut [Arg<'_, Self>],
+    ) -> Result<()>;
+
+    /// Median seconds of `launch` over `reps` runs after one warm-up, `before` untimed before
+    /// each: CUDA events on a GPU, the wall clock on the emulated device.
+    fn time(
+        &self,
+        op: &str,
+        reps: usize,
+        before: &mut dyn FnMut() -> Result<()>,
+        launch: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<f64>;
+
+    /// How [`Gpu::time`] measures.
+    fn timed_with(&self) -> &'static str;
+}

@@ -1,0 +1,264 @@
+//! A real GPU through cudarc's driver API: probing (never panics), module loading, buffers,
+//! launches on the default stream of the primary context, and event timing. libcuda is loaded
+//! at run time, so the crate builds and runs without a toolkit or a GPU.
+
+use super::device::{Arg, Elem, Gpu, LaunchShape};
+use super::kernels::{self, KernelId};
+use crate::error::{Error, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+};
+use std::panic::catch_unwind;
+use std::sync::Arc;
+
+/// Whether PTX for a real GPU was compiled into this build (nvcc was found by build.rs).
+pub const KERNELS_COMPILED: bool = kernels::PTX.is_some();
+
+/// What build.rs said about the PTX: how it was compiled, or why not.
+pub(crate) const KERNELS_STATUS: &str = env!("VQX_KERNELS_STATUS");
+
+/// Where CUDA stands on this machine.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CudaStatus {
+    /// A device was found and the kernels are compiled in: `--device cuda` will run.
+    pub available: bool,
+    /// Why not, or what runs.
+    pub reason: String,
+    pub kernels_compiled: bool,
+    pub device_name: Option<String>,
+    pub compute_capability: Option<(i32, i32)>,
+}
+
+/// Probes libcuda and device 0 without panicking and without loading kernels.
+pub fn status() -> CudaStatus {
+    let (device_name, compute_capability, device_err) = match open_context(0) {
+        Ok(ctx) => (
+            ctx.name().ok(),
+            ctx.compute_capability().ok(),
+            None::<String>,
+        ),
+        Err(e) => (None, None, Some(e)),
+    };
+    let (available, reason) = match (&device_err, KERNELS_COMPILED) {
+        (Some(e), false) => (false, format!("{KERNELS_STATUS}; {e}")),
+        (Some(e), true) => (false, e.clone()),
+        (None, false) => (false, KERNELS_STATUS.to_string()),
+        (None, true) => (true, KERNELS_STATUS.to_string()),
+    };
+    CudaStatus {
+        available,
+        reason,
+        kernels_compiled: KERNELS_COMPILED,
+        device_name,
+        compute_capability,
+    }
+}
+
+/// Opens the primary context of device `ordinal`, or says why not. Never panics: cudarc's
+/// `CudaContext::new` panics when libcuda is absent, so libcuda is probed first and the call
+/// is also wrapped in `catch_unwind`.
+fn open_context(ordinal: usize) -> std::result::Result<Arc<CudaContext>, String> {
+    let probe = catch_unwind(|| {
+        // SAFETY: only tries to dlopen libcuda by its usual names and drops the handle; no
+        // symbol of it is called.
+        unsafe { cudarc::driver::sys::is_culib_present() }
+    });
+    match probe {
+        Ok(true) => {}
+        Ok(false) => return Err("libcuda not found (no NVIDIA driver on this machine)".into()),
+        Err(_) => return Err("probing libcuda panicked".into()),
+    }
+    match catch_unwind(|| CudaContext::new(ordinal)) {
+        Ok(Ok(ctx)) => Ok(ctx),
+        Ok(Err(e)) => Err(format!("no usable CUDA device {ordinal}: {e}")),
+        Err(_) => Err(format!(
+            "opening CUDA device {ordinal} panicked (libcuda too old or incomplete?)"
+        )),
+    }
+}
+
+/// Maps a driver error to [`Error::Cuda`] naming the operation.
+trait OrCuda<T> {
+    fn op(self, op: &str) -> Result<T>;
+}
+impl<T> OrCuda<T> for std::result::Result<T, DriverError> {
+    fn op(self, op: &str) -> Result<T> {
+        self.map_err(|e| Error::Cuda {
+            op: op.to_string(),
+            msg: e.to_string(),
+        })
+    }
+}
+
+/// One CUDA device: the default stream of its primary context and every kernel, loaded once.
+pub struct CudaGpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: Vec<CudaFunction>,
+    name: String,
+    compute_capability: (i32, i32),
+    sm_count: u32,
+}
+
+impl CudaGpu {
+    /// Opens device `ordinal` and loads every module of [`kernels::MODULES`].
+    ///
+    /// Fails with [`Error::CudaUnavailable`] (never panics) when the PTX was not compiled into
+    /// this build, libcuda is missing or the device cannot be opened.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let Some(ptx) = kernels::PTX else {
+            return Err(Error::CudaUnavailable(KERNELS_STATUS.to_string()));
+        };
+        let ctx = open_context(ordinal).map_err(Error::CudaUnavailable)?;
+        let stream = ctx.default_stream();
+        let mut modules = Vec::with_capacity(ptx.len());
+        for (name, src) in kernels::MODULES.iter().zip(ptx) {
+            modules.push(
+                ctx.load_module(cudarc::nvrtc::Ptx::from_src(src))
+                    .op(&format!("loading PTX module {name}"))?,
+            );
+        }
+        let functions = KernelId::all()
+            .map(|k| {
+                modules[kernels::KERNELS[k.0].1]
+                    .load_function(k.name())
+                    .op(&format!("loading kernel {}", k.name()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let name = ctx.name().op("querying the device name")?;
+        let compute_capability = ctx
+            .compute_capability()
+            .op("querying the compute capability")?;
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .op("querying the SM count")?
+            .max(1) as u32;
+        Ok(CudaGpu {
+            ctx,
+            stream,
+            functions,
+            name,
+            compute_capability,
+            sm_count,
+        })
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+}
+
+impl Gpu for CudaGpu {
+    type Buf<T: Elem> = CudaSlice<T>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn describe(&self) -> String {
+        let (major, minor) = self.compute_capability;
+        format!(
+            "{}, compute capability {major}.{minor}, {} SMs; PTX {}, JIT-loaded",
+            self.name,
+            self.sm_count,
+            super::kernels::PTX_ARCH
+        )
+    }
+
+    fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    fn alloc_zeros<T: Elem>(&self, what: &str, len: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(len)
+            .op(&format!("allocating {what} ({len} elements)"))
+    }
+
+    fn upload<T: Elem>(&self, what: &str, src: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(src)
+            .op(&format!("uploading {what} ({} elements)", src.len()))
+    }
+
+    fn download<T: Elem>(&self, what: &str, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(buf)
+            .op(&format!("downloading {what} ({} elements)", buf.len()))
+    }
+
+    fn zero<T: Elem>(&self, what: &str, buf: &mut CudaSlice<T>) -> Result<()> {
+        self.stream.memset_zeros(buf).op(&format!("zeroing {what}"))
+    }
+
+    unsafe fn launch(
+        &self,
+        kernel: KernelId,
+        op: &str,
+        shape: LaunchShape,
+        args: &mut [Arg<'_, Self>],
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: shape.grid,
+            block_dim: shape.block,
+            shared_mem_bytes: shape.shared_bytes,
+        };
+        let mut b = self.stream.launch_builder(&self.functions[kernel.0]);
+        for a in args.iter_mut() {
+            match a {
+                Arg::F32(s) => b.arg(*s),
+                Arg::F32Mut(s) => b.arg(&mut **s),
+                Arg::U32(s) => b.arg(*s),
+                Arg::U32Mut(s) => b.arg(&mut **s),
+                Arg::U64(s) => b.arg(*s),
+                Arg::I64(v) => b.arg(&*v),
+                Arg::I32(v) => b.arg(&*v),
+                Arg::U32Val(v) => b.arg(&*v),
+            };
+        }
+        // SAFETY: the caller guarantees (this method's contract) that `args` match the
+        // kernel's parameters and that every buffer covers what the kernel touches for them.
+        unsafe { b.launch(cfg) }.op(op)?;
+        Ok(())
+    }
+
+    fn time(
+        &self,
+        op: &str,
+        reps: usize,
+        before: &mut dyn FnMut() -> Result<()>,
+        launch: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        before()?;
+        launch()?;
+        let mut times = Vec::with_capacity(reps.max(1));
+        for _ in 0..reps.max(1) {
+            before()?;
+            let start = self
+                .ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .op(op)?;
+            let end = self
+                .ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .op(op)?;
+            start.record(&self.stream).op(op)?;
+            launch()?;
+            end.record(&self.stream).op(op)?;
+            let ms = start.elapsed_ms(&end).op(op)?;
+            times.push(ms as f64 * 1e-3);
+        }
+        Ok(crate::backend::median(&mut times))
+    }
+
+    fn timed_with(&self) -> &'static str {
+        "CUDA events around the kernels"
+    }
+}

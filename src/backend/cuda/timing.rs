@@ -1,0 +1,100 @@
+//! Kernel times for `vqx bench`: every kernel alone, inputs resident on the device, timed by the
+//! device's clock (CUDA events on a GPU, the wall clock on the emulated device).
+
+use super::device::Gpu;
+use super::launch::{self, NearestOut};
+use crate::backend::PrimitiveTimes;
+use crate::ema;
+use crate::error::Result;
+use crate::matrix::MatRef;
+use crate::nearest::{self, Metric, Precision, Prepared};
+use std::cell::RefCell;
+
+/// The nearest kernel at `precision` (without the host recheck), gather, both sum kernels (the
+/// deterministic one with its offsets and row ids already uploaded: the host counting sort is not
+/// timed) and the histogram. The indices fed to the last four are the nearest kernel's own.
+pub fn time_primitives<G: Gpu>(
+    g: &G,
+    precision: Precision,
+    x: MatRef<'_>,
+    codebook: MatRef<'_>,
+    metric: Metric,
+    reps: usize,
+) -> Result<PrimitiveTimes> {
+    nearest::validate(x, codebook)?;
+    let (n, d, k) = (x.rows(), x.cols(), codebook.rows());
+    let prepared = Prepared::new(codebook, metric);
+    let scored = prepared.scored(codebook);
+    let normalized;
+    let xs = match metric {
+        Metric::L2 => x.data(),
+        Metric::Cosine => {
+            normalized = nearest::normalize_rows(x);
+            normalized.data()
+        }
+    };
+    let x_d = g.upload("x", xs)?;
+    let c_d = g.upload("codebook", scored.data())?;
+    let norms_d = g.upload("code norms", prepared.norms())?;
+    let mut out = NearestOut::new(g, n)?;
+    let none = &mut || Ok(());
+
+    let t_nearest = g.time(
+        &format!("timing nearest ({precision})"),
+        reps,
+        none,
+        &mut || launch::nearest(g, precision, &x_d, &c_d, &norms_d, &mut out, n, k, d),
+    )?;
+
+    let idx_d = &out.best;
+    let mut gathered = g.alloc_zeros::<f32>("gathered rows", n * d)?;
+    let t_gather = g.time("timing gather", reps, none, &mut || {
+        launch::gather(g, &c_d, idx_d, &mut gathered, n, d)
+    })?;
+    drop(gathered);
+
+    // Zeroing runs outside the timed region; the two closures share the accumulators.
+    let acc = RefCell::new((
+        g.alloc_zeros::<f32>("sums", k * d)?,
+        g.alloc_zeros::<u32>("counts", k)?,
+    ));
+    let t_sums = g.time(
+        "timing ema_sums_atomic_f32",
+        reps,
+        &mut || {
+            let (s, c) = &mut *acc.borrow_mut();
+            g.zero("sums", s)?;
+            g.zero("counts", c)
+        },
+        &mut || {
+            let (s, c) = &mut *acc.borrow_mut();
+            launch::sums_atomic(g, &x_d, idx_d, s, c, n, d)
+        },
+    )?;
+
+    let indices = g.download("indices", idx_d)?;
+    let (offsets, rows) = ema::group_by_code(&indices, k);
+    let offsets: Vec<u64> = offsets.into_iter().map(|o| o as u64).collect();
+    let o_d = g.upload("code offsets", &offsets)?;
+    let r_d = g.upload("row ids", &rows)?;
+    let t_sorted = g.time("timing ema_sums_sorted_f32", reps, none, &mut || {
+        let (s, c) = &mut *acc.borrow_mut();
+        launch::sums_sorted(g, &x_d, &o_d, &r_d, s, c, k, d)
+    })?;
+
+    let t_usage = g.time(
+        "timing usage_u32",
+        reps,
+        &mut || g.zero("counts", &mut acc.borrow_mut().1),
+        &mut || launch::usage(g, idx_d, &mut acc.borrow_mut().1, n, k),
+    )?;
+
+    Ok(PrimitiveTimes {
+        nearest: t_nearest,
+        gather: t_gather,
+        code_sums: t_sums,
+        code_sums_deterministic: t_sorted,
+        usage: t_usage,
+        timed_with: g.timed_with(),
+    })
+}
