@@ -3,7 +3,7 @@
 // listed in vqx::backend::cuda::kernels); tests/emu.rs launches them by name.
 //
 // Launch shape: one block of 64 threads (two warps) unless a test says otherwise; `out` holds
-// at least blockDim.x ints.
+// at least blockDim.x ints (gridDim.x · blockDim.x for emu_ok_collectives).
 
 // Correct: each warp sums its lanes with __shfl_down_sync, broadcasts with __shfl_sync, checks
 // __shfl_xor_sync, __shfl_up_sync and __ballot_sync; warps combine through shared memory.
@@ -25,7 +25,7 @@ extern "C" __global__ void emu_ok_collectives(int* out)
     // out = block sum, unless a lane's own checks failed (then -1 - tid).
     const bool ok = partner == (tid ^ 1) && below == (lane == 0 ? tid : tid - 1) &&
                     odd == 0xaaaaaaaau;
-    out[tid] = ok ? block : -1 - tid;
+    out[blockIdx.x * blockDim.x + tid] = ok ? block : -1 - tid;
 }
 
 // Threads of one block at two different __syncthreads.
