@@ -227,7 +227,9 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
         &cfg.shapes[..]
     };
     for (i, &requested) in shapes.iter().enumerate() {
-        let shape = if !cuda && cfg.scale_for_cpu {
+        let shape = if backend.name() == "cuda-emu" && cfg.scale_for_cpu {
+            scale_to(requested, EMU_FLOP_CAP)
+        } else if !cuda && cfg.scale_for_cpu {
             scale_for_cpu(requested)
         } else {
             requested
@@ -271,7 +273,7 @@ fn end_to_end(
     codebook: &Matrix,
     cfg: &BenchConfig,
 ) -> Result<(Option<f64>, Option<usize>)> {
-    if backend.name() != "cuda" {
+    if !backend.name().starts_with("cuda") {
         return Ok((None, None));
     }
     let a = backend.nearest(x.as_ref(), codebook.as_ref(), cfg.metric)?;
@@ -285,8 +287,17 @@ fn end_to_end(
 
 /// `shape` with N capped so one nearest call is at most [`CPU_FLOP_CAP`] flops (at least 1 row).
 pub fn scale_for_cpu(shape: BenchShape) -> BenchShape {
+    scale_to(shape, CPU_FLOP_CAP)
+}
+
+/// The emulated device runs the CUDA kernels at ~1 GFLOP/s: its shapes are capped at this many
+/// flops per nearest call (a few seconds) so that `vqx bench --device cuda-emu` finishes.
+const EMU_FLOP_CAP: f64 = 4e9;
+
+/// `shape` with N capped so one nearest call is at most `flops` (at least 1 row).
+fn scale_to(shape: BenchShape, flops: f64) -> BenchShape {
     let per_row = 2.0 * shape.codes as f64 * shape.dim as f64;
-    let cap = ((CPU_FLOP_CAP / per_row).floor() as usize).max(1);
+    let cap = ((flops / per_row).floor() as usize).max(1);
     BenchShape {
         n: shape.n.min(cap),
         ..shape

@@ -608,3 +608,103 @@ fn cuda_emu_is_selectable_and_never_auto() {
     let tf32 = vqx::backend::select_with_precision(Device::CudaEmu, Precision::Tf32).unwrap();
     assert!(tf32.describe().contains("tf32"), "{}", tf32.describe());
 }
+
+/// `vqx quantize` and `vqx fit --deterministic` on `--device cuda-emu` give the same indices,
+/// distances and checkpoint tensors as on `--device cpu`: the CLI's path through the CUDA
+/// backend (uploads, launches, downloads, recheck) end to end.
+#[test]
+fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
+    use std::process::Command;
+    use vqx::checkpoint::Checkpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    let vqx = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "vqx {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let (n, d, k) = (1500, 13, 129);
+    let x = random(n, d, &mut rng);
+    let c = random(k, d, &mut rng);
+    vqx::npy::write_matrix(p("x.npy"), x.as_ref()).unwrap();
+    vqx::npy::write_matrix(p("c.npy"), c.as_ref()).unwrap();
+    for device in ["cpu", "cuda-emu"] {
+        for metric in ["l2", "cosine"] {
+            vqx(&[
+                "quantize",
+                "--codebook",
+                &p("c.npy"),
+                "--input",
+                &p("x.npy"),
+                "--output",
+                &p(&format!("i-{device}-{metric}.npy")),
+                "--distances",
+                &p(&format!("d-{device}-{metric}.npy")),
+                "--metric",
+                metric,
+                "--device",
+                device,
+                "--chunk-rows",
+                "700",
+            ]);
+        }
+        vqx(&[
+            "fit",
+            "--input",
+            &p("x.npy"),
+            "--codebook-size",
+            "100",
+            "--steps",
+            "12",
+            "--batch-size",
+            "300",
+            "--dead-code-threshold",
+            "2",
+            "--init",
+            "data",
+            "--seed",
+            "4",
+            "--deterministic",
+            "--quiet",
+            "--device",
+            device,
+            "--output",
+            &p(&format!("fit-{device}.safetensors")),
+        ]);
+    }
+    for metric in ["l2", "cosine"] {
+        let read = |dev: &str| {
+            (
+                vqx::npy::read_indices(p(&format!("i-{dev}-{metric}.npy"))).unwrap(),
+                vqx::npy::read_vector(p(&format!("d-{dev}-{metric}.npy"))).unwrap(),
+            )
+        };
+        let ((ic, dc), (ie, de)) = (read("cpu"), read("cuda-emu"));
+        assert_eq!(ie, ic, "{metric}: indices cuda-emu vs cpu");
+        for r in 0..n {
+            assert!(
+                close(de[r], dc[r], 1e-5, 1e-5),
+                "{metric}: row {r}: distance cuda-emu {} vs cpu {}",
+                de[r],
+                dc[r]
+            );
+        }
+    }
+    let a = Checkpoint::load(p("fit-cpu.safetensors")).unwrap();
+    let b = Checkpoint::load(p("fit-cuda-emu.safetensors")).unwrap();
+    assert_eq!(a.step, b.step);
+    assert_eq!(a.codebook.data(), b.codebook.data(), "fit codebook");
+    assert_eq!(a.cluster_size, b.cluster_size, "fit EMA counts");
+    assert_eq!(a.usage_total, b.usage_total, "fit usage");
+    assert!(
+        a == b,
+        "fit checkpoints differ beyond codebook/counts/usage"
+    );
+}

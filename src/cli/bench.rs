@@ -31,7 +31,7 @@ pub struct Args {
     /// Distance: l2 or cosine.
     #[arg(long, default_value = "l2")]
     pub metric: Metric,
-    /// Backend: auto, cpu or cuda.
+    /// Backend: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking).
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Arithmetic of the nearest-code scores: exact (f32), tf32 or bf16 (tensor cores, CUDA

@@ -18,7 +18,7 @@ pub struct EncodeArgs {
     /// Tokens to write (.npy, int64, N).
     #[arg(long, short)]
     pub output: PathBuf,
-    /// Quantizer backend: auto, cpu or cuda.
+    /// Quantizer backend: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking).
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Rows per chunk.
@@ -37,7 +37,7 @@ pub struct DecodeArgs {
     /// Vectors to write (.npy, f32, N×D).
     #[arg(long, short)]
     pub output: PathBuf,
-    /// Quantizer backend: auto, cpu or cuda.
+    /// Quantizer backend: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking).
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Tokens per chunk.

@@ -55,7 +55,7 @@ pub struct Args {
     /// Seed of the shuffle, init sampling and dead-code sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Backend: auto, cpu or cuda.
+    /// Backend: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking).
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Sum EMA statistics in a fixed order on CUDA too (the CPU always does).

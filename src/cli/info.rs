@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 use vqx::Result;
-use vqx::backend::cuda::{self, CudaStatus};
+use vqx::backend::cuda::{self, CudaStatus, EmuGpu};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -16,7 +16,16 @@ struct Info {
     version: &'static str,
     cpu: CpuInfo,
     cuda: CudaStatus,
+    cuda_emu: EmuInfo,
     default_backend: &'static str,
+}
+
+/// The emulated device: always compiled in, never chosen by `--device auto`.
+#[derive(Serialize)]
+struct EmuInfo {
+    available: bool,
+    runtime: String,
+    sanitizers: &'static str,
 }
 
 #[derive(Serialize)]
@@ -35,6 +44,11 @@ pub fn run(args: Args) -> Result<()> {
         },
         default_backend: if cuda.available { "cuda" } else { "cpu" },
         cuda,
+        cuda_emu: EmuInfo {
+            available: EmuGpu::new().is_ok(),
+            runtime: EmuGpu::runtime(),
+            sanitizers: cuda::emu::SANITIZE,
+        },
     };
     if args.json {
         let text = serde_json::to_string_pretty(&info)
@@ -53,6 +67,18 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         println!("cuda backend: unavailable: {}", c.reason);
     }
+    let e = &info.cuda_emu;
+    println!(
+        "cuda-emu:     {} (--device cuda-emu: the CUDA kernels on an emulated device on the CPU; \
+         slow, for checking, never chosen by auto; {}; sanitizers: {})",
+        if e.available {
+            "available"
+        } else {
+            "unavailable"
+        },
+        e.runtime,
+        e.sanitizers
+    );
     if let Some(name) = &c.device_name {
         match c.compute_capability {
             Some((major, minor)) => {
@@ -66,9 +92,9 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "kernels:      {}",
         if c.kernels_compiled {
-            "compiled into this build"
+            "compiled into this build (PTX for a real GPU; cuda-emu runs the same .cu files)"
         } else {
-            "not compiled into this build"
+            "not compiled into this build (no PTX for a real GPU; cuda-emu runs the .cu files)"
         }
     );
     println!("default:      {} (--device auto)", info.default_backend);

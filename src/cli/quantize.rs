@@ -33,7 +33,8 @@ pub struct Args {
     /// Distance: l2 (squared Euclidean) or cosine (distance reported as 1 − cos).
     #[arg(long, default_value = "l2")]
     pub metric: Metric,
-    /// Backend: auto (CUDA when available), cpu or cuda.
+    /// Backend: auto (CUDA when available), cpu, cuda or cuda-emu (the emulated device: runs the
+    /// CUDA kernels on the CPU, slow, for checking).
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Arithmetic of the nearest-code scores: exact (f32), tf32 or bf16 (tensor cores, CUDA

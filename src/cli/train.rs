@@ -94,7 +94,7 @@ pub struct Args {
     /// Seed of the weights, data, batches and quantizer draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Quantizer backend: auto, cpu or cuda (the MLPs run on the CPU).
+    /// Quantizer backend: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking); the MLPs run on the CPU.
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Sum EMA statistics in a fixed order on CUDA too (the CPU always does).
