@@ -90,3 +90,11 @@ extern "C" __global__ void emu_fault_takes_i64(int* out, long long n)
 {
     if (threadIdx.x < n) out[threadIdx.x] = 1;
 }
+
+// A grid-stride loop whose stride is 0 (gridDim.y − 1 with a 1-D grid): never ends. The
+// watchdog aborts the process; tests/emu.rs runs it in a child process.
+extern "C" __global__ void emu_fault_endless_loop(int* out)
+{
+    const long long stride = (long long)(gridDim.y - 1) * blockDim.x;
+    for (long long e = threadIdx.x; e < (long long)blockDim.x; e += stride) atomicAdd(&out[e], 1);
+}

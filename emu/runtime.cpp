@@ -13,7 +13,8 @@
 //            __syncthreads lines, a thread that exits while others wait, a lane missing from a
 //            shuffle or in a different one, a lane outside the mask, and a block in which no
 //            thread can run (a deadlock) end the launch with an error naming the kernel, the
-//            block, the thread and the source lines, instead of hanging.
+//            block, the thread and the source lines, instead of hanging. A thread that never
+//            reaches one (an endless loop) is reported by a watchdog, which aborts the process.
 //
 // The context switch is 20 lines of x86-64 assembly (glibc's swapcontext makes a system call
 // per switch and was ~2x slower overall); other architectures use ucontext.
@@ -28,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -114,6 +116,19 @@ extern "C" void vqx_emu_switch(void** save_sp, void* next_sp);
 thread_local const vqx_emu::ThreadCtx* vqx_emu_ctx = nullptr;
 
 namespace {
+
+// Bumped at every barrier or collective arrival and every thread exit: a launch whose counter
+// stops moving has a thread looping without end (fibers are not preempted), and the watchdog
+// turns that hang into a message and an abort.
+std::atomic<uint64_t> g_progress{0};
+// What the running block is doing, for the watchdog's message (one launch at a time).
+std::atomic<const char*> g_kernel{nullptr};
+std::atomic<uint64_t> g_where{0};  // block linear index << 16 | thread linear index
+
+inline void progress(uint64_t block, int thread) {
+    g_progress.fetch_add(1, std::memory_order_relaxed);
+    g_where.store(block << 16 | (uint64_t)(unsigned)thread, std::memory_order_relaxed);
+}
 
 using vqx_emu::Collective;
 using vqx_emu::COLLECTIVE_IN;
@@ -259,6 +274,7 @@ struct Worker {
     char barrier_sync;  // address for TSan's acquire/release
     std::vector<WarpState> warps;
     Fiber* current = nullptr;
+    uint64_t block_linear = 0;
     bool failed = false;
     std::string error;
 
@@ -275,6 +291,7 @@ struct Worker {
 
     // Switches from the scheduler into fiber f until it yields.
     void resume(Fiber& f) {
+        progress(block_linear, f.linear);
         current = &f;
         vqx_emu_ctx = &f.ctx;
 #if EMU_ASAN
@@ -393,6 +410,7 @@ struct Worker {
         kernel = k;
         params = p;
         n = (int)(block[0] * block[1] * block[2]);
+        block_linear = bidx.x + (uint64_t)grid[0] * (bidx.y + (uint64_t)grid[1] * bidx.z);
         if (!ensure_fibers(n, error)) {
             error = std::string(k->name) + ": " + error;
             return false;
@@ -790,6 +808,53 @@ struct Pool {
     }
 };
 
+uint64_t stall_seconds() {
+    static const uint64_t s = [] {
+        if (const char* e = getenv("VQX_EMU_STALL_S")) {
+            long v = strtol(e, nullptr, 10);
+            if (v >= 1) return (uint64_t)v;
+        }
+        return (uint64_t)120;
+    }();
+    return s;
+}
+
+// One thread for the process: while a launch runs, aborts it with a message when no thread of
+// it has reached a barrier, a collective or its end for VQX_EMU_STALL_S seconds (default 120;
+// a correct kernel's threads reach one every few milliseconds on the emulator).
+void start_watchdog() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        std::thread([] {
+            uint64_t last = g_progress.load();
+            uint64_t still = 0;
+            for (;;) {
+                std::this_thread::sleep_for(std::chrono::seconds(1));
+                const char* k = g_kernel.load();
+                const uint64_t now = g_progress.load();
+                if (!k || now != last) {
+                    last = now;
+                    still = 0;
+                    continue;
+                }
+                if (++still >= stall_seconds()) {
+                    const uint64_t w = g_where.load();
+                    fprintf(stderr,
+                            "vqx cuda-emu: kernel %s made no progress for %llu s: thread %llu of "
+                            "block %llu (linear indices) runs without reaching a barrier, a warp "
+                            "collective or its end — an endless loop (e.g. a grid-stride loop "
+                            "whose stride is 0) or a spin-wait on another thread, which fibers "
+                            "cannot preempt. Aborting (VQX_EMU_STALL_S sets the limit).\n",
+                            k, (unsigned long long)still, (unsigned long long)(w & 0xffff),
+                            (unsigned long long)(w >> 16));
+                    fflush(stderr);
+                    abort();
+                }
+            }
+        }).detach();
+    });
+}
+
 std::mutex& launch_mutex() {
     static std::mutex* m = new std::mutex;
     return *m;
@@ -882,7 +947,10 @@ extern "C" int vqx_emu_launch(const vqx_emu_kernel* k, const unsigned grid[3],
     memcpy(j.block, block, sizeof j.block);
     j.dyn_bytes = dyn_bytes;
     j.blocks = (uint64_t)grid[0] * grid[1] * grid[2];
+    start_watchdog();
+    g_kernel.store(k->name);
     run_job(j);
+    g_kernel.store(nullptr);
     if (j.failed.load()) {
         put(err, err_len, j.error);
         return 1;

@@ -189,3 +189,30 @@ fn shapes_cuda_refuses_are_refused() {
         assert!(err.contains(want), "{shape:?}: {err}");
     }
 }
+
+/// Run in a child process by `an_endless_loop_aborts_with_a_message_not_a_hang`.
+#[test]
+#[ignore = "aborts its process: run by an_endless_loop_aborts_with_a_message_not_a_hang"]
+fn endless_loop_child() {
+    run_fault("emu_fault_endless_loop", 1, 32).ok();
+    unreachable!("the watchdog aborts the process before the launch returns");
+}
+
+#[test]
+fn an_endless_loop_aborts_with_a_message_not_a_hang() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "endless_loop_child", "--ignored", "--nocapture"])
+        .env("VQX_EMU_STALL_S", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the child must not succeed: {stderr}"
+    );
+    assert!(
+        stderr.contains("emu_fault_endless_loop made no progress")
+            && stderr.contains("endless loop"),
+        "{stderr}"
+    );
+}
