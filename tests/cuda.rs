@@ -181,8 +181,10 @@ fn assert_same_candidates(ctx: &str, got: &Candidates, want: &Candidates) {
 
 /// (N, D, K) straddling the nearest kernels' 128-row blocks, 128-code tiles and 8/16/32-wide
 /// chunks; D = 1, 9, 13, 17 and D % 4 ≠ 0 take the scalar loads of the tensor-core kernels.
-const NEAREST_SMALL: [(usize, usize, usize); 10] = [
+const NEAREST_SMALL: [(usize, usize, usize); 12] = [
     (1, 1, 1),
+    (1000, 64, 1000),
+    (513, 129, 300),
     (1, 7, 129),
     (127, 8, 127),
     (129, 9, 128),
@@ -193,8 +195,7 @@ const NEAREST_SMALL: [(usize, usize, usize); 10] = [
     (2, 4096, 5),
     (257, 1, 300),
 ];
-const NEAREST_LARGE: [(usize, usize, usize); 3] =
-    [(1000, 64, 1000), (513, 129, 300), (4099, 16, 65_537)];
+const NEAREST_LARGE: [(usize, usize, usize); 2] = [(4099, 16, 65_537), (8192, 256, 4096)];
 
 fn check_nearest<G: Gpu>(test: &str, dev: &Dev<G>, metric: Metric) {
     let gpu = dev.backend(Precision::Exact);
