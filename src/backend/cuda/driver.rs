@@ -2,7 +2,7 @@
 //! launches on the default stream of the primary context, and event timing. libcuda is loaded
 //! at run time, so the crate builds and runs without a toolkit or a GPU.
 
-use super::device::{Arg, Elem, Gpu, LaunchShape};
+use super::device::{Arg, Elem, Gpu, LaunchShape, median_timing};
 use super::kernels::{self, KernelId};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
@@ -236,26 +236,18 @@ impl Gpu for CudaGpu {
         before: &mut dyn FnMut() -> Result<()>,
         launch: &mut dyn FnMut() -> Result<()>,
     ) -> Result<f64> {
-        before()?;
-        launch()?;
-        let mut times = Vec::with_capacity(reps.max(1));
-        for _ in 0..reps.max(1) {
-            before()?;
-            let start = self
-                .ctx
-                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .op(op)?;
-            let end = self
-                .ctx
-                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .op(op)?;
+        median_timing(reps, before, launch, |launch| {
+            let event = || {
+                self.ctx
+                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .op(op)
+            };
+            let (start, end) = (event()?, event()?);
             start.record(&self.stream).op(op)?;
             launch()?;
             end.record(&self.stream).op(op)?;
-            let ms = start.elapsed_ms(&end).op(op)?;
-            times.push(ms as f64 * 1e-3);
-        }
-        Ok(crate::backend::median(&mut times))
+            Ok(start.elapsed_ms(&end).op(op)? as f64 * 1e-3)
+        })
     }
 
     fn timed_with(&self) -> &'static str {

@@ -7,7 +7,7 @@
 //! A slow checking device: it executes the real kernels and the real launch code, never chosen
 //! by `--device auto`. What it can and cannot tell is in docs/gpu.md.
 
-use super::device::{Arg, Elem, Gpu, LaunchShape};
+use super::device::{Arg, Elem, Gpu, LaunchShape, median_timing};
 use super::kernels::{KERNELS, KernelId};
 use crate::error::{Error, Result};
 use std::ffi::{CStr, c_char, c_void};
@@ -213,16 +213,11 @@ impl Gpu for EmuGpu {
         before: &mut dyn FnMut() -> Result<()>,
         launch: &mut dyn FnMut() -> Result<()>,
     ) -> Result<f64> {
-        before()?;
-        launch()?;
-        let mut times = Vec::with_capacity(reps.max(1));
-        for _ in 0..reps.max(1) {
-            before()?;
+        median_timing(reps, before, launch, |launch| {
             let t = Instant::now();
             launch()?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-        Ok(crate::backend::median(&mut times))
+            Ok(t.elapsed().as_secs_f64())
+        })
     }
 
     fn timed_with(&self) -> &'static str {

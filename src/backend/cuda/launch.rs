@@ -5,7 +5,8 @@
 use super::device::{Arg, Gpu, LaunchShape};
 use super::kernels::{self, tiles};
 use crate::error::{Error, Result};
-use crate::nearest::Precision;
+use crate::matrix::MatRef;
+use crate::nearest::{self, Metric, Precision, Prepared};
 
 /// Largest per-block histogram `usage_u32` keeps in shared memory, in codes.
 pub const USAGE_SHARED_CODES: usize = tiles::USAGE_SHARED_BYTES / 4;
@@ -38,6 +39,46 @@ fn grid_stride_blocks(total: usize, per_block: usize, cap: u32) -> u32 {
     need.min(cap.max(1) as usize) as u32
 }
 
+/// The operands of the nearest kernels on the device: x (L2-normalised for cosine), the scored
+/// codebook and its f32 norms, as `prepared` defines them.
+pub struct NearestInputs<G: Gpu> {
+    pub x: G::Buf<f32>,
+    pub codebook: G::Buf<f32>,
+    pub norms: G::Buf<f32>,
+    pub n: usize,
+    pub k: usize,
+    pub d: usize,
+}
+
+impl<G: Gpu> NearestInputs<G> {
+    /// Uploads `x` and `codebook` (already validated with [`nearest::validate`]) as `prepared`,
+    /// made from the same codebook, scores them.
+    pub fn upload(
+        gpu: &G,
+        x: MatRef<'_>,
+        codebook: MatRef<'_>,
+        prepared: &Prepared,
+    ) -> Result<Self> {
+        let scored = prepared.scored(codebook);
+        let normalized;
+        let xs = match prepared.metric() {
+            Metric::L2 => x.data(),
+            Metric::Cosine => {
+                normalized = nearest::normalize_rows(x);
+                normalized.data()
+            }
+        };
+        Ok(NearestInputs {
+            x: gpu.upload("x", xs)?,
+            codebook: gpu.upload("codebook", scored.data())?,
+            norms: gpu.upload("code norms", prepared.norms())?,
+            n: x.rows(),
+            k: scored.rows(),
+            d: x.cols(),
+        })
+    }
+}
+
 /// Device outputs of the nearest kernels: per row the best index, its score and the runner-up.
 pub struct NearestOut<G: Gpu> {
     pub best: G::Buf<u32>,
@@ -55,20 +96,15 @@ impl<G: Gpu> NearestOut<G> {
     }
 }
 
-/// `nearest_f32`, `nearest_tf32` or `nearest_bf16` over n rows of x (n·d floats) against k codes
-/// (k·d floats) and their k norms.
-#[allow(clippy::too_many_arguments)]
+/// `nearest_f32`, `nearest_tf32` or `nearest_bf16` over the n rows of `input` against its k
+/// codes, into `out` (n rows).
 pub fn nearest<G: Gpu>(
     gpu: &G,
     precision: Precision,
-    x: &G::Buf<f32>,
-    codebook: &G::Buf<f32>,
-    norms: &G::Buf<f32>,
+    input: &NearestInputs<G>,
     out: &mut NearestOut<G>,
-    n: usize,
-    k: usize,
-    d: usize,
 ) -> Result<()> {
+    let (n, k, d) = (input.n, input.k, input.d);
     let (kernel, rows_per_block, threads) = match precision {
         Precision::Exact => (
             kernels::NEAREST_F32,
@@ -87,9 +123,9 @@ pub fn nearest<G: Gpu>(
     let (n64, k64) = (i64_of(n, "rows")?, i64_of(k, "codes")?);
     let shape = LaunchShape::linear(blocks, threads as u32);
     let mut args = [
-        Arg::F32(x),
-        Arg::F32(codebook),
-        Arg::F32(norms),
+        Arg::F32(&input.x),
+        Arg::F32(&input.codebook),
+        Arg::F32(&input.norms),
         Arg::U32Mut(&mut out.best),
         Arg::F32Mut(&mut out.best_score),
         Arg::F32Mut(&mut out.second_score),

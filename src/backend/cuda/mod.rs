@@ -40,7 +40,7 @@ use crate::error::Result;
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::{self, Assignment, Candidates, Metric, Precision, Prepared};
 use crate::{gather, usage};
-use launch::NearestOut;
+use launch::{NearestInputs, NearestOut};
 
 /// Rows per block of `nearest_f32` (kernels/tiles.cuh).
 pub const NEAREST_ROWS_PER_BLOCK: usize = kernels::tiles::NEAREST_BM;
@@ -147,31 +147,9 @@ impl<G: Gpu> GpuBackend<G> {
         precision: Precision,
     ) -> Result<Candidates> {
         let g = &self.gpu;
-        let n = x.rows();
-        let scored = prepared.scored(codebook);
-        let normalized;
-        let xs = match prepared.metric() {
-            Metric::L2 => x.data(),
-            Metric::Cosine => {
-                normalized = nearest::normalize_rows(x);
-                normalized.data()
-            }
-        };
-        let x_d = g.upload("x", xs)?;
-        let c_d = g.upload("codebook", scored.data())?;
-        let norms_d = g.upload("code norms", prepared.norms())?;
-        let mut out = NearestOut::new(g, n)?;
-        launch::nearest(
-            g,
-            precision,
-            &x_d,
-            &c_d,
-            &norms_d,
-            &mut out,
-            n,
-            scored.rows(),
-            x.cols(),
-        )?;
+        let input = NearestInputs::upload(g, x, codebook, prepared)?;
+        let mut out = NearestOut::new(g, input.n)?;
+        launch::nearest(g, precision, &input, &mut out)?;
         Ok(Candidates {
             best: g.download("best indices", &out.best)?,
             best_score: g.download("best scores", &out.best_score)?,

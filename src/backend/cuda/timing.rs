@@ -2,7 +2,7 @@
 //! device's clock (CUDA events on a GPU, the wall clock on the emulated device).
 
 use super::device::Gpu;
-use super::launch::{self, NearestOut};
+use super::launch::{self, NearestInputs, NearestOut};
 use crate::backend::PrimitiveTimes;
 use crate::ema;
 use crate::error::Result;
@@ -23,19 +23,7 @@ pub fn time_primitives<G: Gpu>(
 ) -> Result<PrimitiveTimes> {
     nearest::validate(x, codebook)?;
     let (n, d, k) = (x.rows(), x.cols(), codebook.rows());
-    let prepared = Prepared::new(codebook, metric);
-    let scored = prepared.scored(codebook);
-    let normalized;
-    let xs = match metric {
-        Metric::L2 => x.data(),
-        Metric::Cosine => {
-            normalized = nearest::normalize_rows(x);
-            normalized.data()
-        }
-    };
-    let x_d = g.upload("x", xs)?;
-    let c_d = g.upload("codebook", scored.data())?;
-    let norms_d = g.upload("code norms", prepared.norms())?;
+    let input = NearestInputs::upload(g, x, codebook, &Prepared::new(codebook, metric))?;
     let mut out = NearestOut::new(g, n)?;
     let none = &mut || Ok(());
 
@@ -43,13 +31,13 @@ pub fn time_primitives<G: Gpu>(
         &format!("timing nearest ({precision})"),
         reps,
         none,
-        &mut || launch::nearest(g, precision, &x_d, &c_d, &norms_d, &mut out, n, k, d),
+        &mut || launch::nearest(g, precision, &input, &mut out),
     )?;
 
     let idx_d = &out.best;
     let mut gathered = g.alloc_zeros::<f32>("gathered rows", n * d)?;
     let t_gather = g.time("timing gather", reps, none, &mut || {
-        launch::gather(g, &c_d, idx_d, &mut gathered, n, d)
+        launch::gather(g, &input.codebook, idx_d, &mut gathered, n, d)
     })?;
     drop(gathered);
 
@@ -68,7 +56,7 @@ pub fn time_primitives<G: Gpu>(
         },
         &mut || {
             let (s, c) = &mut *acc.borrow_mut();
-            launch::sums_atomic(g, &x_d, idx_d, s, c, n, d)
+            launch::sums_atomic(g, &input.x, idx_d, s, c, n, d)
         },
     )?;
 
@@ -79,7 +67,7 @@ pub fn time_primitives<G: Gpu>(
     let r_d = g.upload("row ids", &rows)?;
     let t_sorted = g.time("timing ema_sums_sorted_f32", reps, none, &mut || {
         let (s, c) = &mut *acc.borrow_mut();
-        launch::sums_sorted(g, &x_d, &o_d, &r_d, s, c, k, d)
+        launch::sums_sorted(g, &input.x, &o_d, &r_d, s, c, k, d)
     })?;
 
     let t_usage = g.time(
