@@ -428,7 +428,7 @@ fn build_emulator(modules: &[Module], out_dir: &Path) {
                 runtime.define("VQX_EMU_ASAN", None);
             }
         }
-        println!("cargo:rustc-link-arg=-fsanitize={sanitize}");
+        link_sanitizer_runtimes(&kernels, sanitize);
     }
     for f in &files {
         kernels.file(f);
@@ -445,6 +445,43 @@ fn build_emulator(modules: &[Module], out_dir: &Path) {
             sanitize
         }
     );
+}
+
+/// Links the shared runtime of each sanitizer in `sanitize` (address → libasan, undefined →
+/// libubsan, thread → libtsan). rustc links with `-nodefaultlibs`, which makes gcc's
+/// `-fsanitize=` at link time add nothing, so the runtimes are named here, from the directory
+/// the C++ compiler reports. A build script's native libraries precede std's on the link line,
+/// so the runtime is the executables' first DT_NEEDED, ahead of libc, as ASan insists and as
+/// TSan's interceptors need; scripts/sanitize.sh still preloads it (`LD_PRELOAD`) in case a
+/// dependency ever links a library before it.
+fn link_sanitizer_runtimes(build: &cc::Build, sanitize: &str) {
+    let compiler = build.get_compiler();
+    for kind in sanitize.split(',').map(str::trim) {
+        let lib = match kind {
+            "address" => "asan",
+            "undefined" => "ubsan",
+            "thread" => "tsan",
+            other => {
+                panic!("VQX_EMU_SANITIZE: unknown sanitizer {other:?} (address, undefined, thread)")
+            }
+        };
+        let file = format!("lib{lib}.so");
+        let out = Command::new(compiler.path())
+            .arg(format!("-print-file-name={file}"))
+            .output()
+            .unwrap_or_else(|e| panic!("{} -print-file-name: {e}", compiler.path().display()));
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        // gcc answers the bare name when it has no such file.
+        if let Some(dir) = path.parent().filter(|d| path.is_file() && d.is_dir()) {
+            println!("cargo:rustc-link-search=native={}", dir.display());
+        } else {
+            println!(
+                "cargo:warning=VQX_EMU_SANITIZE={sanitize}: {} has no {file}; relying on the linker's search path",
+                compiler.path().display()
+            );
+        }
+        println!("cargo:rustc-link-lib=dylib={lib}");
+    }
 }
 
 /// The host compiler as the kernels need it.

@@ -4,8 +4,10 @@
 //   launch   the argument count and sizes are checked against the kernel's parameters, the
 //            grid, block and dynamic shared memory against CUDA's limits; then the blocks are
 //            handed out one at a time to a pool of OS threads (VQX_EMU_THREADS, default: the
-//            CPU count). A sanitizer build for TSan runs each block on a fresh OS thread so
-//            that one block's thread_local shared memory is never another block's.
+//            CPU count). Under TSan the blocks an OS thread runs one after another are
+//            ordered (the end of one happens before the start of the next), so that their
+//            reuse of its thread_local shared memory is not a race; blocks on different OS
+//            threads, and the threads of one block between barriers, stay unordered.
 //   block    runs on one OS thread: each CUDA thread is a fiber with its own mmap'd stack
 //            (VQX_EMU_STACK_KIB, default 64) and a no-access guard page below it, resumed in
 //            thread order until it reaches a barrier, a warp collective or its end.
@@ -244,7 +246,11 @@ struct WarpState {
     uint32_t mask = 0;
     int op = -1;
     Site site;
-    char tsan_sync;  // address for TSan's acquire/release
+    // TSan: lanes release at arrival and acquire on leaving, on the address of this
+    // collective's parity, so that a lane that already went on to the next collective (and
+    // released there) is not ordered before lanes still leaving this one.
+    uint32_t phase = 0;
+    char tsan_sync[2];
 };
 
 void fiber_main();
@@ -260,6 +266,9 @@ struct Worker {
 #endif
 #if EMU_TSAN
     void* sched_tsan = nullptr;
+    // Released by the OS thread when a block starts (after it joined the previous block's
+    // fibers), acquired by each fiber when it starts.
+    char block_sync;
 #endif
 #if !EMU_ASM_SWITCH
     ucontext_t sched_uc;
@@ -271,7 +280,9 @@ struct Worker {
     int live = 0;
     int at_barrier = 0;
     Site barrier_site;
-    char barrier_sync;  // address for TSan's acquire/release
+    // TSan: as WarpState::tsan_sync, one address per barrier parity.
+    uint32_t barrier_phase = 0;
+    char barrier_sync[2];
     std::vector<WarpState> warps;
     Fiber* current = nullptr;
     uint64_t block_linear = 0;
@@ -320,6 +331,9 @@ struct Worker {
         (void)final;
 #endif
 #if EMU_TSAN
+        // Everything f did so far happens before the end of the block (join_fibers); nothing
+        // else acquires this address, so fibers stay unordered among themselves.
+        __tsan_release(&f);
         __tsan_switch_to_fiber(sched_tsan, TSAN_NO_SYNC);
 #endif
 #if EMU_ASM_SWITCH
@@ -407,6 +421,23 @@ struct Worker {
     // Runs one block to completion; false (with `error` set) when it failed.
     bool run_block(const vqx_emu_kernel* k, void** p, const unsigned grid[3],
                    const unsigned block[3], uint3 bidx, size_t dyn_bytes) {
+        const bool ok = run_fibers(k, p, grid, block, bidx, dyn_bytes);
+        join_fibers();
+        return ok;
+    }
+
+    // The block's end as a join of its threads: with TSan the OS thread acquires what each
+    // fiber released when it last yielded, so that whatever follows the launch on the host
+    // (freeing device buffers, the Fiber objects themselves) is ordered after the kernel's
+    // accesses, as a kernel's completion is on a GPU.
+    void join_fibers() {
+#if EMU_TSAN
+        for (int i = 0; i < n && i < (int)fibers.size(); ++i) __tsan_acquire(fibers[i].get());
+#endif
+    }
+
+    bool run_fibers(const vqx_emu_kernel* k, void** p, const unsigned grid[3],
+                    const unsigned block[3], uint3 bidx, size_t dyn_bytes) {
         kernel = k;
         params = p;
         n = (int)(block[0] * block[1] * block[2]);
@@ -445,6 +476,7 @@ struct Worker {
         failed = false;
 #if EMU_TSAN
         if (!sched_tsan) sched_tsan = __tsan_get_current_fiber();
+        __tsan_release(&block_sync);
 #endif
         while (live > 0) {
             bool progress = false;
@@ -476,6 +508,10 @@ void fiber_main() {
     Fiber& f = *w.current;
 #if EMU_ASAN
     __sanitizer_finish_switch_fiber(nullptr, &w.sched_bottom, &w.sched_size);
+#endif
+#if EMU_TSAN
+    // The previous blocks of this OS thread, and the launch, happen before this thread starts.
+    __tsan_acquire(&w.block_sync);
 #endif
     w.kernel->invoke(w.params);
     f.state = State::Done;
@@ -602,18 +638,20 @@ void syncthreads(const char* file, int line) {
     f.state = State::AtBarrier;
     f.site = site;
 #if EMU_TSAN
-    __tsan_release(&w.barrier_sync);
+    char* const sync = &w.barrier_sync[w.barrier_phase & 1];
+    __tsan_release(sync);
 #endif
     if (++w.at_barrier == w.live) {
         for (int i = 0; i < w.n; ++i) {
             if (w.fibers[i]->state == State::AtBarrier) w.fibers[i]->state = State::Runnable;
         }
         w.at_barrier = 0;
+        ++w.barrier_phase;
     } else {
         w.yield(f, false);
     }
 #if EMU_TSAN
-    __tsan_acquire(&w.barrier_sync);
+    __tsan_acquire(sync);
 #endif
 }
 
@@ -665,7 +703,8 @@ void warp_collective(Collective op, unsigned mask, const char* file, int line,
     f.site = site;
     ws.arrived |= 1u << lane;
 #if EMU_TSAN
-    __tsan_release(&ws.tsan_sync);
+    char* const sync = &ws.tsan_sync[ws.phase & 1];
+    __tsan_release(sync);
 #endif
     if (ws.arrived == mask) {
         Fiber* lanes[32] = {};
@@ -713,11 +752,12 @@ void warp_collective(Collective op, unsigned mask, const char* file, int line,
             if (lanes[l]) lanes[l]->state = State::Runnable;
         ws.arrived = 0;
         ws.op = -1;
+        ++ws.phase;
     } else {
         w.yield(f, false);
     }
 #if EMU_TSAN
-    __tsan_acquire(&ws.tsan_sync);
+    __tsan_acquire(sync);
 #endif
     memcpy(out, f.out, sizeof f.out);
 }
@@ -855,37 +895,16 @@ void start_watchdog() {
     });
 }
 
+// Constant-initialised (std::mutex's constructor is constexpr, its destructor trivial): no
+// guard variable whose uninstrumented fast path would hide the initialisation from TSan.
 std::mutex& launch_mutex() {
-    static std::mutex* m = new std::mutex;
-    return *m;
+    static std::mutex m;
+    return m;
 }
 
 void run_job(Job& j) {
-#if EMU_TSAN
-    // A fresh OS thread per block: its thread_local shared memory is new, so TSan never sees
-    // one block's shared-memory writes as racing with the next block's on the same thread.
-    const unsigned t = pool_threads();
-    while (!j.failed.load() && j.next.load() < j.blocks) {
-        std::vector<std::thread> wave;
-        for (unsigned i = 0; i < t && j.next.load() + i < j.blocks; ++i) {
-            wave.emplace_back([&j] {
-                Worker& w = worker();
-                const uint64_t b = j.next.fetch_add(1);
-                if (b >= j.blocks || j.failed.load()) return;
-                const uint3 bidx = {(unsigned)(b % j.grid[0]), (unsigned)((b / j.grid[0]) % j.grid[1]),
-                                    (unsigned)(b / ((uint64_t)j.grid[0] * j.grid[1]))};
-                if (!w.run_block(j.kernel, j.params, j.grid, j.block, bidx, j.dyn_bytes)) {
-                    std::lock_guard<std::mutex> g(j.err_mu);
-                    if (!j.failed.exchange(true)) j.error = w.error;
-                }
-            });
-        }
-        for (auto& th : wave) th.join();
-    }
-#else
     static Pool* pool = new Pool(pool_threads());
     pool->run(j);
-#endif
 }
 
 void put(char* err, size_t len, const std::string& s) {
@@ -962,7 +981,7 @@ extern "C" const char* vqx_emu_describe(void) {
     static const std::string s = format(
         "%u OS threads, one fiber per CUDA thread (%zu KiB stacks, %s context switch)%s",
         pool_threads(), stack_bytes() / 1024, EMU_ASM_SWITCH ? "x86-64 assembly" : "ucontext",
-        EMU_TSAN ? ", ThreadSanitizer (a fresh OS thread per block)"
+        EMU_TSAN ? ", ThreadSanitizer"
                  : (EMU_ASAN ? ", AddressSanitizer" : ""));
     return s.c_str();
 }
