@@ -467,6 +467,14 @@ struct Worker {
             f.ctx.block_idx = bidx;
             f.ctx.block_dim = {block[0], block[1], block[2]};
             f.ctx.grid_dim = {grid[0], grid[1], grid[2]};
+#if EMU_TSAN
+            // A fiber abandoned inside a failed block is still inside the kernel for TSan
+            // (its shadow call stack never unwound): a fresh TSan fiber instead.
+            if (f.state != State::Done && f.tsan) {
+                __tsan_destroy_fiber(f.tsan);
+                f.tsan = __tsan_create_fiber(0);
+            }
+#endif
             f.state = State::Runnable;
             prepare(f);
         }
