@@ -25,7 +25,8 @@
 //! # Ok::<(), vqx::Error>(())
 //! ```
 
-use crate::backend::{Backend, PrimitiveTimes};
+use crate::backend::{Backend, PrimitiveTimes, Transfers};
+use crate::ema::SumMode;
 use crate::error::Result;
 use crate::matrix::Matrix;
 use crate::nearest::Metric;
@@ -163,6 +164,10 @@ pub struct ShapeResult {
     /// CUDA only: rows `nearest` rechecked exactly on this shape's data.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rechecked_rows: Option<usize>,
+    /// CUDA only: bytes one host-level call of each primitive copies across the bus (what the
+    /// kernel times above leave out: they run on resident inputs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfers: Option<Vec<(String, Transfers)>>,
 }
 
 /// Everything `vqx bench` prints.
@@ -219,6 +224,7 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
             primitives: primitive_results(shape, &times, &floors),
             nearest_end_to_end_ms: e2e,
             rechecked_rows: rechecked,
+            transfers: transfers_per_call(backend, x, codebook, cfg)?,
         });
     }
     let shapes = if cfg.data.is_some() {
@@ -248,6 +254,7 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
             primitives: primitive_results(shape, &times, &floors),
             nearest_end_to_end_ms: e2e,
             rechecked_rows: rechecked,
+            transfers: transfers_per_call(backend, &x, &codebook, cfg)?,
         });
     }
     Ok(BenchReport {
@@ -283,6 +290,50 @@ fn end_to_end(
             .map(drop)
     })?;
     Ok((Some(t * 1e3), Some(a.rechecked)))
+}
+
+/// On a device: the bytes one host-level call of each primitive moves each way, read from the
+/// device layer's counters around one call; `None` on the CPU.
+fn transfers_per_call(
+    backend: &dyn Backend,
+    x: &Matrix,
+    codebook: &Matrix,
+    cfg: &BenchConfig,
+) -> Result<Option<Vec<(String, Transfers)>>> {
+    if !backend.name().starts_with("cuda") {
+        return Ok(None);
+    }
+    let k = codebook.rows();
+    let mut out = Vec::new();
+    let mut measure = |name: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        let before = backend.transfers();
+        f()?;
+        out.push((name.to_string(), backend.transfers().since(before)));
+        Ok(())
+    };
+    let idx = backend
+        .nearest(x.as_ref(), codebook.as_ref(), cfg.metric)?
+        .indices;
+    measure("nearest", &mut || {
+        backend
+            .nearest(x.as_ref(), codebook.as_ref(), cfg.metric)
+            .map(drop)
+    })?;
+    measure("gather", &mut || {
+        backend.gather(codebook.as_ref(), &idx).map(drop)
+    })?;
+    measure("code_sums", &mut || {
+        backend
+            .code_sums(x.as_ref(), &idx, k, SumMode::Fast)
+            .map(drop)
+    })?;
+    measure("code_sums_deterministic", &mut || {
+        backend
+            .code_sums(x.as_ref(), &idx, k, SumMode::Deterministic)
+            .map(drop)
+    })?;
+    measure("usage", &mut || backend.usage(&idx, k).map(drop))?;
+    Ok(Some(out))
 }
 
 /// `shape` with N capped so one nearest call is at most [`CPU_FLOP_CAP`] flops (at least 1 row).
@@ -548,6 +599,13 @@ impl BenchReport {
                     sh.n,
                     100.0 * rc as f64 / sh.n.max(1) as f64
                 );
+            }
+            if let Some(t) = &r.transfers {
+                let per: Vec<String> = t
+                    .iter()
+                    .map(|(name, t)| format!("{name} {} in / {} out", t.h2d_bytes, t.d2h_bytes))
+                    .collect();
+                let _ = writeln!(s, "  bytes per call (host ↔ device): {}", per.join("; "));
             }
         }
         s

@@ -574,6 +574,36 @@ on_devices! {
     }
 }
 
+on_devices! {
+    /// The device layer counts every byte each host-level call moves: today the host API
+    /// uploads its operands and downloads its results on every call (issue 11 removes them).
+    fn transfers_are_counted<G>(test, dev) {
+        let gpu = dev.backend(Precision::Exact);
+        let (n, d, k) = (300usize, 13usize, 70usize);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (x, c) = (random(n, d, &mut rng), random(k, d, &mut rng));
+        let moved = |f: &dyn Fn()| {
+            let before = gpu.transfers();
+            f();
+            gpu.transfers().since(before)
+        };
+        let t = moved(&|| drop(gpu.nearest(x.as_ref(), c.as_ref(), Metric::L2).unwrap()));
+        // x, codebook and norms in; best index, best and runner-up score out.
+        assert_eq!(t.h2d_bytes, (4 * (n * d + k * d + k)) as u64, "{test}: nearest in");
+        assert_eq!(t.d2h_bytes, (12 * n) as u64, "{test}: nearest out");
+        let idx = random_indices(n, k, &mut rng);
+        let t = moved(&|| drop(gpu.usage(&idx, k).unwrap()));
+        assert_eq!((t.h2d_bytes, t.d2h_bytes), ((4 * n) as u64, (4 * k) as u64), "{test}: usage");
+        let t = moved(&|| drop(gpu.gather(c.as_ref(), &idx).unwrap()));
+        assert_eq!(
+            (t.h2d_bytes, t.d2h_bytes),
+            ((4 * (k * d + n)) as u64, (4 * n * d) as u64),
+            "{test}: gather"
+        );
+        assert_eq!(CpuBackend::new().transfers(), vqx::backend::Transfers::default());
+    }
+}
+
 /// Runs everywhere: status() never panics and explains itself.
 #[test]
 fn status_explains_itself() {
@@ -708,4 +738,57 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
         a == b,
         "fit checkpoints differ beyond codebook/counts/usage"
     );
+}
+
+/// `vqx train` writes the bytes its quantizer's backend moved each step into metrics.jsonl:
+/// zero on the CPU, the batch's uploads and downloads on the emulated device.
+#[test]
+fn train_metrics_report_transfers_per_step() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    for device in ["cpu", "cuda-emu"] {
+        let out = dir.path().join(device);
+        let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
+            .args([
+                "train",
+                "--synthetic",
+                "gmm",
+                "--steps",
+                "3",
+                "--batch-size",
+                "64",
+            ])
+            .args([
+                "--codebook-size",
+                "32",
+                "--hidden",
+                "32",
+                "--device",
+                device,
+            ])
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{device}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        assert_eq!(metrics.lines().count(), 3);
+        for line in metrics.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (h2d, d2h) = (
+                v["h2d_bytes"].as_u64().unwrap(),
+                v["d2h_bytes"].as_u64().unwrap(),
+            );
+            if device == "cpu" {
+                assert_eq!((h2d, d2h), (0, 0), "{line}");
+            } else {
+                // At least the batch of 64 rows of the code dimension went up for `nearest`.
+                assert!(h2d >= 64 * 4 && d2h >= 64 * 4, "{line}");
+            }
+        }
+    }
 }

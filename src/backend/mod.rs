@@ -43,6 +43,13 @@ pub trait Backend: Send + Sync {
     /// Exact histogram of `indices` over `codes` codes.
     fn usage(&self, indices: &[u32], codes: usize) -> Result<Vec<u32>>;
 
+    /// Bytes this backend has copied between host and device memory so far (zero on the CPU,
+    /// which has no device memory). The difference of two readings is what the calls between
+    /// them moved across the bus.
+    fn transfers(&self) -> Transfers {
+        Transfers::default()
+    }
+
     /// Median seconds per call of each primitive, `reps` runs after a warm-up.
     ///
     /// The default times the host-level calls with a wall clock. The CUDA backend overrides it
@@ -67,6 +74,30 @@ pub trait Backend: Send + Sync {
             usage: median_secs(reps, || self.usage(idx, k).map(drop))?,
             timed_with: "wall clock around host calls",
         })
+    }
+}
+
+/// Bytes copied host → device and device → host, as counted by the device layer.
+///
+/// ```
+/// use vqx::backend::Transfers;
+/// let a = Transfers { h2d_bytes: 100, d2h_bytes: 8 };
+/// let b = Transfers { h2d_bytes: 164, d2h_bytes: 12 };
+/// assert_eq!(b.since(a), Transfers { h2d_bytes: 64, d2h_bytes: 4 });
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Transfers {
+    pub h2d_bytes: u64,
+    pub d2h_bytes: u64,
+}
+
+impl Transfers {
+    /// What was moved between the reading `earlier` and this one.
+    pub fn since(self, earlier: Transfers) -> Transfers {
+        Transfers {
+            h2d_bytes: self.h2d_bytes.saturating_sub(earlier.h2d_bytes),
+            d2h_bytes: self.d2h_bytes.saturating_sub(earlier.d2h_bytes),
+        }
     }
 }
 

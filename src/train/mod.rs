@@ -154,6 +154,10 @@ pub struct StepMetrics {
     pub step_seconds: f64,
     /// Seconds of it in the quantizer's forward and backward.
     pub quantizer_seconds: f64,
+    /// Bytes the quantizer's backend copied host → device during the step (0 on the CPU).
+    pub h2d_bytes: u64,
+    /// Bytes it copied device → host.
+    pub d2h_bytes: u64,
 }
 
 /// A model, its optimiser state and the data, at a step.
@@ -264,6 +268,7 @@ impl Trainer {
     /// One optimisation step on the next batch.
     pub fn step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
+        let moved_before = self.model.quantizer.backend().transfers();
         let d = self.data.train.cols();
         let rows = self.sampler.indices(self.step);
         let batch = crate::quantizer::gather_rows(self.data.train.as_ref(), &rows);
@@ -306,6 +311,12 @@ impl Trainer {
             self.model.quantizer.set_codebook(codebook)?;
         }
         self.step += 1;
+        let moved = self
+            .model
+            .quantizer
+            .backend()
+            .transfers()
+            .since(moved_before);
         Ok(StepMetrics {
             step: self.step,
             lr,
@@ -320,6 +331,8 @@ impl Trainer {
             replaced: out.stats.replaced,
             step_seconds: start.elapsed().as_secs_f64(),
             quantizer_seconds: out.quantizer_seconds,
+            h2d_bytes: moved.h2d_bytes,
+            d2h_bytes: moved.d2h_bytes,
         })
     }
 

@@ -4,8 +4,10 @@
 //! allocations, copies) is written once against this trait, so CI executes it on every run.
 
 use super::kernels::KernelId;
+use crate::backend::Transfers;
 use crate::error::Result;
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// An element type that lives in device buffers.
 pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {}
@@ -28,6 +30,30 @@ impl LaunchShape {
             grid: (blocks, 1, 1),
             block: (threads, 1, 1),
             shared_bytes: 0,
+        }
+    }
+}
+
+/// The bytes a device has copied each way; every [`Gpu::upload`] and [`Gpu::download`] counts.
+#[derive(Debug, Default)]
+pub struct TransferCounter {
+    h2d: AtomicU64,
+    d2h: AtomicU64,
+}
+
+impl TransferCounter {
+    pub fn host_to_device<T>(&self, elements: usize) {
+        self.h2d
+            .fetch_add((elements * size_of::<T>()) as u64, Ordering::Relaxed);
+    }
+    pub fn device_to_host<T>(&self, elements: usize) {
+        self.d2h
+            .fetch_add((elements * size_of::<T>()) as u64, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> Transfers {
+        Transfers {
+            h2d_bytes: self.h2d.load(Ordering::Relaxed),
+            d2h_bytes: self.d2h.load(Ordering::Relaxed),
         }
     }
 }
@@ -64,6 +90,8 @@ pub trait Gpu: Send + Sync + 'static {
     fn upload<T: Elem>(&self, what: &str, src: &[T]) -> Result<Self::Buf<T>>;
     fn download<T: Elem>(&self, what: &str, buf: &Self::Buf<T>) -> Result<Vec<T>>;
     fn zero<T: Elem>(&self, what: &str, buf: &mut Self::Buf<T>) -> Result<()>;
+    /// Bytes copied by [`Gpu::upload`] and [`Gpu::download`] so far.
+    fn transfers(&self) -> Transfers;
 
     /// Launches `kernel` with `args` (asynchronously on a real GPU, in order on the device's
     /// stream). `op` names the launch in errors.

@@ -2,8 +2,9 @@
 //! launches on the default stream of the primary context, and event timing. libcuda is loaded
 //! at run time, so the crate builds and runs without a toolkit or a GPU.
 
-use super::device::{Arg, Elem, Gpu, LaunchShape, median_timing};
+use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter, median_timing};
 use super::kernels::{self, KernelId};
+use crate::backend::Transfers;
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{
@@ -99,6 +100,7 @@ pub struct CudaGpu {
     name: String,
     compute_capability: (i32, i32),
     sm_count: u32,
+    transfers: TransferCounter,
 }
 
 impl CudaGpu {
@@ -141,6 +143,7 @@ impl CudaGpu {
             name,
             compute_capability,
             sm_count,
+            transfers: TransferCounter::default(),
         })
     }
 
@@ -183,12 +186,14 @@ impl Gpu for CudaGpu {
     }
 
     fn upload<T: Elem>(&self, what: &str, src: &[T]) -> Result<CudaSlice<T>> {
+        self.transfers.host_to_device::<T>(src.len());
         self.stream
             .clone_htod(src)
             .op(&format!("uploading {what} ({} elements)", src.len()))
     }
 
     fn download<T: Elem>(&self, what: &str, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.transfers.device_to_host::<T>(buf.len());
         self.stream
             .clone_dtoh(buf)
             .op(&format!("downloading {what} ({} elements)", buf.len()))
@@ -196,6 +201,10 @@ impl Gpu for CudaGpu {
 
     fn zero<T: Elem>(&self, what: &str, buf: &mut CudaSlice<T>) -> Result<()> {
         self.stream.memset_zeros(buf).op(&format!("zeroing {what}"))
+    }
+
+    fn transfers(&self) -> Transfers {
+        self.transfers.get()
     }
 
     unsafe fn launch(

@@ -7,8 +7,9 @@
 //! A slow checking device: it executes the real kernels and the real launch code, never chosen
 //! by `--device auto`. What it can and cannot tell is in docs/gpu.md.
 
-use super::device::{Arg, Elem, Gpu, LaunchShape, median_timing};
+use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter, median_timing};
 use super::kernels::{KERNELS, KernelId};
+use crate::backend::Transfers;
 use crate::error::{Error, Result};
 use std::ffi::{CStr, c_char, c_void};
 use std::time::Instant;
@@ -62,6 +63,7 @@ pub struct EmuGpu {
     /// The C runtime's kernel entry for each [`KernelId`].
     kernels: Vec<*const RawKernel>,
     sm_count: u32,
+    transfers: TransferCounter,
 }
 
 // SAFETY: the raw pointers point into the emulator's static kernel table, which is immutable
@@ -92,6 +94,7 @@ impl EmuGpu {
         Ok(EmuGpu {
             kernels,
             sm_count: EMU_SM_COUNT,
+            transfers: TransferCounter::default(),
         })
     }
 
@@ -180,18 +183,24 @@ impl Gpu for EmuGpu {
     }
 
     fn upload<T: Elem>(&self, _what: &str, src: &[T]) -> Result<EmuBuf<T>> {
+        self.transfers.host_to_device::<T>(src.len());
         Ok(EmuBuf {
             data: src.to_vec().into_boxed_slice(),
         })
     }
 
     fn download<T: Elem>(&self, _what: &str, buf: &EmuBuf<T>) -> Result<Vec<T>> {
+        self.transfers.device_to_host::<T>(buf.len());
         Ok(buf.data.to_vec())
     }
 
     fn zero<T: Elem>(&self, _what: &str, buf: &mut EmuBuf<T>) -> Result<()> {
         buf.data.fill(T::default());
         Ok(())
+    }
+
+    fn transfers(&self) -> Transfers {
+        self.transfers.get()
     }
 
     unsafe fn launch(

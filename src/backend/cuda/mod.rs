@@ -29,12 +29,12 @@ pub mod kernels;
 pub mod launch;
 mod timing;
 
-pub use device::{Arg, Elem, Gpu, LaunchShape};
+pub use device::{Arg, Elem, Gpu, LaunchShape, TransferCounter};
 pub use driver::{CudaGpu, CudaStatus, KERNELS_COMPILED, status};
 pub use emu::EmuGpu;
 pub use launch::USAGE_SHARED_CODES;
 
-use super::{Backend, PrimitiveTimes};
+use super::{Backend, PrimitiveTimes, Transfers};
 use crate::ema::{self, CodeSums, SumMode};
 use crate::error::Result;
 use crate::matrix::{MatRef, Matrix};
@@ -241,6 +241,10 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         let mut counts = g.alloc_zeros::<u32>("counts", codes)?;
         launch::usage(g, &i_d, &mut counts, indices.len(), codes)?;
         g.download("counts", &counts)
+    }
+
+    fn transfers(&self) -> Transfers {
+        self.gpu.transfers()
     }
 
     fn time_primitives(
