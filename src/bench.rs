@@ -25,7 +25,7 @@
 //! # Ok::<(), vqx::Error>(())
 //! ```
 
-use crate::backend::{Backend, PrimitiveTimes, Transfers};
+use crate::backend::{Backend, Device, PrimitiveTimes, Transfers};
 use crate::ema::SumMode;
 use crate::error::Result;
 use crate::matrix::Matrix;
@@ -188,7 +188,7 @@ pub struct BenchReport {
 
 /// Runs the benchmark of `cfg` on `backend`.
 pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
-    let cuda = backend.name() == "cuda";
+    let cuda = backend.device() == Device::Cuda;
     let status = if cuda {
         Some(crate::backend::cuda::status())
     } else {
@@ -233,7 +233,7 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
         &cfg.shapes[..]
     };
     for (i, &requested) in shapes.iter().enumerate() {
-        let shape = if backend.name() == "cuda-emu" && cfg.scale_for_cpu {
+        let shape = if backend.device() == Device::CudaEmu && cfg.scale_for_cpu {
             scale_to(requested, EMU_FLOP_CAP)
         } else if !cuda && cfg.scale_for_cpu {
             scale_for_cpu(requested)
@@ -280,7 +280,7 @@ fn end_to_end(
     codebook: &Matrix,
     cfg: &BenchConfig,
 ) -> Result<(Option<f64>, Option<usize>)> {
-    if !backend.name().starts_with("cuda") {
+    if backend.device() == Device::Cpu {
         return Ok((None, None));
     }
     let a = backend.nearest(x.as_ref(), codebook.as_ref(), cfg.metric)?;
@@ -300,7 +300,7 @@ fn transfers_per_call(
     codebook: &Matrix,
     cfg: &BenchConfig,
 ) -> Result<Option<Vec<(String, Transfers)>>> {
-    if !backend.name().starts_with("cuda") {
+    if backend.device() == Device::Cpu {
         return Ok(None);
     }
     let k = codebook.rows();

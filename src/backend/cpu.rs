@@ -1,6 +1,6 @@
 //! The CPU backend: rayon threads over row blocks, the reference every kernel is tested against.
 
-use super::Backend;
+use super::{Backend, Device};
 use crate::ema::{self, CodeSums, SumMode};
 use crate::error::Result;
 use crate::matrix::{MatRef, Matrix};
@@ -35,6 +35,9 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
     }
     fn describe(&self) -> String {
         let kernel = match self.kernel.resolve() {

@@ -26,6 +26,8 @@ use std::time::Instant;
 pub trait Backend: Send + Sync {
     /// Short name: "cpu", "cuda" or "cuda-emu".
     fn name(&self) -> &'static str;
+    /// The device this backend runs on: `Cpu`, `Cuda` or `CudaEmu` (never `Auto`).
+    fn device(&self) -> Device;
     /// One line on what runs: threads, GPU name and compute capability.
     fn describe(&self) -> String;
     /// Nearest code per row of `x` (SPEC §1). Never materialises the N×K distance matrix.

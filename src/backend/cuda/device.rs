@@ -4,7 +4,7 @@
 //! allocations, copies) is written once against this trait, so CI executes it on every run.
 
 use super::kernels::KernelId;
-use crate::backend::Transfers;
+use crate::backend::{Device, Transfers};
 use crate::error::Result;
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,6 +81,8 @@ pub trait Gpu: Send + Sync + 'static {
 
     /// "cuda" or "cuda-emu".
     fn name(&self) -> &'static str;
+    /// [`Device::Cuda`] or [`Device::CudaEmu`].
+    fn device(&self) -> Device;
     /// One line on what runs.
     fn describe(&self) -> String;
     /// Streaming multiprocessors the grid-stride launchers size their grids for.

@@ -4,7 +4,7 @@
 
 use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter, median_timing};
 use super::kernels::{self, KernelId};
-use crate::backend::Transfers;
+use crate::backend::{Device, Transfers};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{
@@ -163,6 +163,10 @@ impl Gpu for CudaGpu {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda
     }
 
     fn describe(&self) -> String {

@@ -9,7 +9,7 @@
 
 use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter, median_timing};
 use super::kernels::{KERNELS, KernelId};
-use crate::backend::Transfers;
+use crate::backend::{Device, Transfers};
 use crate::error::{Error, Result};
 use std::ffi::{CStr, c_char, c_void};
 use std::time::Instant;
@@ -162,6 +162,10 @@ impl Gpu for EmuGpu {
 
     fn name(&self) -> &'static str {
         "cuda-emu"
+    }
+
+    fn device(&self) -> Device {
+        Device::CudaEmu
     }
 
     fn describe(&self) -> String {

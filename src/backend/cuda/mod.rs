@@ -34,7 +34,7 @@ pub use driver::{CudaGpu, CudaStatus, KERNELS_COMPILED, status};
 pub use emu::EmuGpu;
 pub use launch::USAGE_SHARED_CODES;
 
-use super::{Backend, PrimitiveTimes, Transfers};
+use super::{Backend, Device, PrimitiveTimes, Transfers};
 use crate::ema::{self, CodeSums, SumMode};
 use crate::error::Result;
 use crate::matrix::{MatRef, Matrix};
@@ -161,6 +161,10 @@ impl<G: Gpu> GpuBackend<G> {
 impl<G: Gpu> Backend for GpuBackend<G> {
     fn name(&self) -> &'static str {
         self.gpu.name()
+    }
+
+    fn device(&self) -> Device {
+        self.gpu.device()
     }
 
     fn describe(&self) -> String {
