@@ -4,10 +4,10 @@
 use super::device::Gpu;
 use super::launch::{self, NearestInputs, NearestOut};
 use crate::backend::PrimitiveTimes;
-use crate::ema;
 use crate::error::Result;
 use crate::matrix::MatRef;
 use crate::nearest::{self, Metric, Precision, Prepared};
+use crate::{ema, usage};
 use std::cell::RefCell;
 
 /// The nearest kernel at `precision` (without the host recheck), gather, both sum kernels (the
@@ -35,6 +35,10 @@ pub fn time_primitives<G: Gpu>(
     )?;
 
     let idx_d = &out.best;
+    // The kernels below index the codebook and the sums with these: a broken nearest kernel's
+    // out-of-range index must be an error here, not an out-of-bounds access there.
+    let indices = g.download("indices", idx_d)?;
+    usage::validate(&indices, k)?;
     let mut gathered = g.alloc_zeros::<f32>("gathered rows", n * d)?;
     let t_gather = g.time("timing gather", reps, none, &mut || {
         launch::gather(g, &input.codebook, idx_d, &mut gathered, n, d)
@@ -60,7 +64,6 @@ pub fn time_primitives<G: Gpu>(
         },
     )?;
 
-    let indices = g.download("indices", idx_d)?;
     let (offsets, rows) = ema::group_by_code(&indices, k);
     let offsets: Vec<u64> = offsets.into_iter().map(|o| o as u64).collect();
     let o_d = g.upload("code offsets", &offsets)?;
