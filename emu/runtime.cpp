@@ -119,9 +119,10 @@ thread_local const vqx_emu::ThreadCtx* vqx_emu_ctx = nullptr;
 
 namespace {
 
-// Bumped at every barrier or collective arrival and every thread exit: a launch whose counter
-// stops moving has a thread looping without end (fibers are not preempted), and the watchdog
-// turns that hang into a message and an abort.
+// Bumped whenever a scheduler resumes a fiber, that is after every barrier or collective
+// arrival and every thread exit: a launch whose counter stops moving has a thread looping
+// without end (fibers are not preempted), and the watchdog turns that hang into a message and
+// an abort.
 std::atomic<uint64_t> g_progress{0};
 // What the running block is doing, for the watchdog's message (one launch at a time).
 std::atomic<const char*> g_kernel{nullptr};
