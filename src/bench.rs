@@ -311,13 +311,12 @@ fn transfers_per_call(
         out.push((name.to_string(), backend.transfers().since(before)));
         Ok(())
     };
-    let idx = backend
-        .nearest(x.as_ref(), codebook.as_ref(), cfg.metric)?
-        .indices;
+    let mut idx = Vec::new();
     measure("nearest", &mut || {
-        backend
-            .nearest(x.as_ref(), codebook.as_ref(), cfg.metric)
-            .map(drop)
+        idx = backend
+            .nearest(x.as_ref(), codebook.as_ref(), cfg.metric)?
+            .indices;
+        Ok(())
     })?;
     measure("gather", &mut || {
         backend.gather(codebook.as_ref(), &idx).map(drop)

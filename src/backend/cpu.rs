@@ -33,9 +33,6 @@ impl CpuBackend {
 }
 
 impl Backend for CpuBackend {
-    fn name(&self) -> &'static str {
-        "cpu"
-    }
     fn device(&self) -> Device {
         Device::Cpu
     }

@@ -24,10 +24,12 @@ use std::time::Instant;
 /// Every method validates its inputs and returns a typed [`Error`] for bad ones; no method
 /// panics on user input.
 pub trait Backend: Send + Sync {
-    /// Short name: "cpu", "cuda" or "cuda-emu".
-    fn name(&self) -> &'static str;
     /// The device this backend runs on: `Cpu`, `Cuda` or `CudaEmu` (never `Auto`).
     fn device(&self) -> Device;
+    /// Short name: "cpu", "cuda" or "cuda-emu" (the device's).
+    fn name(&self) -> &'static str {
+        self.device().name()
+    }
     /// One line on what runs: threads, GPU name and compute capability.
     fn describe(&self) -> String;
     /// Nearest code per row of `x` (SPEC §1). Never materialises the N×K distance matrix.
@@ -117,14 +119,32 @@ pub struct PrimitiveTimes {
 
 /// Runs `f` once to warm up, then `reps` times; returns the median wall-clock seconds.
 pub fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
+    median_timing(reps, &mut || Ok(()), &mut f, wall_clock)
+}
+
+/// The median of `reps` timings of `run` after one untimed warm-up, `before` run untimed
+/// before each; `timed` runs `run` once and returns its seconds by some clock.
+pub(crate) fn median_timing(
+    reps: usize,
+    before: &mut dyn FnMut() -> Result<()>,
+    run: &mut dyn FnMut() -> Result<()>,
+    mut timed: impl FnMut(&mut dyn FnMut() -> Result<()>) -> Result<f64>,
+) -> Result<f64> {
+    before()?;
+    run()?;
     let mut times = Vec::with_capacity(reps.max(1));
     for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64());
+        before()?;
+        times.push(timed(run)?);
     }
     Ok(median(&mut times))
+}
+
+/// Seconds of one call of `run` by the wall clock.
+pub(crate) fn wall_clock(run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    run()?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// Median of a non-empty list (sorts it).
@@ -151,14 +171,21 @@ pub enum Device {
     CudaEmu,
 }
 
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Device {
+    /// The name `--device` takes: "auto", "cpu", "cuda" or "cuda-emu".
+    pub fn name(self) -> &'static str {
+        match self {
             Device::Auto => "auto",
             Device::Cpu => "cpu",
             Device::Cuda => "cuda",
             Device::CudaEmu => "cuda-emu",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -79,8 +79,6 @@ pub trait Gpu: Send + Sync + 'static {
     /// A buffer of `T` in this device's memory.
     type Buf<T: Elem>: Send + Sync;
 
-    /// "cuda" or "cuda-emu".
-    fn name(&self) -> &'static str;
     /// [`Device::Cuda`] or [`Device::CudaEmu`].
     fn device(&self) -> Device;
     /// One line on what runs.
@@ -122,22 +120,4 @@ pub trait Gpu: Send + Sync + 'static {
 
     /// How [`Gpu::time`] measures.
     fn timed_with(&self) -> &'static str;
-}
-
-/// The median of `reps` timings of `launch` after one untimed warm-up, `before` run untimed
-/// before each; `timed` runs one launch and returns its seconds by the device's clock.
-pub(crate) fn median_timing(
-    reps: usize,
-    before: &mut dyn FnMut() -> Result<()>,
-    launch: &mut dyn FnMut() -> Result<()>,
-    mut timed: impl FnMut(&mut dyn FnMut() -> Result<()>) -> Result<f64>,
-) -> Result<f64> {
-    before()?;
-    launch()?;
-    let mut times = Vec::with_capacity(reps.max(1));
-    for _ in 0..reps.max(1) {
-        before()?;
-        times.push(timed(launch)?);
-    }
-    Ok(crate::backend::median(&mut times))
 }

@@ -2,9 +2,9 @@
 //! launches on the default stream of the primary context, and event timing. libcuda is loaded
 //! at run time, so the crate builds and runs without a toolkit or a GPU.
 
-use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter, median_timing};
+use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter};
 use super::kernels::{self, KernelId};
-use crate::backend::{Device, Transfers};
+use crate::backend::{Device, Transfers, median_timing};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{
@@ -160,10 +160,6 @@ impl CudaGpu {
 
 impl Gpu for CudaGpu {
     type Buf<T: Elem> = CudaSlice<T>;
-
-    fn name(&self) -> &'static str {
-        "cuda"
-    }
 
     fn device(&self) -> Device {
         Device::Cuda

@@ -7,12 +7,11 @@
 //! A slow checking device: it executes the real kernels and the real launch code, never chosen
 //! by `--device auto`. What it can and cannot tell is in docs/gpu.md.
 
-use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter, median_timing};
+use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter};
 use super::kernels::{KERNELS, KernelId};
-use crate::backend::{Device, Transfers};
+use crate::backend::{Device, Transfers, median_timing, wall_clock};
 use crate::error::{Error, Result};
 use std::ffi::{CStr, c_char, c_void};
-use std::time::Instant;
 
 /// The C side's `vqx_emu_kernel` (emu/vqx_emu.h).
 #[repr(C)]
@@ -160,10 +159,6 @@ pub const SANITIZE: &str = env!("VQX_EMU_SANITIZE");
 impl Gpu for EmuGpu {
     type Buf<T: Elem> = EmuBuf<T>;
 
-    fn name(&self) -> &'static str {
-        "cuda-emu"
-    }
-
     fn device(&self) -> Device {
         Device::CudaEmu
     }
@@ -226,11 +221,7 @@ impl Gpu for EmuGpu {
         before: &mut dyn FnMut() -> Result<()>,
         launch: &mut dyn FnMut() -> Result<()>,
     ) -> Result<f64> {
-        median_timing(reps, before, launch, |launch| {
-            let t = Instant::now();
-            launch()?;
-            Ok(t.elapsed().as_secs_f64())
-        })
+        median_timing(reps, before, launch, wall_clock)
     }
 
     fn timed_with(&self) -> &'static str {
@@ -250,38 +241,61 @@ unsafe fn launch_raw(
 ) -> Result<()> {
     // Pointer arguments are passed as pointers to a pointer variable, scalars as pointers
     // to their value: the driver API's `void** kernelParams`.
-    let mut ptrs: Vec<*mut c_void> = Vec::with_capacity(args.len());
+    let mut values: Vec<*mut c_void> = Vec::with_capacity(args.len());
     let mut sizes = Vec::with_capacity(args.len());
+    let mut by_pointer = Vec::with_capacity(args.len());
     for a in args.iter_mut() {
-        let (p, size) = match a {
-            Arg::F32(b) => (b.data.as_ptr() as *mut c_void, size_of::<*const f32>()),
-            Arg::F32Mut(b) => (b.data.as_mut_ptr() as *mut c_void, size_of::<*mut f32>()),
-            Arg::U32(b) => (b.data.as_ptr() as *mut c_void, size_of::<*const u32>()),
-            Arg::U32Mut(b) => (b.data.as_mut_ptr() as *mut c_void, size_of::<*mut u32>()),
-            Arg::U64(b) => (b.data.as_ptr() as *mut c_void, size_of::<*const u64>()),
-            Arg::I64(v) => (v as *mut i64 as *mut c_void, size_of::<i64>()),
-            Arg::I32(v) => (v as *mut i32 as *mut c_void, size_of::<i32>()),
-            Arg::U32Val(v) => (v as *mut u32 as *mut c_void, size_of::<u32>()),
+        let (p, size, buffer) = match a {
+            Arg::F32(b) => (
+                b.data.as_ptr() as *mut c_void,
+                size_of::<*const f32>(),
+                true,
+            ),
+            Arg::F32Mut(b) => (
+                b.data.as_mut_ptr() as *mut c_void,
+                size_of::<*mut f32>(),
+                true,
+            ),
+            Arg::U32(b) => (
+                b.data.as_ptr() as *mut c_void,
+                size_of::<*const u32>(),
+                true,
+            ),
+            Arg::U32Mut(b) => (
+                b.data.as_mut_ptr() as *mut c_void,
+                size_of::<*mut u32>(),
+                true,
+            ),
+            Arg::U64(b) => (
+                b.data.as_ptr() as *mut c_void,
+                size_of::<*const u64>(),
+                true,
+            ),
+            Arg::I64(v) => (v as *mut i64 as *mut c_void, size_of::<i64>(), false),
+            Arg::I32(v) => (v as *mut i32 as *mut c_void, size_of::<i32>(), false),
+            Arg::U32Val(v) => (v as *mut u32 as *mut c_void, size_of::<u32>(), false),
         };
-        ptrs.push(p);
+        values.push(p);
         sizes.push(size);
+        by_pointer.push(buffer);
     }
-    let mut params: Vec<*mut c_void> = args
-        .iter()
-        .zip(ptrs.iter_mut())
-        .map(|(a, p)| match a {
-            Arg::F32(_) | Arg::F32Mut(_) | Arg::U32(_) | Arg::U32Mut(_) | Arg::U64(_) => {
+    // A buffer's parameter points at its pointer variable in `values`, a scalar's at the value.
+    let mut params: Vec<*mut c_void> = values
+        .iter_mut()
+        .zip(&by_pointer)
+        .map(|(p, &buffer)| {
+            if buffer {
                 p as *mut *mut c_void as *mut c_void
+            } else {
+                *p
             }
-            // Scalars: `p` already points at the value.
-            _ => *p,
         })
         .collect();
     let grid = [shape.grid.0, shape.grid.1, shape.grid.2];
     let block = [shape.block.0, shape.block.1, shape.block.2];
     let mut err = vec![0 as c_char; 2048];
     // SAFETY: params[i] points at a live value of sizes[i] bytes for the whole call (the
-    // buffers and scalars borrowed by `args`, the pointer variables in `ptrs`); the runtime
+    // buffers and scalars borrowed by `args`, the pointer variables in `values`); the runtime
     // checks the count and sizes against the kernel before running it, and the caller
     // guarantees (this method's contract) that the buffers cover what the kernel touches.
     let rc = unsafe {

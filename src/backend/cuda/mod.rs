@@ -29,7 +29,7 @@ pub mod kernels;
 pub mod launch;
 mod timing;
 
-pub use device::{Arg, Elem, Gpu, LaunchShape, TransferCounter};
+pub use device::{Arg, Elem, Gpu, LaunchShape};
 pub use driver::{CudaGpu, CudaStatus, KERNELS_COMPILED, status};
 pub use emu::EmuGpu;
 pub use launch::USAGE_SHARED_CODES;
@@ -159,10 +159,6 @@ impl<G: Gpu> GpuBackend<G> {
 }
 
 impl<G: Gpu> Backend for GpuBackend<G> {
-    fn name(&self) -> &'static str {
-        self.gpu.name()
-    }
-
     fn device(&self) -> Device {
         self.gpu.device()
     }
@@ -170,7 +166,7 @@ impl<G: Gpu> Backend for GpuBackend<G> {
     fn describe(&self) -> String {
         format!(
             "{}: {}; nearest at precision {} ({})",
-            self.gpu.name(),
+            self.name(),
             self.gpu.describe(),
             self.precision,
             match self.precision {
