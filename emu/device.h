@@ -168,6 +168,13 @@ inline unsigned int atomicMax(unsigned int* p, unsigned int v) {
     }
     return old;
 }
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+    unsigned long long old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED,
+                                                   __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
 inline unsigned int atomicMin(unsigned int* p, unsigned int v) {
     unsigned int old = __atomic_load_n(p, __ATOMIC_RELAXED);
     while (old > v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED,
@@ -190,6 +197,20 @@ inline int __float_as_int(float f) { int v; memcpy(&v, &f, 4); return v; }
 inline float __uint_as_float(unsigned v) { float f; memcpy(&f, &v, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned v; memcpy(&v, &f, 4); return v; }
 // fmaf, fminf, fmaxf, sqrtf … are the C library's: the same IEEE single-precision results.
+// The round-to-nearest intrinsics kernels use where contraction into an fma must not happen
+// (nvcc contracts a*b+c by default; this build compiles with -ffp-contract=off): plain IEEE ops.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsqrt_rn(double a) { return sqrt(a); }
+inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
 
 // ---- host twins of the inline PTX in kernels/nearest_tc.cu ------------------------------------
 namespace vqx_emu {

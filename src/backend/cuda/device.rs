@@ -14,6 +14,7 @@ pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 's
 impl Elem for f32 {}
 impl Elem for u32 {}
 impl Elem for u64 {}
+impl Elem for f64 {}
 
 /// Grid, block and dynamic shared memory of one launch, as in `cuLaunchKernel`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,12 +67,17 @@ pub enum Arg<'a, G: Gpu + ?Sized> {
     U32(&'a G::Buf<u32>),
     U32Mut(&'a mut G::Buf<u32>),
     U64(&'a G::Buf<u64>),
+    U64Mut(&'a mut G::Buf<u64>),
+    F64(&'a G::Buf<f64>),
+    F64Mut(&'a mut G::Buf<f64>),
     /// `long long`
     I64(i64),
     /// `int`
     I32(i32),
     /// `unsigned int`
     U32Val(u32),
+    /// `float`
+    F32Val(f32),
 }
 
 /// A device that owns buffers and launches the kernels of [`super::kernels`].
@@ -90,6 +96,13 @@ pub trait Gpu: Send + Sync + 'static {
     fn upload<T: Elem>(&self, what: &str, src: &[T]) -> Result<Self::Buf<T>>;
     fn download<T: Elem>(&self, what: &str, buf: &Self::Buf<T>) -> Result<Vec<T>>;
     fn zero<T: Elem>(&self, what: &str, buf: &mut Self::Buf<T>) -> Result<()>;
+    /// Copies `src` into the start of `dst` (which must hold at least `src.len()` elements),
+    /// reusing the allocation; counted as host → device bytes.
+    fn write<T: Elem>(&self, what: &str, dst: &mut Self::Buf<T>, src: &[T]) -> Result<()>;
+    /// Copies all of `src` into the start of `dst` on the device (no bytes cross the bus).
+    fn copy<T: Elem>(&self, what: &str, src: &Self::Buf<T>, dst: &mut Self::Buf<T>) -> Result<()>;
+    /// Elements of `buf`.
+    fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
     /// Bytes copied by [`Gpu::upload`] and [`Gpu::download`] so far.
     fn transfers(&self) -> Transfers;
 

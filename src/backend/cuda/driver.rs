@@ -203,6 +203,36 @@ impl Gpu for CudaGpu {
         self.stream.memset_zeros(buf).op(&format!("zeroing {what}"))
     }
 
+    fn write<T: Elem>(&self, what: &str, dst: &mut CudaSlice<T>, src: &[T]) -> Result<()> {
+        let len = dst.len();
+        let mut view = dst.try_slice_mut(..src.len()).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "writing {what}: {} elements into a buffer of {len}",
+                src.len()
+            ))
+        })?;
+        self.transfers.host_to_device::<T>(src.len());
+        self.stream
+            .memcpy_htod(src, &mut view)
+            .op(&format!("writing {what} ({} elements)", src.len()))
+    }
+
+    fn copy<T: Elem>(&self, what: &str, src: &CudaSlice<T>, dst: &mut CudaSlice<T>) -> Result<()> {
+        let (n, len) = (src.len(), dst.len());
+        let mut view = dst.try_slice_mut(..n).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "copying {what}: {n} elements into a buffer of {len}"
+            ))
+        })?;
+        self.stream
+            .memcpy_dtod(src, &mut view)
+            .op(&format!("copying {what} on the device ({n} elements)"))
+    }
+
+    fn len<T: Elem>(&self, buf: &CudaSlice<T>) -> usize {
+        buf.len()
+    }
+
     fn transfers(&self) -> Transfers {
         self.transfers.get()
     }
@@ -227,6 +257,10 @@ impl Gpu for CudaGpu {
                 Arg::U32(s) => b.arg(*s),
                 Arg::U32Mut(s) => b.arg(&mut **s),
                 Arg::U64(s) => b.arg(*s),
+                Arg::U64Mut(s) => b.arg(&mut **s),
+                Arg::F64(s) => b.arg(*s),
+                Arg::F64Mut(s) => b.arg(&mut **s),
+                Arg::F32Val(v) => b.arg(&*v),
                 Arg::I64(v) => b.arg(&*v),
                 Arg::I32(v) => b.arg(&*v),
                 Arg::U32Val(v) => b.arg(&*v),

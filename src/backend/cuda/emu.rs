@@ -198,6 +198,34 @@ impl Gpu for EmuGpu {
         Ok(())
     }
 
+    fn write<T: Elem>(&self, what: &str, dst: &mut EmuBuf<T>, src: &[T]) -> Result<()> {
+        let len = dst.len();
+        let dst = dst.data.get_mut(..src.len()).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "writing {what}: {} elements into a buffer of {len}",
+                src.len()
+            ))
+        })?;
+        self.transfers.host_to_device::<T>(src.len());
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn copy<T: Elem>(&self, what: &str, src: &EmuBuf<T>, dst: &mut EmuBuf<T>) -> Result<()> {
+        let (n, len) = (src.len(), dst.len());
+        let dst = dst.data.get_mut(..n).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "copying {what}: {n} elements into a buffer of {len}"
+            ))
+        })?;
+        dst.copy_from_slice(&src.data);
+        Ok(())
+    }
+
+    fn len<T: Elem>(&self, buf: &EmuBuf<T>) -> usize {
+        buf.len()
+    }
+
     fn transfers(&self) -> Transfers {
         self.transfers.get()
     }
@@ -271,9 +299,25 @@ unsafe fn launch_raw(
                 size_of::<*const u64>(),
                 true,
             ),
+            Arg::U64Mut(b) => (
+                b.data.as_mut_ptr() as *mut c_void,
+                size_of::<*mut u64>(),
+                true,
+            ),
+            Arg::F64(b) => (
+                b.data.as_ptr() as *mut c_void,
+                size_of::<*const f64>(),
+                true,
+            ),
+            Arg::F64Mut(b) => (
+                b.data.as_mut_ptr() as *mut c_void,
+                size_of::<*mut f64>(),
+                true,
+            ),
             Arg::I64(v) => (v as *mut i64 as *mut c_void, size_of::<i64>(), false),
             Arg::I32(v) => (v as *mut i32 as *mut c_void, size_of::<i32>(), false),
             Arg::U32Val(v) => (v as *mut u32 as *mut c_void, size_of::<u32>(), false),
+            Arg::F32Val(v) => (v as *mut f32 as *mut c_void, size_of::<f32>(), false),
         };
         values.push(p);
         sizes.push(size);
