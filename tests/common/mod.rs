@@ -2,6 +2,8 @@
 //! name the index and both values.
 #![allow(dead_code)]
 
+pub mod devices;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vqx::{MatRef, Metric, reference};
