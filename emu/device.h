@@ -182,6 +182,13 @@ inline unsigned int atomicMin(unsigned int* p, unsigned int v) {
     }
     return old;
 }
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+    unsigned long long old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (old > v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED,
+                                                   __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
 inline unsigned int atomicCAS(unsigned int* p, unsigned int expected, unsigned int desired) {
     __atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return expected;
@@ -196,6 +203,8 @@ inline float __int_as_float(int v) { float f; memcpy(&f, &v, 4); return f; }
 inline int __float_as_int(float f) { int v; memcpy(&v, &f, 4); return v; }
 inline float __uint_as_float(unsigned v) { float f; memcpy(&f, &v, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned v; memcpy(&v, &f, 4); return v; }
+inline double __longlong_as_double(long long v) { double f; memcpy(&f, &v, 8); return f; }
+inline long long __double_as_longlong(double f) { long long v; memcpy(&v, &f, 8); return v; }
 // fmaf, fminf, fmaxf, sqrtf … are the C library's: the same IEEE single-precision results.
 // The round-to-nearest intrinsics kernels use where contraction into an fma must not happen
 // (nvcc contracts a*b+c by default; this build compiles with -ffp-contract=off): plain IEEE ops.

@@ -14,6 +14,8 @@
 #define TC_WORDS 16              // 32-bit operand words per row per chunk of the tensor-core kernels
 #define TC_STRIDE 20             // padded shared-memory row stride of the tensor-core kernels, in words
 #define TC_THREADS 256           // threads per block of nearest_tf32 / nearest_bf16
+#define RECHECK_THREADS 256      // threads per block of the per-row recheck kernels (one listed row per block, threads over codes)
+#define ROW_THREADS 128          // threads per block of the one-thread-per-row kernels (norms, normalisation, the flag pass)
 #define GRID_STRIDE_THREADS 256  // threads per block of the grid-stride kernels (gather, ema_sums_atomic, usage)
 #define SORTED_MAX_THREADS 256   // largest block of ema_sums_sorted_f32 (one thread per column, looped beyond)
 #define USAGE_SHARED_BYTES 49152 // largest per-block histogram of usage_u32 in dynamic shared memory

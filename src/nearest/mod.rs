@@ -272,6 +272,16 @@ pub struct RoundingModel {
 }
 
 impl RoundingModel {
+    /// (γ, the dot-product factor) of the bound at dimension `dim`: a score's error is at most
+    /// γ·||c_max||² + 2·||x||·||c_max||·factor + η (see above). The device recheck
+    /// (kernels/recheck.cu) takes both from here.
+    pub fn factors(&self, dim: usize) -> (f64, f64) {
+        let nu = (dim as f64 + self.extra_terms) * self.unit_roundoff;
+        let gamma = nu / (1.0 - nu).max(f64::MIN_POSITIVE);
+        let uo = self.operand_roundoff;
+        (gamma, gamma * (1.0 + uo) * (1.0 + uo) + 2.0 * uo + uo * uo)
+    }
+
     /// Scores computed in plain f32 arithmetic (any order, with or without FMA).
     pub const F32: RoundingModel = RoundingModel {
         unit_roundoff: 1.0 / 16_777_216.0,
@@ -351,11 +361,8 @@ impl Prepared {
     /// [`RoundingModel`]).
     pub fn score_error(&self, x_norm: f64, model: RoundingModel) -> f64 {
         let d = self.dim as f64;
-        let nu = (d + model.extra_terms) * model.unit_roundoff;
-        let gamma = nu / (1.0 - nu).max(f64::MIN_POSITIVE);
-        let uo = model.operand_roundoff;
+        let (gamma, dot) = model.factors(self.dim);
         let cm = self.max_code_norm;
-        let dot = gamma * (1.0 + uo) * (1.0 + uo) + 2.0 * uo + uo * uo;
         // Underflow: below 2^-126 per operand or product, scaled by Cauchy–Schwarz.
         let eta = 2.0 * 2f64.powi(-124) * (d.sqrt() * (x_norm + cm) + d);
         gamma * cm * cm + 2.0 * x_norm * cm * dot + eta

@@ -78,6 +78,8 @@ pub enum Arg<'a, G: Gpu + ?Sized> {
     U32Val(u32),
     /// `float`
     F32Val(f32),
+    /// `double`
+    F64Val(f64),
 }
 
 /// A device that owns buffers and launches the kernels of [`super::kernels`].
@@ -101,6 +103,14 @@ pub trait Gpu: Send + Sync + 'static {
     fn write<T: Elem>(&self, what: &str, dst: &mut Self::Buf<T>, src: &[T]) -> Result<()>;
     /// Copies all of `src` into the start of `dst` on the device (no bytes cross the bus).
     fn copy<T: Elem>(&self, what: &str, src: &Self::Buf<T>, dst: &mut Self::Buf<T>) -> Result<()>;
+    /// Copies elements `start..start + len` of `buf` to the host.
+    fn read<T: Elem>(
+        &self,
+        what: &str,
+        buf: &Self::Buf<T>,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<T>>;
     /// Elements of `buf`.
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
     /// Bytes copied by [`Gpu::upload`] and [`Gpu::download`] so far.

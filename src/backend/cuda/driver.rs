@@ -229,6 +229,28 @@ impl Gpu for CudaGpu {
             .op(&format!("copying {what} on the device ({n} elements)"))
     }
 
+    fn read<T: Elem>(
+        &self,
+        what: &str,
+        buf: &CudaSlice<T>,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let view = start
+            .checked_add(len)
+            .and_then(|end| buf.try_slice(start..end))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "reading {what}: elements {start}..+{len} of a buffer of {}",
+                    buf.len()
+                ))
+            })?;
+        self.transfers.device_to_host::<T>(len);
+        self.stream
+            .clone_dtoh(&view)
+            .op(&format!("reading {what} ({len} elements)"))
+    }
+
     fn len<T: Elem>(&self, buf: &CudaSlice<T>) -> usize {
         buf.len()
     }
@@ -261,6 +283,7 @@ impl Gpu for CudaGpu {
                 Arg::F64(s) => b.arg(*s),
                 Arg::F64Mut(s) => b.arg(&mut **s),
                 Arg::F32Val(v) => b.arg(&*v),
+                Arg::F64Val(v) => b.arg(&*v),
                 Arg::I64(v) => b.arg(&*v),
                 Arg::I32(v) => b.arg(&*v),
                 Arg::U32Val(v) => b.arg(&*v),

@@ -222,6 +222,26 @@ impl Gpu for EmuGpu {
         Ok(())
     }
 
+    fn read<T: Elem>(
+        &self,
+        what: &str,
+        buf: &EmuBuf<T>,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let part = start
+            .checked_add(len)
+            .and_then(|end| buf.data.get(start..end))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "reading {what}: elements {start}..+{len} of a buffer of {}",
+                    buf.len()
+                ))
+            })?;
+        self.transfers.device_to_host::<T>(len);
+        Ok(part.to_vec())
+    }
+
     fn len<T: Elem>(&self, buf: &EmuBuf<T>) -> usize {
         buf.len()
     }
@@ -318,6 +338,7 @@ unsafe fn launch_raw(
             Arg::I32(v) => (v as *mut i32 as *mut c_void, size_of::<i32>(), false),
             Arg::U32Val(v) => (v as *mut u32 as *mut c_void, size_of::<u32>(), false),
             Arg::F32Val(v) => (v as *mut f32 as *mut c_void, size_of::<f32>(), false),
+            Arg::F64Val(v) => (v as *mut f64 as *mut c_void, size_of::<f64>(), false),
         };
         values.push(p);
         sizes.push(size);

@@ -104,7 +104,70 @@ pub fn nearest<G: Gpu>(
     input: &NearestInputs<G>,
     out: &mut NearestOut<G>,
 ) -> Result<()> {
-    let (n, k, d) = (input.n, input.k, input.d);
+    let operands = NearestOperands {
+        x: &input.x,
+        codebook: &input.codebook,
+        norms: &input.norms,
+        n: input.n,
+        k: input.k,
+        d: input.d,
+    };
+    nearest_into(
+        gpu,
+        precision,
+        &operands,
+        &mut out.best,
+        &mut out.best_score,
+        &mut out.second_score,
+    )
+}
+
+/// The operands of a nearest kernel, wherever they live: x (n·d, normalised for cosine), the
+/// scored codebook (k·d) and its f32 norms (k).
+pub struct NearestOperands<'a, G: Gpu> {
+    pub x: &'a G::Buf<f32>,
+    pub codebook: &'a G::Buf<f32>,
+    pub norms: &'a G::Buf<f32>,
+    pub n: usize,
+    pub k: usize,
+    pub d: usize,
+}
+
+/// Checks that `buf` holds at least `need` elements before a kernel indexes it.
+pub(crate) fn check_len<G: Gpu, T: super::device::Elem>(
+    gpu: &G,
+    buf: &G::Buf<T>,
+    need: usize,
+    what: &str,
+) -> Result<()> {
+    let len = gpu.len(buf);
+    if len < need {
+        return Err(Error::Shape {
+            what: what.into(),
+            expected: format!("at least {need} elements"),
+            got: format!("{len} elements"),
+        });
+    }
+    Ok(())
+}
+
+/// The nearest kernel for `precision` over `op`, writing per row the best index, its score and
+/// the runner-up score (each output at least n elements).
+pub fn nearest_into<G: Gpu>(
+    gpu: &G,
+    precision: Precision,
+    op: &NearestOperands<'_, G>,
+    best: &mut G::Buf<u32>,
+    best_score: &mut G::Buf<f32>,
+    second_score: &mut G::Buf<f32>,
+) -> Result<()> {
+    let (n, k, d) = (op.n, op.k, op.d);
+    check_len(gpu, op.x, n * d, "x")?;
+    check_len(gpu, op.codebook, k * d, "codebook")?;
+    check_len(gpu, op.norms, k, "code norms")?;
+    check_len(gpu, best, n, "best indices")?;
+    check_len(gpu, best_score, n, "best scores")?;
+    check_len(gpu, second_score, n, "runner-up scores")?;
     let (kernel, rows_per_block, threads) = match precision {
         Precision::Exact => (
             kernels::NEAREST_F32,
@@ -118,28 +181,301 @@ pub fn nearest<G: Gpu>(
         .ok()
         .filter(|&b| b <= i32::MAX as u32)
         .ok_or_else(|| Error::InvalidArgument(format!("{n} rows exceed the CUDA grid")))?;
-    let d32 = i32::try_from(d)
-        .map_err(|_| Error::InvalidArgument(format!("dimension {d} exceeds i32")))?;
+    let d32 = i32_of(d, "dimension")?;
     let (n64, k64) = (i64_of(n, "rows")?, i64_of(k, "codes")?);
     let shape = LaunchShape::linear(blocks, threads as u32);
     let mut args = [
-        Arg::F32(&input.x),
-        Arg::F32(&input.codebook),
-        Arg::F32(&input.norms),
-        Arg::U32Mut(&mut out.best),
-        Arg::F32Mut(&mut out.best_score),
-        Arg::F32Mut(&mut out.second_score),
+        Arg::F32(op.x),
+        Arg::F32(op.codebook),
+        Arg::F32(op.norms),
+        Arg::U32Mut(best),
+        Arg::F32Mut(best_score),
+        Arg::F32Mut(second_score),
         Arg::I64(n64),
         Arg::I64(k64),
         Arg::I32(d32),
     ];
     // SAFETY: the arguments follow the signature shared by nearest_f32, nearest_tf32 and
     // nearest_bf16 (3 const f32 pointers, u32/f32/f32 outputs, long long n, long long k, int d).
-    // x holds n·d, codebook k·d and norms k floats; each output holds n elements. The kernels
-    // read rows < n and codes < k only (16-byte loads only when d % 4 == 0, at offsets that are
-    // multiples of 4 floats of 256-byte-aligned allocations) and write outputs[r] for r < n
-    // only; the block size and ceil(n / rows per block) blocks are the shapes they are written
-    // for (tiles.cuh, static_asserted in the kernels); static shared memory only (≤ 46 KiB).
+    // x holds n·d, codebook k·d and norms k floats; each output holds n elements (all checked
+    // above). The kernels read rows < n and codes < k only (16-byte loads only when d % 4 == 0,
+    // at offsets that are multiples of 4 floats of 256-byte-aligned allocations) and write
+    // outputs[r] for r < n only; the block size and ceil(n / rows per block) blocks are the
+    // shapes they are written for (tiles.cuh, static_asserted in the kernels); static shared
+    // memory only (≤ 46 KiB).
+    unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }
+}
+
+/// Converts a dimension to the `int` the kernels take.
+fn i32_of(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} = {v} exceeds i32")))
+}
+
+/// Blocks for a one-thread-per-row kernel over `rows` rows.
+fn row_blocks(rows: usize) -> u32 {
+    rows.div_ceil(tiles::ROW_THREADS)
+        .clamp(1, i32::MAX as usize) as u32
+}
+
+/// `row_norms_f32`: norms[r] = ||m_r||² (f64 rounded to f32) for the `rows` rows of m (rows·d),
+/// and the bits of the largest ||m_r|| in f64 into `max_bits` (zeroed here first).
+pub fn row_norms<G: Gpu>(
+    gpu: &G,
+    m: &G::Buf<f32>,
+    norms: &mut G::Buf<f32>,
+    max_bits: &mut G::Buf<u64>,
+    rows: usize,
+    d: usize,
+) -> Result<()> {
+    check_len(gpu, m, rows * d, "matrix")?;
+    check_len(gpu, norms, rows, "row norms")?;
+    check_len(gpu, max_bits, 1, "largest norm")?;
+    gpu.zero("largest norm", max_bits)?;
+    let kernel = kernels::ROW_NORMS_F32;
+    let shape = LaunchShape::linear(row_blocks(rows), tiles::ROW_THREADS as u32);
+    let mut args = [
+        Arg::F32(m),
+        Arg::F32Mut(norms),
+        Arg::U64Mut(max_bits),
+        Arg::I64(i64_of(rows, "rows")?),
+        Arg::I32(i32_of(d, "dimension")?),
+    ];
+    // SAFETY: the arguments follow row_norms_f32(const float* m, float* norms, u64* max_bits,
+    // long long rows, int d); m holds rows·d floats, norms rows floats, max_bits one value
+    // (checked above); thread r < rows touches row r and norms[r] only.
+    unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }
+}
+
+/// `normalize_rows_f32`: dst = src with every row scaled to unit L2 norm (f64, rounded once).
+pub fn normalize_rows<G: Gpu>(
+    gpu: &G,
+    src: &G::Buf<f32>,
+    dst: &mut G::Buf<f32>,
+    rows: usize,
+    d: usize,
+) -> Result<()> {
+    check_len(gpu, src, rows * d, "rows to normalise")?;
+    check_len(gpu, dst, rows * d, "normalised rows")?;
+    let kernel = kernels::NORMALIZE_ROWS_F32;
+    let shape = LaunchShape::linear(row_blocks(rows), tiles::ROW_THREADS as u32);
+    let mut args = [
+        Arg::F32(src),
+        Arg::F32Mut(dst),
+        Arg::I64(i64_of(rows, "rows")?),
+        Arg::I32(i32_of(d, "dimension")?),
+    ];
+    // SAFETY: the arguments follow normalize_rows_f32(const float* src, float* dst, long long
+    // rows, int d); both hold rows·d floats (checked above) and are distinct buffers (one
+    // shared and one exclusive borrow); thread r touches row r only.
+    unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }
+}
+
+/// `check_values_f32` over the first `len` values of `v`: (flat index of the first non-finite
+/// value, largest finite |value|). Downloads 12 bytes.
+pub fn check_values<G: Gpu>(gpu: &G, v: &G::Buf<f32>, len: usize) -> Result<(Option<u64>, f32)> {
+    check_len(gpu, v, len, "values")?;
+    let mut first_bad = gpu.upload("first non-finite index", &[u64::MAX])?;
+    let mut max_abs = gpu.alloc_zeros::<u32>("largest magnitude", 1)?;
+    let kernel = kernels::CHECK_VALUES_F32;
+    let shape = LaunchShape::linear(
+        grid_stride_blocks(len, tiles::GRID_STRIDE_THREADS, gpu.sm_count() * 8),
+        tiles::GRID_STRIDE_THREADS as u32,
+    );
+    let mut args = [
+        Arg::F32(v),
+        Arg::I64(i64_of(len, "values")?),
+        Arg::U64Mut(&mut first_bad),
+        Arg::U32Mut(&mut max_abs),
+    ];
+    // SAFETY: the arguments follow check_values_f32(const float* v, long long len, u64*
+    // first_bad, u32* max_abs_bits); v holds at least len floats (checked above), the two
+    // outputs one value each; the grid-stride loop stays below len.
+    unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }?;
+    let bad = gpu.download("first non-finite index", &first_bad)?[0];
+    let max = f32::from_bits(gpu.download("largest magnitude", &max_abs)?[0]);
+    Ok(((bad != u64::MAX).then_some(bad), max))
+}
+
+/// The operands of the recheck's flag pass.
+pub struct FlagPass<'a, G: Gpu> {
+    /// Raw rows (n·d), not normalised.
+    pub x: &'a G::Buf<f32>,
+    /// Raw codebook (k·d).
+    pub codebook: &'a G::Buf<f32>,
+    /// Bits of the largest code norm in f64 (from [`row_norms`]; ignored under cosine).
+    pub max_norm_bits: &'a G::Buf<u64>,
+    pub best: &'a G::Buf<u32>,
+    pub best_score: &'a G::Buf<f32>,
+    pub second_score: &'a G::Buf<f32>,
+    pub n: usize,
+    pub k: usize,
+    pub d: usize,
+    pub metric: Metric,
+    /// The arithmetic the scores were computed in (it sets the bound).
+    pub precision: Precision,
+    /// Whether rows that pass get the exact f64 distance to their winner rather than the one
+    /// implied by the f32 score (needed after low-precision scoring, whose rows carry the
+    /// operands' rounding, and on shifted data the expanded form loses digits).
+    pub exact_distance: bool,
+}
+
+/// A list of row ids on the device and its length, also on the device (written by a kernel:
+/// the host does not know it).
+pub struct RowList<'a, G: Gpu> {
+    pub rows: &'a G::Buf<u32>,
+    pub count: &'a G::Buf<u32>,
+}
+
+/// `recheck_flag_f32`: examines all n rows (`list` None) or the `*count` rows of a device list;
+/// appends rows whose margin is inside the bound to `list_out` (counted in `count_out`, zeroed
+/// here first) and writes the distance of every other examined row.
+pub fn recheck_flag<G: Gpu>(
+    gpu: &G,
+    op: &FlagPass<'_, G>,
+    list: Option<RowList<'_, G>>,
+    dist: &mut G::Buf<f32>,
+    list_out: &mut G::Buf<u32>,
+    count_out: &mut G::Buf<u32>,
+) -> Result<()> {
+    let (n, k, d) = (op.n, op.k, op.d);
+    check_len(gpu, op.x, n * d, "x")?;
+    check_len(gpu, op.codebook, k * d, "codebook")?;
+    check_len(gpu, op.max_norm_bits, 1, "largest code norm")?;
+    for (b, what) in [
+        (op.best_score, "best scores"),
+        (op.second_score, "runner-up scores"),
+    ] {
+        check_len(gpu, b, n, what)?;
+    }
+    check_len(gpu, op.best, n, "best indices")?;
+    check_len(gpu, dist, n, "distances")?;
+    check_len(gpu, list_out, n, "flagged rows")?;
+    check_len(gpu, count_out, 1, "flagged count")?;
+    gpu.zero("flagged count", count_out)?;
+    let (gamma, dot_factor) = op.precision.model().factors(d);
+    // Without a list the kernel never reads list_in/count_in: any buffer stands in.
+    let (list_in, count_in) = match &list {
+        Some(RowList { rows: l, count: c }) => {
+            check_len(gpu, l, n, "rows to examine")?;
+            check_len(gpu, c, 1, "count of rows to examine")?;
+            (*l, *c)
+        }
+        None => (op.best, op.best),
+    };
+    let kernel = kernels::RECHECK_FLAG_F32;
+    let shape = LaunchShape::linear(row_blocks(n), tiles::ROW_THREADS as u32);
+    let mut args = [
+        Arg::F32(op.x),
+        Arg::F32(op.codebook),
+        Arg::U64(op.max_norm_bits),
+        Arg::U32(list_in),
+        Arg::U32(count_in),
+        Arg::U32(op.best),
+        Arg::F32(op.best_score),
+        Arg::F32(op.second_score),
+        Arg::F32Mut(dist),
+        Arg::U32Mut(list_out),
+        Arg::U32Mut(count_out),
+        Arg::I64(i64_of(n, "rows")?),
+        Arg::I32(i32_of(d, "dimension")?),
+        Arg::I32(i32::from(op.metric == Metric::Cosine)),
+        Arg::I32(i32::from(list.is_some())),
+        Arg::I32(i32::from(op.exact_distance)),
+        Arg::F64Val(gamma),
+        Arg::F64Val(dot_factor),
+    ];
+    // SAFETY: the arguments follow recheck_flag_f32 (kernels/recheck.cu) in order and type.
+    // x holds n·d and codebook k·d floats; best, the scores, dist and list_out n elements;
+    // max_norm_bits, count_out (and count_in with a list) one value (all checked above). With a
+    // list, *count_in ≤ n entries of list_in are row ids < n (written by a previous flag pass);
+    // every index in best is < k (written by a nearest kernel over k codes). Thread j touches
+    // row list_in[j] (or j) and one slot of list_out claimed by atomicAdd, < n.
+    unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }
+}
+
+/// Blocks of a one-listed-row-per-block kernel: enough to fill the device, at most one per
+/// possible row (the list's length is known only on the device).
+fn listed_row_blocks<G: Gpu>(gpu: &G, n: usize) -> u32 {
+    grid_stride_blocks(n, 1, gpu.sm_count() * 8)
+}
+
+/// `nearest_rows_f32`: nearest_f32's candidates for the `*count` rows of `list`, written at
+/// those rows' positions of the outputs.
+pub fn nearest_rows<G: Gpu>(
+    gpu: &G,
+    op: &NearestOperands<'_, G>,
+    list: &G::Buf<u32>,
+    count: &G::Buf<u32>,
+    best: &mut G::Buf<u32>,
+    best_score: &mut G::Buf<f32>,
+    second_score: &mut G::Buf<f32>,
+) -> Result<()> {
+    let (n, k, d) = (op.n, op.k, op.d);
+    check_len(gpu, op.x, n * d, "x")?;
+    check_len(gpu, op.codebook, k * d, "codebook")?;
+    check_len(gpu, op.norms, k, "code norms")?;
+    check_len(gpu, list, n, "listed rows")?;
+    check_len(gpu, count, 1, "listed count")?;
+    check_len(gpu, best, n, "best indices")?;
+    check_len(gpu, best_score, n, "best scores")?;
+    check_len(gpu, second_score, n, "runner-up scores")?;
+    let kernel = kernels::NEAREST_ROWS_F32;
+    let shape = LaunchShape::linear(listed_row_blocks(gpu, n), tiles::RECHECK_THREADS as u32);
+    let mut args = [
+        Arg::F32(op.x),
+        Arg::F32(op.codebook),
+        Arg::F32(op.norms),
+        Arg::U32(list),
+        Arg::U32(count),
+        Arg::U32Mut(best),
+        Arg::F32Mut(best_score),
+        Arg::F32Mut(second_score),
+        Arg::I64(i64_of(k, "codes")?),
+        Arg::I32(i32_of(d, "dimension")?),
+    ];
+    // SAFETY: the arguments follow nearest_rows_f32 (kernels/recheck.cu) in order and type. x
+    // holds n·d, codebook k·d and norms k floats; list n entries of which the first *count ≤ n
+    // are row ids < n (a flag pass wrote them); each output holds n elements (checked above).
+    // Block j writes row list[j]'s outputs only; RECHECK_THREADS is the block it is written for.
+    unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }
+}
+
+/// `nearest_exact_f64`: the exact index and distance of the `*count` rows of `list`.
+#[allow(clippy::too_many_arguments)]
+pub fn nearest_exact<G: Gpu>(
+    gpu: &G,
+    x: &G::Buf<f32>,
+    codebook: &G::Buf<f32>,
+    list: &G::Buf<u32>,
+    count: &G::Buf<u32>,
+    indices: &mut G::Buf<u32>,
+    distances: &mut G::Buf<f32>,
+    (n, k, d): (usize, usize, usize),
+    metric: Metric,
+) -> Result<()> {
+    check_len(gpu, x, n * d, "x")?;
+    check_len(gpu, codebook, k * d, "codebook")?;
+    check_len(gpu, list, n, "listed rows")?;
+    check_len(gpu, count, 1, "listed count")?;
+    check_len(gpu, indices, n, "indices")?;
+    check_len(gpu, distances, n, "distances")?;
+    let kernel = kernels::NEAREST_EXACT_F64;
+    let shape = LaunchShape::linear(listed_row_blocks(gpu, n), tiles::RECHECK_THREADS as u32);
+    let mut args = [
+        Arg::F32(x),
+        Arg::F32(codebook),
+        Arg::U32(list),
+        Arg::U32(count),
+        Arg::U32Mut(indices),
+        Arg::F32Mut(distances),
+        Arg::I64(i64_of(k, "codes")?),
+        Arg::I32(i32_of(d, "dimension")?),
+        Arg::I32(i32::from(metric == Metric::Cosine)),
+    ];
+    // SAFETY: the arguments follow nearest_exact_f64 (kernels/recheck.cu) in order and type. x
+    // holds n·d and codebook k·d floats; list n entries of which the first *count ≤ n are row
+    // ids < n; indices and distances n elements (checked above). Block j writes row list[j]'s
+    // outputs only; RECHECK_THREADS is the block it is written for.
     unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }
 }
 

@@ -27,12 +27,14 @@ pub mod driver;
 pub mod emu;
 pub mod kernels;
 pub mod launch;
+pub mod resident;
 mod timing;
 
 pub use device::{Arg, Elem, Gpu, LaunchShape};
 pub use driver::{CudaGpu, CudaStatus, KERNELS_COMPILED, status};
 pub use emu::EmuGpu;
 pub use launch::USAGE_SHARED_CODES;
+pub use resident::{DeviceAssignment, DeviceCodebook, DeviceMatrix};
 
 use super::{Backend, Device, PrimitiveTimes, Transfers};
 use crate::ema::{self, CodeSums, SumMode};
@@ -120,6 +122,68 @@ impl<G: Gpu> GpuBackend<G> {
         &self.gpu
     }
 
+    /// The nearest code of every row of `x` into `out`, on the device: scored at this
+    /// backend's precision, rechecked on the device (the indices are those of an exact
+    /// computation), nothing copied to or from the host. See [`resident::nearest`].
+    pub fn nearest_device(
+        &self,
+        x: &DeviceMatrix<G>,
+        codebook: &DeviceCodebook<G>,
+        out: &mut DeviceAssignment<G>,
+    ) -> Result<()> {
+        resident::nearest(&self.gpu, self.precision, x, codebook, out)
+    }
+
+    /// `out` (n × D) = the codebook rows named by the n `indices` (all < K), on the device.
+    pub fn gather_device(
+        &self,
+        codebook: &DeviceMatrix<G>,
+        indices: &G::Buf<u32>,
+        out: &mut DeviceMatrix<G>,
+    ) -> Result<()> {
+        let (n, d) = (out.rows(), out.cols());
+        device_shape("gathered rows vs codebook", d, codebook.cols(), "columns")?;
+        launch::check_len(&self.gpu, indices, n, "indices")?;
+        launch::gather(&self.gpu, codebook.buf(), indices, out.buf_mut(), n, d)
+    }
+
+    /// Per-code sums (K × D) and counts (K) of the rows of `x` by `indices` (one per row, all
+    /// < K), accumulated with atomics ([`SumMode::Fast`]) on the device.
+    pub fn code_sums_device(
+        &self,
+        x: &DeviceMatrix<G>,
+        indices: &G::Buf<u32>,
+        sums: &mut DeviceMatrix<G>,
+        counts: &mut G::Buf<u32>,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let (n, d, k) = (x.rows(), x.cols(), sums.rows());
+        device_shape("sums vs input", d, sums.cols(), "columns")?;
+        launch::check_len(g, indices, n, "indices")?;
+        launch::check_len(g, counts, k, "counts")?;
+        g.zero("sums", sums.buf_mut())?;
+        g.zero("counts", counts)?;
+        launch::sums_atomic(g, x.buf(), indices, sums.buf_mut(), counts, n, d)
+    }
+
+    /// The histogram of the first `n` `indices` (all < K) into `counts` (K values), on the
+    /// device.
+    pub fn usage_device(
+        &self,
+        indices: &G::Buf<u32>,
+        n: usize,
+        counts: &mut G::Buf<u32>,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        launch::check_len(g, indices, n, "indices")?;
+        let k = g.len(counts);
+        g.zero("counts", counts)?;
+        if n == 0 {
+            return Ok(());
+        }
+        launch::usage(g, indices, counts, n, k)
+    }
+
     /// Per-row candidates of the fused exact-f32 kernel, before [`nearest::finish`]: `x` is
     /// the raw input (normalised here for cosine), `prepared` comes from the same codebook.
     ///
@@ -158,6 +222,18 @@ impl<G: Gpu> GpuBackend<G> {
     }
 }
 
+/// Fails with [`crate::Error::Shape`] unless two sizes agree.
+fn device_shape(what: &str, got: usize, expected: usize, unit: &str) -> Result<()> {
+    if got != expected {
+        return Err(crate::Error::Shape {
+            what: what.into(),
+            expected: format!("{expected} {unit}"),
+            got: format!("{got} {unit}"),
+        });
+    }
+    Ok(())
+}
+
 impl<G: Gpu> Backend for GpuBackend<G> {
     fn device(&self) -> Device {
         self.gpu.device()
@@ -179,9 +255,14 @@ impl<G: Gpu> Backend for GpuBackend<G> {
     }
 
     fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment> {
-        nearest::search_with_precision(x, codebook, metric, self.precision, |prepared| {
-            self.candidates_with_precision(x, codebook, prepared, self.precision)
-        })
+        nearest::validate(x, codebook)?;
+        let g = &self.gpu;
+        let cb =
+            DeviceCodebook::from_device(g, DeviceMatrix::upload(g, "codebook", codebook)?, metric)?;
+        let x = DeviceMatrix::upload(g, "x", x)?;
+        let mut out = DeviceAssignment::new(g, x.rows())?;
+        self.nearest_device(&x, &cb, &mut out)?;
+        out.fetch(g)
     }
 
     fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix> {
