@@ -285,3 +285,73 @@ on_devices! {
         let _ = RowList::<G> { rows: &list, count: &count };
     }
 }
+
+/// A caller's own memory used in place (`DeviceMatrix::from_raw`): on the emulated device a host
+/// pointer. The search reads it without a copy and dropping the matrix leaves it to its owner.
+#[test]
+fn borrowed_memory_is_used_in_place_emu() {
+    let b = EMU.backend(Precision::Exact);
+    let gpu = b.gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (n, d, k) = (100usize, 8usize, 20usize);
+    let (x, c) = (random(n, d, 0.0, &mut rng), random(k, d, 0.0, &mut rng));
+    let mut caller = x.data().to_vec();
+    let cb = DeviceCodebook::upload(gpu, c.as_ref(), Metric::L2).unwrap();
+    let mut out = DeviceAssignment::new(gpu, n).unwrap();
+    let before = gpu.transfers();
+    {
+        // SAFETY: `caller` holds n·d floats and is not touched while `xd` lives.
+        let xd = unsafe { DeviceMatrix::from_raw(gpu, caller.as_mut_ptr() as u64, n, d) }.unwrap();
+        b.nearest_device(&xd, &cb, &mut out).unwrap();
+    }
+    assert_eq!(
+        gpu.transfers().since(before).h2d_bytes,
+        0,
+        "borrowed rows were copied"
+    );
+    assert_eq!(caller, x.data(), "the caller's memory changed");
+    caller.push(1.0); // still the caller's allocation: growing it must work
+    let want = CpuBackend::new()
+        .nearest(x.as_ref(), c.as_ref(), Metric::L2)
+        .unwrap();
+    assert_eq!(out.fetch(gpu).unwrap().indices, want.indices);
+    // SAFETY: a null pointer is refused before anything is wrapped.
+    assert!(unsafe { DeviceMatrix::from_raw(gpu, 0, 1, 1) }.is_err());
+}
+
+/// On a real GPU: vqx launched on the caller's own stream, reading the caller's allocation
+/// through its raw device pointer.
+#[test]
+fn caller_stream_and_memory_gpu() {
+    use cudarc::driver::DevicePtr;
+    use vqx::backend::cuda::{CudaGpu, GpuBackend};
+    let test = "caller_stream_and_memory_gpu";
+    if real_gpu(test).is_none() {
+        return;
+    }
+    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let b = GpuBackend::on(CudaGpu::on_stream(stream.clone()).unwrap());
+    let gpu = b.gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (n, d, k) = (1000usize, 32usize, 64usize);
+    let (x, c) = (random(n, d, 0.0, &mut rng), random(k, d, 0.0, &mut rng));
+    let caller = stream.clone_htod(x.data()).unwrap();
+    let (ptr, _sync) = caller.device_ptr(&stream);
+    let cb = DeviceCodebook::upload(gpu, c.as_ref(), Metric::L2).unwrap();
+    let mut out = DeviceAssignment::new(gpu, n).unwrap();
+    {
+        // SAFETY: `caller` holds n·d floats on this context and outlives `xd`.
+        let xd = unsafe { DeviceMatrix::from_raw(gpu, ptr, n, d) }.unwrap();
+        b.nearest_device(&xd, &cb, &mut out).unwrap();
+    }
+    let want = CpuBackend::new()
+        .nearest(x.as_ref(), c.as_ref(), Metric::L2)
+        .unwrap();
+    assert_eq!(out.fetch(gpu).unwrap().indices, want.indices, "{test}");
+    assert_eq!(
+        stream.clone_dtoh(&caller).unwrap(),
+        x.data(),
+        "{test}: caller's memory"
+    );
+}

@@ -111,6 +111,16 @@ pub trait Gpu: Send + Sync + 'static {
         start: usize,
         len: usize,
     ) -> Result<Vec<T>>;
+    /// Wraps `len` elements of `T` at device address `ptr` (memory the caller owns, e.g. a
+    /// tensor of another library on the same device) as a buffer; give it back with
+    /// [`Gpu::release_borrowed`], never drop it (that would free the caller's memory).
+    ///
+    /// # Safety
+    /// `ptr` must be a device allocation of this device's context holding at least `len`
+    /// values of `T`, valid and not accessed by anyone else until released.
+    unsafe fn borrow_raw<T: Elem>(&self, ptr: u64, len: usize) -> Self::Buf<T>;
+    /// Lets go of a buffer made by [`Gpu::borrow_raw`] without freeing its memory.
+    fn release_borrowed<T: Elem>(buf: Self::Buf<T>);
     /// Elements of `buf`.
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
     /// Bytes copied by [`Gpu::upload`] and [`Gpu::download`] so far.

@@ -6,7 +6,7 @@ use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter};
 use super::kernels::{self, KernelId};
 use crate::backend::{Device, Transfers, median_timing};
 use crate::error::{Error, Result};
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
 };
@@ -113,11 +113,43 @@ impl CudaGpu {
             return Err(Error::CudaUnavailable(KERNELS_STATUS.to_string()));
         };
         let ctx = open_context(ordinal).map_err(Error::CudaUnavailable)?;
-        let stream = ctx.default_stream();
+        Self::build(&ptx, ctx.default_stream())
+    }
+
+    /// The device of `stream`, every launch and copy on that stream: a caller that owns its
+    /// stream (another cudarc user such as candle, same cudarc) gets vqx's kernels ordered
+    /// after its own work without synchronising.
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let Some(ptx) = kernels::PTX else {
+            return Err(Error::CudaUnavailable(KERNELS_STATUS.to_string()));
+        };
+        Self::build(&ptx, stream)
+    }
+
+    /// The device of a raw `CUstream` owned by the caller (e.g. PyTorch's current stream),
+    /// on device `ordinal`'s primary context; the stream is borrowed, never destroyed.
+    ///
+    /// # Safety
+    /// `stream` must be a valid stream of device `ordinal`'s primary context (or null for
+    /// its legacy default stream) and outlive the returned device.
+    pub unsafe fn on_raw_stream(ordinal: usize, stream: sys::CUstream) -> Result<Self> {
+        let ctx = open_context(ordinal).map_err(Error::CudaUnavailable)?;
+        // SAFETY: forwarded from this function's contract.
+        let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
+        Self::on_stream(stream)
+    }
+
+    /// The stream every launch and copy goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn build(ptx: &[&str], stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
         let mut modules = Vec::with_capacity(ptx.len());
         for (name, src) in kernels::MODULES.iter().zip(ptx) {
             modules.push(
-                ctx.load_module(cudarc::nvrtc::Ptx::from_src(src))
+                ctx.load_module(cudarc::nvrtc::Ptx::from_src(*src))
                     .op(&format!("loading PTX module {name}"))?,
             );
         }
@@ -249,6 +281,16 @@ impl Gpu for CudaGpu {
         self.stream
             .clone_dtoh(&view)
             .op(&format!("reading {what} ({len} elements)"))
+    }
+
+    unsafe fn borrow_raw<T: Elem>(&self, ptr: u64, len: usize) -> CudaSlice<T> {
+        // SAFETY: forwarded from this method's contract; release_borrowed leaks the slice so
+        // cudarc never frees the caller's allocation.
+        unsafe { self.stream.upgrade_device_ptr(ptr, len) }
+    }
+
+    fn release_borrowed<T: Elem>(buf: CudaSlice<T>) {
+        buf.leak();
     }
 
     fn len<T: Elem>(&self, buf: &CudaSlice<T>) -> usize {

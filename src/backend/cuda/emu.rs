@@ -242,6 +242,23 @@ impl Gpu for EmuGpu {
         Ok(part.to_vec())
     }
 
+    unsafe fn borrow_raw<T: Elem>(&self, ptr: u64, len: usize) -> EmuBuf<T> {
+        // The emulated device's memory is host memory: the address is a host pointer.
+        // SAFETY: the caller guarantees `len` valid, unaliased values at `ptr` until the
+        // buffer is released, and release_borrowed forgets the box instead of freeing it.
+        let data = unsafe {
+            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                ptr as usize as *mut T,
+                len,
+            ))
+        };
+        EmuBuf { data }
+    }
+
+    fn release_borrowed<T: Elem>(buf: EmuBuf<T>) {
+        std::mem::forget(buf.data);
+    }
+
     fn len<T: Elem>(&self, buf: &EmuBuf<T>) -> usize {
         buf.len()
     }

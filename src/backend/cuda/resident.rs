@@ -26,22 +26,31 @@ use super::launch::{self, FlagPass, NearestOperands, RowList};
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::{Assignment, MAX_CODES, Metric, Precision};
+use std::mem::ManuallyDrop;
 
-/// A rows × cols row-major f32 matrix in device memory.
+/// A rows × cols row-major f32 matrix in device memory: owned, or borrowed from the caller
+/// ([`DeviceMatrix::from_raw`]), in which case dropping it leaves the memory alone.
 pub struct DeviceMatrix<G: Gpu> {
-    buf: G::Buf<f32>,
+    buf: ManuallyDrop<G::Buf<f32>>,
     rows: usize,
     cols: usize,
+    borrowed: bool,
+}
+
+impl<G: Gpu> Drop for DeviceMatrix<G> {
+    fn drop(&mut self) {
+        // SAFETY: `buf` is taken once, here, and never used again.
+        let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
+        if self.borrowed {
+            G::release_borrowed(buf);
+        }
+    }
 }
 
 impl<G: Gpu> DeviceMatrix<G> {
     /// Copies `m` to the device.
     pub fn upload(gpu: &G, what: &str, m: MatRef<'_>) -> Result<Self> {
-        Ok(DeviceMatrix {
-            buf: gpu.upload(what, m.data())?,
-            rows: m.rows(),
-            cols: m.cols(),
-        })
+        Ok(Self::owned(gpu.upload(what, m.data())?, m.rows(), m.cols()))
     }
 
     /// A zeroed matrix on the device.
@@ -49,11 +58,7 @@ impl<G: Gpu> DeviceMatrix<G> {
         let len = rows.checked_mul(cols).ok_or_else(|| {
             Error::InvalidArgument(format!("{what}: {rows} × {cols} overflows usize"))
         })?;
-        Ok(DeviceMatrix {
-            buf: gpu.alloc_zeros(what, len)?,
-            rows,
-            cols,
-        })
+        Ok(Self::owned(gpu.alloc_zeros(what, len)?, rows, cols))
     }
 
     /// Wraps a device buffer of exactly rows·cols values (e.g. one the caller filled).
@@ -66,7 +71,40 @@ impl<G: Gpu> DeviceMatrix<G> {
                 got: format!("{len} values"),
             });
         }
-        Ok(DeviceMatrix { buf, rows, cols })
+        Ok(Self::owned(buf, rows, cols))
+    }
+
+    /// The caller's device memory at `ptr` (rows·cols f32, row-major) as a matrix, without a
+    /// copy: e.g. a tensor of PyTorch (`data_ptr()`) or of another cudarc user. Dropping the
+    /// matrix does not free it.
+    ///
+    /// # Safety
+    /// `ptr` must be a device allocation of `gpu`'s context (a host pointer on the emulated
+    /// device) holding at least rows·cols f32, valid and not accessed by anyone else while
+    /// the matrix lives, except through work ordered on `gpu`'s stream.
+    pub unsafe fn from_raw(gpu: &G, ptr: u64, rows: usize, cols: usize) -> Result<Self> {
+        let len = rows
+            .checked_mul(cols)
+            .ok_or_else(|| Error::InvalidArgument(format!("{rows} × {cols} overflows usize")))?;
+        if ptr == 0 {
+            return Err(Error::InvalidArgument("null device pointer".into()));
+        }
+        Ok(DeviceMatrix {
+            // SAFETY: forwarded from this function's contract; Drop releases, never frees.
+            buf: ManuallyDrop::new(unsafe { gpu.borrow_raw(ptr, len) }),
+            rows,
+            cols,
+            borrowed: true,
+        })
+    }
+
+    fn owned(buf: G::Buf<f32>, rows: usize, cols: usize) -> Self {
+        DeviceMatrix {
+            buf: ManuallyDrop::new(buf),
+            rows,
+            cols,
+            borrowed: false,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -82,10 +120,6 @@ impl<G: Gpu> DeviceMatrix<G> {
     /// The device buffer, to be written by the caller's own kernels.
     pub fn buf_mut(&mut self) -> &mut G::Buf<f32> {
         &mut self.buf
-    }
-    /// Gives the buffer back.
-    pub fn into_buf(self) -> G::Buf<f32> {
-        self.buf
     }
 
     /// Copies the matrix to the host.
