@@ -101,8 +101,8 @@ fn per_item(total: usize, what: &str) -> Result<LaunchShape> {
 /// at least SORT_MIN_SEGMENT_ROWS rows per segment, at most SORT_MAX_SEGMENTS segments, and
 /// S·k ≤ SORT_SCRATCH_MAX counters unless k alone exceeds it (then S = 1).
 pub fn segments(n: usize, k: usize) -> (usize, usize) {
-    let s = n
-        .div_ceil(tiles::SORT_MIN_SEGMENT_ROWS)
+    // Rounded down, so that every segment but a lone one has at least the minimum of rows.
+    let s = (n / tiles::SORT_MIN_SEGMENT_ROWS)
         .min(tiles::SORT_MAX_SEGMENTS)
         .min(tiles::SORT_SCRATCH_MAX / k.max(1))
         .max(1);
