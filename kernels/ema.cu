@@ -12,8 +12,9 @@
 //   differ run to run (error of any summation order: ≤ (n_k − 1)·2^-24·Σ|x| per element).
 //
 // ema_sums_sorted_f32 — the deterministic mode
-//   The host does the stable counting sort (vqx::ema::group_by_code): offsets (K + 1 × u64) and
-//   row ids (N × u32) grouped by code, each group in increasing row order. One block per code
+//   The stable counting sort of kernels/sort.cu (on the device, equal to vqx::ema::group_by_code)
+//   gives offsets (K + 1 × u64) and row ids (N × u32) grouped by code, each group in increasing
+//   row order. One block per code
 //   (grid-stride over codes, grid = min(K, 2^24)), threads over the D columns (block = the
 //   launcher's choice, a multiple of 32 up to 256; columns beyond blockDim are looped). Each
 //   column is accumulated in f64 over the code's rows in that fixed order and rounded once to f32,

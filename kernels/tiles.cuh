@@ -19,3 +19,8 @@
 #define GRID_STRIDE_THREADS 256  // threads per block of the grid-stride kernels (gather, ema_sums_atomic, usage)
 #define SORTED_MAX_THREADS 256   // largest block of ema_sums_sorted_f32 (one thread per column, looped beyond)
 #define USAGE_SHARED_BYTES 49152 // largest per-block histogram of usage_u32 in dynamic shared memory
+#define SORT_THREADS 256         // threads per block of the device sort and compaction kernels (kernels/sort.cu)
+#define SORT_ITEMS 8             // consecutive elements per thread of scan_exclusive_u64 and the compaction kernels
+#define SORT_SCRATCH_MAX 16777216 // most (code, segment) counters of the device sort: S·K ≤ this (S = 1 when K alone exceeds it)
+#define SORT_MAX_SEGMENTS 65536  // most row segments of the device sort (each code's counters are scanned by one thread)
+#define SORT_MIN_SEGMENT_ROWS 16 // fewest rows per segment of the device sort (more segments only add scratch)

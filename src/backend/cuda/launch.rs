@@ -544,8 +544,8 @@ pub fn sums_atomic<G: Gpu>(
     unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }
 }
 
-/// `ema_sums_sorted_f32`: the deterministic sums from the host's counting sort (offsets: k + 1
-/// values, rows: n row ids grouped by code).
+/// `ema_sums_sorted_f32`: the deterministic sums from a stable counting sort (offsets: k + 1
+/// values, rows: n row ids grouped by code), [`super::sort::group_by_code`] on the device.
 #[allow(clippy::too_many_arguments)]
 pub fn sums_sorted<G: Gpu>(
     gpu: &G,
@@ -571,7 +571,8 @@ pub fn sums_sorted<G: Gpu>(
     ];
     // SAFETY: the arguments follow ema_sums_sorted_f32(const float* x, const u64* offsets,
     // const u32* rows, float* sums, u32* counts, long long k, long long d). offsets holds k + 1
-    // non-decreasing values ending at n = rows.len() (ema::group_by_code), every row id is < n
+    // non-decreasing values ending at n ≤ rows.len() (ema::group_by_code or its device twin
+    // sort::group_by_code), every row id is < n
     // and x holds n·d floats; sums holds k·d floats and counts k values. Block b writes only
     // codes b, b + grid, … < k.
     unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }

@@ -28,6 +28,7 @@ pub mod emu;
 pub mod kernels;
 pub mod launch;
 pub mod resident;
+pub mod sort;
 mod timing;
 
 pub use device::{Arg, Elem, Gpu, LaunchShape};
@@ -290,19 +291,27 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         let g = &self.gpu;
         let (n, d) = (x.rows(), x.cols());
         let x_d = g.upload("x", x.data())?;
+        let i_d = g.upload("indices", indices)?;
         let mut sums = g.alloc_zeros::<f32>("sums", codes * d)?;
         let mut counts = g.alloc_zeros::<u32>("counts", codes)?;
         match mode {
             SumMode::Fast => {
-                let i_d = g.upload("indices", indices)?;
                 launch::sums_atomic(g, &x_d, &i_d, &mut sums, &mut counts, n, d)?;
             }
             SumMode::Deterministic => {
-                let (offsets, rows) = ema::group_by_code(indices, codes);
-                let offsets: Vec<u64> = offsets.into_iter().map(|o| o as u64).collect();
-                let o_d = g.upload("code offsets", &offsets)?;
-                let r_d = g.upload("row ids", &rows)?;
-                launch::sums_sorted(g, &x_d, &o_d, &r_d, &mut sums, &mut counts, codes, d)?;
+                // The counting sort runs on the device: only x and the indices cross the bus.
+                let mut scratch = sort::SortScratch::new();
+                sort::code_sums_deterministic(
+                    g,
+                    &x_d,
+                    &i_d,
+                    n,
+                    d,
+                    codes,
+                    &mut sums,
+                    &mut counts,
+                    &mut scratch,
+                )?;
             }
         }
         Ok(CodeSums {
