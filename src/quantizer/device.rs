@@ -1,0 +1,707 @@
+//! The quantizer layer with its state on the device: codebook, EMA counts and sums and usage
+//! totals stay in device memory across steps; forward, backward, losses, the EMA update,
+//! dead-code re-seeding and statistics run as kernels. What crosses the bus per training step
+//! is a handful of scalars (the input check, the kept-row count under a mask, the dead-code
+//! count) plus, only when codes are dead, their ids and the (code, row) pairs that re-seed them;
+//! losses and statistics are read back only when asked. The step is the one
+//! [`super::VectorQuantizer`] takes on the CPU, in the same order and arithmetic: in
+//! deterministic mode its codebook is bit-identical to the CPU layer's after every step.
+//!
+//! One exception: the initialising step (the first training batch of a quantizer built with
+//! [`DeviceQuantizer::new`]) copies that batch to the host once, where the data or k-means++
+//! seeding runs exactly as on the CPU. A quantizer built from a codebook never does.
+//!
+//! ```
+//! use vqx::backend::cuda::{DeviceMatrix, EmuBackend};
+//! use vqx::quantizer::{DeviceQuantizer, QuantizerConfig};
+//! use vqx::Matrix;
+//! let codebook = Matrix::new(vec![0.0, 0.0, 5.0, 5.0], 2, 2)?;
+//! let mut vq = DeviceQuantizer::with_codebook(QuantizerConfig::new(2, 2), codebook, EmuBackend::new()?)?;
+//! let gpu = vq.backend().gpu();
+//! let x = DeviceMatrix::upload(gpu, "x", Matrix::new(vec![0.1, 0.0, 4.9, 5.2], 2, 2)?.as_ref())?;
+//! vq.forward(&x, None, true)?;
+//! assert_eq!(gpu.download("indices", vq.indices())?, vec![0, 1]);
+//! assert!(vq.losses()?.commitment > 0.0);
+//! # Ok::<(), vqx::Error>(())
+//! ```
+
+use super::{
+    CodebookLearning, Estimator, Init, QuantizerConfig, StepStats, check_codebook_shape, init,
+    step_rng,
+};
+use crate::backend::cuda::launch;
+use crate::backend::cuda::sort::{self, SortScratch};
+use crate::backend::cuda::step::{self, EmaDevice, StepScratch};
+use crate::backend::cuda::{DeviceAssignment, DeviceCodebook, DeviceMatrix, Gpu, GpuBackend};
+use crate::ema::EmaState;
+use crate::error::{Error, Result};
+use crate::matrix::Matrix;
+use crate::nearest::{Metric, normalize_rows};
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+/// Losses of the last forward pass, read from the device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceLosses {
+    /// β·mean((x − sg(q))²) over the kept rows.
+    pub commitment: f32,
+    /// mean((sg(x) − q)²) over the kept rows under gradient learning; 0 under EMA.
+    pub codebook: f32,
+}
+
+/// A vector-quantization layer whose state lives on a device (`G`: a GPU, or the emulated
+/// device). See the module documentation.
+pub struct DeviceQuantizer<G: Gpu> {
+    config: QuantizerConfig,
+    backend: GpuBackend<G>,
+    codebook: DeviceCodebook<G>,
+    /// EMA counts, sums and the codebook they imply (EMA learning only).
+    ema: Option<EmaDevice<G>>,
+    usage_total: G::Buf<u64>,
+    initted: bool,
+    step: u64,
+    rng: ChaCha8Rng,
+    /// This step's histogram of the kept rows' codes (K).
+    counts: G::Buf<u32>,
+    /// This step's per-code sums (K × D).
+    sums: G::Buf<f32>,
+    /// Σ (x − q)² over the kept rows (one f64).
+    sq_err: G::Buf<f64>,
+    /// (total, used) of `counts` and its entropy (usage_stats).
+    usage_totals: G::Buf<u64>,
+    entropy: G::Buf<f64>,
+    /// Dead-code flags (K), their ids in increasing order and their count.
+    dead_flags: G::Buf<u32>,
+    dead_list: G::Buf<u32>,
+    dead_count: G::Buf<u32>,
+    step_scratch: StepScratch<G>,
+    sort_scratch: SortScratch<G>,
+    batch: Option<Batch<G>>,
+    /// Rows that counted in the last forward pass.
+    kept: usize,
+}
+
+/// Buffers sized for one batch shape, reused while the batch size stays the same.
+struct Batch<G: Gpu> {
+    n: usize,
+    assign: DeviceAssignment<G>,
+    quantized: DeviceMatrix<G>,
+    /// The kept rows' ids, count, codes and values (under a mask).
+    kept_rows: G::Buf<u32>,
+    kept_count: G::Buf<u32>,
+    kept_idx: G::Buf<u32>,
+    kept_x: G::Buf<f32>,
+    /// dL/dx of the last backward pass.
+    grad_x: DeviceMatrix<G>,
+    /// Gradient learning: (q − x) of the kept rows, and the codebook gradient (K × D).
+    diff: G::Buf<f32>,
+    grad_codebook: Option<DeviceMatrix<G>>,
+    /// The mask of the last forward pass, when there was one (n flags).
+    mask: Option<G::Buf<u32>>,
+}
+
+impl<G: Gpu> DeviceQuantizer<G> {
+    /// A quantizer whose codebook is initialised from its first training batch (that batch is
+    /// copied to the host once: see the module documentation).
+    pub fn new(config: QuantizerConfig, backend: GpuBackend<G>) -> Result<Self> {
+        config.validate()?;
+        if config.init == Init::Given {
+            return Err(Error::InvalidArgument(
+                "init = given needs a codebook: use DeviceQuantizer::with_codebook".into(),
+            ));
+        }
+        let codebook = Matrix::zeros(config.codebook_size, config.dim);
+        Self::build(config, backend, codebook, None, false)
+    }
+
+    /// A quantizer starting from `codebook` (K × D as configured); EMA counts start at 1.
+    pub fn with_codebook(
+        mut config: QuantizerConfig,
+        codebook: Matrix,
+        backend: GpuBackend<G>,
+    ) -> Result<Self> {
+        config.init = Init::Given;
+        config.validate()?;
+        check_codebook_shape(&config, &codebook)?;
+        codebook.as_ref().check_finite("codebook")?;
+        Self::build(config, backend, codebook, None, true)
+    }
+
+    /// The device twin of a host quantizer: its configuration, codebook, EMA state, step and
+    /// usage totals copied to the device once.
+    pub fn from_host(vq: &super::VectorQuantizer, backend: GpuBackend<G>) -> Result<Self> {
+        let mut d = Self::build(
+            vq.config().clone(),
+            backend,
+            vq.codebook().clone(),
+            vq.ema().cloned(),
+            vq.initialized(),
+        )?;
+        d.step = vq.step();
+        let g = d.backend.gpu();
+        g.write("usage totals", &mut d.usage_total, vq.usage_total())?;
+        Ok(d)
+    }
+
+    fn build(
+        config: QuantizerConfig,
+        backend: GpuBackend<G>,
+        codebook: Matrix,
+        ema: Option<EmaState>,
+        initted: bool,
+    ) -> Result<Self> {
+        let (k, d) = (config.codebook_size, config.dim);
+        let g = backend.gpu();
+        let ema = match config.learning {
+            CodebookLearning::Ema { .. } => {
+                let state = ema.unwrap_or_else(|| EmaState::seeded(codebook.as_ref()));
+                Some(EmaDevice::upload(g, &state, codebook.as_ref())?)
+            }
+            CodebookLearning::Gradient => None,
+        };
+        let cb = DeviceCodebook::from_device(
+            g,
+            DeviceMatrix::upload(g, "codebook", codebook.as_ref())?,
+            config.metric,
+        )?;
+        Ok(DeviceQuantizer {
+            rng: step_rng(config.seed, 0),
+            usage_total: g.alloc_zeros("usage totals", k)?,
+            counts: g.alloc_zeros("batch usage", k)?,
+            sums: g.alloc_zeros("batch sums", k * d)?,
+            sq_err: g.alloc_zeros("squared error", 1)?,
+            usage_totals: g.alloc_zeros("usage totals of the batch", 2)?,
+            entropy: g.alloc_zeros("usage entropy", 1)?,
+            dead_flags: g.alloc_zeros("dead-code flags", k)?,
+            dead_list: g.alloc_zeros("dead codes", k)?,
+            dead_count: g.alloc_zeros("dead-code count", 1)?,
+            step_scratch: StepScratch::new(g)?,
+            sort_scratch: SortScratch::new(),
+            batch: None,
+            kept: 0,
+            codebook: cb,
+            ema,
+            initted,
+            step: 0,
+            config,
+            backend,
+        })
+    }
+
+    pub fn config(&self) -> &QuantizerConfig {
+        &self.config
+    }
+    /// The backend (and through it the device) the layer runs on.
+    pub fn backend(&self) -> &GpuBackend<G> {
+        &self.backend
+    }
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+    pub fn initialized(&self) -> bool {
+        self.initted
+    }
+    /// The codebook on the device.
+    pub fn codebook(&self) -> &DeviceCodebook<G> {
+        &self.codebook
+    }
+    /// Codes assigned over all training steps (K values on the device).
+    pub fn usage_total(&self) -> &G::Buf<u64> {
+        &self.usage_total
+    }
+    /// The EMA counts N_k and sums m_k (K and K × D values on the device; EMA learning only).
+    pub fn ema_buffers(&self) -> Option<(&G::Buf<f32>, &G::Buf<f32>)> {
+        self.ema.as_ref().map(|e| (&e.cluster_size, &e.embed_avg))
+    }
+
+    fn batch(&self) -> Result<&Batch<G>> {
+        self.batch
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("no forward pass has run yet".into()))
+    }
+    /// The winning code per row of the last forward pass (n values on the device).
+    pub fn indices(&self) -> &G::Buf<u32> {
+        self.batch().map(|b| b.assign.indices()).expect("after forward")
+    }
+    /// The winning distance per row of the last forward pass.
+    pub fn distances(&self) -> &G::Buf<f32> {
+        self.batch().map(|b| b.assign.distances()).expect("after forward")
+    }
+    /// q = C[i] of the last forward pass, from the codebook the rows were assigned with.
+    pub fn quantized(&self) -> &DeviceMatrix<G> {
+        self.batch().map(|b| &b.quantized).expect("after forward")
+    }
+    /// dL/dx of the last backward pass.
+    pub fn grad_x(&self) -> &DeviceMatrix<G> {
+        self.batch().map(|b| &b.grad_x).expect("after backward")
+    }
+    /// dL/dC of the last backward pass (gradient learning only).
+    pub fn grad_codebook(&self) -> Option<&DeviceMatrix<G>> {
+        self.batch.as_ref().and_then(|b| b.grad_codebook.as_ref())
+    }
+
+    /// Quantizes `x` (n × D) on the device. `mask` (n flags, non-zero = the row counts) marks
+    /// padding rows: they get indices and outputs but count in no loss, statistic, init or
+    /// EMA update. `train` runs the training-side effects (init on the first batch, EMA update,
+    /// dead-code re-seeding). The outputs stay on the device ([`Self::indices`],
+    /// [`Self::quantized`]); [`Self::losses`] and [`Self::stats`] read scalars back.
+    pub fn forward(
+        &mut self,
+        x: &DeviceMatrix<G>,
+        mask: Option<&G::Buf<u32>>,
+        train: bool,
+    ) -> Result<StepStats> {
+        let (k, d) = (self.config.codebook_size, self.config.dim);
+        let n = x.rows();
+        if x.cols() != d {
+            return Err(Error::Shape {
+                what: "input width vs quantizer dimension".into(),
+                expected: format!("{d} columns"),
+                got: format!("{} columns", x.cols()),
+            });
+        }
+        if n == 0 {
+            return Err(Error::Empty {
+                what: "input".into(),
+                detail: "no rows".into(),
+            });
+        }
+        let g = self.backend.gpu();
+        let max_x = x.check_finite(g, "input")?;
+        check_magnitude(max_x, d)?;
+        if self.batch.as_ref().is_none_or(|b| b.n != n) {
+            self.batch = Some(Batch::new(g, n, d)?);
+        }
+        let batch = self.batch.as_mut().expect("allocated above");
+        batch.mask = match mask {
+            Some(m) => {
+                launch::check_len(g, m, n, "mask (one flag per row)")?;
+                let mut own = batch.mask.take().unwrap_or(g.alloc_zeros("mask", n)?);
+                g.copy("mask", m, &mut own)?;
+                Some(own)
+            }
+            None => None,
+        };
+        // The rows that count: all, or the mask's (compacted on the device; its count is read).
+        let kept = match &batch.mask {
+            None => n,
+            Some(m) => {
+                sort::compact(
+                    g,
+                    m,
+                    n,
+                    &mut batch.kept_rows,
+                    &mut batch.kept_count,
+                    &mut self.sort_scratch,
+                )?;
+                g.download("kept-row count", &batch.kept_count)?[0] as usize
+            }
+        };
+        self.kept = kept;
+        if kept < n && kept > 0 {
+            launch::gather(g, x.buf(), &batch.kept_rows, &mut batch.kept_x, kept, d)?;
+        }
+        let xk: &G::Buf<f32> = if kept < n { &batch.kept_x } else { x.buf() };
+
+        let mut initialized = false;
+        if train {
+            // Each step draws from a stream that depends only on (seed, step), as on the CPU.
+            self.rng = step_rng(self.config.seed, self.step);
+        }
+        if train && !self.initted {
+            if kept == 0 {
+                return Err(Error::Empty {
+                    what: "first training batch".into(),
+                    detail: "every row is masked: nothing to initialise the codebook from".into(),
+                });
+            }
+            // The one host copy: the seeding runs exactly as on the CPU.
+            let rows = g.read("first batch", xk, 0, kept * d)?;
+            let xh = Matrix::new(rows, kept, d)?;
+            self.initialize(&xh)?;
+            initialized = true;
+        }
+        let g = self.backend.gpu();
+        let batch = self.batch.as_mut().expect("allocated above");
+
+        self.backend
+            .nearest_device(x, &self.codebook, &mut batch.assign)?;
+        self.backend.gather_device(
+            self.codebook.rows(),
+            batch.assign.indices(),
+            &mut batch.quantized,
+        )?;
+        step::squared_error(
+            g,
+            x.buf(),
+            batch.quantized.buf(),
+            batch.mask.as_ref(),
+            n,
+            d,
+            &mut self.step_scratch,
+            &mut self.sq_err,
+        )?;
+        let kept_idx: &G::Buf<u32> = if kept < n {
+            sort::gather_counted(
+                g,
+                batch.assign.indices(),
+                &batch.kept_rows,
+                &batch.kept_count,
+                &mut batch.kept_idx,
+            )?;
+            &batch.kept_idx
+        } else {
+            batch.assign.indices()
+        };
+        self.backend.usage_device(kept_idx, kept, &mut self.counts)?;
+        step::usage_stats(
+            g,
+            &self.counts,
+            k,
+            &mut self.step_scratch,
+            &mut self.usage_totals,
+            &mut self.entropy,
+        )?;
+
+        let (mut dead, mut replaced) = (0, 0);
+        if train {
+            step::usage_accumulate(g, &mut self.usage_total, &self.counts, k)?;
+            if let (Some(ema), CodebookLearning::Ema { decay, eps }) =
+                (self.ema.as_mut(), self.config.learning)
+                && kept > 0
+            {
+                if self.config.deterministic {
+                    sort::code_sums_deterministic(
+                        g,
+                        xk,
+                        kept_idx,
+                        kept,
+                        d,
+                        k,
+                        &mut self.sums,
+                        &mut self.counts,
+                        &mut self.sort_scratch,
+                    )?;
+                } else {
+                    g.zero("batch sums", &mut self.sums)?;
+                    g.zero("batch usage", &mut self.counts)?;
+                    launch::sums_atomic(g, xk, kept_idx, &mut self.sums, &mut self.counts, kept, d)?;
+                }
+                step::ema_update(g, ema, &self.counts, &self.sums, decay)?;
+                step::ema_codebook(g, ema, eps, self.config.metric)?;
+                (dead, replaced) = reseed_dead_codes(
+                    g,
+                    &self.config,
+                    ema,
+                    xk,
+                    kept,
+                    &mut self.rng,
+                    DeadScratch {
+                        flags: &mut self.dead_flags,
+                        list: &mut self.dead_list,
+                        count: &mut self.dead_count,
+                        sort: &mut self.sort_scratch,
+                    },
+                )?;
+                g.copy("codebook", &ema.codebook, self.codebook.rows_mut().buf_mut())?;
+                self.codebook.refresh(g)?;
+            }
+            self.step += 1;
+        }
+        Ok(StepStats {
+            step: if train { self.step } else { 0 },
+            rows: kept,
+            // Read back by `stats` when asked.
+            perplexity: f64::NAN,
+            used: 0,
+            dead,
+            replaced,
+            rechecked: 0,
+            initialized,
+        })
+    }
+
+    /// The losses of the last forward pass (reads 8 bytes back).
+    pub fn losses(&self) -> Result<DeviceLosses> {
+        let g = self.backend.gpu();
+        let total = g.download("squared error", &self.sq_err)?[0];
+        let mse = if self.kept == 0 {
+            0.0
+        } else {
+            total / (self.kept as f64 * self.config.dim as f64)
+        };
+        Ok(DeviceLosses {
+            commitment: (self.config.commitment_weight as f64 * mse) as f32,
+            codebook: match self.config.learning {
+                CodebookLearning::Gradient => mse as f32,
+                CodebookLearning::Ema { .. } => 0.0,
+            },
+        })
+    }
+
+    /// `step` with the batch statistics filled in: perplexity and used codes of the last
+    /// forward pass and its recheck count (reads 28 bytes back).
+    pub fn stats(&self, mut step: StepStats) -> Result<StepStats> {
+        let g = self.backend.gpu();
+        let totals = g.download("batch usage totals", &self.usage_totals)?;
+        let entropy = g.download("usage entropy", &self.entropy)?[0];
+        step.perplexity = if totals[0] == 0 { 1.0 } else { entropy.exp() };
+        step.used = totals[1] as usize;
+        step.rechecked = self.batch()?.assign.rechecked(g)?;
+        Ok(step)
+    }
+
+    /// dL/dx of the last forward pass given dL/d(output) (n × D), into [`Self::grad_x`]; under
+    /// gradient learning also dL/dC into [`Self::grad_codebook`]. `x` is the forward's input.
+    pub fn backward(&mut self, x: &DeviceMatrix<G>, grad_output: &DeviceMatrix<G>) -> Result<()> {
+        let g = self.backend.gpu();
+        let (k, d) = (self.config.codebook_size, self.config.dim);
+        let batch = self
+            .batch
+            .as_mut()
+            .ok_or_else(|| Error::InvalidArgument("backward before any forward pass".into()))?;
+        let n = batch.n;
+        for (m, what) in [(x, "input"), (grad_output, "output gradient")] {
+            if (m.rows(), m.cols()) != (n, d) {
+                return Err(Error::Shape {
+                    what: format!("{what} vs the forward pass"),
+                    expected: format!("{n} × {d}"),
+                    got: format!("{} × {}", m.rows(), m.cols()),
+                });
+            }
+        }
+        grad_output.check_finite(g, "output gradient")?;
+        let kept = self.kept;
+        let scale = if kept == 0 {
+            0.0
+        } else {
+            2.0 / (kept as f64 * d as f64)
+        };
+        let coef = self.config.commitment_weight as f64 * scale;
+        let grad = match self.config.estimator {
+            Estimator::StraightThrough => step::grad_straight_through,
+            Estimator::RotationTrick => step::grad_rotation,
+        };
+        grad(
+            g,
+            grad_output.buf(),
+            x.buf(),
+            batch.quantized.buf(),
+            batch.mask.as_ref(),
+            coef,
+            n,
+            d,
+            &self.step_scratch,
+            batch.grad_x.buf_mut(),
+        )?;
+        if self.config.learning == CodebookLearning::Gradient {
+            let gc = match &mut batch.grad_codebook {
+                Some(gc) => gc,
+                none => none.insert(DeviceMatrix::zeros(g, "codebook gradient", k, d)?),
+            };
+            if kept == 0 {
+                g.zero("codebook gradient", gc.buf_mut())?;
+                return Ok(());
+            }
+            // Σ over each code's kept rows of 2(q − x)/(kept·D): the deterministic scatter-add
+            // over the differences, as on the CPU.
+            let (rows, idx): (&G::Buf<u32>, &G::Buf<u32>) = if kept < n {
+                (&batch.kept_rows, &batch.kept_idx)
+            } else {
+                // Every row: ids 0..n are the identity list, written once per batch shape.
+                (&batch.kept_rows, batch.assign.indices())
+            };
+            step::grad_diff(
+                g,
+                batch.quantized.buf(),
+                x.buf(),
+                n,
+                rows,
+                kept,
+                d,
+                &mut batch.diff,
+            )?;
+            sort::code_sums_deterministic(
+                g,
+                &batch.diff,
+                idx,
+                kept,
+                d,
+                k,
+                gc.buf_mut(),
+                &mut self.counts,
+                &mut self.sort_scratch,
+            )?;
+            step::scale(g, gc.buf_mut(), k * d, scale)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the codebook (gradient learning: after the caller's optimiser step), from
+    /// device memory; the norms are recomputed on the device.
+    pub fn set_codebook(&mut self, codebook: &DeviceMatrix<G>) -> Result<()> {
+        let (k, d) = (self.config.codebook_size, self.config.dim);
+        if (codebook.rows(), codebook.cols()) != (k, d) {
+            return Err(Error::Shape {
+                what: "codebook vs quantizer configuration".into(),
+                expected: format!("{k} × {d}"),
+                got: format!("{} × {}", codebook.rows(), codebook.cols()),
+            });
+        }
+        let g = self.backend.gpu();
+        codebook.check_finite(g, "codebook")?;
+        g.copy("codebook", codebook.buf(), self.codebook.rows_mut().buf_mut())?;
+        if let Some(ema) = &mut self.ema {
+            g.copy("codebook", codebook.buf(), &mut ema.codebook)?;
+        }
+        self.codebook.refresh(g)?;
+        self.initted = true;
+        Ok(())
+    }
+
+    /// The state back on the host: codebook, EMA state (EMA learning) and usage totals.
+    pub fn download(&self) -> Result<(Matrix, Option<EmaState>, Vec<u64>)> {
+        let g = self.backend.gpu();
+        let codebook = self.codebook.download(g)?;
+        let ema = match &self.ema {
+            Some(e) => Some(e.download(g)?.0),
+            None => None,
+        };
+        Ok((codebook, ema, g.download("usage totals", &self.usage_total)?))
+    }
+
+    /// Seeds the codebook from the first batch on the host, as `VectorQuantizer::initialize`.
+    fn initialize(&mut self, x: &Matrix) -> Result<()> {
+        let cpu = crate::backend::CpuBackend::new();
+        let eps = match self.config.learning {
+            CodebookLearning::Ema { eps, .. } => eps,
+            CodebookLearning::Gradient => 1e-5,
+        };
+        let (codebook, ema) = match self.config.init {
+            Init::Data | Init::Given => {
+                let c = init::data_sample(x.as_ref(), self.config.codebook_size, &mut self.rng);
+                let e = EmaState::seeded(c.as_ref());
+                (c, e)
+            }
+            Init::KMeans { iters } => init::kmeans(
+                &cpu,
+                x.as_ref(),
+                self.config.codebook_size,
+                iters,
+                self.config.metric,
+                eps,
+                &mut self.rng,
+            )?,
+        };
+        let codebook = if self.config.metric == Metric::Cosine {
+            normalize_rows(codebook.as_ref())
+        } else {
+            codebook
+        };
+        let g = self.backend.gpu();
+        self.codebook
+            .rows_mut()
+            .write(g, "codebook", codebook.as_ref())?;
+        self.codebook.refresh(g)?;
+        if self.ema.is_some() {
+            self.ema = Some(EmaDevice::upload(g, &ema, codebook.as_ref())?);
+        }
+        self.initted = true;
+        Ok(())
+    }
+}
+
+impl<G: Gpu> Batch<G> {
+    fn new(g: &G, n: usize, d: usize) -> Result<Self> {
+        // The identity row list: the gradient-mode scatter-add reads row ids even when every
+        // row is kept (a mask overwrites the first `kept` entries).
+        let ids: Vec<u32> = (0..u32::try_from(n).map_err(|_| {
+            Error::InvalidArgument(format!("{n} rows exceed the u32 row ids of the device step"))
+        })?)
+            .collect();
+        Ok(Batch {
+            n,
+            assign: DeviceAssignment::new(g, n)?,
+            quantized: DeviceMatrix::zeros(g, "quantized rows", n, d)?,
+            kept_rows: g.upload("row ids", &ids)?,
+            kept_count: g.alloc_zeros("kept-row count", 1)?,
+            kept_idx: g.alloc_zeros("kept rows' codes", n)?,
+            kept_x: g.alloc_zeros("kept rows", n * d)?,
+            grad_x: DeviceMatrix::zeros(g, "input gradient", n, d)?,
+            diff: g.alloc_zeros("differences", n * d)?,
+            grad_codebook: None,
+            mask: None,
+        })
+    }
+}
+
+/// Same limit as `nearest::validate`'s: every f32 score stays finite.
+fn check_magnitude(max_abs: f32, d: usize) -> Result<()> {
+    let limit = (f32::MAX as f64 / 8.0 / (3.0 * d as f64)).sqrt();
+    if max_abs as f64 > limit {
+        return Err(Error::InvalidArgument(format!(
+            "input has a value of magnitude {max_abs:e}: with D = {d} the f32 distances would \
+             overflow (the limit is {limit:e}); scale the data down"
+        )));
+    }
+    Ok(())
+}
+
+/// The device buffers dead-code detection uses.
+struct DeadScratch<'a, G: Gpu> {
+    flags: &'a mut G::Buf<u32>,
+    list: &'a mut G::Buf<u32>,
+    count: &'a mut G::Buf<u32>,
+    sort: &'a mut SortScratch<G>,
+}
+
+/// `VectorQuantizer::reseed_dead_codes` on the device: the dead codes are found and compacted
+/// on the device, their count (and, when there are any, their ids) read back, the choice of
+/// codes and rows drawn on the host from the same generator as the CPU's, and the (code, row)
+/// pairs sent back to the re-seeding kernel. Returns (dead, replaced).
+fn reseed_dead_codes<G: Gpu>(
+    g: &G,
+    config: &QuantizerConfig,
+    ema: &mut EmaDevice<G>,
+    x: &G::Buf<f32>,
+    rows: usize,
+    rng: &mut ChaCha8Rng,
+    s: DeadScratch<'_, G>,
+) -> Result<(usize, usize)> {
+    let threshold = config.dead_code_threshold;
+    if threshold <= 0.0 {
+        return Ok((0, 0));
+    }
+    let k = config.codebook_size;
+    sort::flags_below(g, &ema.cluster_size, threshold, k, s.flags)?;
+    sort::compact(g, s.flags, k, s.list, s.count, s.sort)?;
+    let n_dead = g.download("dead-code count", s.count)?[0] as usize;
+    if n_dead == 0 || rows == 0 {
+        return Ok((n_dead, 0));
+    }
+    let mut dead = g.read("dead codes", s.list, 0, n_dead)?;
+    let take = n_dead.min(rows);
+    if take < n_dead {
+        dead.shuffle(rng);
+        dead.truncate(take);
+        dead.sort_unstable();
+    }
+    let picked: Vec<u32> = rand::seq::index::sample(rng, rows, take)
+        .iter()
+        .map(|r| r as u32)
+        .collect();
+    let codes = g.upload("re-seeded codes", &dead)?;
+    let from = g.upload("re-seeding rows", &picked)?;
+    step::reseed(
+        g,
+        ema,
+        x,
+        rows,
+        &codes,
+        &from,
+        take,
+        config.effective_reset_count(),
+        config.metric,
+    )?;
+    Ok((n_dead, take))
+}
