@@ -17,3 +17,7 @@
 #define GRID_STRIDE_THREADS 256  // threads per block of the grid-stride kernels (gather, ema_sums_atomic, usage)
 #define SORTED_MAX_THREADS 256   // largest block of ema_sums_sorted_f32 (one thread per column, looped beyond)
 #define USAGE_SHARED_BYTES 49152 // largest per-block histogram of usage_u32 in dynamic shared memory
+#define ROW_MAX_THREADS 256      // largest block of the block-per-row kernels (ema_codebook_f32, reseed_f32): one thread per column, looped beyond
+#define REDUCE_BLOCKS 256        // fixed grid of stage 1 of loss.cu's reductions: the partials per reduction
+#define REDUCE_THREADS 256       // threads per block of loss.cu's reductions (a power of two: fixed-order tree)
+#define ROW_THREADS 128          // threads per block of grad_rotation_f32 (one thread per row)

@@ -27,6 +27,7 @@ pub mod driver;
 pub mod emu;
 pub mod kernels;
 pub mod launch;
+pub mod step;
 mod timing;
 
 pub use device::{Arg, Elem, Gpu, LaunchShape};
