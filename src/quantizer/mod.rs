@@ -12,7 +12,7 @@ mod init;
 mod persist;
 
 pub use config::{CodebookLearning, Estimator, Init, QuantizerConfig};
-pub use grad::{Gradients, rotation_trick_value};
+pub use grad::{Gradients, rotate_gradient, rotation_trick_value};
 
 use crate::backend::{self, Backend};
 use crate::ema::{EmaState, SumMode};
