@@ -409,8 +409,13 @@ on_devices! {
                     let e = gpu.download("entropy", &entropy).unwrap()[0];
                     let summary = UsageSummary::from_counts(&counts);
                     let context = format!("{test}: K {k} seed {seed} {name}");
-                    assert_eq!(t[0], summary.total, "{context}: total: device {}, cpu {}", t[0], summary.total);
-                    assert_eq!(t[1], summary.used as u64, "{context}: used: device {}, cpu {}", t[1], summary.used);
+                    let want = [summary.total, summary.used as u64];
+                    for (i, what) in ["total", "used"].iter().enumerate() {
+                        assert_eq!(
+                            t[i], want[i],
+                            "{context}: {what}: device {}, cpu {}", t[i], want[i]
+                        );
+                    }
                     rel_close(e, cpu_entropy(&counts), 1e-12, &format!("{context}: entropy"));
                     rel_close(e.exp(), summary.perplexity, 1e-12, &format!("{context}: perplexity"));
                 }
@@ -437,14 +442,16 @@ on_devices! {
                         match row % 9 {
                             1 => x[xr].fill(0.0),
                             2 => q[qr].fill(0.0),
-                            3 => { let v: Vec<f32> = x[xr].iter().map(|v| -v).collect(); q[qr].copy_from_slice(&v) }
-                            4 => { let v = x[xr].to_vec(); q[qr].copy_from_slice(&v) }
+                            3 => (0..d).for_each(|j| q[row * d + j] = -x[row * d + j]),
+                            4 => (0..d).for_each(|j| q[row * d + j] = x[row * d + j]),
                             5 => x[xr].iter_mut().for_each(|v| *v *= 1e-30),
                             6 => q[qr].iter_mut().for_each(|v| *v *= 1e30),
                             _ => {}
                         }
                     }
-                    let (gd, xd, qd) = (gpu.upload("g", &g).unwrap(), gpu.upload("x", &x).unwrap(), gpu.upload("q", &q).unwrap());
+                    let gd = gpu.upload("g", &g).unwrap();
+                    let xd = gpu.upload("x", &x).unwrap();
+                    let qd = gpu.upload("q", &q).unwrap();
                     let mut gx = gpu.alloc_zeros::<f32>("gx", n * d).unwrap();
                     step::grad_rotation(gpu, &gd, &xd, &qd, None, 0.0, n, d, &scratch, &mut gx).unwrap();
                     let got = gpu.download("gx", &gx).unwrap();
