@@ -12,12 +12,14 @@
 //! seeding runs exactly as on the CPU. A quantizer built from a codebook never does.
 //!
 //! ```
+//! use std::sync::Arc;
 //! use vqx::backend::cuda::{DeviceMatrix, EmuBackend};
 //! use vqx::quantizer::{DeviceQuantizer, QuantizerConfig};
 //! use vqx::Matrix;
+//! let backend = Arc::new(EmuBackend::new()?); // the caller keeps a handle on the device
+//! let gpu = backend.gpu();
 //! let codebook = Matrix::new(vec![0.0, 0.0, 5.0, 5.0], 2, 2)?;
-//! let mut vq = DeviceQuantizer::with_codebook(QuantizerConfig::new(2, 2), codebook, EmuBackend::new()?)?;
-//! let gpu = vq.backend().gpu();
+//! let mut vq = DeviceQuantizer::with_codebook(QuantizerConfig::new(2, 2), codebook, backend.clone())?;
 //! let x = DeviceMatrix::upload(gpu, "x", Matrix::new(vec![0.1, 0.0, 4.9, 5.2], 2, 2)?.as_ref())?;
 //! vq.forward(&x, None, true)?;
 //! assert_eq!(gpu.download("indices", vq.indices())?, vec![0, 1]);
@@ -39,6 +41,7 @@ use crate::matrix::Matrix;
 use crate::nearest::{Metric, normalize_rows};
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
 
 /// Losses of the last forward pass, read from the device.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -53,7 +56,7 @@ pub struct DeviceLosses {
 /// device). See the module documentation.
 pub struct DeviceQuantizer<G: Gpu> {
     config: QuantizerConfig,
-    backend: GpuBackend<G>,
+    backend: Arc<GpuBackend<G>>,
     codebook: DeviceCodebook<G>,
     /// EMA counts, sums and the codebook they imply (EMA learning only).
     ema: Option<EmaDevice<G>>,
@@ -103,7 +106,7 @@ struct Batch<G: Gpu> {
 impl<G: Gpu> DeviceQuantizer<G> {
     /// A quantizer whose codebook is initialised from its first training batch (that batch is
     /// copied to the host once: see the module documentation).
-    pub fn new(config: QuantizerConfig, backend: GpuBackend<G>) -> Result<Self> {
+    pub fn new(config: QuantizerConfig, backend: Arc<GpuBackend<G>>) -> Result<Self> {
         config.validate()?;
         if config.init == Init::Given {
             return Err(Error::InvalidArgument(
@@ -118,7 +121,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
     pub fn with_codebook(
         mut config: QuantizerConfig,
         codebook: Matrix,
-        backend: GpuBackend<G>,
+        backend: Arc<GpuBackend<G>>,
     ) -> Result<Self> {
         config.init = Init::Given;
         config.validate()?;
@@ -129,7 +132,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
 
     /// The device twin of a host quantizer: its configuration, codebook, EMA state, step and
     /// usage totals copied to the device once.
-    pub fn from_host(vq: &super::VectorQuantizer, backend: GpuBackend<G>) -> Result<Self> {
+    pub fn from_host(vq: &super::VectorQuantizer, backend: Arc<GpuBackend<G>>) -> Result<Self> {
         let mut d = Self::build(
             vq.config().clone(),
             backend,
@@ -145,7 +148,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
 
     fn build(
         config: QuantizerConfig,
-        backend: GpuBackend<G>,
+        backend: Arc<GpuBackend<G>>,
         codebook: Matrix,
         ema: Option<EmaState>,
         initted: bool,
@@ -191,8 +194,8 @@ impl<G: Gpu> DeviceQuantizer<G> {
     pub fn config(&self) -> &QuantizerConfig {
         &self.config
     }
-    /// The backend (and through it the device) the layer runs on.
-    pub fn backend(&self) -> &GpuBackend<G> {
+    /// The backend (and through it the device) the layer runs on, shared with the caller.
+    pub fn backend(&self) -> &Arc<GpuBackend<G>> {
         &self.backend
     }
     pub fn step(&self) -> u64 {
@@ -221,11 +224,15 @@ impl<G: Gpu> DeviceQuantizer<G> {
     }
     /// The winning code per row of the last forward pass (n values on the device).
     pub fn indices(&self) -> &G::Buf<u32> {
-        self.batch().map(|b| b.assign.indices()).expect("after forward")
+        self.batch()
+            .map(|b| b.assign.indices())
+            .expect("after forward")
     }
     /// The winning distance per row of the last forward pass.
     pub fn distances(&self) -> &G::Buf<f32> {
-        self.batch().map(|b| b.assign.distances()).expect("after forward")
+        self.batch()
+            .map(|b| b.assign.distances())
+            .expect("after forward")
     }
     /// q = C[i] of the last forward pass, from the codebook the rows were assigned with.
     pub fn quantized(&self) -> &DeviceMatrix<G> {
@@ -251,8 +258,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
         mask: Option<&G::Buf<u32>>,
         train: bool,
     ) -> Result<StepStats> {
-        let (k, d) = (self.config.codebook_size, self.config.dim);
-        let n = x.rows();
+        let (d, n) = (self.config.dim, x.rows());
         if x.cols() != d {
             return Err(Error::Shape {
                 what: "input width vs quantizer dimension".into(),
@@ -269,10 +275,24 @@ impl<G: Gpu> DeviceQuantizer<G> {
         let g = self.backend.gpu();
         let max_x = x.check_finite(g, "input")?;
         check_magnitude(max_x, d)?;
-        if self.batch.as_ref().is_none_or(|b| b.n != n) {
-            self.batch = Some(Batch::new(g, n, d)?);
-        }
-        let batch = self.batch.as_mut().expect("allocated above");
+        let mut batch = match self.batch.take() {
+            Some(b) if b.n == n => b,
+            _ => Batch::new(g, n, d, &mut self.sort_scratch)?,
+        };
+        let result = self.forward_batch(&mut batch, x, mask, train);
+        self.batch = Some(batch);
+        result
+    }
+
+    fn forward_batch(
+        &mut self,
+        batch: &mut Batch<G>,
+        x: &DeviceMatrix<G>,
+        mask: Option<&G::Buf<u32>>,
+        train: bool,
+    ) -> Result<StepStats> {
+        let (k, d, n) = (self.config.codebook_size, self.config.dim, x.rows());
+        let g = self.backend.gpu();
         batch.mask = match mask {
             Some(m) => {
                 launch::check_len(g, m, n, "mask (one flag per row)")?;
@@ -322,8 +342,6 @@ impl<G: Gpu> DeviceQuantizer<G> {
             initialized = true;
         }
         let g = self.backend.gpu();
-        let batch = self.batch.as_mut().expect("allocated above");
-
         self.backend
             .nearest_device(x, &self.codebook, &mut batch.assign)?;
         self.backend.gather_device(
@@ -353,7 +371,8 @@ impl<G: Gpu> DeviceQuantizer<G> {
         } else {
             batch.assign.indices()
         };
-        self.backend.usage_device(kept_idx, kept, &mut self.counts)?;
+        self.backend
+            .usage_device(kept_idx, kept, &mut self.counts)?;
         step::usage_stats(
             g,
             &self.counts,
@@ -385,7 +404,15 @@ impl<G: Gpu> DeviceQuantizer<G> {
                 } else {
                     g.zero("batch sums", &mut self.sums)?;
                     g.zero("batch usage", &mut self.counts)?;
-                    launch::sums_atomic(g, xk, kept_idx, &mut self.sums, &mut self.counts, kept, d)?;
+                    launch::sums_atomic(
+                        g,
+                        xk,
+                        kept_idx,
+                        &mut self.sums,
+                        &mut self.counts,
+                        kept,
+                        d,
+                    )?;
                 }
                 step::ema_update(g, ema, &self.counts, &self.sums, decay)?;
                 step::ema_codebook(g, ema, eps, self.config.metric)?;
@@ -403,7 +430,11 @@ impl<G: Gpu> DeviceQuantizer<G> {
                         sort: &mut self.sort_scratch,
                     },
                 )?;
-                g.copy("codebook", &ema.codebook, self.codebook.rows_mut().buf_mut())?;
+                g.copy(
+                    "codebook",
+                    &ema.codebook,
+                    self.codebook.rows_mut().buf_mut(),
+                )?;
                 self.codebook.refresh(g)?;
             }
             self.step += 1;
@@ -550,7 +581,11 @@ impl<G: Gpu> DeviceQuantizer<G> {
         }
         let g = self.backend.gpu();
         codebook.check_finite(g, "codebook")?;
-        g.copy("codebook", codebook.buf(), self.codebook.rows_mut().buf_mut())?;
+        g.copy(
+            "codebook",
+            codebook.buf(),
+            self.codebook.rows_mut().buf_mut(),
+        )?;
         if let Some(ema) = &mut self.ema {
             g.copy("codebook", codebook.buf(), &mut ema.codebook)?;
         }
@@ -567,7 +602,11 @@ impl<G: Gpu> DeviceQuantizer<G> {
             Some(e) => Some(e.download(g)?.0),
             None => None,
         };
-        Ok((codebook, ema, g.download("usage totals", &self.usage_total)?))
+        Ok((
+            codebook,
+            ema,
+            g.download("usage totals", &self.usage_total)?,
+        ))
     }
 
     /// Seeds the codebook from the first batch on the host, as `VectorQuantizer::initialize`.
@@ -612,19 +651,25 @@ impl<G: Gpu> DeviceQuantizer<G> {
 }
 
 impl<G: Gpu> Batch<G> {
-    fn new(g: &G, n: usize, d: usize) -> Result<Self> {
-        // The identity row list: the gradient-mode scatter-add reads row ids even when every
-        // row is kept (a mask overwrites the first `kept` entries).
-        let ids: Vec<u32> = (0..u32::try_from(n).map_err(|_| {
-            Error::InvalidArgument(format!("{n} rows exceed the u32 row ids of the device step"))
-        })?)
-            .collect();
+    fn new(g: &G, n: usize, d: usize, sort_scratch: &mut SortScratch<G>) -> Result<Self> {
+        if u32::try_from(n).is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "{n} rows exceed the u32 row ids of the device step"
+            )));
+        }
+        // The identity row list 0..n, made on the device: the gradient-mode scatter-add reads
+        // row ids even when every row is kept (a mask overwrites the first `kept` entries).
+        let mut kept_rows = g.alloc_zeros("row ids", n)?;
+        let mut kept_count = g.alloc_zeros("kept-row count", 1)?;
+        let mut ones = g.alloc_zeros("row flags", n)?;
+        sort::fill(g, &mut ones, 1, n)?;
+        sort::compact(g, &ones, n, &mut kept_rows, &mut kept_count, sort_scratch)?;
         Ok(Batch {
             n,
             assign: DeviceAssignment::new(g, n)?,
             quantized: DeviceMatrix::zeros(g, "quantized rows", n, d)?,
-            kept_rows: g.upload("row ids", &ids)?,
-            kept_count: g.alloc_zeros("kept-row count", 1)?,
+            kept_rows,
+            kept_count,
             kept_idx: g.alloc_zeros("kept rows' codes", n)?,
             kept_x: g.alloc_zeros("kept rows", n * d)?,
             grad_x: DeviceMatrix::zeros(g, "input gradient", n, d)?,

@@ -94,7 +94,10 @@ pub(super) fn backward(
 /// w = (u + q̂)/‖u + q̂‖ and λ = ‖q‖/‖x‖, dL/dx = λ(g − 2w(w·g) + 2u(q̂·g)), the transpose of
 /// the Jacobian λ(I − 2wwᵀ + 2q̂uᵀ). Where the rotation is undefined (x = 0, q = 0, or q
 /// pointing exactly opposite x) the row falls back to straight-through.
-fn rotate_gradient(x: &[f32], q: &[f32], g: &[f32], out: &mut [f32]) {
+///
+/// Public so that the device kernel (kernels/grad.cu `grad_rotation_f32`) can be checked
+/// against it bit for bit. `x`, `q`, `g` and `out` must have the same length.
+pub fn rotate_gradient(x: &[f32], q: &[f32], g: &[f32], out: &mut [f32]) {
     let Some(r) = Rotation::new(x, q) else {
         out.copy_from_slice(g);
         return;

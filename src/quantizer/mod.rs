@@ -7,12 +7,14 @@
 //! and re-seed dead codes.
 
 mod config;
+mod device;
 mod grad;
 mod init;
 mod persist;
 
 pub use config::{CodebookLearning, Estimator, Init, QuantizerConfig};
-pub use grad::{Gradients, rotation_trick_value};
+pub use device::{DeviceLosses, DeviceQuantizer};
+pub use grad::{Gradients, rotate_gradient, rotation_trick_value};
 
 use crate::backend::{self, Backend};
 use crate::ema::{EmaState, SumMode};

@@ -29,6 +29,7 @@ pub mod kernels;
 pub mod launch;
 pub mod resident;
 pub mod sort;
+pub mod step;
 mod timing;
 
 pub use device::{Arg, Elem, Gpu, LaunchShape};

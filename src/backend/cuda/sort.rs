@@ -111,7 +111,8 @@ pub fn segments(n: usize, k: usize) -> (usize, usize) {
 }
 
 /// `fill_u32`: the first `len` elements of `buf` = `value`.
-fn fill<G: Gpu>(gpu: &G, buf: &mut G::Buf<u32>, value: u32, len: usize) -> Result<()> {
+/// `fill_u32`: the first `len` values of `buf` set to `value`, on the device.
+pub fn fill<G: Gpu>(gpu: &G, buf: &mut G::Buf<u32>, value: u32, len: usize) -> Result<()> {
     check_len("fill_u32 buffer", gpu.len(buf), len)?;
     let kernel = kernels::FILL_U32;
     let mut args = [
