@@ -4,8 +4,7 @@
 //
 // The commitment term, on kept rows (use_mask == 0, or mask[row] != 0) when coef != 0:
 //   gx ← (float)((double)gx + coef·((double)x − (double)q)), coef = β·scale computed by the host
-//   in f64 (grad.rs: `beta * scale * (a - b)` associates as (β·scale)·(a − b)). coef arrives as
-//   the bits of a double in a long long (the launch interface has no double scalar).
+//   in f64 (grad.rs: `beta * scale * (a - b)` associates as (β·scale)·(a − b)).
 //
 // grad_st_f32 — straight-through: gx = g, then the commitment term. 1-D grid-stride over the
 //   N·D elements, block = 256, grid = min(ceil(N·D / 256), 32 × the SM count).
@@ -24,24 +23,13 @@
 //   (grad.rs uses the same deterministic scatter-add) and scale_f32. A row id ≥ N is skipped
 //   (diff row left as it was), so no launch reads outside x and q. Grid-stride over m·D.
 //
-// scale_f32 — v ← (float)((double)v · scale) in place, scale (f64 bits in a long long) =
+// scale_f32 — v ← (float)((double)v · scale) in place, scale =
 //   2/(kept·D). Grid-stride over len.
 //
 // Limits: N·D < 2^63, D < 2^31.
 
 #include "tiles.cuh"
 
-// The double whose bits are `bits`.
-__device__ __forceinline__ double f64_from_bits(long long bits)
-{
-#ifdef VQX_EMU
-    double v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-#else
-    return __longlong_as_double(bits);
-#endif
-}
 
 // grad.rs's commitment term on one element.
 __device__ __forceinline__ float commit(float o, float a, float b, double coef)
@@ -54,12 +42,11 @@ extern "C" __global__ void grad_st_f32(const float* __restrict__ g,
                                        const float* __restrict__ q,
                                        const unsigned int* __restrict__ mask,
                                        int use_mask,
-                                       long long coef_bits,
+                                       double coef,
                                        long long n,
                                        long long d,
                                        float* __restrict__ gx)
 {
-    const double coef = f64_from_bits(coef_bits);
     const long long total = n * d;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
@@ -75,12 +62,11 @@ grad_rotation_f32(const float* __restrict__ g,
                   const float* __restrict__ q,
                   const unsigned int* __restrict__ mask,
                   int use_mask,
-                  long long coef_bits,
+                  double coef,
                   long long n,
                   long long d,
                   float* __restrict__ gx)
 {
-    const double coef = f64_from_bits(coef_bits);
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < n; r += stride) {
         const float* xr = x + r * d;
@@ -151,9 +137,8 @@ extern "C" __global__ void grad_diff_f32(const float* __restrict__ q,
     }
 }
 
-extern "C" __global__ void scale_f32(float* __restrict__ v, long long len, long long scale_bits)
+extern "C" __global__ void scale_f32(float* __restrict__ v, long long len, double scale)
 {
-    const double scale = f64_from_bits(scale_bits);
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
         v[i] = (float)__dmul_rn((double)v[i], scale);

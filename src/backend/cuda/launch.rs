@@ -29,12 +29,12 @@ const _: () = {
 };
 
 /// Converts a count to the `long long` the kernels take.
-fn i64_of(v: usize, what: &str) -> Result<i64> {
+pub(crate) fn i64_of(v: usize, what: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} = {v} exceeds i64")))
 }
 
 /// Blocks for a grid-stride kernel over `total` items: enough to fill the device, no more.
-fn grid_stride_blocks(total: usize, per_block: usize, cap: u32) -> u32 {
+pub(crate) fn grid_stride_blocks(total: usize, per_block: usize, cap: u32) -> u32 {
     let need = total.div_ceil(per_block).max(1);
     need.min(cap.max(1) as usize) as u32
 }

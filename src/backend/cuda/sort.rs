@@ -8,7 +8,7 @@
 
 use super::device::{Arg, Gpu, LaunchShape};
 use super::kernels::{self, tiles};
-use super::launch;
+use super::launch::{self, check_len, i64_of};
 use crate::error::{Error, Result};
 
 /// Elements a block of the compaction kernels covers (kernels/sort.cu).
@@ -63,23 +63,6 @@ fn grown<'a, G: Gpu, T: super::Elem>(
     Ok(slot.as_mut().expect("allocated above"))
 }
 
-/// Fails with [`Error::Shape`] unless `buf` holds at least `need` elements.
-fn check_len(what: &str, got: usize, need: usize) -> Result<()> {
-    if got < need {
-        return Err(Error::Shape {
-            what: what.into(),
-            expected: format!("at least {need} elements"),
-            got: format!("{got} elements"),
-        });
-    }
-    Ok(())
-}
-
-/// Converts a count to the `long long` the kernels take.
-fn i64_of(v: usize, what: &str) -> Result<i64> {
-    i64::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} = {v} exceeds i64")))
-}
-
 /// Blocks for a grid-stride kernel over `total` items: enough to fill the device, no more.
 fn grid_stride(gpu: &impl Gpu, total: usize) -> LaunchShape {
     let need = total.div_ceil(tiles::SORT_THREADS).max(1);
@@ -113,7 +96,7 @@ pub fn segments(n: usize, k: usize) -> (usize, usize) {
 /// `fill_u32`: the first `len` elements of `buf` = `value`.
 /// `fill_u32`: the first `len` values of `buf` set to `value`, on the device.
 pub fn fill<G: Gpu>(gpu: &G, buf: &mut G::Buf<u32>, value: u32, len: usize) -> Result<()> {
-    check_len("fill_u32 buffer", gpu.len(buf), len)?;
+    check_len(gpu, buf, len, "fill_u32 buffer")?;
     let kernel = kernels::FILL_U32;
     let mut args = [
         Arg::U32Mut(buf),
@@ -127,7 +110,7 @@ pub fn fill<G: Gpu>(gpu: &G, buf: &mut G::Buf<u32>, value: u32, len: usize) -> R
 
 /// `scan_exclusive_u64`: data[0..n] ← its exclusive prefix sums, data[n] ← the total.
 fn scan_exclusive<G: Gpu>(gpu: &G, data: &mut G::Buf<u64>, n: usize) -> Result<()> {
-    check_len("scan_exclusive_u64 data", gpu.len(data), n + 1)?;
+    check_len(gpu, data, n + 1, "scan_exclusive_u64 data")?;
     let kernel = kernels::SCAN_EXCLUSIVE_U64;
     let mut args = [Arg::U64Mut(data), Arg::I64(i64_of(n, "scan length")?)];
     // SAFETY: the arguments follow scan_exclusive_u64(unsigned long long* data, long long n);
@@ -170,9 +153,9 @@ pub fn group_by_code<G: Gpu>(
             u32::MAX
         )));
     }
-    check_len("sort indices", gpu.len(indices), n)?;
-    check_len("sort offsets", gpu.len(offsets), k + 1)?;
-    check_len("sort rows", gpu.len(rows), n)?;
+    check_len(gpu, indices, n, "sort indices")?;
+    check_len(gpu, offsets, k + 1, "sort offsets")?;
+    check_len(gpu, rows, n, "sort rows")?;
     let (s, seg_len) = segments(n, k);
     let counters = s * k;
     let hist = grown(gpu, &mut scratch.hist, counters, "sort counters")?;
@@ -252,9 +235,9 @@ pub fn compact<G: Gpu>(
             u32::MAX
         )));
     }
-    check_len("compaction flags", gpu.len(flags), n)?;
-    check_len("compaction output", gpu.len(out), n)?;
-    check_len("compaction count", gpu.len(count), 1)?;
+    check_len(gpu, flags, n, "compaction flags")?;
+    check_len(gpu, out, n, "compaction output")?;
+    check_len(gpu, count, 1, "compaction count")?;
     if n == 0 {
         return fill(gpu, count, 0, 1);
     }
@@ -297,8 +280,8 @@ pub fn flags_below<G: Gpu>(
     n: usize,
     flags: &mut G::Buf<u32>,
 ) -> Result<()> {
-    check_len("flags_below values", gpu.len(v), n)?;
-    check_len("flags_below flags", gpu.len(flags), n)?;
+    check_len(gpu, v, n, "flags_below values")?;
+    check_len(gpu, flags, n, "flags_below flags")?;
     let kernel = kernels::FLAGS_BELOW_F32;
     let mut args = [
         Arg::F32(v),
@@ -322,7 +305,7 @@ pub fn gather_counted<G: Gpu>(
     count: &G::Buf<u32>,
     out: &mut G::Buf<u32>,
 ) -> Result<()> {
-    check_len("gather_counted count", gpu.len(count), 1)?;
+    check_len(gpu, count, 1, "gather_counted count")?;
     let cap = gpu.len(idx).min(gpu.len(out));
     let kernel = kernels::GATHER_COUNTED_U32;
     let mut args = [
@@ -361,9 +344,9 @@ pub fn code_sums_deterministic<G: Gpu>(
         a.checked_mul(b)
             .ok_or_else(|| Error::InvalidArgument(format!("{what}: {a}·{b} overflows")))
     };
-    check_len("code_sums x", gpu.len(x), elems(n, d, "x")?)?;
-    check_len("code_sums sums", gpu.len(sums), elems(k, d, "sums")?)?;
-    check_len("code_sums counts", gpu.len(counts), k)?;
+    check_len(gpu, x, elems(n, d, "x")?, "code_sums x")?;
+    check_len(gpu, sums, elems(k, d, "sums")?, "code_sums sums")?;
+    check_len(gpu, counts, k, "code_sums counts")?;
     // Take the buffers out of the scratch so that it can be borrowed by the sort as well.
     let mut offsets = scratch.offsets.take();
     let mut rows = scratch.rows.take();

@@ -11,6 +11,7 @@
 
 use super::device::{Arg, Gpu, LaunchShape};
 use super::kernels::{self, tiles};
+use super::launch::{check_len, grid_stride_blocks, i64_of};
 use crate::ema::EmaState;
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
@@ -34,22 +35,11 @@ const _: () = {
     assert!(tiles::REDUCE_BLOCKS >= 1 && tiles::REDUCE_BLOCKS <= 65_535);
 };
 
-/// Converts a count to the `long long` the kernels take.
-fn i64_of(v: usize, what: &str) -> Result<i64> {
-    i64::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} = {v} exceeds i64")))
-}
-
 /// `a · b` elements, or an error naming `what` when it overflows.
 fn elems(a: usize, b: usize, what: &str) -> Result<usize> {
     a.checked_mul(b)
         .filter(|&v| i64::try_from(v).is_ok())
         .ok_or_else(|| Error::InvalidArgument(format!("{what}: {a} × {b} elements exceed i64")))
-}
-
-/// Blocks for a grid-stride kernel over `total` items: enough to fill the device, no more.
-fn grid_stride_blocks(total: usize, per_block: usize, cap: u32) -> u32 {
-    let need = total.div_ceil(per_block).max(1);
-    need.min(cap.max(1) as usize) as u32
 }
 
 /// The 1-D grid-stride shape of the element-wise kernels over `total` items.
@@ -65,24 +55,6 @@ fn grid_stride<G: Gpu>(gpu: &G, total: usize) -> LaunchShape {
 fn per_row(rows: usize, d: usize) -> LaunchShape {
     let threads = (d.div_ceil(32) * 32).clamp(32, tiles::ROW_MAX_THREADS) as u32;
     LaunchShape::linear(rows.clamp(1, 1 << 16) as u32, threads)
-}
-
-/// Errors unless `buf` holds at least `need` elements.
-fn check_len<G: Gpu, T: super::Elem>(
-    gpu: &G,
-    buf: &G::Buf<T>,
-    need: usize,
-    what: &str,
-) -> Result<()> {
-    let got = gpu.len(buf);
-    if got < need {
-        return Err(Error::Shape {
-            what: what.into(),
-            expected: format!("at least {need} elements"),
-            got: format!("{got} elements"),
-        });
-    }
-    Ok(())
 }
 
 /// Errors on an empty codebook or zero-width rows (the kernels index rows by `d`).
@@ -464,15 +436,14 @@ fn launch_grad_x<G: Gpu>(
         Arg::F32(q),
         Arg::U32(mask),
         Arg::I32(use_mask),
-        // A double travels as its bits: the launch interface has no double scalar.
-        Arg::I64(coef.to_bits() as i64),
+        Arg::F64Val(coef),
         Arg::I64(i64_of(n, "rows")?),
         Arg::I64(i64_of(d, "dimension")?),
         Arg::F32Mut(gx),
     ];
     // SAFETY: the arguments follow the signature shared by grad_st_f32 and grad_rotation_f32
-    // (const float* g, const float* x, const float* q, const u32* mask, int use_mask, long long
-    // coef_bits, long long n, long long d, float* gx). g, x, q and gx hold ≥ n·d floats; mask
+    // (const float* g, const float* x, const float* q, const u32* mask, int use_mask, double
+    // coef, long long n, long long d, float* gx). g, x, q and gx hold ≥ n·d floats; mask
     // ≥ n flags when use_mask = 1 (checked) and is not read otherwise. grad_st_f32's grid-stride
     // loop stays below n·d; grad_rotation_f32 (ROW_THREADS per block, its launch bounds) handles
     // rows < n, columns < d.
@@ -593,9 +564,9 @@ pub fn scale<G: Gpu>(gpu: &G, v: &mut G::Buf<f32>, len: usize, factor: f64) -> R
     let mut args = [
         Arg::F32Mut(v),
         Arg::I64(i64_of(len, "values")?),
-        Arg::I64(factor.to_bits() as i64),
+        Arg::F64Val(factor),
     ];
-    // SAFETY: the arguments follow scale_f32(float* v, long long len, long long scale_bits):
+    // SAFETY: the arguments follow scale_f32(float* v, long long len, double scale):
     // v holds ≥ len floats (checked) and the grid-stride loop stays below len.
     unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }
 }
