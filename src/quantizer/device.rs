@@ -212,9 +212,13 @@ impl<G: Gpu> DeviceQuantizer<G> {
     pub fn usage_total(&self) -> &G::Buf<u64> {
         &self.usage_total
     }
-    /// The EMA counts N_k and sums m_k (K and K × D values on the device; EMA learning only).
-    pub fn ema_buffers(&self) -> Option<(&G::Buf<f32>, &G::Buf<f32>)> {
-        self.ema.as_ref().map(|e| (&e.cluster_size, &e.embed_avg))
+    /// The EMA counts N_k (K values on the device; EMA learning only).
+    pub fn ema_counts(&self) -> Option<&G::Buf<f32>> {
+        self.ema.as_ref().map(|e| &e.cluster_size)
+    }
+    /// The EMA sums m_k (K × D values on the device; EMA learning only).
+    pub fn ema_sums(&self) -> Option<&G::Buf<f32>> {
+        self.ema.as_ref().map(|e| &e.embed_avg)
     }
 
     fn batch(&self) -> Result<&Batch<G>> {
