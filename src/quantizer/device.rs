@@ -13,7 +13,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use vqx::backend::cuda::{DeviceMatrix, EmuBackend};
+//! use vqx::backend::cuda::{DeviceMatrix, EmuBackend, Gpu};
 //! use vqx::quantizer::{DeviceQuantizer, QuantizerConfig};
 //! use vqx::Matrix;
 //! let backend = Arc::new(EmuBackend::new()?); // the caller keeps a handle on the device
