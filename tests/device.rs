@@ -355,3 +355,44 @@ fn caller_stream_and_memory_gpu() {
         "{test}: caller's memory"
     );
 }
+
+on_devices! {
+    /// `Gpu::gemm` in every transpose combination, overwriting and accumulating, against the
+    /// CPU's `matmul` (the emulated device runs that very function: bit for bit; cuBLAS on a GPU
+    /// sums in another order: 1e-5 relative of the sum of |terms|). Shapes that do not chain
+    /// are errors.
+    fn gemm_matches_matmul<G>(test, dev) {
+        use vqx::backend::cuda::GemmShape;
+        use vqx::model::matmul::matmul;
+        let b = dev.backend(Precision::Exact);
+        let gpu = b.gpu();
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        for &(m, n, k) in &[(1usize, 1usize, 1usize), (7, 5, 3), (129, 33, 65), (256, 64, 256)] {
+            for (ta, tb, acc) in [(false, false, false), (false, true, true), (true, false, true), (true, true, false)] {
+                let ctx = format!("{test}: m={m} n={n} k={k} ta={ta} tb={tb} accumulate={acc}");
+                let a = random(if ta { k } else { m }, if ta { m } else { k }, 0.0, &mut rng);
+                let bm = random(if tb { n } else { k }, if tb { k } else { n }, 0.0, &mut rng);
+                let c0 = random(m, n, 0.0, &mut rng);
+                let mut want = c0.data().to_vec();
+                matmul(&mut want, a.as_ref(), ta, bm.as_ref(), tb, acc);
+                let shape = GemmShape { a: (a.rows(), a.cols()), ta, b: (bm.rows(), bm.cols()), tb, accumulate: acc };
+                let (ad, bd) = (gpu.upload("a", a.data()).unwrap(), gpu.upload("b", bm.data()).unwrap());
+                let mut cd = gpu.upload("c", c0.data()).unwrap();
+                gpu.gemm(shape, &mut cd, &ad, &bd).unwrap();
+                let got = gpu.download("c", &cd).unwrap();
+                for i in 0..m * n {
+                    let ok = if dev.emulated {
+                        got[i].to_bits() == want[i].to_bits()
+                    } else {
+                        (got[i] - want[i]).abs() <= 1e-5 * (k as f32 + 1.0)
+                    };
+                    assert!(ok, "{ctx}: element {i}: device {} cpu {}", got[i], want[i]);
+                }
+            }
+        }
+        let (a, c) = (gpu.upload("a", &[0.0f32; 6]).unwrap(), gpu.upload("b", &[0.0f32; 6]).unwrap());
+        let mut out = gpu.alloc_zeros::<f32>("c", 4).unwrap();
+        let bad = GemmShape { a: (2, 3), ta: false, b: (2, 3), tb: false, accumulate: false };
+        assert!(matches!(gpu.gemm(bad, &mut out, &a, &c), Err(Error::Shape { .. })), "{test}: inner dimensions");
+    }
+}

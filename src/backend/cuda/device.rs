@@ -35,6 +35,67 @@ impl LaunchShape {
     }
 }
 
+/// The shapes of one matrix product `out (m×n) = [out +] op(a)·op(b)` over row-major
+/// buffers, as [`crate::model::matmul::matmul`] takes them: `a` is rows × cols as stored, `ta`
+/// transposes it (likewise `b`), `accumulate` adds to `out` instead of overwriting it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmShape {
+    pub a: (usize, usize),
+    pub ta: bool,
+    pub b: (usize, usize),
+    pub tb: bool,
+    pub accumulate: bool,
+}
+
+impl GemmShape {
+    /// (m, n, k), or an error when op(a) and op(b) do not chain.
+    pub fn mnk(&self) -> Result<(usize, usize, usize)> {
+        let (m, k) = if self.ta {
+            (self.a.1, self.a.0)
+        } else {
+            self.a
+        };
+        let (kb, n) = if self.tb {
+            (self.b.1, self.b.0)
+        } else {
+            self.b
+        };
+        if k != kb {
+            return Err(crate::Error::Shape {
+                what: "matrix product: inner dimensions".into(),
+                expected: format!("op(b) with {k} rows"),
+                got: format!("{kb} rows"),
+            });
+        }
+        Ok((m, n, k))
+    }
+
+    /// (m, n, k) after checking that `a`, `b` and `out` hold their shapes' elements.
+    pub fn check<G: Gpu + ?Sized>(
+        &self,
+        gpu: &G,
+        out: &G::Buf<f32>,
+        a: &G::Buf<f32>,
+        b: &G::Buf<f32>,
+    ) -> Result<(usize, usize, usize)> {
+        let (m, n, k) = self.mnk()?;
+        for (what, len, need) in [
+            ("matrix product: a", gpu.len(a), self.a.0 * self.a.1),
+            ("matrix product: b", gpu.len(b), self.b.0 * self.b.1),
+            ("matrix product: out", gpu.len(out), m * n),
+        ] {
+            if len != need {
+                return Err(crate::Error::Shape {
+                    what: what.into(),
+                    expected: format!("{need} values"),
+                    got: format!("{len} values"),
+                });
+            }
+        }
+        Ok((m, n, k))
+    }
+}
+
 /// The bytes a device has copied each way; every [`Gpu::upload`] and [`Gpu::download`] counts.
 #[derive(Debug, Default)]
 pub struct TransferCounter {
@@ -102,7 +163,20 @@ pub trait Gpu: Send + Sync + 'static {
     /// reusing the allocation; counted as host → device bytes.
     fn write<T: Elem>(&self, what: &str, dst: &mut Self::Buf<T>, src: &[T]) -> Result<()>;
     /// Copies all of `src` into the start of `dst` on the device (no bytes cross the bus).
-    fn copy<T: Elem>(&self, what: &str, src: &Self::Buf<T>, dst: &mut Self::Buf<T>) -> Result<()>;
+    fn copy<T: Elem>(&self, what: &str, src: &Self::Buf<T>, dst: &mut Self::Buf<T>) -> Result<()> {
+        let len = self.len(src);
+        self.copy_range(what, src, 0, dst, 0, len)
+    }
+    /// Copies `len` elements of `src` from `src_at` into `dst` at `dst_at`, on the device.
+    fn copy_range<T: Elem>(
+        &self,
+        what: &str,
+        src: &Self::Buf<T>,
+        src_at: usize,
+        dst: &mut Self::Buf<T>,
+        dst_at: usize,
+        len: usize,
+    ) -> Result<()>;
     /// Copies elements `start..start + len` of `buf` to the host.
     fn read<T: Elem>(
         &self,
@@ -139,6 +213,17 @@ pub trait Gpu: Send + Sync + 'static {
         op: &str,
         shape: LaunchShape,
         args: &mut [Arg<'_, Self>],
+    ) -> Result<()>;
+
+    /// `out = [out +] op(a)·op(b)` in f32 on the device (cuBLAS on a GPU; on the emulated
+    /// device the CPU's [`crate::model::matmul::matmul`], so its products equal the CPU
+    /// model's bit for bit). Shapes are checked ([`GemmShape::check`]).
+    fn gemm(
+        &self,
+        shape: GemmShape,
+        out: &mut Self::Buf<f32>,
+        a: &Self::Buf<f32>,
+        b: &Self::Buf<f32>,
     ) -> Result<()>;
 
     /// Median seconds of `launch` over `reps` runs after one warm-up, `before` untimed before

@@ -2,7 +2,7 @@
 //! launches on the default stream of the primary context, and event timing. libcuda is loaded
 //! at run time, so the crate builds and runs without a toolkit or a GPU.
 
-use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter};
+use super::device::{Arg, Elem, GemmShape, Gpu, LaunchShape, TransferCounter};
 use super::kernels::{self, KernelId};
 use crate::backend::{Device, Transfers, median_timing};
 use crate::error::{Error, Result};
@@ -101,6 +101,7 @@ pub struct CudaGpu {
     compute_capability: (i32, i32),
     sm_count: u32,
     transfers: TransferCounter,
+    blas: std::sync::OnceLock<cudarc::cublas::CudaBlas>,
 }
 
 impl CudaGpu {
@@ -137,6 +138,21 @@ impl CudaGpu {
         // SAFETY: forwarded from this function's contract.
         let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
         Self::on_stream(stream)
+    }
+
+    /// cuBLAS on this device's stream, created on first use: libcublas is loaded only by
+    /// programs that multiply matrices on the device (`vqx train`), never by the primitives.
+    fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        let stream = self.stream.clone();
+        let made = catch_unwind(move || cudarc::cublas::CudaBlas::new(stream))
+            .map_err(|_| {
+                Error::CudaUnavailable("loading libcublas panicked (is cuBLAS installed?)".into())
+            })?
+            .map_err(|e| Error::CudaUnavailable(format!("creating a cuBLAS handle: {e}")))?;
+        Ok(self.blas.get_or_init(|| made))
     }
 
     /// The stream every launch and copy goes to.
@@ -176,6 +192,7 @@ impl CudaGpu {
             compute_capability,
             sm_count,
             transfers: TransferCounter::default(),
+            blas: std::sync::OnceLock::new(),
         })
     }
 
@@ -249,16 +266,32 @@ impl Gpu for CudaGpu {
             .op(&format!("writing {what} ({} elements)", src.len()))
     }
 
-    fn copy<T: Elem>(&self, what: &str, src: &CudaSlice<T>, dst: &mut CudaSlice<T>) -> Result<()> {
-        let (n, len) = (src.len(), dst.len());
-        let mut view = dst.try_slice_mut(..n).ok_or_else(|| {
+    fn copy_range<T: Elem>(
+        &self,
+        what: &str,
+        src: &CudaSlice<T>,
+        src_at: usize,
+        dst: &mut CudaSlice<T>,
+        dst_at: usize,
+        len: usize,
+    ) -> Result<()> {
+        let (src_len, dst_len) = (src.len(), dst.len());
+        let out_of_range = || {
             Error::InvalidArgument(format!(
-                "copying {what}: {n} elements into a buffer of {len}"
+                "copying {what}: {len} elements from {src_at} of {src_len} to {dst_at} of {dst_len}"
             ))
-        })?;
+        };
+        let from = src_at
+            .checked_add(len)
+            .and_then(|e| src.try_slice(src_at..e))
+            .ok_or_else(out_of_range)?;
+        let mut to = dst_at
+            .checked_add(len)
+            .and_then(|e| dst.try_slice_mut(dst_at..e))
+            .ok_or_else(out_of_range)?;
         self.stream
-            .memcpy_dtod(src, &mut view)
-            .op(&format!("copying {what} on the device ({n} elements)"))
+            .memcpy_dtod(&from, &mut to)
+            .op(&format!("copying {what} on the device ({len} elements)"))
     }
 
     fn read<T: Elem>(
@@ -335,6 +368,57 @@ impl Gpu for CudaGpu {
         // kernel's parameters and that every buffer covers what the kernel touches for them.
         unsafe { b.launch(cfg) }.op(op)?;
         Ok(())
+    }
+
+    fn gemm(
+        &self,
+        shape: GemmShape,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+    ) -> Result<()> {
+        use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t as Op};
+        let (m, n, k) = shape.check(self, out, a, b)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let int = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| {
+                Error::InvalidArgument(format!("matrix product: {what} = {v} exceeds cuBLAS's int"))
+            })
+        };
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        // cuBLAS is column-major, where a row-major r×c buffer reads as its c×r transpose:
+        // C (m×n, row-major) = op(A)·op(B) is Cᵀ = op(B)ᵀ·op(A)ᵀ (n×m, column-major), i.e.
+        // cuBLAS's gemm with the operands swapped and each one's own transpose flag.
+        let cfg = GemmConfig {
+            transa: op(shape.tb),
+            transb: op(shape.ta),
+            m: int(n, "n")?,
+            n: int(m, "m")?,
+            k: int(k.max(1), "k")?,
+            alpha: 1.0f32,
+            lda: int(shape.b.1.max(1), "ldb")?,
+            ldb: int(shape.a.1.max(1), "lda")?,
+            beta: if shape.accumulate { 1.0 } else { 0.0 },
+            ldc: int(n, "ldc")?,
+        };
+        let blas = self.blas()?;
+        if k == 0 {
+            if !shape.accumulate {
+                self.stream
+                    .memset_zeros(out)
+                    .op("zeroing a matrix product")?;
+            }
+            return Ok(());
+        }
+        // SAFETY: the shapes were checked against the buffers' lengths above (a: m·k or k·m,
+        // b: k·n or n·k, out: m·n values), and the leading dimensions are the stored rows'
+        // widths, so cuBLAS reads and writes inside the three buffers only.
+        unsafe { blas.gemm(cfg, b, a, out) }.map_err(|e| Error::Cuda {
+            op: "cublasSgemm".into(),
+            msg: e.to_string(),
+        })
     }
 
     fn time(

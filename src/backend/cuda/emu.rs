@@ -7,10 +7,11 @@
 //! A slow checking device: it executes the real kernels and the real launch code, never chosen
 //! by `--device auto`. What it can and cannot tell is in docs/gpu.md.
 
-use super::device::{Arg, Elem, Gpu, LaunchShape, TransferCounter};
+use super::device::{Arg, Elem, GemmShape, Gpu, LaunchShape, TransferCounter};
 use super::kernels::{KERNELS, KernelId};
 use crate::backend::{Device, Transfers, median_timing, wall_clock};
 use crate::error::{Error, Result};
+use crate::matrix::MatRef;
 use std::ffi::{CStr, c_char, c_void};
 
 /// The C side's `vqx_emu_kernel` (emu/vqx_emu.h).
@@ -211,14 +212,30 @@ impl Gpu for EmuGpu {
         Ok(())
     }
 
-    fn copy<T: Elem>(&self, what: &str, src: &EmuBuf<T>, dst: &mut EmuBuf<T>) -> Result<()> {
-        let (n, len) = (src.len(), dst.len());
-        let dst = dst.data.get_mut(..n).ok_or_else(|| {
+    fn copy_range<T: Elem>(
+        &self,
+        what: &str,
+        src: &EmuBuf<T>,
+        src_at: usize,
+        dst: &mut EmuBuf<T>,
+        dst_at: usize,
+        len: usize,
+    ) -> Result<()> {
+        let (src_len, dst_len) = (src.len(), dst.len());
+        let out_of_range = || {
             Error::InvalidArgument(format!(
-                "copying {what}: {n} elements into a buffer of {len}"
+                "copying {what}: {len} elements from {src_at} of {src_len} to {dst_at} of {dst_len}"
             ))
-        })?;
-        dst.copy_from_slice(&src.data);
+        };
+        let from = src_at
+            .checked_add(len)
+            .and_then(|e| src.data.get(src_at..e))
+            .ok_or_else(out_of_range)?;
+        let to = dst_at
+            .checked_add(len)
+            .and_then(|e| dst.data.get_mut(dst_at..e))
+            .ok_or_else(out_of_range)?;
+        to.copy_from_slice(from);
         Ok(())
     }
 
@@ -277,6 +294,20 @@ impl Gpu for EmuGpu {
         // SAFETY: self.kernels holds pointers into the static table; the rest is forwarded
         // from this method's contract.
         unsafe { launch_raw(&*self.kernels[kernel.0], op, shape, args) }
+    }
+
+    fn gemm(
+        &self,
+        shape: GemmShape,
+        out: &mut EmuBuf<f32>,
+        a: &EmuBuf<f32>,
+        b: &EmuBuf<f32>,
+    ) -> Result<()> {
+        shape.check(self, out, a, b)?;
+        let a = MatRef::new(&a.data, shape.a.0, shape.a.1)?;
+        let b = MatRef::new(&b.data, shape.b.0, shape.b.1)?;
+        crate::model::matmul::matmul(&mut out.data, a, shape.ta, b, shape.tb, shape.accumulate);
+        Ok(())
     }
 
     fn time(

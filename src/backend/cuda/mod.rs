@@ -32,7 +32,7 @@ pub mod sort;
 pub mod step;
 mod timing;
 
-pub use device::{Arg, Elem, Gpu, LaunchShape};
+pub use device::{Arg, Elem, GemmShape, Gpu, LaunchShape};
 pub use driver::{CudaGpu, CudaStatus, KERNELS_COMPILED, status};
 pub use emu::EmuGpu;
 pub use launch::USAGE_SHARED_CODES;
