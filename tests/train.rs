@@ -58,7 +58,7 @@ fn resume_is_bitwise(learning: CodebookLearning) {
     for _ in 0..n {
         first.step().unwrap();
     }
-    train::save_trainer(&first, &path).unwrap();
+    train::save_trainer(&mut first, &path).unwrap();
     drop(first);
     let mut resumed = train::load_trainer(&path, Device::Cpu).unwrap();
     assert_eq!(resumed.step, n);
@@ -97,7 +97,7 @@ fn checkpoint_round_trip_and_errors() {
     ))
     .unwrap();
     t.step().unwrap();
-    train::save_trainer(&t, &path).unwrap();
+    train::save_trainer(&mut t, &path).unwrap();
     let (m, mut cfg) = train::load_model(&path, Device::Cpu).unwrap();
     cfg.quantizer.device = Device::Cpu; // the device is chosen at load time, not stored
     assert_eq!(cfg, t.config);

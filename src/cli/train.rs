@@ -94,7 +94,7 @@ pub struct Args {
     /// Seed of the weights, data, batches and quantizer draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Quantizer backend: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking); the MLPs run on the CPU.
+    /// Where the step runs: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking). On cuda and cuda-emu the whole step (encoder, quantizer, decoder, clipping, AdamW) runs on the device with the training set resident; per step only the batch's row ids go up and scalars come back.
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Sum EMA statistics in a fixed order on CUDA too (the CPU always does).
@@ -343,7 +343,7 @@ pub fn run(args: Args) -> Result<()> {
         let periodic = args.checkpoint_every > 0 && m.step.is_multiple_of(args.checkpoint_every);
         if periodic || interrupted || stop_here || trainer.finished() {
             metrics.flush().map_err(io_err)?;
-            train::save_trainer(&trainer, &ckpt_path)?;
+            train::save_trainer(&mut trainer, &ckpt_path)?;
         }
         last = Some(m);
         if interrupted && !trainer.finished() {
@@ -381,6 +381,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(e) => e,
         None => trainer.evaluate()?,
     };
+    trainer.sync()?;
     let s = trainer.model.quantizer.statistics();
     let per_step_ms = if timed > 0 {
         1e3 * step_s / timed as f64
@@ -403,6 +404,7 @@ pub fn run(args: Args) -> Result<()> {
         "mean_step_ms": per_step_ms,
         "quantizer_share": quant_share,
         "quantizer_backend": trainer.model.quantizer.backend().name(),
+        "step_runs_on": trainer.runs_on(),
         "seconds": start.elapsed().as_secs_f64(),
     });
     let text = serde_json::to_string_pretty(&summary)

@@ -33,8 +33,10 @@ fn le32(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Writes the trainer's whole state to `path` atomically.
-pub fn save_trainer(t: &Trainer, path: &Path) -> Result<()> {
+/// Writes the trainer's whole state to `path` atomically (brought from the device first when
+/// the step runs there).
+pub fn save_trainer(t: &mut Trainer, path: &Path) -> Result<()> {
+    t.sync()?;
     let m = &t.model;
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (part, mlp) in [("encoder", &m.encoder), ("decoder", &m.decoder)] {

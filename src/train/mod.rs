@@ -8,6 +8,7 @@
 
 mod checkpoint;
 mod data;
+mod device;
 mod optim;
 
 pub use checkpoint::{CHECKPOINT_FILE, load_model, load_trainer, save_trainer};
@@ -186,12 +187,18 @@ pub struct StepMetrics {
 /// ```
 pub struct Trainer {
     pub config: TrainConfig,
+    /// The model. With the step on a device (`--device cuda|cuda-emu`) the device holds the
+    /// current parameters: [`Trainer::sync`] brings them here (evaluation and checkpoints do).
     pub model: VqVae,
     pub optimizer: AdamW,
     /// Steps taken.
     pub step: u64,
     pub data: Dataset,
     sampler: BatchSampler,
+    /// The whole step on a device, when the quantizer's device is one.
+    engine: Option<Box<dyn device::DeviceEngine>>,
+    /// Whether `model` and `optimizer` lag the device's state.
+    stale: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -250,6 +257,7 @@ impl Trainer {
         }
         data.train.as_ref().check_nonempty("training data")?;
         let sampler = BatchSampler::new(data.train.rows(), config.batch_size, config.seed);
+        let engine = device_engine(&config, &model, &optimizer, &data)?;
         Ok(Trainer {
             config,
             model,
@@ -257,7 +265,27 @@ impl Trainer {
             step,
             data,
             sampler,
+            engine,
+            stale: false,
         })
+    }
+
+    /// Where the step runs: "cpu", or the device that runs all of it ("cuda", "cuda-emu").
+    pub fn runs_on(&self) -> &'static str {
+        match &self.engine {
+            Some(e) => e.device_name(),
+            None => "cpu",
+        }
+    }
+
+    /// Brings the device's parameters, optimiser moments and quantizer state into `model` and
+    /// `optimizer` (a no-op when the step runs on the CPU or nothing changed since).
+    pub fn sync(&mut self) -> Result<()> {
+        if let (Some(e), true) = (&self.engine, self.stale) {
+            e.sync_to_host(&mut self.model, &mut self.optimizer)?;
+            self.stale = false;
+        }
+        Ok(())
     }
 
     /// Whether every configured step has been taken.
@@ -267,6 +295,9 @@ impl Trainer {
 
     /// One optimisation step on the next batch.
     pub fn step(&mut self) -> Result<StepMetrics> {
+        if self.engine.is_some() {
+            return self.device_step();
+        }
         let start = Instant::now();
         let moved_before = self.model.quantizer.backend().transfers();
         let d = self.data.train.cols();
@@ -337,7 +368,49 @@ impl Trainer {
     }
 
     /// Reconstruction MSE on the held-out rows (on the training rows when none are held out).
-    pub fn evaluate(&self) -> Result<f64> {
+    /// One step with everything on the device: the batch's row ids go up, scalars come back.
+    fn device_step(&mut self) -> Result<StepMetrics> {
+        let start = Instant::now();
+        let engine = self.engine.as_mut().expect("checked by step");
+        let moved_before = engine.transfers();
+        let rows: Vec<u32> = self
+            .sampler
+            .indices(self.step)
+            .into_iter()
+            .map(|r| r as u32)
+            .collect();
+        let lr = self.config.schedule().lr(self.step);
+        let out = engine.step(
+            &rows,
+            lr,
+            self.step + 1,
+            self.config.clip,
+            self.config.freeze_encoder,
+        )?;
+        self.stale = true;
+        self.step += 1;
+        let moved = engine.transfers().since(moved_before);
+        Ok(StepMetrics {
+            step: self.step,
+            lr,
+            loss: out.reconstruction + out.commitment + out.codebook,
+            reconstruction: out.reconstruction,
+            commitment: out.commitment,
+            codebook_loss: out.codebook,
+            grad_norm: out.grad_norm,
+            perplexity: out.stats.perplexity,
+            used: out.stats.used,
+            dead: out.stats.dead,
+            replaced: out.stats.replaced,
+            step_seconds: start.elapsed().as_secs_f64(),
+            quantizer_seconds: out.quantizer_seconds,
+            h2d_bytes: moved.h2d_bytes,
+            d2h_bytes: moved.d2h_bytes,
+        })
+    }
+
+    pub fn evaluate(&mut self) -> Result<f64> {
+        self.sync()?;
         let x = if self.data.eval.rows() > 0 {
             &self.data.eval
         } else {
@@ -345,4 +418,42 @@ impl Trainer {
         };
         self.model.reconstruction_mse(x.as_ref())
     }
+}
+
+/// The device engine for the quantizer's device: none on the CPU (or `auto` without CUDA).
+fn device_engine(
+    config: &TrainConfig,
+    model: &VqVae,
+    optimizer: &AdamW,
+    data: &Dataset,
+) -> Result<Option<Box<dyn device::DeviceEngine>>> {
+    use crate::backend::Device;
+    use crate::backend::cuda::{CudaBackend, EmuBackend};
+    let decay: Vec<bool> = parameter_names(model).iter().map(|p| p.2).collect();
+    let (train, batch) = (&data.train, config.batch_size);
+    Ok(match config.quantizer.device {
+        Device::Cpu => None,
+        Device::CudaEmu => Some(Box::new(device::DeviceTrainer::new(
+            EmuBackend::new()?,
+            model,
+            optimizer,
+            train,
+            batch,
+            &decay,
+        )?)),
+        Device::Cuda => Some(Box::new(device::DeviceTrainer::new(
+            CudaBackend::new(0)?,
+            model,
+            optimizer,
+            train,
+            batch,
+            &decay,
+        )?)),
+        Device::Auto => match CudaBackend::new(0) {
+            Ok(b) => Some(Box::new(device::DeviceTrainer::new(
+                b, model, optimizer, train, batch, &decay,
+            )?)),
+            Err(_) => None,
+        },
+    })
 }
