@@ -29,6 +29,17 @@ pub struct LayerNormCache {
     inv_std: Vec<f32>,
 }
 
+impl LayerNormCache {
+    /// x̂ = (x − μ)/σ, rows × dim.
+    pub fn normalized(&self) -> MatRef<'_> {
+        self.normalized.as_ref()
+    }
+    /// 1/σ per row.
+    pub fn inv_std(&self) -> &[f32] {
+        &self.inv_std
+    }
+}
+
 impl LayerNorm {
     /// γ = 1, β = 0.
     pub fn new(dim: usize) -> Self {
