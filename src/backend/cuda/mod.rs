@@ -27,6 +27,7 @@ pub mod driver;
 pub mod emu;
 pub mod kernels;
 pub mod launch;
+pub mod optim;
 pub mod resident;
 pub mod sort;
 pub mod step;
