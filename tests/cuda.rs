@@ -673,55 +673,56 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
     );
 }
 
-/// `vqx train` writes the bytes its quantizer's backend moved each step into metrics.jsonl:
-/// zero on the CPU, the batch's uploads and downloads on the emulated device.
+/// `vqx train --device cuda-emu` runs the whole step on the emulated device: on both built-in
+/// data sets it reaches the CPU run's held-out MSE (within 2%; the same arithmetic, so in
+/// practice equal), and metrics.jsonl shows what crossed the bus per step: nothing on the CPU;
+/// on the device, after the first step (which seeds the codebook from its batch on the host),
+/// the batch's 64 row ids (256 bytes) and a few dozen bytes of checks up, and at most 256 bytes
+/// of scalars back.
 #[test]
-fn train_metrics_report_transfers_per_step() {
+fn train_on_the_device_matches_cpu_and_moves_only_scalars() {
     use std::process::Command;
     let dir = tempfile::tempdir().unwrap();
-    for device in ["cpu", "cuda-emu"] {
-        let out = dir.path().join(device);
-        let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
-            .args([
-                "train",
-                "--synthetic",
-                "gmm",
-                "--steps",
-                "3",
-                "--batch-size",
-                "64",
-            ])
-            .args([
-                "--codebook-size",
-                "32",
-                "--hidden",
-                "32",
-                "--device",
-                device,
-            ])
-            .arg("--output")
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{device}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-        assert_eq!(metrics.lines().count(), 3);
-        for line in metrics.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let (h2d, d2h) = (
-                v["h2d_bytes"].as_u64().unwrap(),
-                v["d2h_bytes"].as_u64().unwrap(),
-            );
-            if device == "cpu" {
-                assert_eq!((h2d, d2h), (0, 0), "{line}");
-            } else {
-                // At least the batch of 64 rows of the code dimension went up for `nearest`.
-                assert!(h2d >= 64 * 4 && d2h >= 64 * 4, "{line}");
+    for data in ["gmm:dim=16,components=16,std=0.1", "manifold:dim=16,intrinsic=2"] {
+        let mut eval = Vec::new();
+        for device in ["cpu", "cuda-emu"] {
+            let out = dir.path().join(format!("{}-{device}", &data[..3]));
+            let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
+                .args(["train", "--synthetic", data, "--rows", "2048", "--eval-rows", "512"])
+                .args(["--steps", "30", "--batch-size", "64", "--codebook-size", "32"])
+                .args(["--code-dim", "4", "--hidden", "32", "--deterministic", "--seed", "3"])
+                .args(["--device", device, "--quiet"])
+                .arg("--output")
+                .arg(&out)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{data} {device}: {}", String::from_utf8_lossy(&o.stderr));
+            let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+            assert_eq!(metrics.lines().count(), 30, "{data} {device}");
+            for line in metrics.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let (step, h2d, d2h) = (
+                    v["step"].as_u64().unwrap(),
+                    v["h2d_bytes"].as_u64().unwrap(),
+                    v["d2h_bytes"].as_u64().unwrap(),
+                );
+                if device == "cpu" {
+                    assert_eq!((h2d, d2h), (0, 0), "{data}: {line}");
+                } else if step > 1 {
+                    assert!(h2d >= 64 * 4 && h2d <= 64 * 4 + 64 && d2h <= 256, "{data}: {line}");
+                }
             }
+            let summary: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
+                    .unwrap();
+            assert_eq!(summary["step_runs_on"], device, "{data}");
+            eval.push(summary["eval_reconstruction"].as_f64().unwrap());
         }
+        assert!(
+            (eval[1] - eval[0]).abs() <= 0.02 * eval[0],
+            "{data}: held-out MSE cuda-emu {} cpu {}",
+            eval[1],
+            eval[0]
+        );
     }
 }

@@ -94,16 +94,6 @@ struct Norm<G: Gpu> {
     inv_std: G::Buf<f32>,
 }
 
-impl<G: Gpu> Layer<G> {
-    /// The activation's input: the norm's output, or the linear output without a norm.
-    fn pre_activation(&self) -> &G::Buf<f32> {
-        match &self.norm {
-            Some(n) => &n.out,
-            None => &self.linear_out,
-        }
-    }
-}
-
 impl<G: Gpu> DeviceMlp<G> {
     fn upload(g: &G, mlp: &Mlp, batch: usize) -> Result<Self> {
         let last = mlp.linears.len() - 1;
@@ -134,7 +124,8 @@ impl<G: Gpu> DeviceMlp<G> {
                     grad_bias: g.alloc_zeros("dL/db", out)?,
                     norm,
                     linear_out: g.alloc_zeros("linear output", batch * out)?,
-                    activated: g.alloc_zeros("activation", if i < last { batch * out } else { 0 })?,
+                    activated: g
+                        .alloc_zeros("activation", if i < last { batch * out } else { 0 })?,
                     grad_input: DeviceMatrix::zeros(g, "dL/dx", batch, inp)?,
                     grad_pre: g.alloc_zeros("dL/d(pre-activation)", batch * out)?,
                     grad_linear_out: g.alloc_zeros("dL/d(linear output)", batch * out)?,
@@ -263,10 +254,14 @@ impl<G: Gpu> DeviceMlp<G> {
             let d_out: &G::Buf<f32> = match after.first() {
                 None => dy,
                 Some(next) => {
+                    let pre = match &l.norm {
+                        Some(n) => &n.out,
+                        None => &l.linear_out,
+                    };
                     mlp::activation_backward(
                         g,
                         act,
-                        l.pre_activation(),
+                        pre,
                         next.grad_input.buf(),
                         b * l.outputs,
                         &mut l.grad_pre,
@@ -383,6 +378,17 @@ impl<G: Gpu> DeviceTrainer<G> {
             flat.extend_from_slice(t);
         }
         let k = model.quantizer.config().codebook_size;
+        let device_optimizer = DeviceAdamW::from_host(g, optimizer, decay)?;
+        let sizes: Vec<usize> = device_optimizer
+            .offsets()
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .collect();
+        if sizes != layout.iter().map(|l| l.1).collect::<Vec<_>>() {
+            return Err(Error::InvalidArgument(
+                "optimiser state does not match the model's tensors".into(),
+            ));
+        }
         Ok(DeviceTrainer {
             data: DeviceMatrix::upload(g, "training rows", train.as_ref())?,
             batch,
@@ -396,16 +402,7 @@ impl<G: Gpu> DeviceTrainer<G> {
             grads: g.alloc_zeros("gradients", flat.len())?,
             layout,
             encoder_tensors,
-            optimizer: {
-                let opt = DeviceAdamW::from_host(g, optimizer, decay)?;
-                let sizes: Vec<usize> = opt.offsets().windows(2).map(|w| w[1] - w[0]).collect();
-                if sizes != layout.iter().map(|l| l.1).collect::<Vec<_>>() {
-                    return Err(Error::InvalidArgument(
-                        "optimiser state does not match the model's tensors".into(),
-                    ));
-                }
-                opt
-            },
+            optimizer: device_optimizer,
             dy: g.alloc_zeros("dL/dy", batch * d)?,
             sq: g.alloc_zeros("reconstruction error", 1)?,
             mlp_scratch: MlpScratch::new(g)?,
@@ -462,7 +459,8 @@ impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
         self.decoder
             .backward(g, self.quantizer.quantized().buf(), &self.dy)?;
         let t1 = Instant::now();
-        self.quantizer.backward(&self.e, self.decoder.grad_input())?;
+        self.quantizer
+            .backward(&self.e, self.decoder.grad_input())?;
         quantizer_seconds += t1.elapsed().as_secs_f64();
         self.encoder
             .backward(g, self.x.buf(), self.quantizer.grad_x().buf())?;
@@ -481,13 +479,22 @@ impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
             i += 1;
         }
         if self.learn_codebook {
+            // The optimiser steps the quantizer's current codebook (initialised by the first
+            // batch, as on the CPU, which clones it every step).
+            let (at, len) = self.layout[i];
+            let current = self.quantizer.codebook().rows().buf();
+            g.copy_range("codebook", current, 0, &mut self.params, at, len)?;
             let gc = self.quantizer.grad_codebook().ok_or_else(|| {
                 Error::InvalidArgument("gradient learning without a codebook gradient".into())
             })?;
             let (at, len) = self.layout[i];
             g.copy_range("codebook gradient", gc.buf(), 0, &mut self.grads, at, len)?;
         }
-        let first_tensor = if freeze_encoder { self.encoder_tensors } else { 0 };
+        let first_tensor = if freeze_encoder {
+            self.encoder_tensors
+        } else {
+            0
+        };
         let first_elem = self
             .layout
             .get(first_tensor)
@@ -517,7 +524,14 @@ impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
         }
         if self.learn_codebook {
             let (at, len) = self.layout[i];
-            g.copy_range("codebook", &self.params, at, self.codebook.buf_mut(), 0, len)?;
+            g.copy_range(
+                "codebook",
+                &self.params,
+                at,
+                self.codebook.buf_mut(),
+                0,
+                len,
+            )?;
             self.quantizer.set_codebook(&self.codebook)?;
         }
 
@@ -547,13 +561,8 @@ impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
         }
         let (codebook, ema, usage) = self.quantizer.download()?;
         let config = model.quantizer.config().clone();
-        model.quantizer = VectorQuantizer::from_state(
-            config,
-            codebook,
-            ema,
-            self.quantizer.step(),
-            Some(usage),
-        )?;
+        model.quantizer =
+            VectorQuantizer::from_state(config, codebook, ema, self.quantizer.step(), Some(usage))?;
         *optimizer = self.optimizer.to_host(g)?;
         Ok(())
     }

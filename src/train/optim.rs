@@ -20,6 +20,20 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// The bias corrections (1 − β₁ᵗ, 1 − β₂ᵗ) of step `t` (1-based; clamped to 1..=i32::MAX),
+    /// as [`AdamW::step_from`] computes them (the device optimiser passes these very values).
+    pub fn bias_corrections(&self, t: u64) -> (f64, f64) {
+        let t = t.min(i32::MAX as u64).max(1) as i32;
+        (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t))
+    }
+
+    /// The factor 1 − lr·λ a decayed tensor is multiplied by before its update.
+    pub fn shrink(&self, lr: f64) -> f64 {
+        1.0 - lr * self.weight_decay
+    }
+}
+
 impl Default for AdamWConfig {
     fn default() -> Self {
         AdamWConfig {
@@ -84,15 +98,10 @@ impl AdamW {
         t: u64,
     ) {
         let c = self.config;
-        let t = t.min(i32::MAX as u64).max(1) as i32;
-        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let (bc1, bc2) = c.bias_corrections(t);
         for (i, p) in params.iter_mut().enumerate().skip(first) {
             let (m, v, g) = (&mut self.m[i], &mut self.v[i], grads[i]);
-            let shrink = if decay[i] {
-                1.0 - lr * c.weight_decay
-            } else {
-                1.0
-            };
+            let shrink = if decay[i] { c.shrink(lr) } else { 1.0 };
             for j in 0..p.len() {
                 let gj = g[j] as f64;
                 let mj = c.beta1 * m[j] as f64 + (1.0 - c.beta1) * gj;

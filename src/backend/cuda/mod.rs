@@ -28,6 +28,7 @@ pub mod emu;
 pub mod kernels;
 pub mod launch;
 pub mod mlp;
+pub mod optim;
 pub mod resident;
 pub mod sort;
 pub mod step;
