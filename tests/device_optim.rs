@@ -84,24 +84,34 @@ fn random_grads(total: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
 }
 
 /// One CPU step over `params` (tensors) with flat `grads`.
-fn cpu_step(opt: &mut AdamW, params: &mut [Vec<f32>], grads: &[f32], first: usize, lr: f64, t: u64) {
+fn cpu_step(
+    opt: &mut AdamW,
+    params: &mut [Vec<f32>],
+    grads: &[f32],
+    first: usize,
+    lr: f64,
+    t: u64,
+) {
     let g = split(grads, &SIZES);
     let mut p: Vec<&mut [f32]> = params.iter_mut().map(|v| &mut v[..]).collect();
     let gr: Vec<&[f32]> = g.iter().map(|v| &v[..]).collect();
     opt.step_from(first, &mut p, &gr, &DECAY, lr, t);
 }
 
-fn assert_optimiser<G: Gpu>(
-    gpu: &G,
-    dev_opt: &DeviceAdamW<G>,
-    cpu_opt: &AdamW,
-    context: &str,
-) {
+fn assert_optimiser<G: Gpu>(gpu: &G, dev_opt: &DeviceAdamW<G>, cpu_opt: &AdamW, context: &str) {
     let back = dev_opt.to_host(gpu).unwrap();
     assert_eq!(back.config, cpu_opt.config, "{context}: config");
     for i in 0..SIZES.len() {
-        assert_bits(&back.m[i], &cpu_opt.m[i], &format!("{context}: m of tensor {i}"));
-        assert_bits(&back.v[i], &cpu_opt.v[i], &format!("{context}: v of tensor {i}"));
+        assert_bits(
+            &back.m[i],
+            &cpu_opt.m[i],
+            &format!("{context}: m of tensor {i}"),
+        );
+        assert_bits(
+            &back.v[i],
+            &cpu_opt.v[i],
+            &format!("{context}: v of tensor {i}"),
+        );
     }
 }
 

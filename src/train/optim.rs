@@ -101,11 +101,7 @@ impl AdamW {
         let (bc1, bc2) = c.bias_corrections(t);
         for (i, p) in params.iter_mut().enumerate().skip(first) {
             let (m, v, g) = (&mut self.m[i], &mut self.v[i], grads[i]);
-            let shrink = if decay[i] {
-                c.shrink(lr)
-            } else {
-                1.0
-            };
+            let shrink = if decay[i] { c.shrink(lr) } else { 1.0 };
             for j in 0..p.len() {
                 let gj = g[j] as f64;
                 let mj = c.beta1 * m[j] as f64 + (1.0 - c.beta1) * gj;

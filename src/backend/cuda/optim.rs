@@ -250,7 +250,10 @@ pub fn clip_global_norm<G: Gpu>(
     check_len(gpu, grads, len, "gradients")?;
     check_len(gpu, scratch, CLIP_SCRATCH_LEN, "norm partials")?;
     check_len(gpu, norm_out, 1, "global norm")?;
-    let (first, n) = (i64_of(first_elem, "first element")?, i64_of(len, "gradients")?);
+    let (first, n) = (
+        i64_of(first_elem, "first element")?,
+        i64_of(len, "gradients")?,
+    );
 
     let kernel = kernels::SQ_SUM_PARTIAL_F64;
     let shape = LaunchShape::linear(tiles::REDUCE_BLOCKS as u32, tiles::REDUCE_THREADS as u32);
@@ -279,7 +282,7 @@ pub fn clip_global_norm<G: Gpu>(
     unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args)? };
 
     // NaN or ≤ 0: no clipping (the kernel checks again, with the norm).
-    if !(max_norm > 0.0) || first_elem == len {
+    if max_norm.is_nan() || max_norm <= 0.0 || first_elem == len {
         return Ok(());
     }
     let kernel = kernels::CLIP_BY_NORM_F32;
