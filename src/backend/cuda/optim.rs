@@ -282,7 +282,7 @@ pub fn clip_global_norm<G: Gpu>(
     unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args)? };
 
     // NaN or ≤ 0: no clipping (the kernel checks again, with the norm).
-    if !(max_norm > 0.0) || first_elem == len {
+    if max_norm.is_nan() || max_norm <= 0.0 || first_elem == len {
         return Ok(());
     }
     let kernel = kernels::CLIP_BY_NORM_F32;
