@@ -17,6 +17,7 @@
 //!   on the emulated device;
 //! - the launchers refuse too-small buffers (`Error::Shape`) and zero-width layer norms.
 
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 #[macro_use]
@@ -111,6 +112,29 @@ fn rel_close(got: f64, want: f64, rel: f64, context: &str) {
     );
 }
 
+/// n × o values whose column sums depend on the order of the f64 additions: each column holds
+/// values spread over 40 binades, then the same values negated in another order (their exact
+/// sum is 0, what is left is the rounding of the partial sums), then (odd n) one small value.
+fn cancelling_columns(n: usize, o: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let half = n / 2;
+    let mut dy = vec![0.0f32; n * o];
+    for j in 0..o {
+        let v: Vec<f32> = (0..half)
+            .map(|_| rng.gen_range(-1.0f32..1.0) * 2f32.powi(rng.gen_range(-20..21)))
+            .collect();
+        let mut order: Vec<usize> = (0..half).collect();
+        order.shuffle(rng);
+        for (r, &k) in order.iter().enumerate() {
+            dy[r * o + j] = v[r];
+            dy[(half + r) * o + j] = -v[k];
+        }
+        if n % 2 == 1 {
+            dy[(n - 1) * o + j] = rng.gen_range(-1.0f32..1.0);
+        }
+    }
+    dy
+}
+
 /// The host GEMM of `Linear::forward` on downloaded rows: y += a·Wᵀ.
 fn host_linear(y: &mut [f32], a: MatRef<'_>, l: &Linear) {
     matmul(y, a, false, l.weight.as_ref(), true, true);
@@ -186,10 +210,7 @@ on_devices! {
             let inputs = 3;
             let l = Linear::new(inputs, o, &mut r);
             let x = Matrix::new(uniform(n * inputs, 1.0, &mut r), n, inputs).unwrap();
-            // Magnitudes spread over several binades, so the f64 sum's order matters.
-            let dy: Vec<f32> = (0..n * o)
-                .map(|_| r.gen_range(-1.0f32..1.0) * 10f32.powi(r.gen_range(-3..4)))
-                .collect();
+            let dy = cancelling_columns(n, o, &mut r);
             let mut grad = Linear::zeros(inputs, o);
             grad.bias = uniform(o, 0.3, &mut r);
             let start = grad.bias.clone();
@@ -246,7 +267,8 @@ on_devices! {
             };
             let x = uniform(n * d, 3.0, &mut r);
             let (_, cache) = ln.forward(MatRef::new(&x, n, d).unwrap());
-            let dy = uniform(n * d, 1.0, &mut r);
+            // dβ's column sums depend on the order of the additions.
+            let dy = cancelling_columns(n, d, &mut r);
             let mut grad = LayerNorm {
                 weight: uniform(d, 0.5, &mut r),
                 bias: uniform(d, 0.5, &mut r),
