@@ -683,20 +683,50 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
 fn train_on_the_device_matches_cpu_and_moves_only_scalars() {
     use std::process::Command;
     let dir = tempfile::tempdir().unwrap();
-    for data in ["gmm:dim=16,components=16,std=0.1", "manifold:dim=16,intrinsic=2"] {
+    for data in [
+        "gmm:dim=16,components=16,std=0.1",
+        "manifold:dim=16,intrinsic=2",
+    ] {
         let mut eval = Vec::new();
         for device in ["cpu", "cuda-emu"] {
             let out = dir.path().join(format!("{}-{device}", &data[..3]));
             let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
-                .args(["train", "--synthetic", data, "--rows", "2048", "--eval-rows", "512"])
-                .args(["--steps", "30", "--batch-size", "64", "--codebook-size", "32"])
-                .args(["--code-dim", "4", "--hidden", "32", "--deterministic", "--seed", "3"])
+                .args([
+                    "train",
+                    "--synthetic",
+                    data,
+                    "--rows",
+                    "2048",
+                    "--eval-rows",
+                    "512",
+                ])
+                .args([
+                    "--steps",
+                    "30",
+                    "--batch-size",
+                    "64",
+                    "--codebook-size",
+                    "32",
+                ])
+                .args([
+                    "--code-dim",
+                    "4",
+                    "--hidden",
+                    "32",
+                    "--deterministic",
+                    "--seed",
+                    "3",
+                ])
                 .args(["--device", device, "--quiet"])
                 .arg("--output")
                 .arg(&out)
                 .output()
                 .unwrap();
-            assert!(o.status.success(), "{data} {device}: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "{data} {device}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
             assert_eq!(metrics.lines().count(), 30, "{data} {device}");
             for line in metrics.lines() {
@@ -709,7 +739,10 @@ fn train_on_the_device_matches_cpu_and_moves_only_scalars() {
                 if device == "cpu" {
                     assert_eq!((h2d, d2h), (0, 0), "{data}: {line}");
                 } else if step > 1 {
-                    assert!(h2d >= 64 * 4 && h2d <= 64 * 4 + 64 && d2h <= 256, "{data}: {line}");
+                    assert!(
+                        (64 * 4..=64 * 4 + 64).contains(&h2d) && d2h <= 256,
+                        "{data}: {line}"
+                    );
                 }
             }
             let summary: serde_json::Value =
