@@ -3,7 +3,8 @@
 #
 # Builds the emulated CUDA device (cuda-emu) with a sanitizer and runs the kernel tests on it:
 # every kernels/*.cu (and emu/runtime.cpp, except under TSan) compiled with -fsanitize=KIND by
-# build.rs (VQX_EMU_SANITIZE), then `cargo test --release --test cuda -- --skip ::gpu`.
+# build.rs (VQX_EMU_SANITIZE), then the device tests (`--test cuda --test device ...`, see
+# SANITIZE_TESTS below) with `-- --skip ::gpu`.
 # Only the C++ is instrumented; the Rust code (tests, launch layer, CPU twins) is not.
 #
 #   all (default)      address, undefined and thread, one after another
@@ -20,7 +21,7 @@
 # are not invalidated; the first build of a kind compiles every dependency (minutes), later ones
 # only the emulator and the crate. Arguments after `--` replace the test arguments (default:
 # `--skip ::gpu`), e.g. `scripts/sanitize.sh thread -- nearest_l2`. Env:
-#   SANITIZE_TESTS   cargo test target selection (default: --test cuda)
+#   SANITIZE_TESTS   cargo test target selection (default: every device test file)
 #   ASAN_OPTIONS, UBSAN_OPTIONS, TSAN_OPTIONS   appended to this script's defaults
 #
 # Prints one summary line per kind and exits non-zero when any kind failed. Logs:
@@ -37,7 +38,7 @@ if [[ ${1:-} == -- ]]; then
     shift
     test_args=("$@")
 fi
-read -r -a test_sel <<<"${SANITIZE_TESTS:---test cuda}"
+read -r -a test_sel <<<"${SANITIZE_TESTS:---test cuda --test device --test device_sort --test device_step --test device_quantizer --test device_mlp --test device_optim --test train_device}"
 
 case $kinds_arg in
     all) kinds=(address undefined thread) ;;

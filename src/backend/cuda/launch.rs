@@ -11,14 +11,21 @@ use crate::nearest::{self, Metric, Precision, Prepared};
 /// Largest per-block histogram `usage_u32` keeps in shared memory, in codes.
 pub const USAGE_SHARED_CODES: usize = tiles::USAGE_SHARED_BYTES / 4;
 
-// What the launchers assume of kernels/tiles.cuh: whole warps, CUDA's block limit, and dynamic
-// shared memory within the 48 KiB a launch gets without opting in.
+// What every launcher (this file, sort.rs, step.rs, mlp.rs, optim.rs) assumes of
+// kernels/tiles.cuh: whole warps within CUDA's block limit, dynamic shared memory within the
+// 48 KiB a launch gets without opting in, and power-of-two reduction blocks (their trees halve
+// them) on a grid CUDA accepts.
 const _: () = {
     let blocks = [
         tiles::NEAREST_THREADS,
         tiles::TC_THREADS,
         tiles::GRID_STRIDE_THREADS,
         tiles::SORTED_MAX_THREADS,
+        tiles::RECHECK_THREADS,
+        tiles::ROW_THREADS,
+        tiles::ROW_MAX_THREADS,
+        tiles::REDUCE_THREADS,
+        tiles::SORT_THREADS,
     ];
     let mut i = 0;
     while i < blocks.len() {
@@ -26,7 +33,25 @@ const _: () = {
         i += 1;
     }
     assert!(tiles::USAGE_SHARED_BYTES <= 48 * 1024);
+    assert!(tiles::RECHECK_THREADS.is_power_of_two() && tiles::REDUCE_THREADS.is_power_of_two());
+    assert!(tiles::REDUCE_BLOCKS >= 1 && tiles::REDUCE_BLOCKS <= 65_535);
+    assert!(tiles::SORT_MIN_SEGMENT_ROWS >= 1 && tiles::SORT_MAX_SEGMENTS >= 1);
 };
+
+/// `a · b` elements, or an error naming `what` when that overflows the kernels' `long long`.
+pub(crate) fn elems(a: usize, b: usize, what: &str) -> Result<usize> {
+    a.checked_mul(b)
+        .filter(|&v| i64::try_from(v).is_ok())
+        .ok_or_else(|| Error::InvalidArgument(format!("{what}: {a} × {b} elements exceed i64")))
+}
+
+/// The 1-D grid-stride shape of the element-wise kernels over `total` items.
+pub(crate) fn grid_stride<G: Gpu>(gpu: &G, total: usize) -> LaunchShape {
+    LaunchShape::linear(
+        grid_stride_blocks(total, tiles::GRID_STRIDE_THREADS, gpu.sm_count() * 32),
+        tiles::GRID_STRIDE_THREADS as u32,
+    )
+}
 
 /// Converts a count to the `long long` the kernels take.
 pub(crate) fn i64_of(v: usize, what: &str) -> Result<i64> {

@@ -14,41 +14,9 @@
 
 use super::device::{Arg, Gpu, LaunchShape};
 use super::kernels::{self, tiles};
-use super::launch::{check_len, grid_stride_blocks, i64_of};
+use super::launch::{check_len, elems, grid_stride, grid_stride_blocks, i64_of};
 use crate::error::{Error, Result};
 use crate::model::Activation;
-
-// What the launchers assume of kernels/tiles.cuh: whole warps within CUDA's block limit, and a
-// power-of-two reduction block (recon_loss_f32's tree halves it).
-const _: () = {
-    let blocks = [
-        tiles::ROW_THREADS,
-        tiles::GRID_STRIDE_THREADS,
-        tiles::REDUCE_THREADS,
-    ];
-    let mut i = 0;
-    while i < blocks.len() {
-        assert!(blocks[i].is_multiple_of(32) && blocks[i] <= 1024);
-        i += 1;
-    }
-    assert!(tiles::REDUCE_THREADS.is_power_of_two());
-    assert!(tiles::REDUCE_BLOCKS >= 1 && tiles::REDUCE_BLOCKS <= 65_535);
-};
-
-/// `a · b` elements, or an error naming `what` when it overflows i64.
-fn elems(a: usize, b: usize, what: &str) -> Result<usize> {
-    a.checked_mul(b)
-        .filter(|&v| i64::try_from(v).is_ok())
-        .ok_or_else(|| Error::InvalidArgument(format!("{what}: {a} × {b} elements exceed i64")))
-}
-
-/// The 1-D grid-stride shape over `total` items (elements or columns).
-fn grid_stride<G: Gpu>(gpu: &G, total: usize) -> LaunchShape {
-    LaunchShape::linear(
-        grid_stride_blocks(total, tiles::GRID_STRIDE_THREADS, gpu.sm_count() * 32),
-        tiles::GRID_STRIDE_THREADS as u32,
-    )
-}
 
 /// The one-thread-per-row shape over `rows` rows.
 fn per_row<G: Gpu>(gpu: &G, rows: usize) -> LaunchShape {

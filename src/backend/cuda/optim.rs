@@ -13,29 +13,12 @@
 
 use super::device::{Arg, Gpu, LaunchShape};
 use super::kernels::{self, tiles};
-use super::launch::{check_len, grid_stride_blocks, i64_of};
+use super::launch::{check_len, grid_stride, i64_of};
 use crate::error::{Error, Result};
 use crate::train::{AdamW, AdamWConfig};
 
-// What the launchers assume of kernels/tiles.cuh: whole warps within CUDA's block limit, a
-// power-of-two reduction block (its tree halves it) and a one-block stage 2.
-const _: () = {
-    assert!(tiles::GRID_STRIDE_THREADS.is_multiple_of(32) && tiles::GRID_STRIDE_THREADS <= 1024);
-    assert!(tiles::REDUCE_THREADS.is_multiple_of(32) && tiles::REDUCE_THREADS <= 1024);
-    assert!(tiles::REDUCE_THREADS.is_power_of_two());
-    assert!(tiles::REDUCE_BLOCKS >= 1 && tiles::REDUCE_BLOCKS <= 65_535);
-};
-
 /// f64 values the `scratch` of [`clip_global_norm`] must hold (one partial sum per block).
 pub const CLIP_SCRATCH_LEN: usize = tiles::REDUCE_BLOCKS;
-
-/// The 1-D grid-stride shape over `total` items.
-fn grid_stride<G: Gpu>(gpu: &G, total: usize) -> LaunchShape {
-    LaunchShape::linear(
-        grid_stride_blocks(total, tiles::GRID_STRIDE_THREADS, gpu.sm_count() * 32),
-        tiles::GRID_STRIDE_THREADS as u32,
-    )
-}
 
 /// AdamW's moments on the device, flat (tensor `i` at `offsets[i]..offsets[i + 1]`), with a
 /// per-value weight-decay flag.

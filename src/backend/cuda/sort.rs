@@ -14,11 +14,6 @@ use crate::error::{Error, Result};
 /// Elements a block of the compaction kernels covers (kernels/sort.cu).
 const COMPACT_TILE: usize = tiles::SORT_THREADS * tiles::SORT_ITEMS;
 
-const _: () = {
-    assert!(tiles::SORT_THREADS.is_multiple_of(32) && tiles::SORT_THREADS <= 1024);
-    assert!(tiles::SORT_MIN_SEGMENT_ROWS >= 1 && tiles::SORT_MAX_SEGMENTS >= 1);
-};
-
 /// Scratch buffers of the device sort and compaction, reused across calls: each grows when a
 /// call needs more and is never shrunk.
 pub struct SortScratch<G: Gpu> {
