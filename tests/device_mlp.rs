@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 #[macro_use]
 mod common;
 
-use common::devices::{Dev, EMU, real_gpu};
+use common::devices::{Dev, EMU, assert_bits, real_gpu, rel_close};
 use vqx::backend::cuda::Gpu;
 use vqx::backend::cuda::mlp::{self, MlpScratch};
 use vqx::backend::cuda::step::{self, StepScratch};
@@ -51,19 +51,6 @@ fn shapes() -> impl Iterator<Item = (u64, usize, usize)> {
         ROWS.into_iter()
             .flat_map(move |n| WIDTHS.into_iter().map(move |d| (s, n, d)))
     })
-}
-
-/// `got` and `want` equal bit for bit; the message names the first differing index and both.
-fn assert_bits(got: &[f32], want: &[f32], context: &str) {
-    assert_eq!(got.len(), want.len(), "{context}: lengths differ");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            g.to_bits() == w.to_bits(),
-            "{context}: index {i}: device {g:e} ({:#010x}), cpu {w:e} ({:#010x})",
-            g.to_bits(),
-            w.to_bits()
-        );
-    }
 }
 
 /// Distance in ulps between two finite f32 of the same sign (or both zeros).
@@ -103,13 +90,6 @@ fn assert_act<G: Gpu>(dev: &Dev<G>, tanh: bool, got: &[f32], want: &[f32], conte
     } else {
         assert_close(got, want, 4, 1e-6, 0.0, context);
     }
-}
-
-fn rel_close(got: f64, want: f64, rel: f64, context: &str) {
-    assert!(
-        (got - want).abs() <= rel * want.abs(),
-        "{context}: device {got:e}, cpu {want:e} (relative tolerance {rel:e})"
-    );
 }
 
 /// n × o values whose column sums depend on the order of the f64 additions: each column holds

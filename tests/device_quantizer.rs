@@ -11,7 +11,7 @@
 #[macro_use]
 mod common;
 
-use common::devices::{Dev, EMU, real_gpu};
+use common::devices::{Dev, EMU, assert_bits, real_gpu};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
@@ -37,13 +37,6 @@ fn clustered(n: usize, d: usize, rng: &mut ChaCha8Rng) -> Matrix {
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
-}
-
-fn same_bits(ctx: &str, what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{ctx}: {what}: length");
-    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-        panic!("{ctx}: {what}[{i}]: device {} cpu {}", got[i], want[i]);
-    }
 }
 
 /// Runs `steps` training steps (optionally masked) on both layers and compares everything
@@ -107,17 +100,28 @@ fn compare<G: Gpu>(
             l.codebook,
             c.codebook_loss
         );
-        same_bits(
-            &ctx,
-            "quantized",
+        assert_bits(
             on_dev.quantized().download(gpu, "q").unwrap().data(),
             c.quantized.data(),
+            &format!("{ctx}: quantized"),
         );
         let (codebook, ema, usage) = on_dev.download().unwrap();
-        same_bits(&ctx, "codebook", codebook.data(), on_cpu.codebook().data());
+        assert_bits(
+            codebook.data(),
+            on_cpu.codebook().data(),
+            &format!("{ctx}: codebook"),
+        );
         if let (Some(e), Some(w)) = (ema, on_cpu.ema()) {
-            same_bits(&ctx, "EMA counts", e.cluster_size(), w.cluster_size());
-            same_bits(&ctx, "EMA sums", e.embed_avg().data(), w.embed_avg().data());
+            assert_bits(
+                e.cluster_size(),
+                w.cluster_size(),
+                &format!("{ctx}: EMA counts"),
+            );
+            assert_bits(
+                e.embed_avg().data(),
+                w.embed_avg().data(),
+                &format!("{ctx}: EMA sums"),
+            );
         }
         assert_eq!(usage, on_cpu.usage_total(), "{ctx}: usage totals");
 
@@ -130,18 +134,16 @@ fn compare<G: Gpu>(
         let want = on_cpu.backward(&c, x, go.as_ref()).unwrap();
         let god = DeviceMatrix::upload(gpu, "grad", go.as_ref()).unwrap();
         on_dev.backward(&xd, &god).unwrap();
-        same_bits(
-            &ctx,
-            "dL/dx",
+        assert_bits(
             on_dev.grad_x().download(gpu, "gx").unwrap().data(),
             want.x.data(),
+            &format!("{ctx}: dL/dx"),
         );
         match (&want.codebook, on_dev.grad_codebook()) {
-            (Some(w), Some(g)) => same_bits(
-                &ctx,
-                "dL/dC",
+            (Some(w), Some(g)) => assert_bits(
                 g.download(gpu, "gc").unwrap().data(),
                 w.data(),
+                &format!("{ctx}: dL/dC"),
             ),
             (None, None) => {}
             (w, g) => panic!(

@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 #[macro_use]
 mod common;
 
-use common::devices::{Dev, EMU, real_gpu};
+use common::devices::{Dev, EMU, assert_bits, real_gpu, rel_close};
 use vqx::backend::Device;
 use vqx::backend::cuda::step::{self, EmaDevice, StepScratch};
 use vqx::backend::cuda::{Gpu, launch};
@@ -42,26 +42,6 @@ fn rng(seed: u64, salt: usize) -> ChaCha8Rng {
 
 fn uniform(len: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..len).map(|_| rng.gen_range(-scale..scale)).collect()
-}
-
-/// `got` and `want` equal bit for bit; the message names the first differing index and both.
-fn assert_bits(got: &[f32], want: &[f32], context: &str) {
-    assert_eq!(got.len(), want.len(), "{context}: lengths differ");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            g.to_bits() == w.to_bits(),
-            "{context}: index {i}: device {g:e} ({:#010x}), cpu {w:e} ({:#010x})",
-            g.to_bits(),
-            w.to_bits()
-        );
-    }
-}
-
-fn rel_close(got: f64, want: f64, rel: f64, context: &str) {
-    assert!(
-        (got - want).abs() <= rel * want.abs(),
-        "{context}: device {got:e}, cpu {want:e} (relative tolerance {rel:e})"
-    );
 }
 
 /// A random EMA state: counts with zeros (dead codes) and a spread of magnitudes.

@@ -154,35 +154,35 @@ impl<G: Gpu> DeviceMlp<G> {
         out
     }
     fn tensors_mut(&mut self) -> Vec<&mut G::Buf<f32>> {
-        let mut out: Vec<&mut G::Buf<f32>> = Vec::new();
-        let mut norms = Vec::new();
-        for l in &mut self.layers {
-            out.push(&mut l.weight);
-            out.push(&mut l.bias);
-            if let Some(n) = &mut l.norm {
-                norms.push(n);
-            }
-        }
-        for n in norms {
-            out.push(&mut n.gamma);
-            out.push(&mut n.beta);
-        }
-        out
+        self.buffers_mut(false)
     }
     /// The gradients, in the same order as [`Self::tensors`].
     fn grads_mut(&mut self) -> Vec<&mut G::Buf<f32>> {
+        self.buffers_mut(true)
+    }
+    /// The parameters, or with `grads` their gradients, in [`Mlp::tensors`]'s order.
+    fn buffers_mut(&mut self, grads: bool) -> Vec<&mut G::Buf<f32>> {
         let mut out: Vec<&mut G::Buf<f32>> = Vec::new();
         let mut norms = Vec::new();
         for l in &mut self.layers {
-            out.push(&mut l.grad_weight);
-            out.push(&mut l.grad_bias);
+            let (w, b) = if grads {
+                (&mut l.grad_weight, &mut l.grad_bias)
+            } else {
+                (&mut l.weight, &mut l.bias)
+            };
+            out.push(w);
+            out.push(b);
             if let Some(n) = &mut l.norm {
-                norms.push(n);
+                norms.push(if grads {
+                    (&mut n.grad_gamma, &mut n.grad_beta)
+                } else {
+                    (&mut n.gamma, &mut n.beta)
+                });
             }
         }
-        for n in norms {
-            out.push(&mut n.grad_gamma);
-            out.push(&mut n.grad_beta);
+        for (g, b) in norms {
+            out.push(g);
+            out.push(b);
         }
         out
     }

@@ -81,3 +81,24 @@ macro_rules! on_devices {
         }
     )*};
 }
+
+/// `got` and `want` equal bit for bit; the message names the first differing index and both.
+pub fn assert_bits(got: &[f32], want: &[f32], context: &str) {
+    assert_eq!(got.len(), want.len(), "{context}: lengths differ");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits(),
+            "{context}: index {i}: device {g:e} ({:#010x}), cpu {w:e} ({:#010x})",
+            g.to_bits(),
+            w.to_bits()
+        );
+    }
+}
+
+/// `got` within `rel` (relative) of `want`.
+pub fn rel_close(got: f64, want: f64, rel: f64, context: &str) {
+    assert!(
+        (got - want).abs() <= rel * want.abs(),
+        "{context}: device {got:e}, cpu {want:e} (relative tolerance {rel:e})"
+    );
+}
