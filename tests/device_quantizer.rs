@@ -318,3 +318,34 @@ fn from_host_continues_the_cpu_run() {
     assert_eq!(usage, cpu.usage_total());
     assert_eq!(dev.step(), cpu.step());
 }
+
+on_devices! {
+    /// Host rows are accepted where device rows are (`Storage`): uploaded once, the same step.
+    fn host_rows_are_uploaded_once<G>(test, dev) {
+        let (k, d, n) = (16usize, 8usize, 100usize);
+        let mut rng = ChaCha8Rng::seed_from_u64(41);
+        let data = clustered(n, d, &mut rng);
+        let codebook = data.as_ref().slice_rows(0, k).to_owned();
+        let cfg = QuantizerConfig::new(k, d).deterministic(true).seed(2);
+        let backend = Arc::new(dev.backend(Precision::Exact));
+        let gpu = backend.gpu();
+        let mut a = DeviceQuantizer::with_codebook(cfg.clone(), codebook.clone(), backend.clone()).unwrap();
+        let mut b = DeviceQuantizer::with_codebook(cfg, codebook, backend.clone()).unwrap();
+        let xd = DeviceMatrix::upload(gpu, "x", data.as_ref()).unwrap();
+        a.forward(&xd, None, true).unwrap();
+        let before = gpu.transfers();
+        b.forward(data.as_ref(), None, true).unwrap();
+        let moved = gpu.transfers().since(before);
+        assert_eq!(moved.h2d_bytes, (4 * n * d + 8) as u64, "{test}: x once, plus the check");
+        let (ia, ib) = (gpu.download("a", a.indices()).unwrap(), gpu.download("b", b.indices()).unwrap());
+        assert_eq!(ia, ib, "{test}: indices");
+        assert_bits(
+            b.download().unwrap().0.data(),
+            a.download().unwrap().0.data(),
+            &format!("{test}: codebook"),
+        );
+        let mut out = vqx::backend::cuda::DeviceAssignment::new(gpu, n).unwrap();
+        backend.nearest_device(data.as_ref(), b.codebook(), &mut out).unwrap();
+        assert_eq!(gpu.download("idx", out.indices()).unwrap().len(), n, "{test}");
+    }
+}

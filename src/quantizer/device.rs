@@ -34,7 +34,9 @@ use super::{
 use crate::backend::cuda::launch;
 use crate::backend::cuda::sort::{self, SortScratch};
 use crate::backend::cuda::step::{self, EmaDevice, StepScratch};
-use crate::backend::cuda::{DeviceAssignment, DeviceCodebook, DeviceMatrix, Gpu, GpuBackend};
+use crate::backend::cuda::{
+    DeviceAssignment, DeviceCodebook, DeviceMatrix, Gpu, GpuBackend, Storage,
+};
 use crate::ema::EmaState;
 use crate::error::{Error, Result};
 use crate::matrix::Matrix;
@@ -251,17 +253,18 @@ impl<G: Gpu> DeviceQuantizer<G> {
         self.batch.as_ref().and_then(|b| b.grad_codebook.as_ref())
     }
 
-    /// Quantizes `x` (n × D) on the device. `mask` (n flags, non-zero = the row counts) marks
-    /// padding rows: they get indices and outputs but count in no loss, statistic, init or
-    /// EMA update. `train` runs the training-side effects (init on the first batch, EMA update,
+    /// Quantizes `x` (n × D: rows on the device, or host rows, uploaded first) on the device.
+    /// `mask` (n flags, non-zero = the row counts) marks padding rows: they get indices and
+    /// outputs but count in no loss, statistic, init or EMA update. `train` runs the training-side effects (init on the first batch, EMA update,
     /// dead-code re-seeding). The outputs stay on the device ([`Self::indices`],
     /// [`Self::quantized`]); [`Self::losses`] and [`Self::stats`] read scalars back.
-    pub fn forward(
+    pub fn forward<'a>(
         &mut self,
-        x: &DeviceMatrix<G>,
+        x: impl Into<Storage<'a, G>>,
         mask: Option<&G::Buf<u32>>,
         train: bool,
     ) -> Result<StepStats> {
+        let x = x.into().on_device(self.backend.gpu(), "input")?;
         let (d, n) = (self.config.dim, x.rows());
         if x.cols() != d {
             return Err(Error::Shape {
@@ -283,7 +286,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
             Some(b) if b.n == n => b,
             _ => Batch::new(g, n, d, &mut self.sort_scratch)?,
         };
-        let result = self.forward_batch(&mut batch, x, mask, train);
+        let result = self.forward_batch(&mut batch, &x, mask, train);
         self.batch = Some(batch);
         result
     }
@@ -488,15 +491,21 @@ impl<G: Gpu> DeviceQuantizer<G> {
 
     /// dL/dx of the last forward pass given dL/d(output) (n × D), into [`Self::grad_x`]; under
     /// gradient learning also dL/dC into [`Self::grad_codebook`]. `x` is the forward's input.
-    pub fn backward(&mut self, x: &DeviceMatrix<G>, grad_output: &DeviceMatrix<G>) -> Result<()> {
+    pub fn backward<'a, 'b>(
+        &mut self,
+        x: impl Into<Storage<'a, G>>,
+        grad_output: impl Into<Storage<'b, G>>,
+    ) -> Result<()> {
         let g = self.backend.gpu();
+        let x = x.into().on_device(g, "input")?;
+        let grad_output = grad_output.into().on_device(g, "output gradient")?;
         let (k, d) = (self.config.codebook_size, self.config.dim);
         let batch = self
             .batch
             .as_mut()
             .ok_or_else(|| Error::InvalidArgument("backward before any forward pass".into()))?;
         let n = batch.n;
-        for (m, what) in [(x, "input"), (grad_output, "output gradient")] {
+        for (m, what) in [(&*x, "input"), (&*grad_output, "output gradient")] {
             if (m.rows(), m.cols()) != (n, d) {
                 return Err(Error::Shape {
                     what: format!("{what} vs the forward pass"),

@@ -38,7 +38,7 @@ pub use device::{Arg, Elem, GemmShape, Gpu, LaunchShape};
 pub use driver::{CudaGpu, CudaStatus, KERNELS_COMPILED, status};
 pub use emu::EmuGpu;
 pub use launch::USAGE_SHARED_CODES;
-pub use resident::{DeviceAssignment, DeviceCodebook, DeviceMatrix};
+pub use resident::{DeviceAssignment, DeviceCodebook, DeviceMatrix, OnDevice, Storage};
 
 use super::{Backend, Device, PrimitiveTimes, Transfers};
 use crate::ema::{self, CodeSums, SumMode};
@@ -128,14 +128,16 @@ impl<G: Gpu> GpuBackend<G> {
 
     /// The nearest code of every row of `x` into `out`, on the device: scored at this
     /// backend's precision, rechecked on the device (the indices are those of an exact
-    /// computation), nothing copied to or from the host. See [`resident::nearest`].
-    pub fn nearest_device(
+    /// computation). Rows already on the device ([`DeviceMatrix`]) are read in place; host rows
+    /// ([`MatRef`]) are uploaded first. See [`resident::nearest`].
+    pub fn nearest_device<'a>(
         &self,
-        x: &DeviceMatrix<G>,
+        x: impl Into<Storage<'a, G>>,
         codebook: &DeviceCodebook<G>,
         out: &mut DeviceAssignment<G>,
     ) -> Result<()> {
-        resident::nearest(&self.gpu, self.precision, x, codebook, out)
+        let x = x.into().on_device(&self.gpu, "input")?;
+        resident::nearest(&self.gpu, self.precision, &x, codebook, out)
     }
 
     /// `out` (n × D) = the codebook rows named by the n `indices` (all < K), on the device.

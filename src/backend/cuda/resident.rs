@@ -159,6 +159,81 @@ impl<G: Gpu> DeviceMatrix<G> {
     }
 }
 
+/// Rows in host memory or already on the device (candle's `Storage`, FAISS's host-or-device
+/// pointers): the device-level entry points accept either and copy only what is not on the
+/// device yet.
+///
+/// ```
+/// use vqx::backend::cuda::{DeviceMatrix, EmuGpu, Storage};
+/// use vqx::MatRef;
+/// let gpu = EmuGpu::new()?;
+/// let host = [1.0f32, 2.0, 3.0, 4.0];
+/// let x = MatRef::new(&host, 2, 2)?;
+/// let on_device = DeviceMatrix::upload(&gpu, "x", x)?;
+/// for rows in [Storage::from(x), Storage::from(&on_device)] {
+///     assert_eq!(rows.on_device(&gpu, "x")?.rows(), 2); // uploads the host rows only
+/// }
+/// # Ok::<(), vqx::Error>(())
+/// ```
+pub enum Storage<'a, G: Gpu> {
+    Host(MatRef<'a>),
+    Device(&'a DeviceMatrix<G>),
+}
+
+impl<'a, G: Gpu> From<MatRef<'a>> for Storage<'a, G> {
+    fn from(m: MatRef<'a>) -> Self {
+        Storage::Host(m)
+    }
+}
+
+impl<'a, G: Gpu> From<&'a DeviceMatrix<G>> for Storage<'a, G> {
+    fn from(m: &'a DeviceMatrix<G>) -> Self {
+        Storage::Device(m)
+    }
+}
+
+impl<'a, G: Gpu> Storage<'a, G> {
+    pub fn rows(&self) -> usize {
+        match self {
+            Storage::Host(m) => m.rows(),
+            Storage::Device(m) => m.rows(),
+        }
+    }
+    pub fn cols(&self) -> usize {
+        match self {
+            Storage::Host(m) => m.cols(),
+            Storage::Device(m) => m.cols(),
+        }
+    }
+    /// The rows on the device: borrowed when they are there already, uploaded otherwise (host
+    /// rows are checked for NaN/Inf on the host first, where it costs no transfer).
+    pub fn on_device(self, gpu: &G, what: &str) -> Result<OnDevice<'a, G>> {
+        match self {
+            Storage::Device(m) => Ok(OnDevice::Borrowed(m)),
+            Storage::Host(m) => {
+                m.check_finite(what)?;
+                Ok(OnDevice::Uploaded(DeviceMatrix::upload(gpu, what, m)?))
+            }
+        }
+    }
+}
+
+/// Rows on the device, borrowed or uploaded for one call ([`Storage::on_device`]).
+pub enum OnDevice<'a, G: Gpu> {
+    Borrowed(&'a DeviceMatrix<G>),
+    Uploaded(DeviceMatrix<G>),
+}
+
+impl<G: Gpu> std::ops::Deref for OnDevice<'_, G> {
+    type Target = DeviceMatrix<G>;
+    fn deref(&self) -> &DeviceMatrix<G> {
+        match self {
+            OnDevice::Borrowed(m) => m,
+            OnDevice::Uploaded(m) => m,
+        }
+    }
+}
+
 /// A codebook resident on the device with what the nearest kernels and the recheck need: its
 /// rows, under cosine their normalised copy, ||c_k||² in f32 and the largest ||c_k|| (for the
 /// rounding bound), all computed on the device ([`DeviceCodebook::refresh`] after the rows
