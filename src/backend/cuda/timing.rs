@@ -7,12 +7,12 @@ use crate::backend::PrimitiveTimes;
 use crate::error::Result;
 use crate::matrix::MatRef;
 use crate::nearest::{self, Metric, Precision, Prepared};
-use crate::{ema, usage};
+use crate::usage;
 use std::cell::RefCell;
 
-/// The nearest kernel at `precision` (without the host recheck), gather, both sum kernels (the
-/// deterministic one with its offsets and row ids already uploaded: the host counting sort is not
-/// timed) and the histogram. The indices fed to the last four are the nearest kernel's own.
+/// The nearest kernel at `precision` (without the recheck), gather, both code-sum modes (the
+/// deterministic one with its device counting sort: kernels/sort.cu, then ema_sums_sorted_f32)
+/// and the histogram. The indices fed to the last four are the nearest kernel's own.
 pub fn time_primitives<G: Gpu>(
     g: &G,
     precision: Precision,
@@ -64,13 +64,10 @@ pub fn time_primitives<G: Gpu>(
         },
     )?;
 
-    let (offsets, rows) = ema::group_by_code(&indices, k);
-    let offsets: Vec<u64> = offsets.into_iter().map(|o| o as u64).collect();
-    let o_d = g.upload("code offsets", &offsets)?;
-    let r_d = g.upload("row ids", &rows)?;
-    let t_sorted = g.time("timing ema_sums_sorted_f32", reps, none, &mut || {
+    let mut scratch = super::sort::SortScratch::new();
+    let t_sorted = g.time("timing sort + ema_sums_sorted_f32", reps, none, &mut || {
         let (s, c) = &mut *acc.borrow_mut();
-        launch::sums_sorted(g, &input.x, &o_d, &r_d, s, c, k, d)
+        super::sort::code_sums_deterministic(g, &input.x, idx_d, n, d, k, s, c, &mut scratch)
     })?;
 
     let t_usage = g.time(
