@@ -359,6 +359,18 @@ impl<G: Gpu> DeviceTrainer<G> {
     ) -> Result<Self> {
         let backend = Arc::new(backend);
         let g = backend.gpu();
+        // A 1×1 product first: a GPU without a loadable cuBLAS fails here, with its reason,
+        // rather than at the first step.
+        let probe = GemmShape {
+            a: (1, 1),
+            ta: false,
+            b: (1, 1),
+            tb: false,
+            accumulate: false,
+        };
+        let one = g.upload("matrix product probe", &[1.0f32])?;
+        let mut out = g.alloc_zeros("matrix product probe", 1)?;
+        g.gemm(probe, &mut out, &one, &one)?;
         let (d, code_dim) = (train.cols(), model.config().code_dim);
         let encoder = DeviceMlp::upload(g, &model.encoder, batch)?;
         let decoder = DeviceMlp::upload(g, &model.decoder, batch)?;

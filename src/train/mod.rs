@@ -449,11 +449,10 @@ fn device_engine(
             batch,
             &decay,
         )?)),
-        Device::Auto => match CudaBackend::new(0) {
-            Ok(b) => Some(Box::new(device::DeviceTrainer::new(
-                b, model, optimizer, train, batch, &decay,
-            )?)),
-            Err(_) => None,
-        },
+        // `auto` never fails: without a GPU, the kernels or cuBLAS, the step runs on the CPU.
+        Device::Auto => CudaBackend::new(0)
+            .and_then(|b| device::DeviceTrainer::new(b, model, optimizer, train, batch, &decay))
+            .ok()
+            .map(|t| Box::new(t) as Box<dyn device::DeviceEngine>),
     })
 }
