@@ -72,7 +72,7 @@ fn compare<G: Gpu>(
         let s = on_dev.forward(&xd, masked.then_some(&md), true).unwrap();
         let s = on_dev.stats(s).unwrap();
         assert_eq!(
-            gpu.download("indices", on_dev.indices()).unwrap(),
+            gpu.download("indices", on_dev.indices().unwrap()).unwrap(),
             c.indices,
             "{ctx}: indices"
         );
@@ -101,7 +101,12 @@ fn compare<G: Gpu>(
             c.codebook_loss
         );
         assert_bits(
-            on_dev.quantized().download(gpu, "q").unwrap().data(),
+            on_dev
+                .quantized()
+                .unwrap()
+                .download(gpu, "q")
+                .unwrap()
+                .data(),
             c.quantized.data(),
             &format!("{ctx}: quantized"),
         );
@@ -135,7 +140,7 @@ fn compare<G: Gpu>(
         let god = DeviceMatrix::upload(gpu, "grad", go.as_ref()).unwrap();
         on_dev.backward(&xd, &god).unwrap();
         assert_bits(
-            on_dev.grad_x().download(gpu, "gx").unwrap().data(),
+            on_dev.grad_x().unwrap().download(gpu, "gx").unwrap().data(),
             want.x.data(),
             &format!("{ctx}: dL/dx"),
         );
@@ -274,6 +279,7 @@ on_devices! {
         let go = DeviceMatrix::upload(gpu, "g", MatRef::new(&[0.0; 6], 2, 3).unwrap()).unwrap();
         let e = vq.backward(&go, &go).unwrap_err();
         assert!(e.to_string().contains("before any forward"), "{test}: {e}");
+        assert!(vq.indices().is_err() && vq.quantized().is_err(), "{test}: outputs before a forward pass");
         let mut v = vec![0.5f32; 6];
         v[4] = f32::NAN;
         let bad = DeviceMatrix::upload(gpu, "x", MatRef::new(&v, 2, 3).unwrap()).unwrap();
@@ -312,7 +318,10 @@ fn from_host_continues_the_cpu_run() {
     let c = cpu.forward(x, None, true).unwrap();
     dev.forward(&DeviceMatrix::upload(gpu, "x", x).unwrap(), None, true)
         .unwrap();
-    assert_eq!(gpu.download("indices", dev.indices()).unwrap(), c.indices);
+    assert_eq!(
+        gpu.download("indices", dev.indices().unwrap()).unwrap(),
+        c.indices
+    );
     let (codebook, _, usage) = dev.download().unwrap();
     assert_eq!(bits(codebook.data()), bits(cpu.codebook().data()));
     assert_eq!(usage, cpu.usage_total());
@@ -337,7 +346,7 @@ on_devices! {
         b.forward(data.as_ref(), None, true).unwrap();
         let moved = gpu.transfers().since(before);
         assert_eq!(moved.h2d_bytes, (4 * n * d + 8) as u64, "{test}: x once, plus the check");
-        let (ia, ib) = (gpu.download("a", a.indices()).unwrap(), gpu.download("b", b.indices()).unwrap());
+        let (ia, ib) = (gpu.download("a", a.indices().unwrap()).unwrap(), gpu.download("b", b.indices().unwrap()).unwrap());
         assert_eq!(ia, ib, "{test}: indices");
         assert_bits(
             b.download().unwrap().0.data(),

@@ -22,7 +22,7 @@
 //! let mut vq = DeviceQuantizer::with_codebook(QuantizerConfig::new(2, 2), codebook, backend.clone())?;
 //! let x = DeviceMatrix::upload(gpu, "x", Matrix::new(vec![0.1, 0.0, 4.9, 5.2], 2, 2)?.as_ref())?;
 //! vq.forward(&x, None, true)?;
-//! assert_eq!(gpu.download("indices", vq.indices())?, vec![0, 1]);
+//! assert_eq!(gpu.download("indices", vq.indices()?)?, vec![0, 1]);
 //! assert!(vq.losses()?.commitment > 0.0);
 //! # Ok::<(), vqx::Error>(())
 //! ```
@@ -228,25 +228,22 @@ impl<G: Gpu> DeviceQuantizer<G> {
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("no forward pass has run yet".into()))
     }
-    /// The winning code per row of the last forward pass (n values on the device).
-    pub fn indices(&self) -> &G::Buf<u32> {
-        self.batch()
-            .map(|b| b.assign.indices())
-            .expect("after forward")
+    /// The winning code per row of the last forward pass (n values on the device); an error
+    /// before the first forward pass.
+    pub fn indices(&self) -> Result<&G::Buf<u32>> {
+        Ok(self.batch()?.assign.indices())
     }
     /// The winning distance per row of the last forward pass.
-    pub fn distances(&self) -> &G::Buf<f32> {
-        self.batch()
-            .map(|b| b.assign.distances())
-            .expect("after forward")
+    pub fn distances(&self) -> Result<&G::Buf<f32>> {
+        Ok(self.batch()?.assign.distances())
     }
     /// q = C[i] of the last forward pass, from the codebook the rows were assigned with.
-    pub fn quantized(&self) -> &DeviceMatrix<G> {
-        self.batch().map(|b| &b.quantized).expect("after forward")
+    pub fn quantized(&self) -> Result<&DeviceMatrix<G>> {
+        Ok(&self.batch()?.quantized)
     }
-    /// dL/dx of the last backward pass.
-    pub fn grad_x(&self) -> &DeviceMatrix<G> {
-        self.batch().map(|b| &b.grad_x).expect("after backward")
+    /// dL/dx of the last backward pass (zeros before one).
+    pub fn grad_x(&self) -> Result<&DeviceMatrix<G>> {
+        Ok(&self.batch()?.grad_x)
     }
     /// dL/dC of the last backward pass (gradient learning only).
     pub fn grad_codebook(&self) -> Option<&DeviceMatrix<G>> {

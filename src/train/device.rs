@@ -457,7 +457,7 @@ impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
         let mut quantizer_seconds = t0.elapsed().as_secs_f64();
 
         // z_st equals q in value: the decoder reads the quantized rows.
-        self.decoder.forward(g, self.quantizer.quantized().buf())?;
+        self.decoder.forward(g, self.quantizer.quantized()?.buf())?;
         mlp::recon_loss(
             g,
             self.decoder.output(),
@@ -469,13 +469,13 @@ impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
             &mut self.sq,
         )?;
         self.decoder
-            .backward(g, self.quantizer.quantized().buf(), &self.dy)?;
+            .backward(g, self.quantizer.quantized()?.buf(), &self.dy)?;
         let t1 = Instant::now();
         self.quantizer
             .backward(&self.e, self.decoder.grad_input())?;
         quantizer_seconds += t1.elapsed().as_secs_f64();
         self.encoder
-            .backward(g, self.x.buf(), self.quantizer.grad_x().buf())?;
+            .backward(g, self.x.buf(), self.quantizer.grad_x()?.buf())?;
 
         // Gradients end to end in the optimiser's order, then clipping and AdamW on the
         // device; the updated parameters go back to the layers.
