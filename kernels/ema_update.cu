@@ -34,19 +34,8 @@
 //
 // Limits: K·D < 2^63, K < 2^32, D < 2^31.
 
+#include "sums.cuh"
 #include "tiles.cuh"
-
-// 1/||row|| in f64 as inv_norm_f64 computes it (0 for a zero row): one thread, sequential.
-__device__ __forceinline__ double row_inv_norm(const float* row, long long d)
-{
-    double acc = -0.0;  // Rust's f64 sum starts from −0.0
-    for (long long j = 0; j < d; ++j) {
-        const double v = (double)row[j];
-        acc = __dadd_rn(acc, __dmul_rn(v, v));
-    }
-    const double n = sqrt(acc);
-    return n > 0.0 ? 1.0 / n : 0.0;
-}
 
 extern "C" __global__ void ema_update_f32(float* __restrict__ cluster_size,
                                           float* __restrict__ embed_avg,
@@ -97,7 +86,7 @@ extern "C" __global__ void ema_codebook_f32(const float* __restrict__ cluster_si
         for (long long j = threadIdx.x; j < d; j += blockDim.x) row[j] = __fdiv_rn(m[j], smoothed);
         if (cosine) {
             __syncthreads();  // the whole row is written before one thread sums it
-            if (threadIdx.x == 0) inv = row_inv_norm(row, d);
+            if (threadIdx.x == 0) inv = inv_norm_f64(row, d);
             __syncthreads();
             for (long long j = threadIdx.x; j < d; j += blockDim.x) {
                 row[j] = (float)__dmul_rn((double)row[j], inv);
@@ -128,7 +117,7 @@ extern "C" __global__ void reseed_f32(const float* __restrict__ x,
         if (code >= k || r >= n) continue;
         const float* src = x + r * d;
         if (cosine) {
-            if (threadIdx.x == 0) inv = row_inv_norm(src, d);
+            if (threadIdx.x == 0) inv = inv_norm_f64(src, d);
             __syncthreads();
         }
         for (long long j = threadIdx.x; j < d; j += blockDim.x) {

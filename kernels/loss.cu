@@ -22,22 +22,11 @@
 //   reduce_f64 finishes it. The host takes perplexity = exp(entropy). The device's log is
 //   within 1 ulp of the C library's: the entropy agrees to ~1e-15 relative, checked at 1e-12.
 //
-// Limits: N·D < 2^63, K < 2^63. Shapes are fixed (static_asserts below) so that a result
-// depends only on the inputs, never on the device.
+// Limits: N·D < 2^63, K < 2^63. Shapes are fixed (REDUCE_BLOCKS × REDUCE_THREADS, asserted in
+// sums.cuh and launch.rs) so that a result depends only on the inputs, never on the device.
 
+#include "sums.cuh"
 #include "tiles.cuh"
-
-static_assert((REDUCE_THREADS & (REDUCE_THREADS - 1)) == 0, "the tree halves the block");
-
-// Fixed-order tree over the block's REDUCE_THREADS values in sh; every thread must call it.
-__device__ __forceinline__ void tree_f64(double* sh)
-{
-    for (int s = REDUCE_THREADS / 2; s > 0; s >>= 1) {
-        __syncthreads();
-        if ((int)threadIdx.x < s) sh[threadIdx.x] = __dadd_rn(sh[threadIdx.x], sh[threadIdx.x + s]);
-    }
-    __syncthreads();
-}
 
 extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 sq_err_partial_f64(const float* __restrict__ x,
@@ -66,10 +55,7 @@ extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 reduce_f64(const double* __restrict__ partials, long long m, double* __restrict__ out)
 {
     __shared__ double sh[REDUCE_THREADS];
-    double acc = 0.0;
-    for (long long i = threadIdx.x; i < m; i += blockDim.x) acc = __dadd_rn(acc, partials[i]);
-    sh[threadIdx.x] = acc;
-    tree_f64(sh);
+    sum_partials_f64(partials, m, sh);
     if (threadIdx.x == 0) out[0] = sh[0];
 }
 

@@ -41,12 +41,11 @@
 //
 // Limits: n·d < 2^63; the per-row kernels' rows are < 2^63 values wide.
 
+#include "sums.cuh"
 #include "tiles.cuh"
 
 #define ACT_GELU 0  // act argument of the activation kernels: GELU (tanh form)
 #define ACT_RELU 1  // act argument of the activation kernels: ReLU
-
-static_assert((REDUCE_THREADS & (REDUCE_THREADS - 1)) == 0, "the tree halves the block");
 
 // Activation's constants: the f32 nearest to each decimal, as the Rust literals.
 #define GELU_S 0.7978846f
@@ -212,17 +211,6 @@ extern "C" __global__ void layer_norm_param_grad_f32(const float* __restrict__ d
     }
 }
 
-// loss.cu's fixed-order tree over the block's REDUCE_THREADS values (a separate translation
-// unit: its own name); every thread must call it.
-static __device__ __forceinline__ void mlp_tree_f64(double* sh)
-{
-    for (int s = REDUCE_THREADS / 2; s > 0; s >>= 1) {
-        __syncthreads();
-        if ((int)threadIdx.x < s) sh[threadIdx.x] = __dadd_rn(sh[threadIdx.x], sh[threadIdx.x + s]);
-    }
-    __syncthreads();
-}
-
 extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 recon_loss_f32(const float* __restrict__ y,
                const float* __restrict__ x,
@@ -240,6 +228,6 @@ recon_loss_f32(const float* __restrict__ y,
         dy[e] = (float)__dmul_rn(scale, t);
     }
     sh[threadIdx.x] = acc;
-    mlp_tree_f64(sh);
+    tree_f64(sh);
     if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
 }

@@ -29,9 +29,8 @@
 //
 // Limits: n < 2^63.
 
+#include "sums.cuh"
 #include "tiles.cuh"
-
-static_assert((REDUCE_THREADS & (REDUCE_THREADS - 1)) == 0, "the tree halves the block");
 
 extern "C" __global__ void __launch_bounds__(GRID_STRIDE_THREADS)
 adamw_f32(float* __restrict__ params,
@@ -67,16 +66,6 @@ adamw_f32(float* __restrict__ params,
     }
 }
 
-// Fixed-order tree over the block's REDUCE_THREADS values in sh; every thread must call it.
-__device__ __forceinline__ void optim_tree_f64(double* sh)
-{
-    for (int s = REDUCE_THREADS / 2; s > 0; s >>= 1) {
-        __syncthreads();
-        if ((int)threadIdx.x < s) sh[threadIdx.x] = __dadd_rn(sh[threadIdx.x], sh[threadIdx.x + s]);
-    }
-    __syncthreads();
-}
-
 extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 sq_sum_partial_f64(const float* __restrict__ g,
                    long long first,
@@ -92,7 +81,7 @@ sq_sum_partial_f64(const float* __restrict__ g,
         acc = __dadd_rn(acc, __dmul_rn(x, x));
     }
     sh[threadIdx.x] = acc;
-    optim_tree_f64(sh);
+    tree_f64(sh);
     if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
 }
 
@@ -100,10 +89,7 @@ extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 global_norm_f64(const double* __restrict__ partials, long long m, double* __restrict__ norm)
 {
     __shared__ double sh[REDUCE_THREADS];
-    double acc = 0.0;
-    for (long long i = threadIdx.x; i < m; i += blockDim.x) acc = __dadd_rn(acc, partials[i]);
-    sh[threadIdx.x] = acc;
-    optim_tree_f64(sh);
+    sum_partials_f64(partials, m, sh);
     if (threadIdx.x == 0) norm[0] = __dsqrt_rn(sh[0]);
 }
 

@@ -32,6 +32,7 @@
 // recheck sees, slow if most rows are flagged (bf16 on uniform data).
 
 #include "candidates.cuh"
+#include "sums.cuh"
 #include "tiles.cuh"
 
 static_assert(RECHECK_THREADS == 256, "the tree merges below assume 256 threads");
@@ -74,27 +75,13 @@ __device__ __forceinline__ double sum_lanes(const float* __restrict__ x,
     return __dadd_rn(s, tail);
 }
 
-__device__ __forceinline__ double norm_sq_seq(const float* __restrict__ v, int d) {
-    double s = 0.0;
-    for (int i = 0; i < d; ++i) {
-        const double a = (double)v[i];
-        s = __dadd_rn(s, __dmul_rn(a, a));
-    }
-    return s;
-}
-
-__device__ __forceinline__ double inv_norm(const float* __restrict__ v, int d) {
-    const double n = sqrt(norm_sq_seq(v, d));
-    return n > 0.0 ? 1.0 / n : 0.0;
-}
-
 // vqx::nearest::exact_distance before the clamp: ||x − c||² or 1 − cos(x, c).
 __device__ __forceinline__ double exact_distance(const float* __restrict__ x, double x_inv,
                                                  const float* __restrict__ c, int d,
                                                  int cosine) {
     if (!cosine) return sum_lanes<true>(x, c, d);
     const double dot = sum_lanes<false>(x, c, d);
-    return __dsub_rn(1.0, __dmul_rn(__dmul_rn(dot, x_inv), inv_norm(c, d)));
+    return __dsub_rn(1.0, __dmul_rn(__dmul_rn(dot, x_inv), inv_norm_f64(c, d)));
 }
 
 extern "C" __global__ void recheck_flag_f32(const float* __restrict__ x,
@@ -122,7 +109,7 @@ extern "C" __global__ void recheck_flag_f32(const float* __restrict__ x,
     for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < m; j += stride) {
         const long long r = use_list ? (long long)list_in[j] : j;
         const float* xr = x + r * d;
-        const double x_norm_sq = norm_sq_seq(xr, d);
+        const double x_norm_sq = sum_sq_f64(xr, d);
         const double x_norm = cosine ? 1.0 : sqrt(x_norm_sq);
         // RoundingModel's bound (vqx::nearest::Prepared::score_error); η covers underflow.
         const double eta = 2.0 * 0x1p-124 * (sqrt((double)d) * (x_norm + cm) + (double)d);
@@ -132,7 +119,7 @@ extern "C" __global__ void recheck_flag_f32(const float* __restrict__ x,
         if (!(margin > 2.0 * err)) {  // NaN margins take the exact path too
             list_out[atomicAdd(count_out, 1u)] = (unsigned int)r;
         } else if (exact_winner_distance) {
-            const double x_inv = cosine ? inv_norm(xr, d) : 0.0;
+            const double x_inv = cosine ? inv_norm_f64(xr, d) : 0.0;
             const double e = exact_distance(xr, x_inv, cb + (long long)best_idx[r] * d, d, cosine);
             dist[r] = (float)fmax(e, 0.0);
         } else {
@@ -211,7 +198,7 @@ nearest_exact_f64(const float* __restrict__ x,
     for (unsigned int j = blockIdx.x; j < m; j += gridDim.x) {
         const long long r = list[j];
         const float* xr = x + r * d;
-        const double x_inv = cosine ? inv_norm(xr, d) : 0.0;
+        const double x_inv = cosine ? inv_norm_f64(xr, d) : 0.0;
         double bd = __longlong_as_double(0x7ff0000000000000LL);  // +inf
         unsigned int bk = 0xffffffffu;
         for (long long code = threadIdx.x; code < k; code += RECHECK_THREADS) {

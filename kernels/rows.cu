@@ -21,16 +21,8 @@
 //
 // Limits: rows < 2^63, d < 2^31.
 
+#include "sums.cuh"
 #include "tiles.cuh"
-
-__device__ __forceinline__ double row_norm_sq(const float* __restrict__ v, int d) {
-    double s = 0.0;
-    for (int i = 0; i < d; ++i) {
-        const double a = (double)v[i];
-        s = __dadd_rn(s, __dmul_rn(a, a));
-    }
-    return s;
-}
 
 extern "C" __global__ void row_norms_f32(const float* __restrict__ m,
                                          float* __restrict__ norms,
@@ -40,7 +32,7 @@ extern "C" __global__ void row_norms_f32(const float* __restrict__ m,
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += stride) {
-        const double s = row_norm_sq(m + r * d, d);
+        const double s = sum_sq_f64(m + r * d, d);
         norms[r] = (float)s;
         atomicMax(max_bits, (unsigned long long)__double_as_longlong(sqrt(s)));
     }
@@ -54,8 +46,7 @@ extern "C" __global__ void normalize_rows_f32(const float* __restrict__ src,
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += stride) {
         const float* v = src + r * d;
-        const double n = sqrt(row_norm_sq(v, d));
-        const double inv = n > 0.0 ? 1.0 / n : 0.0;
+        const double inv = inv_norm_f64(v, d);
         float* o = dst + r * d;
         for (int i = 0; i < d; ++i) o[i] = (float)__dmul_rn((double)v[i], inv);
     }
