@@ -105,14 +105,18 @@ pub fn validate(x: MatRef<'_>, codebook: MatRef<'_>) -> Result<()> {
 fn check_magnitude(x: MatRef<'_>, codebook: MatRef<'_>) -> Result<()> {
     let max_abs = |m: MatRef<'_>| m.data().iter().fold(0f32, |a, &v| a.max(v.abs())) as f64;
     let (mx, mc) = (max_abs(x), max_abs(codebook));
-    let m = mx.max(mc);
-    let limit = (f32::MAX as f64 / 8.0 / (3.0 * x.cols() as f64)).sqrt();
-    if m > limit {
-        let what = if mx >= mc { "input" } else { "codebook" };
+    let what = if mx >= mc { "input" } else { "codebook" };
+    check_max_abs(what, mx.max(mc), x.cols())
+}
+
+/// Fails when `max_abs`, the largest |value| of `what` (rows of `dim` values), could overflow
+/// an f32 score (the limit derived at [`check_magnitude`]).
+pub(crate) fn check_max_abs(what: &str, max_abs: f64, dim: usize) -> Result<()> {
+    let limit = (f32::MAX as f64 / 8.0 / (3.0 * dim as f64)).sqrt();
+    if max_abs > limit {
         return Err(Error::InvalidArgument(format!(
-            "{what} has a value of magnitude {m:e}: with D = {} the f32 distances would \
-             overflow (the limit is {limit:e}); scale the data down",
-            x.cols()
+            "{what} has a value of magnitude {max_abs:e}: with D = {dim} the f32 distances would \
+             overflow (the limit is {limit:e}); scale the data down"
         )));
     }
     Ok(())

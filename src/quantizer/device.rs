@@ -27,9 +27,10 @@
 //! # Ok::<(), vqx::Error>(())
 //! ```
 
+use super::grad::check_like_forward;
 use super::{
-    CodebookLearning, Estimator, Init, QuantizerConfig, StepStats, check_codebook_shape, init,
-    step_rng,
+    CodebookLearning, Estimator, Init, QuantizerConfig, StepStats, check_codebook_dims,
+    check_codebook_shape, check_input_width, choose_reseeds, losses, seed_codebook, step_rng,
 };
 use crate::backend::cuda::launch;
 use crate::backend::cuda::sort::{self, SortScratch};
@@ -40,8 +41,7 @@ use crate::backend::cuda::{
 use crate::ema::EmaState;
 use crate::error::{Error, Result};
 use crate::matrix::Matrix;
-use crate::nearest::{Metric, normalize_rows};
-use rand::seq::SliceRandom;
+use crate::nearest::check_max_abs;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
@@ -263,13 +263,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
     ) -> Result<StepStats> {
         let x = x.into().on_device(self.backend.gpu(), "input")?;
         let (d, n) = (self.config.dim, x.rows());
-        if x.cols() != d {
-            return Err(Error::Shape {
-                what: "input width vs quantizer dimension".into(),
-                expected: format!("{d} columns"),
-                got: format!("{} columns", x.cols()),
-            });
-        }
+        check_input_width(&self.config, x.cols())?;
         if n == 0 {
             return Err(Error::Empty {
                 what: "input".into(),
@@ -278,7 +272,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
         }
         let g = self.backend.gpu();
         let max_x = x.check_finite(g, "input")?;
-        check_magnitude(max_x, d)?;
+        check_max_abs("input", max_x as f64, d)?;
         let mut batch = match self.batch.take() {
             Some(b) if b.n == n => b,
             _ => Batch::new(g, n, d, &mut self.sort_scratch)?,
@@ -465,12 +459,10 @@ impl<G: Gpu> DeviceQuantizer<G> {
         } else {
             total / (self.kept as f64 * self.config.dim as f64)
         };
+        let (commitment, codebook) = losses(&self.config, mse);
         Ok(DeviceLosses {
-            commitment: (self.config.commitment_weight as f64 * mse) as f32,
-            codebook: match self.config.learning {
-                CodebookLearning::Gradient => mse as f32,
-                CodebookLearning::Ema { .. } => 0.0,
-            },
+            commitment,
+            codebook,
         })
     }
 
@@ -503,13 +495,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
             .ok_or_else(|| Error::InvalidArgument("backward before any forward pass".into()))?;
         let n = batch.n;
         for (m, what) in [(&*x, "input"), (&*grad_output, "output gradient")] {
-            if (m.rows(), m.cols()) != (n, d) {
-                return Err(Error::Shape {
-                    what: format!("{what} vs the forward pass"),
-                    expected: format!("{n} × {d}"),
-                    got: format!("{} × {}", m.rows(), m.cols()),
-                });
-            }
+            check_like_forward(what, (m.rows(), m.cols()), (n, d))?;
         }
         grad_output.check_finite(g, "output gradient")?;
         let kept = self.kept;
@@ -581,14 +567,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
     /// Replaces the codebook (gradient learning: after the caller's optimiser step), from
     /// device memory; the norms are recomputed on the device.
     pub fn set_codebook(&mut self, codebook: &DeviceMatrix<G>) -> Result<()> {
-        let (k, d) = (self.config.codebook_size, self.config.dim);
-        if (codebook.rows(), codebook.cols()) != (k, d) {
-            return Err(Error::Shape {
-                what: "codebook vs quantizer configuration".into(),
-                expected: format!("{k} × {d}"),
-                got: format!("{} × {}", codebook.rows(), codebook.cols()),
-            });
-        }
+        check_codebook_dims(&self.config, codebook.rows(), codebook.cols())?;
         let g = self.backend.gpu();
         codebook.check_finite(g, "codebook")?;
         g.copy(
@@ -622,31 +601,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
     /// Seeds the codebook from the first batch on the host, as `VectorQuantizer::initialize`.
     fn initialize(&mut self, x: &Matrix) -> Result<()> {
         let cpu = crate::backend::CpuBackend::new();
-        let eps = match self.config.learning {
-            CodebookLearning::Ema { eps, .. } => eps,
-            CodebookLearning::Gradient => 1e-5,
-        };
-        let (codebook, ema) = match self.config.init {
-            Init::Data | Init::Given => {
-                let c = init::data_sample(x.as_ref(), self.config.codebook_size, &mut self.rng);
-                let e = EmaState::seeded(c.as_ref());
-                (c, e)
-            }
-            Init::KMeans { iters } => init::kmeans(
-                &cpu,
-                x.as_ref(),
-                self.config.codebook_size,
-                iters,
-                self.config.metric,
-                eps,
-                &mut self.rng,
-            )?,
-        };
-        let codebook = if self.config.metric == Metric::Cosine {
-            normalize_rows(codebook.as_ref())
-        } else {
-            codebook
-        };
+        let (codebook, ema) = seed_codebook(&self.config, &cpu, x.as_ref(), &mut self.rng)?;
         let g = self.backend.gpu();
         self.codebook
             .rows_mut()
@@ -690,18 +645,6 @@ impl<G: Gpu> Batch<G> {
     }
 }
 
-/// Same limit as `nearest::validate`'s: every f32 score stays finite.
-fn check_magnitude(max_abs: f32, d: usize) -> Result<()> {
-    let limit = (f32::MAX as f64 / 8.0 / (3.0 * d as f64)).sqrt();
-    if max_abs as f64 > limit {
-        return Err(Error::InvalidArgument(format!(
-            "input has a value of magnitude {max_abs:e}: with D = {d} the f32 distances would \
-             overflow (the limit is {limit:e}); scale the data down"
-        )));
-    }
-    Ok(())
-}
-
 /// The device buffers dead-code detection uses.
 struct DeadScratch<'a, G: Gpu> {
     flags: &'a mut G::Buf<u32>,
@@ -734,17 +677,10 @@ fn reseed_dead_codes<G: Gpu>(
     if n_dead == 0 || rows == 0 {
         return Ok((n_dead, 0));
     }
-    let mut dead = g.read("dead codes", s.list, 0, n_dead)?;
-    let take = n_dead.min(rows);
-    if take < n_dead {
-        dead.shuffle(rng);
-        dead.truncate(take);
-        dead.sort_unstable();
-    }
-    let picked: Vec<u32> = rand::seq::index::sample(rng, rows, take)
-        .iter()
-        .map(|r| r as u32)
-        .collect();
+    let dead = g.read("dead codes", s.list, 0, n_dead)?;
+    let (dead, picked) = choose_reseeds(dead, rows, rng);
+    let take = dead.len();
+    let picked: Vec<u32> = picked.into_iter().map(|r| r as u32).collect();
     let codes = g.upload("re-seeded codes", &dead)?;
     let from = g.upload("re-seeding rows", &picked)?;
     step::reseed(

@@ -29,13 +29,7 @@ pub(super) fn backward(
 ) -> Result<Gradients> {
     let (n, d) = (fwd.quantized.rows(), fwd.quantized.cols());
     for (what, m) in [("input", x), ("output gradient", grad_output)] {
-        if (m.rows(), m.cols()) != (n, d) {
-            return Err(Error::Shape {
-                what: format!("{what} vs the forward pass"),
-                expected: format!("{n} × {d}"),
-                got: format!("{} × {}", m.rows(), m.cols()),
-            });
-        }
+        check_like_forward(what, (m.rows(), m.cols()), (n, d))?;
     }
     grad_output.check_finite("output gradient")?;
     let q = fwd.quantized.as_ref();
@@ -88,6 +82,22 @@ pub(super) fn backward(
         }
     };
     Ok(Gradients { x: gx, codebook })
+}
+
+/// Fails unless `what`, of shape `got`, has the forward pass's shape (n × D).
+pub(super) fn check_like_forward(
+    what: &str,
+    got: (usize, usize),
+    (n, d): (usize, usize),
+) -> Result<()> {
+    if got != (n, d) {
+        return Err(Error::Shape {
+            what: format!("{what} vs the forward pass"),
+            expected: format!("{n} × {d}"),
+            got: format!("{} × {}", got.0, got.1),
+        });
+    }
+    Ok(())
 }
 
 /// The rotation trick's backward for one row: with u = x/‖x‖, q̂ = q/‖q‖,

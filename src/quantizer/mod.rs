@@ -257,14 +257,7 @@ impl VectorQuantizer {
         mask: Option<&[bool]>,
         train: bool,
     ) -> Result<Forward> {
-        let d = self.config.dim;
-        if x.cols() != d {
-            return Err(Error::Shape {
-                what: "input width vs quantizer dimension".into(),
-                expected: format!("{d} columns"),
-                got: format!("{} columns", x.cols()),
-            });
-        }
+        check_input_width(&self.config, x.cols())?;
         x.check_nonempty("input")?;
         if let Some(m) = mask
             && m.len() != x.rows()
@@ -350,16 +343,13 @@ impl VectorQuantizer {
             self.step += 1;
         }
 
-        let beta = self.config.commitment_weight as f64;
+        let (commitment_loss, codebook_loss) = losses(&self.config, mse);
         Ok(Forward {
             indices: assignment.indices,
             quantized,
             distances: assignment.distances,
-            commitment_loss: (beta * mse) as f32,
-            codebook_loss: match self.config.learning {
-                CodebookLearning::Gradient => mse as f32,
-                CodebookLearning::Ema { .. } => 0.0,
-            },
+            commitment_loss,
+            codebook_loss,
             stats: StepStats {
                 step: if train { self.step } else { 0 },
                 rows: kept,
@@ -386,24 +376,19 @@ impl VectorQuantizer {
         if threshold <= 0.0 {
             return (0, 0);
         }
-        let mut dead: Vec<usize> = (0..ema.codes())
+        let dead: Vec<usize> = (0..ema.codes())
             .filter(|&k| ema.cluster_size()[k] < threshold)
             .collect();
         let n_dead = dead.len();
-        if n_dead == 0 || x.rows() == 0 {
+        let (dead, rows) = choose_reseeds(dead, x.rows(), &mut self.rng);
+        let take = dead.len();
+        if take == 0 {
             return (n_dead, 0);
         }
-        let take = n_dead.min(x.rows());
-        if take < n_dead {
-            dead.shuffle(&mut self.rng);
-            dead.truncate(take);
-            dead.sort_unstable();
-        }
-        let rows = rand::seq::index::sample(&mut self.rng, x.rows(), take);
         let count = self.config.effective_reset_count();
         let cosine = self.config.metric == Metric::Cosine;
         let d = self.config.dim;
-        for (&k, r) in dead.iter().zip(rows.iter()) {
+        for (&k, &r) in dead.iter().zip(&rows) {
             let mut row = x.row(r).to_vec();
             if cosine {
                 crate::nearest::normalize_row(&mut row);
@@ -426,31 +411,8 @@ impl VectorQuantizer {
     }
 
     fn initialize(&mut self, x: MatRef<'_>) -> Result<()> {
-        let eps = match self.config.learning {
-            CodebookLearning::Ema { eps, .. } => eps,
-            CodebookLearning::Gradient => 1e-5,
-        };
-        let (codebook, ema) = match self.config.init {
-            Init::Data | Init::Given => {
-                let c = init::data_sample(x, self.config.codebook_size, &mut self.rng);
-                let e = EmaState::seeded(c.as_ref());
-                (c, e)
-            }
-            Init::KMeans { iters } => init::kmeans(
-                self.backend.as_ref(),
-                x,
-                self.config.codebook_size,
-                iters,
-                self.config.metric,
-                eps,
-                &mut self.rng,
-            )?,
-        };
-        self.codebook = if self.config.metric == Metric::Cosine {
-            normalize_rows(codebook.as_ref())
-        } else {
-            codebook
-        };
+        let (codebook, ema) = seed_codebook(&self.config, self.backend.as_ref(), x, &mut self.rng)?;
+        self.codebook = codebook;
         if self.ema.is_some() {
             self.ema = Some(ema);
         }
@@ -477,14 +439,100 @@ fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
 }
 
 fn check_codebook_shape(config: &QuantizerConfig, codebook: &Matrix) -> Result<()> {
-    if (codebook.rows(), codebook.cols()) != (config.codebook_size, config.dim) {
+    check_codebook_dims(config, codebook.rows(), codebook.cols())
+}
+
+/// A codebook of `rows` × `cols` fits the configuration (K × D).
+fn check_codebook_dims(config: &QuantizerConfig, rows: usize, cols: usize) -> Result<()> {
+    if (rows, cols) != (config.codebook_size, config.dim) {
         return Err(Error::Shape {
             what: "codebook vs quantizer configuration".into(),
             expected: format!("{} × {}", config.codebook_size, config.dim),
-            got: format!("{} × {}", codebook.rows(), codebook.cols()),
+            got: format!("{rows} × {cols}"),
         });
     }
     Ok(())
+}
+
+/// Input rows of `cols` values fit the quantizer's dimension.
+fn check_input_width(config: &QuantizerConfig, cols: usize) -> Result<()> {
+    let d = config.dim;
+    if cols != d {
+        return Err(Error::Shape {
+            what: "input width vs quantizer dimension".into(),
+            expected: format!("{d} columns"),
+            got: format!("{cols} columns"),
+        });
+    }
+    Ok(())
+}
+
+/// (commitment loss β·mse, codebook loss: mse under gradient learning, 0 under EMA) of a pass
+/// whose mean squared error over the kept rows is `mse`.
+fn losses(config: &QuantizerConfig, mse: f64) -> (f32, f32) {
+    let codebook = match config.learning {
+        CodebookLearning::Gradient => mse as f32,
+        CodebookLearning::Ema { .. } => 0.0,
+    };
+    ((config.commitment_weight as f64 * mse) as f32, codebook)
+}
+
+/// Which of the `dead` codes (in increasing order) to re-seed this step, and from which of
+/// `rows` batch rows: all of them from distinct rows, or, with more dead codes than rows, a
+/// random subset now and the rest on later steps. The draws from `rng` are the one sequence
+/// both the CPU and the device layer take, so both re-seed the same codes from the same rows.
+fn choose_reseeds<T: Ord>(
+    mut dead: Vec<T>,
+    rows: usize,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<T>, Vec<usize>) {
+    if dead.is_empty() || rows == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let take = dead.len().min(rows);
+    if take < dead.len() {
+        dead.shuffle(rng);
+        dead.truncate(take);
+        dead.sort_unstable();
+    }
+    let picked = rand::seq::index::sample(rng, rows, take).into_vec();
+    (dead, picked)
+}
+
+/// The codebook seeded from the first training batch `x` (data sampling or k-means++, as
+/// configured; normalised under cosine) and the EMA state that goes with it.
+fn seed_codebook(
+    config: &QuantizerConfig,
+    backend: &dyn Backend,
+    x: MatRef<'_>,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Matrix, EmaState)> {
+    let eps = match config.learning {
+        CodebookLearning::Ema { eps, .. } => eps,
+        CodebookLearning::Gradient => 1e-5,
+    };
+    let (codebook, ema) = match config.init {
+        Init::Data | Init::Given => {
+            let c = init::data_sample(x, config.codebook_size, rng);
+            let e = EmaState::seeded(c.as_ref());
+            (c, e)
+        }
+        Init::KMeans { iters } => init::kmeans(
+            backend,
+            x,
+            config.codebook_size,
+            iters,
+            config.metric,
+            eps,
+            rng,
+        )?,
+    };
+    let codebook = if config.metric == Metric::Cosine {
+        normalize_rows(codebook.as_ref())
+    } else {
+        codebook
+    };
+    Ok((codebook, ema))
 }
 
 /// The rows of `x` named by `rows`, in that order.
