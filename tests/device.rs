@@ -396,3 +396,26 @@ on_devices! {
         assert!(matches!(gpu.gemm(bad, &mut out, &a, &c), Err(Error::Shape { .. })), "{test}: inner dimensions");
     }
 }
+
+on_devices! {
+    /// Copies into, within and out of device buffers check their ranges on every device (the
+    /// trait checks once; each device only copies), and copy what they say.
+    fn buffer_copies_check_their_ranges<G>(test, dev) {
+        let b = dev.backend(Precision::Exact);
+        let gpu = b.gpu();
+        let mut buf = gpu.upload("buf", &[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+        let mut other = gpu.alloc_zeros::<f32>("other", 3).unwrap();
+        let e = gpu.write("w", &mut other, &[0.0; 4]).unwrap_err();
+        assert!(e.to_string().contains("writing w: 4 elements into a buffer of 3"), "{test}: {e}");
+        let e = gpu.copy_range("c", &buf, 2, &mut other, 0, 3).unwrap_err();
+        assert!(e.to_string().contains("copying c: 3 elements from 2 of 4 to 0 of 3"), "{test}: {e}");
+        assert!(gpu.copy_range("c", &buf, 0, &mut other, 1, 3).is_err(), "{test}: past dst");
+        assert!(gpu.copy_range("c", &buf, usize::MAX, &mut other, 0, 2).is_err(), "{test}: overflow");
+        let e = gpu.read("r", &buf, 3, 2).unwrap_err();
+        assert!(e.to_string().contains("reading r: elements 3..+2 of a buffer of 4"), "{test}: {e}");
+        gpu.copy_range("c", &buf, 1, &mut other, 0, 3).unwrap();
+        assert_eq!(gpu.download("other", &other).unwrap(), vec![2.0, 3.0, 4.0], "{test}");
+        gpu.write("w", &mut buf, &[9.0, 8.0]).unwrap();
+        assert_eq!(gpu.read("r", &buf, 1, 3).unwrap(), vec![8.0, 3.0, 4.0], "{test}");
+    }
+}

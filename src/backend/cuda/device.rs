@@ -5,7 +5,7 @@
 
 use super::kernels::KernelId;
 use crate::backend::{Device, Transfers};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -96,6 +96,11 @@ impl GemmShape {
     }
 }
 
+/// Whether `start..start + len` lies inside a buffer of `buf_len` elements.
+fn fits(start: usize, len: usize, buf_len: usize) -> bool {
+    start.checked_add(len).is_some_and(|end| end <= buf_len)
+}
+
 /// The bytes a device has copied each way; every [`Gpu::upload`] and [`Gpu::download`] counts.
 #[derive(Debug, Default)]
 pub struct TransferCounter {
@@ -161,7 +166,16 @@ pub trait Gpu: Send + Sync + 'static {
     fn zero<T: Elem>(&self, what: &str, buf: &mut Self::Buf<T>) -> Result<()>;
     /// Copies `src` into the start of `dst` (which must hold at least `src.len()` elements),
     /// reusing the allocation; counted as host → device bytes.
-    fn write<T: Elem>(&self, what: &str, dst: &mut Self::Buf<T>, src: &[T]) -> Result<()>;
+    fn write<T: Elem>(&self, what: &str, dst: &mut Self::Buf<T>, src: &[T]) -> Result<()> {
+        let len = self.len(dst);
+        if src.len() > len {
+            return Err(Error::InvalidArgument(format!(
+                "writing {what}: {} elements into a buffer of {len}",
+                src.len()
+            )));
+        }
+        self.write_checked(what, dst, src)
+    }
     /// Copies all of `src` into the start of `dst` on the device (no bytes cross the bus).
     fn copy<T: Elem>(&self, what: &str, src: &Self::Buf<T>, dst: &mut Self::Buf<T>) -> Result<()> {
         let len = self.len(src);
@@ -176,9 +190,45 @@ pub trait Gpu: Send + Sync + 'static {
         dst: &mut Self::Buf<T>,
         dst_at: usize,
         len: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let (src_len, dst_len) = (self.len(src), self.len(dst));
+        if !fits(src_at, len, src_len) || !fits(dst_at, len, dst_len) {
+            return Err(Error::InvalidArgument(format!(
+                "copying {what}: {len} elements from {src_at} of {src_len} to {dst_at} of {dst_len}"
+            )));
+        }
+        self.copy_range_checked(what, src, src_at, dst, dst_at, len)
+    }
     /// Copies elements `start..start + len` of `buf` to the host.
     fn read<T: Elem>(
+        &self,
+        what: &str,
+        buf: &Self::Buf<T>,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        if !fits(start, len, self.len(buf)) {
+            return Err(Error::InvalidArgument(format!(
+                "reading {what}: elements {start}..+{len} of a buffer of {}",
+                self.len(buf)
+            )));
+        }
+        self.read_checked(what, buf, start, len)
+    }
+    /// [`Gpu::write`] once `src.len() ≤ len(dst)` is known.
+    fn write_checked<T: Elem>(&self, what: &str, dst: &mut Self::Buf<T>, src: &[T]) -> Result<()>;
+    /// [`Gpu::copy_range`] once both ranges are known to lie inside their buffers.
+    fn copy_range_checked<T: Elem>(
+        &self,
+        what: &str,
+        src: &Self::Buf<T>,
+        src_at: usize,
+        dst: &mut Self::Buf<T>,
+        dst_at: usize,
+        len: usize,
+    ) -> Result<()>;
+    /// [`Gpu::read`] once the range is known to lie inside the buffer.
+    fn read_checked<T: Elem>(
         &self,
         what: &str,
         buf: &Self::Buf<T>,

@@ -252,21 +252,14 @@ impl Gpu for CudaGpu {
         self.stream.memset_zeros(buf).op(&format!("zeroing {what}"))
     }
 
-    fn write<T: Elem>(&self, what: &str, dst: &mut CudaSlice<T>, src: &[T]) -> Result<()> {
-        let len = dst.len();
-        let mut view = dst.try_slice_mut(..src.len()).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "writing {what}: {} elements into a buffer of {len}",
-                src.len()
-            ))
-        })?;
+    fn write_checked<T: Elem>(&self, what: &str, dst: &mut CudaSlice<T>, src: &[T]) -> Result<()> {
         self.transfers.host_to_device::<T>(src.len());
         self.stream
-            .memcpy_htod(src, &mut view)
+            .memcpy_htod(src, &mut dst.slice_mut(..src.len()))
             .op(&format!("writing {what} ({} elements)", src.len()))
     }
 
-    fn copy_range<T: Elem>(
+    fn copy_range_checked<T: Elem>(
         &self,
         what: &str,
         src: &CudaSlice<T>,
@@ -275,44 +268,24 @@ impl Gpu for CudaGpu {
         dst_at: usize,
         len: usize,
     ) -> Result<()> {
-        let (src_len, dst_len) = (src.len(), dst.len());
-        let out_of_range = || {
-            Error::InvalidArgument(format!(
-                "copying {what}: {len} elements from {src_at} of {src_len} to {dst_at} of {dst_len}"
-            ))
-        };
-        let from = src_at
-            .checked_add(len)
-            .and_then(|e| src.try_slice(src_at..e))
-            .ok_or_else(out_of_range)?;
-        let mut to = dst_at
-            .checked_add(len)
-            .and_then(|e| dst.try_slice_mut(dst_at..e))
-            .ok_or_else(out_of_range)?;
         self.stream
-            .memcpy_dtod(&from, &mut to)
+            .memcpy_dtod(
+                &src.slice(src_at..src_at + len),
+                &mut dst.slice_mut(dst_at..dst_at + len),
+            )
             .op(&format!("copying {what} on the device ({len} elements)"))
     }
 
-    fn read<T: Elem>(
+    fn read_checked<T: Elem>(
         &self,
         what: &str,
         buf: &CudaSlice<T>,
         start: usize,
         len: usize,
     ) -> Result<Vec<T>> {
-        let view = start
-            .checked_add(len)
-            .and_then(|end| buf.try_slice(start..end))
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "reading {what}: elements {start}..+{len} of a buffer of {}",
-                    buf.len()
-                ))
-            })?;
         self.transfers.device_to_host::<T>(len);
         self.stream
-            .clone_dtoh(&view)
+            .clone_dtoh(&buf.slice(start..start + len))
             .op(&format!("reading {what} ({len} elements)"))
     }
 

@@ -199,64 +199,34 @@ impl Gpu for EmuGpu {
         Ok(())
     }
 
-    fn write<T: Elem>(&self, what: &str, dst: &mut EmuBuf<T>, src: &[T]) -> Result<()> {
-        let len = dst.len();
-        let dst = dst.data.get_mut(..src.len()).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "writing {what}: {} elements into a buffer of {len}",
-                src.len()
-            ))
-        })?;
+    fn write_checked<T: Elem>(&self, _what: &str, dst: &mut EmuBuf<T>, src: &[T]) -> Result<()> {
         self.transfers.host_to_device::<T>(src.len());
-        dst.copy_from_slice(src);
+        dst.data[..src.len()].copy_from_slice(src);
         Ok(())
     }
 
-    fn copy_range<T: Elem>(
+    fn copy_range_checked<T: Elem>(
         &self,
-        what: &str,
+        _what: &str,
         src: &EmuBuf<T>,
         src_at: usize,
         dst: &mut EmuBuf<T>,
         dst_at: usize,
         len: usize,
     ) -> Result<()> {
-        let (src_len, dst_len) = (src.len(), dst.len());
-        let out_of_range = || {
-            Error::InvalidArgument(format!(
-                "copying {what}: {len} elements from {src_at} of {src_len} to {dst_at} of {dst_len}"
-            ))
-        };
-        let from = src_at
-            .checked_add(len)
-            .and_then(|e| src.data.get(src_at..e))
-            .ok_or_else(out_of_range)?;
-        let to = dst_at
-            .checked_add(len)
-            .and_then(|e| dst.data.get_mut(dst_at..e))
-            .ok_or_else(out_of_range)?;
-        to.copy_from_slice(from);
+        dst.data[dst_at..dst_at + len].copy_from_slice(&src.data[src_at..src_at + len]);
         Ok(())
     }
 
-    fn read<T: Elem>(
+    fn read_checked<T: Elem>(
         &self,
-        what: &str,
+        _what: &str,
         buf: &EmuBuf<T>,
         start: usize,
         len: usize,
     ) -> Result<Vec<T>> {
-        let part = start
-            .checked_add(len)
-            .and_then(|end| buf.data.get(start..end))
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "reading {what}: elements {start}..+{len} of a buffer of {}",
-                    buf.len()
-                ))
-            })?;
         self.transfers.device_to_host::<T>(len);
-        Ok(part.to_vec())
+        Ok(buf.data[start..start + len].to_vec())
     }
 
     unsafe fn borrow_raw<T: Elem>(&self, ptr: u64, len: usize) -> EmuBuf<T> {
