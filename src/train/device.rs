@@ -73,7 +73,7 @@ struct Layer<G: Gpu> {
     /// The layer norm after this linear layer (hidden layers of an MLP with norms).
     norm: Option<Norm<G>>,
     /// x·Wᵀ + b (B × outputs).
-    linear_out: G::Buf<f32>,
+    linear_out: DeviceMatrix<G>,
     /// The activation's output (B × outputs; hidden layers only): the next layer's input.
     activated: G::Buf<f32>,
     /// dL/d(input) (B × inputs).
@@ -92,6 +92,17 @@ struct Norm<G: Gpu> {
     out: G::Buf<f32>,
     normalized: G::Buf<f32>,
     inv_std: G::Buf<f32>,
+}
+
+/// The activation's input: the layer norm's output, or the linear output without a norm.
+fn pre_activation<'a, G: Gpu>(
+    norm: &'a Option<Norm<G>>,
+    linear_out: &'a DeviceMatrix<G>,
+) -> &'a G::Buf<f32> {
+    match norm {
+        Some(n) => &n.out,
+        None => linear_out.buf(),
+    }
 }
 
 impl<G: Gpu> DeviceMlp<G> {
@@ -123,7 +134,7 @@ impl<G: Gpu> DeviceMlp<G> {
                     grad_weight: g.alloc_zeros("dL/dW", inp * out)?,
                     grad_bias: g.alloc_zeros("dL/db", out)?,
                     norm,
-                    linear_out: g.alloc_zeros("linear output", batch * out)?,
+                    linear_out: DeviceMatrix::zeros(g, "linear output", batch, out)?,
                     activated: g
                         .alloc_zeros("activation", if i < last { batch * out } else { 0 })?,
                     grad_input: DeviceMatrix::zeros(g, "dL/dx", batch, inp)?,
@@ -197,7 +208,7 @@ impl<G: Gpu> DeviceMlp<G> {
                 None => x,
             };
             let l = &mut rest[0];
-            mlp::bias_rows(g, &l.bias, b, l.outputs, &mut l.linear_out)?;
+            mlp::bias_rows(g, &l.bias, b, l.outputs, l.linear_out.buf_mut())?;
             let shape = GemmShape {
                 a: (b, l.inputs),
                 ta: false,
@@ -205,14 +216,14 @@ impl<G: Gpu> DeviceMlp<G> {
                 tb: true,
                 accumulate: true,
             };
-            g.gemm(shape, &mut l.linear_out, input, &l.weight)?;
+            g.gemm(shape, l.linear_out.buf_mut(), input, &l.weight)?;
             if i == last {
                 break;
             }
             if let Some(n) = &mut l.norm {
                 mlp::layer_norm_forward(
                     g,
-                    &l.linear_out,
+                    l.linear_out.buf(),
                     &n.gamma,
                     &n.beta,
                     b,
@@ -222,17 +233,14 @@ impl<G: Gpu> DeviceMlp<G> {
                     &mut n.inv_std,
                 )?;
             }
-            let pre = match &l.norm {
-                Some(n) => &n.out,
-                None => &l.linear_out,
-            };
+            let pre = pre_activation(&l.norm, &l.linear_out);
             mlp::activation_forward(g, act, pre, b * l.outputs, &mut l.activated)?;
         }
         Ok(())
     }
 
     /// The output of the last forward pass (B × outputs).
-    fn output(&self) -> &G::Buf<f32> {
+    fn output(&self) -> &DeviceMatrix<G> {
         &self.layers.last().expect("an MLP has a layer").linear_out
     }
 
@@ -254,10 +262,7 @@ impl<G: Gpu> DeviceMlp<G> {
             let d_out: &G::Buf<f32> = match after.first() {
                 None => dy,
                 Some(next) => {
-                    let pre = match &l.norm {
-                        Some(n) => &n.out,
-                        None => &l.linear_out,
-                    };
+                    let pre = pre_activation(&l.norm, &l.linear_out);
                     mlp::activation_backward(
                         g,
                         act,
@@ -343,8 +348,6 @@ pub(crate) struct DeviceTrainer<G: Gpu> {
     norm: G::Buf<f64>,
     /// The codebook after the optimiser's step (gradient learning).
     codebook: DeviceMatrix<G>,
-    /// The encoder's output, as the quantizer's input.
-    e: DeviceMatrix<G>,
 }
 
 impl<G: Gpu> DeviceTrainer<G> {
@@ -421,7 +424,6 @@ impl<G: Gpu> DeviceTrainer<G> {
             clip_scratch: g.alloc_zeros("norm partials", CLIP_SCRATCH_LEN)?,
             norm: g.alloc_zeros("gradient norm", 1)?,
             codebook: DeviceMatrix::zeros(g, "codebook", k, code_dim)?,
-            e: DeviceMatrix::zeros(g, "encoder output", batch, code_dim)?,
             backend,
         })
     }
@@ -450,17 +452,15 @@ impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
         launch::gather(g, self.data.buf(), &self.rows, self.x.buf_mut(), b, d)?;
 
         self.encoder.forward(g, self.x.buf())?;
-        // The encoder's output as the quantizer's input matrix: a device copy, no transfer.
-        g.copy("encoder output", self.encoder.output(), self.e.buf_mut())?;
         let t0 = Instant::now();
-        let stats = self.quantizer.forward(&self.e, None, true)?;
+        let stats = self.quantizer.forward(self.encoder.output(), None, true)?;
         let mut quantizer_seconds = t0.elapsed().as_secs_f64();
 
         // z_st equals q in value: the decoder reads the quantized rows.
         self.decoder.forward(g, self.quantizer.quantized()?.buf())?;
         mlp::recon_loss(
             g,
-            self.decoder.output(),
+            self.decoder.output().buf(),
             self.x.buf(),
             b,
             d,
@@ -472,7 +472,7 @@ impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
             .backward(g, self.quantizer.quantized()?.buf(), &self.dy)?;
         let t1 = Instant::now();
         self.quantizer
-            .backward(&self.e, self.decoder.grad_input())?;
+            .backward(self.encoder.output(), self.decoder.grad_input())?;
         quantizer_seconds += t1.elapsed().as_secs_f64();
         self.encoder
             .backward(g, self.x.buf(), self.quantizer.grad_x()?.buf())?;
