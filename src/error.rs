@@ -53,16 +53,57 @@ pub enum Error {
     /// missing or misshapen tensor, unknown keys, bad metadata.
     #[error("{path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
+    /// A failure that is not the input's fault: encoding JSON, drawing a plot, a library
+    /// vqx calls reporting an error of its own.
+    #[error("{what} failed: {msg}")]
+    Internal { what: String, msg: String },
 }
 
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O failure on `path`.
+    ///
+    /// ```
+    /// let e = vqx::Error::io("codes.npy", std::io::ErrorKind::NotFound.into());
+    /// assert!(e.to_string().starts_with("codes.npy: "));
+    /// ```
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
+    }
+
+    /// A failure of `what` (say "encoding the summary as JSON") that is not the input's fault.
+    ///
+    /// ```
+    /// let e = vqx::Error::internal("drawing the plot", "font not found");
+    /// assert_eq!(e.to_string(), "drawing the plot failed: font not found");
+    /// ```
+    pub fn internal(what: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Error::Internal {
+            what: what.into(),
+            msg: msg.to_string(),
+        }
+    }
+}
+
+/// Attaches the path an I/O operation was on: `std::fs::read(p).at(p)?`.
+///
+/// ```
+/// use vqx::error::IoContext;
+/// let err = std::fs::read("/no/such/file.npy").at("/no/such/file.npy").unwrap_err();
+/// assert!(err.to_string().starts_with("/no/such/file.npy: "));
+/// ```
+pub trait IoContext<T> {
+    /// This result, its error as an [`Error::Io`] on `path`.
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
     }
 }

@@ -18,6 +18,7 @@
 //! # Ok::<(), vqx::Error>(())
 //! ```
 
+pub mod atomic;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;

@@ -42,7 +42,6 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Element type of a matrix file vqx can read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -358,20 +357,6 @@ fn read_1d<T: npyz::Deserialize>(path: &Path, want: &str) -> Result<Vec<T>> {
         .map_err(|e| npy_err(path, format!("cannot read data: {e}")))
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A temporary path next to `path`, unique within this process and across processes.
-fn temp_path_for(path: &Path) -> Result<PathBuf> {
-    let name = path.file_name().ok_or_else(|| {
-        Error::InvalidArgument(format!("{} does not name a file", path.display()))
-    })?;
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut tmp = std::ffi::OsString::from(".");
-    tmp.push(name);
-    tmp.push(format!(".vqx-tmp-{}-{n}", std::process::id()));
-    Ok(path.with_file_name(tmp))
-}
-
 /// An `.npy` file written in appended chunks, published atomically by [`Self::finish`].
 ///
 /// The total shape is written in the header up front; `finish` checks that exactly that many
@@ -401,7 +386,7 @@ impl<T: npyz::AutoSerialize> NpyStreamWriter<T> {
     /// f32) at `path`.
     pub fn create(path: impl AsRef<Path>, shape: &[u64]) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let tmp = temp_path_for(&path)?;
+        let tmp = crate::atomic::temp_path(&path)?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -478,12 +463,9 @@ impl<T: npyz::AutoSerialize> NpyStreamWriter<T> {
             .take()
             .ok_or_else(|| Error::InvalidArgument("writer already finished".into()))?;
         inner.finish().map_err(|e| Error::io(&self.path, e))?;
-        // The npyz writer owns (and has now closed) the file; reopen it to push it to disk
-        // before the rename makes it visible.
-        File::open(&self.tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(&self.path, e))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        // The npyz writer owns (and has now closed) the file; `publish` reopens it to push it
+        // to disk before the rename makes it visible.
+        crate::atomic::publish(&self.tmp, &self.path)?;
         // Nothing left to clean up.
         self.tmp = PathBuf::new();
         Ok(())

@@ -101,17 +101,14 @@ pub fn run(args: Args) -> Result<()> {
     let report = vqx::bench::run(backend.as_ref(), &cfg)?;
     let text = if args.json {
         let mut t = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode JSON: {e}")))?;
+            .map_err(|e| Error::internal("encoding the report as JSON", e))?;
         t.push('\n');
         t
     } else {
         report.render_text()
     };
     match &args.output {
-        Some(path) => std::fs::write(path, text).map_err(|e| Error::Io {
-            path: path.clone(),
-            source: e,
-        }),
+        Some(path) => vqx::atomic::write_atomic(path, text.as_bytes()),
         None => {
             print!("{text}");
             Ok(())

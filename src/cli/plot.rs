@@ -205,7 +205,7 @@ pub fn run(args: Args) -> Result<()> {
     let title = format!("vqx train: {}", args.dir.display());
     let text = svg(&s, &title)?;
     let out = args.output.unwrap_or_else(|| args.dir.join("curves.svg"));
-    vqx::checkpoint::write_atomic(&out, text.as_bytes())?;
+    vqx::atomic::write_atomic(&out, text.as_bytes())?;
     eprintln!(
         "plotted {} steps ({} held-out evaluations) to {}",
         s.loss.len(),

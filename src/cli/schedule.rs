@@ -4,7 +4,7 @@
 use plotters::prelude::*;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use vqx::schedule::{NoiseSchedule, Schedule, sample_rates};
 use vqx::{Error, Result};
 
@@ -105,7 +105,7 @@ pub fn run(args: Args) -> Result<()> {
 
     if let (Some(path), Some(draws)) = (&args.plot, &samples) {
         let svg = plot_svg(&schedules, draws, args.seed)?;
-        write_file_atomically(path, svg.as_bytes())?;
+        vqx::atomic::write_atomic(path, svg.as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -322,27 +322,4 @@ fn density_panel<DB: DrawingBackend>(
         .draw()
         .map_err(plot_error)?;
     Ok(())
-}
-
-/// Writes to a temporary file beside `path`, then renames it: a failed run never leaves a
-/// half-written plot.
-fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().ok_or_else(|| {
-        Error::InvalidArgument(format!("--plot {} names no file", path.display()))
-    })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".vqx-tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::Io {
-        path: tmp.clone(),
-        source: e,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }
-    })
 }

@@ -3,7 +3,8 @@
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::PathBuf;
-use vqx::checkpoint::{CodebookFormat, LoadedCodebook, load_codebook, write_atomic};
+use vqx::atomic::write_atomic;
+use vqx::checkpoint::{CodebookFormat, LoadedCodebook, load_codebook};
 use vqx::usage::{CountDistribution, perplexity};
 use vqx::{Error, Result};
 

@@ -237,7 +237,7 @@ fn reopen_metrics(path: &Path, step: u64) -> Result<std::fs::File> {
     if !text.is_empty() {
         text.push('\n');
     }
-    vqx::checkpoint::write_atomic(path, text.as_bytes())?;
+    vqx::atomic::write_atomic(path, text.as_bytes())?;
     std::fs::OpenOptions::new()
         .append(true)
         .open(path)
@@ -278,7 +278,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let config_json = serde_json::to_string_pretty(&trainer.config)
         .map_err(|e| Error::InvalidArgument(format!("cannot encode the configuration: {e}")))?;
-    vqx::checkpoint::write_atomic(&dir.join("config.json"), config_json.as_bytes())?;
+    vqx::atomic::write_atomic(&dir.join("config.json"), config_json.as_bytes())?;
     let ckpt_path = dir.join(train::CHECKPOINT_FILE);
     let metrics_path = dir.join(METRICS_FILE);
     let mut metrics = std::io::BufWriter::new(reopen_metrics(&metrics_path, trainer.step)?);
@@ -409,7 +409,7 @@ pub fn run(args: Args) -> Result<()> {
     });
     let text = serde_json::to_string_pretty(&summary)
         .map_err(|e| Error::InvalidArgument(format!("summary: {e}")))?;
-    vqx::checkpoint::write_atomic(&dir.join("summary.json"), text.as_bytes())?;
+    vqx::atomic::write_atomic(&dir.join("summary.json"), text.as_bytes())?;
     eprintln!(
         "trained {} steps in {:.1} s ({per_step_ms:.2} ms/step, {:.1}% in the quantizer on {}); \
          held-out reconstruction MSE {eval:.5}; last batch perplexity {:.1}, used {}/{k}; \

@@ -1,5 +1,5 @@
 //! Training checkpoints: one safetensors file holding the whole run's state, written
-//! atomically ([`crate::checkpoint::write_atomic`]).
+//! atomically ([`crate::atomic::write_atomic`]).
 //!
 //! | tensor | |
 //! |---|---|
@@ -115,7 +115,7 @@ pub fn save_trainer(t: &mut Trainer, path: &Path) -> Result<()> {
     ]);
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| Error::InvalidArgument(format!("checkpoint: cannot serialize: {e}")))?;
-    crate::checkpoint::write_atomic(path, &bytes)
+    crate::atomic::write_atomic(path, &bytes)
 }
 
 fn err(path: &Path, msg: impl Into<String>) -> Error {
