@@ -1,23 +1,23 @@
 //! `vqx bench`: time the primitives against the machine's floors.
 
+use super::args::{CpuKernelChoice, Scoring, choice, count};
 use std::path::PathBuf;
 use vqx::backend::{Backend, CpuBackend, Device, select_with_precision};
 use vqx::bench::{BenchConfig, BenchShape};
-use vqx::nearest::Precision;
 use vqx::nearest::cpu::CpuKernel;
-use vqx::{Error, Metric, Result};
+use vqx::{Error, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Rows N (with --dim and --codebook-size; default: the shapes of SPEC §7, N scaled down on
     /// the CPU).
-    #[arg(long, requires_all = ["dim", "codebook_size"])]
+    #[arg(long, requires_all = ["dim", "codebook_size"], value_parser = count::<usize>)]
     pub n: Option<usize>,
     /// Vector width D.
-    #[arg(long, requires_all = ["n", "codebook_size"])]
+    #[arg(long, requires_all = ["n", "codebook_size"], value_parser = count::<usize>)]
     pub dim: Option<usize>,
     /// Codebook size K.
-    #[arg(long, requires_all = ["n", "dim"])]
+    #[arg(long, requires_all = ["n", "dim"], value_parser = count::<usize>)]
     pub codebook_size: Option<usize>,
     /// Time on this input (.npy, N×D) instead of random data; needs --codebook.
     #[arg(long, requires = "codebook", conflicts_with_all = ["n", "dim", "codebook_size"])]
@@ -25,23 +25,13 @@ pub struct Args {
     /// Codebook (K×D: .npy, vqx checkpoint or safetensors state dict) to time with --input.
     #[arg(long, requires = "input")]
     pub codebook: Option<PathBuf>,
-    /// CPU nearest kernel: auto (AVX-512 where the CPU has it), avx512 or portable.
-    #[arg(long, default_value = "auto")]
-    pub cpu_kernel: CpuKernel,
-    /// Distance: l2 or cosine.
-    #[arg(long, default_value = "l2")]
-    pub metric: Metric,
-    /// Backend: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking).
-    #[arg(long, default_value = "auto")]
-    pub device: Device,
-    /// Arithmetic of the nearest-code scores: exact (f32), tf32 or bf16 (tensor cores, CUDA
-    /// only; refused on the CPU). Every precision returns the exact indices: rows whose margin
-    /// is inside the precision's rounding bound are recomputed exactly. Default exact, until a
-    /// GPU run shows a re-checked tensor-core path is faster (docs/gpu.md).
-    #[arg(long, default_value = "exact")]
-    pub precision: Precision,
+    /// CPU nearest kernel (with --device cpu).
+    #[arg(long, default_value = "auto", value_parser = choice::<CpuKernelChoice>())]
+    pub cpu_kernel: CpuKernelChoice,
+    #[command(flatten)]
+    pub scoring: Scoring,
     /// Timed runs per primitive (after one warm-up); the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = count::<usize>)]
     pub reps: usize,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = BenchConfig::default().seed)]
@@ -55,18 +45,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let (device, precision) = (args.scoring.device(), args.scoring.precision());
     let mut cfg = BenchConfig {
-        metric: args.metric,
-        reps: args.reps.max(1),
+        metric: args.scoring.metric(),
+        reps: args.reps,
         seed: args.seed,
         ..BenchConfig::default()
     };
     if let (Some(n), Some(dim), Some(codes)) = (args.n, args.dim, args.codebook_size) {
-        if n == 0 || dim == 0 || codes == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "--n, --dim and --codebook-size must be positive (got {n}, {dim}, {codes})"
-            )));
-        }
         cfg.shapes = vec![BenchShape { n, dim, codes }];
         cfg.scale_for_cpu = false;
     }
@@ -82,16 +68,13 @@ pub fn run(args: Args) -> Result<()> {
         }
         cfg.data = Some((x, codebook));
     }
-    let backend: Box<dyn Backend> = match (args.device, args.cpu_kernel) {
-        (_, CpuKernel::Auto) => select_with_precision(args.device, args.precision)?,
-        (Device::Cpu, _) if args.precision != Precision::Exact => {
-            return Err(Error::InvalidArgument(format!(
-                "--precision {} needs the CUDA backend (tensor cores); --device cpu was asked \
-                 for. Use --precision exact on the CPU.",
-                args.precision
-            )));
+    let backend: Box<dyn Backend> = match (device, CpuKernel::from(args.cpu_kernel)) {
+        (_, CpuKernel::Auto) => select_with_precision(device, precision)?,
+        (Device::Cpu, kernel) => {
+            // Refuses tf32 and bf16 on the CPU, with the library's advice.
+            select_with_precision(Device::Cpu, precision)?;
+            Box::new(CpuBackend::with_kernel(kernel))
         }
-        (Device::Cpu, kernel) => Box::new(CpuBackend::with_kernel(kernel)),
         (device, kernel) => {
             return Err(Error::InvalidArgument(format!(
                 "--cpu-kernel {kernel} needs --device cpu (got --device {device})"
@@ -100,8 +83,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let report = vqx::bench::run(backend.as_ref(), &cfg)?;
     let text = if args.json {
-        let mut t = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::internal("encoding the report as JSON", e))?;
+        let mut t = super::report::json(&report, "the report")?;
         t.push('\n');
         t
     } else {

@@ -1,73 +1,48 @@
 //! `vqx encode` (vectors → tokens) and `vqx decode` (tokens → vectors) with a model trained by
 //! `vqx train`.
 
-use std::path::{Path, PathBuf};
-use vqx::backend::Device;
+use super::args::{OnDevice, count};
+use std::path::PathBuf;
 use vqx::model::VqVae;
 use vqx::npy::{NpyMatrixReader, NpyStreamWriter};
 use vqx::{Error, Result};
 
+/// What `vqx encode` and `vqx decode` take (each command says what its input, output and
+/// chunks are).
 #[derive(Debug, clap::Args)]
-pub struct EncodeArgs {
+pub struct Args {
     /// The run directory `vqx train` wrote (or its checkpoint.safetensors).
     #[arg(long)]
     pub model: PathBuf,
-    /// Vectors (.npy, N×D, f32 or f16), D the model's data dimension.
+    /// Vectors (encode) or tokens (decode).
     #[arg(long)]
     pub input: PathBuf,
-    /// Tokens to write (.npy, int64, N).
+    /// Tokens (encode) or vectors (decode) to write.
     #[arg(long, short)]
     pub output: PathBuf,
-    /// Quantizer backend: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking).
-    #[arg(long, default_value = "auto")]
-    pub device: Device,
-    /// Rows per chunk.
-    #[arg(long, default_value_t = 65536)]
+    #[command(flatten)]
+    pub on: OnDevice,
+    /// Rows (encode) or tokens (decode) per chunk.
+    #[arg(long, default_value_t = 65536, value_parser = count::<usize>)]
     pub chunk_rows: usize,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct DecodeArgs {
-    /// The run directory `vqx train` wrote (or its checkpoint.safetensors).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Tokens (.npy, 1-D integers in 0..K).
-    #[arg(long)]
-    pub input: PathBuf,
-    /// Vectors to write (.npy, f32, N×D).
-    #[arg(long, short)]
-    pub output: PathBuf,
-    /// Quantizer backend: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking).
-    #[arg(long, default_value = "auto")]
-    pub device: Device,
-    /// Tokens per chunk.
-    #[arg(long, default_value_t = 65536)]
-    pub chunk_rows: usize,
-}
-
-/// The model of a run directory or checkpoint file.
-fn load(model: &Path, device: Device) -> Result<VqVae> {
-    let is_file = model.is_file() || model.extension().is_some_and(|e| e == "safetensors");
-    let path = if !is_file {
-        model.join(vqx::train::CHECKPOINT_FILE)
-    } else {
-        model.to_path_buf()
-    };
-    Ok(vqx::train::load_model(&path, device)?.0)
-}
-
-fn check_chunk(rows: usize) -> Result<()> {
-    if rows == 0 {
-        return Err(Error::InvalidArgument(
-            "--chunk-rows must be at least 1".into(),
-        ));
+impl Args {
+    /// The model of the run directory or checkpoint file.
+    fn load(&self) -> Result<VqVae> {
+        let m = &self.model;
+        let is_file = m.is_file() || m.extension().is_some_and(|e| e == "safetensors");
+        let path = if is_file {
+            m.clone()
+        } else {
+            m.join(vqx::train::CHECKPOINT_FILE)
+        };
+        Ok(vqx::train::load_model(&path, self.on.device())?.0)
     }
-    Ok(())
 }
 
-pub fn encode(args: EncodeArgs) -> Result<()> {
-    check_chunk(args.chunk_rows)?;
-    let model = load(&args.model, args.device)?;
+pub fn encode(args: Args) -> Result<()> {
+    let model = args.load()?;
     let mut reader = NpyMatrixReader::open(&args.input)?;
     if reader.cols() != model.config().data_dim {
         return Err(Error::Shape {
@@ -103,9 +78,8 @@ pub fn encode(args: EncodeArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn decode(args: DecodeArgs) -> Result<()> {
-    check_chunk(args.chunk_rows)?;
-    let model = load(&args.model, args.device)?;
+pub fn decode(args: Args) -> Result<()> {
+    let model = args.load()?;
     let k = model.quantizer.config().codebook_size;
     let tokens = vqx::npy::read_indices(&args.input)?;
     if tokens.is_empty() {

@@ -1,14 +1,14 @@
 //! `vqx fit`: learn a codebook for a fixed set of vectors with the EMA rule.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use super::args::{Backend, InitChoice, RunArgs, count};
+use super::report::{MetricsLog, progress_bar};
+use clap::ValueEnum;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use std::io::Write;
 use std::path::PathBuf;
-use vqx::backend::Device;
-use vqx::quantizer::{CodebookLearning, Init, QuantizerConfig, VectorQuantizer};
-use vqx::{Error, MatRef, Metric, Result};
+use vqx::quantizer::{CodebookLearning, QuantizerConfig, VectorQuantizer};
+use vqx::{MatRef, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -19,10 +19,10 @@ pub struct Args {
     #[arg(long)]
     pub codebook_size: usize,
     /// Training steps (one batch each).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = count::<u64>)]
     pub steps: u64,
     /// Rows per batch (capped at N).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = count::<usize>)]
     pub batch_size: usize,
     /// EMA decay γ (vector-quantize-pytorch's default is 0.8; ours, the VQ-VAE paper's, 0.99).
     #[arg(long, default_value_t = 0.99)]
@@ -41,35 +41,35 @@ pub struct Args {
     pub reset_count: Option<f32>,
     /// data (random rows of the first batch), kmeans, or a codebook file (.npy, vqx checkpoint,
     /// vector-quantize-pytorch or ESM3 state dict).
-    #[arg(long, default_value = "data")]
-    pub init: String,
+    #[arg(long, default_value = "data", value_name = "data|kmeans|FILE", value_parser = init_from)]
+    pub init: InitFrom,
     /// Lloyd iterations for --init kmeans.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = count::<usize>)]
     pub kmeans_iters: usize,
-    /// Distance: l2 or cosine.
-    #[arg(long, default_value = "l2")]
-    pub metric: Metric,
+    #[command(flatten)]
+    pub backend: Backend,
     /// Take batches in file order instead of a seeded shuffle.
     #[arg(long)]
     pub no_shuffle: bool,
-    /// Seed of the shuffle, init sampling and dead-code sampling.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Backend: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking).
-    #[arg(long, default_value = "auto")]
-    pub device: Device,
-    /// Sum EMA statistics in a fixed order on CUDA too (the CPU always does).
-    #[arg(long)]
-    pub deterministic: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Per-step metrics as JSON lines.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
-    /// No progress bar.
-    #[arg(long, short)]
-    pub quiet: bool,
     /// Checkpoint to write (.safetensors), atomically.
     #[arg(long, short)]
     pub output: PathBuf,
+}
+
+/// `--init`: a built-in init, or the codebook file to start from.
+#[derive(Clone, Debug)]
+pub enum InitFrom {
+    Builtin(InitChoice),
+    File(PathBuf),
+}
+
+fn init_from(s: &str) -> std::result::Result<InitFrom, std::convert::Infallible> {
+    Ok(InitChoice::from_str(s, false).map_or_else(|_| InitFrom::File(s.into()), InitFrom::Builtin))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -77,63 +77,38 @@ pub fn run(args: Args) -> Result<()> {
     x.as_ref()
         .check_nonempty(&format!("input {}", args.input.display()))?;
     let (n, d) = (x.rows(), x.cols());
-    if args.batch_size == 0 {
-        return Err(Error::InvalidArgument(
-            "--batch-size must be at least 1".into(),
-        ));
-    }
-    if args.steps == 0 {
-        return Err(Error::InvalidArgument("--steps must be at least 1".into()));
-    }
+    let run = &args.run;
     let mut config = QuantizerConfig::new(args.codebook_size, d)
-        .metric(args.metric)
+        .metric(args.backend.metric())
         .commitment_weight(args.commitment_weight)
         .learning(CodebookLearning::Ema {
             decay: args.decay,
             eps: args.eps,
         })
         .dead_code_threshold(args.dead_code_threshold)
-        .deterministic(args.deterministic)
-        .seed(args.seed)
-        .device(args.device);
+        .deterministic(run.deterministic)
+        .seed(run.seed)
+        .device(args.backend.device());
     if let Some(c) = args.reset_count {
         config = config.reset_count(c);
     }
-    let mut vq = match args.init.as_str() {
-        "data" => VectorQuantizer::new(config.init(Init::Data))?,
-        "kmeans" => VectorQuantizer::new(config.init(Init::KMeans {
-            iters: args.kmeans_iters,
-        }))?,
-        file => {
-            let codebook = super::load_codebook(std::path::Path::new(file))?;
-            VectorQuantizer::with_codebook(config, codebook)?
+    let mut vq = match &args.init {
+        InitFrom::Builtin(init) => VectorQuantizer::new(config.init(init.init(args.kmeans_iters)))?,
+        InitFrom::File(file) => {
+            VectorQuantizer::with_codebook(config, super::load_codebook(file)?)?
         }
     };
 
     let batch = args.batch_size.min(n);
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed_5eed);
+    let mut rng = ChaCha8Rng::seed_from_u64(run.seed ^ 0x5eed_5eed);
     let mut cursor = n; // forces a (re)shuffle before the first batch
-    let mut metrics = match &args.metrics {
-        Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(
-            |e| Error::Io {
-                path: p.clone(),
-                source: e,
-            },
-        )?)),
-        None => None,
-    };
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(args.steps)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
+    let mut metrics = args
+        .metrics
+        .as_deref()
+        .map(MetricsLog::create)
+        .transpose()?;
+    let bar = progress_bar(args.steps, run.quiet);
     let start = std::time::Instant::now();
     let mut buf = Vec::with_capacity(batch * d);
     let mut last = None;
@@ -168,19 +143,13 @@ pub fn run(args: Args) -> Result<()> {
                 "initialized": s.initialized,
                 "elapsed_s": start.elapsed().as_secs_f64(),
             });
-            writeln!(w, "{line}").map_err(|e| Error::Io {
-                path: args.metrics.clone().unwrap_or_default(),
-                source: e,
-            })?;
+            w.write(&line)?;
         }
         last = Some((out.commitment_loss, out.stats));
     }
     bar.finish_and_clear();
-    if let Some(mut w) = metrics {
-        w.flush().map_err(|e| Error::Io {
-            path: args.metrics.clone().unwrap_or_default(),
-            source: e,
-        })?;
+    if let Some(w) = metrics.as_mut() {
+        w.flush()?;
     }
     vq.to_checkpoint()?.save(&args.output)?;
     let (commit, s) = last.expect("at least one step");

@@ -51,9 +51,7 @@ pub fn run(args: Args) -> Result<()> {
         },
     };
     if args.json {
-        let text = serde_json::to_string_pretty(&info)
-            .map_err(|e| vqx::Error::InvalidArgument(format!("cannot encode JSON: {e}")))?;
-        println!("{text}");
+        println!("{}", super::report::json(&info, "the report")?);
         return Ok(());
     }
     let c = &info.cuda;

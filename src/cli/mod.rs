@@ -1,11 +1,13 @@
 //! Command-line interface: one module per subcommand.
 
+pub mod args;
 pub mod bench;
 pub mod encode;
 pub mod fit;
 pub mod info;
 pub mod plot;
 pub mod quantize;
+pub mod report;
 pub mod schedule;
 pub mod stats;
 pub mod train;
@@ -40,11 +42,25 @@ pub enum Command {
     Stats(stats::Args),
     /// Train a VQ-VAE (MLP encoder → quantizer → MLP decoder) on a .npy file or a built-in
     /// synthetic data set; checkpoints, metrics, resume, Ctrl-C saves.
+    ///
+    /// On --device cuda and cuda-emu the whole step (encoder, quantizer, decoder, clipping,
+    /// AdamW) runs on the device with the training set resident; per step only the batch's row
+    /// ids go up and scalars come back.
     Train(train::Args),
     /// Tokens of vectors with a model trained by `vqx train`.
-    Encode(encode::EncodeArgs),
+    #[command(
+        mut_arg("input", |a| a.help("Vectors (.npy, N×D, f32 or f16), D the model's data width")),
+        mut_arg("output", |a| a.help("Tokens to write (.npy, int64, N)")),
+        mut_arg("chunk_rows", |a| a.help("Rows per chunk"))
+    )]
+    Encode(encode::Args),
     /// Vectors from tokens with a model trained by `vqx train`.
-    Decode(encode::DecodeArgs),
+    #[command(
+        mut_arg("input", |a| a.help("Tokens (.npy, 1-D integers in 0..K)")),
+        mut_arg("output", |a| a.help("Vectors to write (.npy, f32, N×D)")),
+        mut_arg("chunk_rows", |a| a.help("Tokens per chunk"))
+    )]
+    Decode(encode::Args),
     /// Loss and codebook-usage curves of a `vqx train` run as an SVG.
     Plot(plot::Args),
 }
@@ -86,4 +102,16 @@ pub fn load_codebook(path: &Path) -> Result<Matrix> {
         }
     }
     Ok(loaded.codebook)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own checks of the declarations: flattened groups, ids, `mut_arg` names.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
 }

@@ -1,9 +1,12 @@
 //! `vqx plot DIR`: loss and codebook-usage curves of a `vqx train` run, from its metrics file,
 //! as an SVG.
 
+use super::report::{legend, line_mark, plot_error, read_lines};
+use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
-use std::io::BufRead;
-use std::path::PathBuf;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use vqx::{Error, Result};
 
 #[derive(Debug, clap::Args)]
@@ -25,35 +28,26 @@ struct Series {
     used: Vec<(f64, f64)>,
 }
 
-/// A labelled, coloured series.
-type Curve<'a> = (&'a str, &'a [(f64, f64)], RGBColor);
+/// A labelled series: its colour and line width.
+type Curve<'a> = (&'a str, &'a [(f64, f64)], RGBColor, u32);
 
-fn plot_error(e: impl std::fmt::Display) -> Error {
-    Error::InvalidArgument(format!("drawing the plot failed: {e}"))
-}
+/// A chart of a step-indexed panel.
+type StepChart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
-fn read(path: &std::path::Path) -> Result<Series> {
-    let f = std::fs::File::open(path).map_err(|e| Error::Io {
-        path: path.into(),
-        source: e,
-    })?;
+fn read(path: &Path) -> Result<Series> {
     let mut s = Series::default();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| Error::Io {
-            path: path.into(),
-            source: e,
-        })?;
+    for line in read_lines(path)? {
+        let (n, line) = line?;
         if line.trim().is_empty() {
             continue;
         }
         let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| {
-            Error::InvalidArgument(format!("{} line {}: not JSON: {e}", path.display(), i + 1))
+            Error::InvalidArgument(format!("{} line {n}: not JSON: {e}", path.display()))
         })?;
         let Some(step) = v.get("step").and_then(|x| x.as_f64()) else {
             return Err(Error::InvalidArgument(format!(
-                "{} line {}: no \"step\" field (not a vqx train metrics file?)",
+                "{} line {n}: no \"step\" field (not a vqx train metrics file?)",
                 path.display(),
-                i + 1
             )));
         };
         let push = |key: &str, out: &mut Vec<(f64, f64)>, positive: bool| {
@@ -91,6 +85,51 @@ fn range(series: &[&[(f64, f64)]]) -> (f64, f64) {
     }
 }
 
+/// A panel over the steps `x` with values `y`, its y axis described and labelled by `y_label`.
+fn step_chart<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    x: Range<f64>,
+    y: Range<f64>,
+    y_desc: &str,
+    y_label: &dyn Fn(&f64) -> String,
+) -> Result<StepChart<'a, DB>> {
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x, y)
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .max_light_lines(0)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(y_label)
+        .x_desc("step")
+        .y_desc(y_desc)
+        .draw()
+        .map_err(plot_error)?;
+    Ok(chart)
+}
+
+/// The non-empty `curves`, their values through `f`, and their legend.
+fn draw_curves<'a, DB: DrawingBackend + 'a>(
+    chart: &mut StepChart<'a, DB>,
+    curves: &[Curve],
+    f: impl Fn(f64) -> f64,
+) -> Result<()> {
+    for &(label, data, c, width) in curves.iter().filter(|c| !c.1.is_empty()) {
+        chart
+            .draw_series(LineSeries::new(
+                data.iter().map(|&(x, y)| (x, f(y))),
+                c.stroke_width(width),
+            ))
+            .map_err(plot_error)?
+            .label(label)
+            .legend(line_mark(c, 2));
+    }
+    legend(chart, SeriesLabelPosition::UpperRight, 12)
+}
+
 fn svg(s: &Series, title: &str) -> Result<String> {
     let last = s.loss.last().map_or(1.0, |p| p.0).max(1.0);
     let first = s.loss.first().map_or(0.0, |p| p.0);
@@ -106,94 +145,44 @@ fn svg(s: &Series, title: &str) -> Result<String> {
         let (lo, hi) = range(&[&s.loss, &s.reconstruction, &s.eval]);
         let (lo, hi) = (lo.log10(), hi.log10());
         let pad = 0.04 * (hi - lo).max(0.1);
-        let mut chart = ChartBuilder::on(&top)
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(70)
-            .build_cartesian_2d(first..last, lo - pad..hi + pad)
-            .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .max_light_lines(0)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{:.3}", 10f64.powf(*y)))
-            .x_desc("step")
-            .y_desc("loss (log scale)")
-            .draw()
-            .map_err(plot_error)?;
+        let mut chart = step_chart(
+            &top,
+            first..last,
+            lo - pad..hi + pad,
+            "loss (log scale)",
+            &|y| format!("{:.3}", 10f64.powf(*y)),
+        )?;
         let curves: [Curve; 3] = [
-            ("train loss", &s.loss, RGBColor(31, 119, 180)),
+            ("train loss", &s.loss, RGBColor(31, 119, 180), 1),
             (
                 "train reconstruction MSE",
                 &s.reconstruction,
                 RGBColor(255, 127, 14),
+                1,
             ),
             (
                 "held-out reconstruction MSE",
                 &s.eval,
                 RGBColor(44, 160, 44),
+                3,
             ),
         ];
-        for (label, data, c) in curves {
-            if data.is_empty() {
-                continue;
-            }
-            let width = if label.starts_with("held") { 3 } else { 1 };
-            chart
-                .draw_series(LineSeries::new(
-                    data.iter().map(|&(x, y)| (x, y.log10())),
-                    c.stroke_width(width),
-                ))
-                .map_err(plot_error)?
-                .label(label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_error)?;
+        draw_curves(&mut chart, &curves, f64::log10)?;
 
         let (_, hi) = range(&[&s.perplexity, &s.used]);
-        let mut chart = ChartBuilder::on(&bottom)
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(70)
-            .build_cartesian_2d(first..last, 0.0..hi * 1.08)
-            .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .max_light_lines(0)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.0}"))
-            .x_desc("step")
-            .y_desc("codes")
-            .draw()
-            .map_err(plot_error)?;
+        let mut chart = step_chart(&bottom, first..last, 0.0..hi * 1.08, "codes", &|y| {
+            format!("{y:.0}")
+        })?;
         let curves: [Curve; 2] = [
-            ("batch perplexity", &s.perplexity, RGBColor(148, 103, 189)),
-            ("codes used in the batch", &s.used, RGBColor(140, 86, 75)),
+            (
+                "batch perplexity",
+                &s.perplexity,
+                RGBColor(148, 103, 189),
+                1,
+            ),
+            ("codes used in the batch", &s.used, RGBColor(140, 86, 75), 1),
         ];
-        for (label, data, c) in curves {
-            chart
-                .draw_series(LineSeries::new(data.iter().copied(), c.stroke_width(1)))
-                .map_err(plot_error)?
-                .label(label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_error)?;
+        draw_curves(&mut chart, &curves, |y| y)?;
         root.present().map_err(plot_error)?;
     }
     Ok(out)

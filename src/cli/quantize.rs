@@ -1,13 +1,13 @@
 //! `vqx quantize`: nearest code for every row of an input .npy, streamed in chunks.
 
+use super::args::{Scoring, count};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
-use vqx::backend::{Device, select_with_precision};
-use vqx::nearest::Precision;
+use vqx::backend::select_with_precision;
 use vqx::npy::{NpyMatrixReader, NpyStreamWriter};
 use vqx::usage::UsageSummary;
-use vqx::{Error, Matrix, Metric, Result};
+use vqx::{Error, Matrix, Result};
 
 /// Default chunk: about this many bytes of f32 input rows.
 const DEFAULT_CHUNK_BYTES: usize = 256 << 20;
@@ -30,21 +30,10 @@ pub struct Args {
     /// Also write the quantized rows, the codebook rows of the indices (.npy, float32, N×D).
     #[arg(long)]
     pub quantized: Option<PathBuf>,
-    /// Distance: l2 (squared Euclidean) or cosine (distance reported as 1 − cos).
-    #[arg(long, default_value = "l2")]
-    pub metric: Metric,
-    /// Backend: auto (CUDA when available), cpu, cuda or cuda-emu (the emulated device: runs the
-    /// CUDA kernels on the CPU, slow, for checking).
-    #[arg(long, default_value = "auto")]
-    pub device: Device,
-    /// Arithmetic of the nearest-code scores: exact (f32), tf32 or bf16 (tensor cores, CUDA
-    /// only; refused on the CPU). Every precision returns the exact indices: rows whose margin
-    /// is inside the precision's rounding bound are recomputed exactly. Default exact, until a
-    /// GPU run shows a re-checked tensor-core path is faster (docs/gpu.md).
-    #[arg(long, default_value = "exact")]
-    pub precision: Precision,
+    #[command(flatten)]
+    pub scoring: Scoring,
     /// Rows per chunk (default: about 256 MiB of f32 input).
-    #[arg(long)]
+    #[arg(long, value_parser = count::<usize>)]
     pub chunk_rows: Option<usize>,
 }
 
@@ -88,11 +77,6 @@ fn check_outputs(args: &Args) -> Result<()> {
 pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     check_outputs(&args)?;
-    if args.chunk_rows == Some(0) {
-        return Err(Error::InvalidArgument(
-            "--chunk-rows must be at least 1".into(),
-        ));
-    }
     let codebook = super::load_codebook(&args.codebook)?;
     let (k, d) = (codebook.rows(), codebook.cols());
     let reader = NpyMatrixReader::open(&args.input)?;
@@ -113,7 +97,7 @@ pub fn run(args: Args) -> Result<()> {
             got: format!("input {} of shape {n} × {input_d}", args.input.display()),
         });
     }
-    let backend = select_with_precision(args.device, args.precision)?;
+    let backend = select_with_precision(args.scoring.device(), args.scoring.precision())?;
     let chunk_rows = args
         .chunk_rows
         .unwrap_or_else(|| (DEFAULT_CHUNK_BYTES / (4 * d)).max(1))
@@ -129,6 +113,7 @@ pub fn run(args: Args) -> Result<()> {
         None => None,
     };
 
+    let metric = args.scoring.metric();
     let input_name = format!("input {}", args.input.display());
     let mut counts = vec![0u32; k];
     let mut rechecked = 0usize;
@@ -166,7 +151,7 @@ pub fn run(args: Args) -> Result<()> {
                 },
                 e => e,
             })?;
-            let a = backend.nearest(x.as_ref(), codebook.as_ref(), args.metric)?;
+            let a = backend.nearest(x.as_ref(), codebook.as_ref(), metric)?;
             rechecked += a.rechecked;
             for &i in &a.indices {
                 counts[i as usize] = counts[i as usize].saturating_add(1);
@@ -197,7 +182,7 @@ pub fn run(args: Args) -> Result<()> {
         "quantized {n} rows × {d} against {k} codes ({}) on {} in {secs:.3} s ({:.0} rows/s, \
          chunks of {chunk_rows}); {rechecked} rows rechecked in f64; codes used {}/{k}, \
          perplexity {:.1}",
-        args.metric,
+        metric,
         backend.name(),
         n as f64 / secs,
         usage.used,

@@ -1,6 +1,8 @@
 //! `vqx schedule`: print noise schedules as CSV (r(t) on a grid, or seeded samples of r) and plot
 //! r(t) with the density of r, analytic against a histogram of samples (SPEC §6's check).
 
+use super::args::count;
+use super::report::{legend, line_mark, plot_error};
 use plotters::prelude::*;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -24,7 +26,7 @@ pub struct Args {
     pub points: usize,
     /// Print M seeded samples of r per schedule instead of the r(t) table (and a summary of
     /// their means against the closed form on stderr).
-    #[arg(long, value_name = "M")]
+    #[arg(long, value_name = "M", value_parser = count::<usize>)]
     pub samples: Option<usize>,
     /// Seed for the samples.
     #[arg(long, default_value_t = 0, value_name = "S")]
@@ -61,11 +63,6 @@ pub fn run(args: Args) -> Result<()> {
             "--points {} is too few: the grid needs t = 0 and t = 1",
             args.points
         )));
-    }
-    if args.samples == Some(0) {
-        return Err(Error::InvalidArgument(
-            "--samples must be at least 1".into(),
-        ));
     }
 
     let samples = match args
@@ -162,10 +159,6 @@ fn mean_summary(s: &Schedule, d: &[f64]) -> String {
     }
 }
 
-fn plot_error(e: impl std::fmt::Display) -> Error {
-    Error::InvalidArgument(format!("drawing the plot failed: {e}"))
-}
-
 /// Colour per schedule, fixed by its place in `Schedule::ALL` so a schedule keeps its colour
 /// whichever others are plotted with it.
 fn colour(s: Schedule) -> RGBColor {
@@ -228,18 +221,10 @@ fn plot_svg(schedules: &[Schedule], draws: &[Vec<f64>], seed: u64) -> Result<Str
                 .draw_series(LineSeries::new(curve, c.stroke_width(2)))
                 .map_err(plot_error)?
                 .label(s.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
+                .legend(line_mark(c, 2));
         }
         if any_curve {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(plot_error)?;
+            legend(&mut chart, SeriesLabelPosition::UpperRight, 12)?;
         }
 
         let panels = bottom.split_evenly((rows, cols));
@@ -312,14 +297,6 @@ fn density_panel<DB: DrawingBackend>(
         .draw_series(LineSeries::new(curve, BLACK.stroke_width(2)))
         .map_err(plot_error)?
         .label("closed-form density")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperMiddle)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 13))
-        .draw()
-        .map_err(plot_error)?;
-    Ok(())
+        .legend(line_mark(BLACK, 2));
+    legend(&mut chart, SeriesLabelPosition::UpperMiddle, 13)
 }

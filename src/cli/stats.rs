@@ -1,5 +1,6 @@
 //! `vqx stats`: what a codebook file holds, and how its codes are used (SPEC §5).
 
+use super::report::{json, legend, line_mark, plot_error};
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -197,9 +198,7 @@ pub fn run(args: Args) -> Result<()> {
     let loaded = load_codebook(&args.checkpoint)?;
     let r = report(args.checkpoint.clone(), &loaded)?;
     if args.json {
-        let text = serde_json::to_string_pretty(&r)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode JSON: {e}")))?;
-        println!("{text}");
+        println!("{}", json(&r, "the report")?);
     } else {
         print_text(&r);
     }
@@ -222,10 +221,6 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn plot_error(e: impl std::fmt::Display) -> Error {
-    Error::InvalidArgument(format!("drawing the plot failed: {e}"))
 }
 
 /// Left: the sorted-usage curve (codes ranked by their count, the count on a log axis), with
@@ -306,9 +301,7 @@ fn usage_svg(r: &Report, values: &[f64], what: &str) -> Result<String> {
             .draw_series(LineSeries::new(curve, blue.stroke_width(2)))
             .map_err(plot_error)?
             .label(what)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2))
-            });
+            .legend(line_mark(blue, 2));
         let red = RGBColor(214, 39, 40);
         chart
             .draw_series(DashedLineSeries::new(
@@ -319,7 +312,7 @@ fn usage_svg(r: &Report, values: &[f64], what: &str) -> Result<String> {
             ))
             .map_err(plot_error)?
             .label("dead threshold 1e-5")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red));
+            .legend(line_mark(red, 1));
         let grey = RGBColor(110, 110, 110);
         if mean > 0.0 {
             chart
@@ -331,15 +324,9 @@ fn usage_svg(r: &Report, values: &[f64], what: &str) -> Result<String> {
                 ))
                 .map_err(plot_error)?
                 .label(format!("mean {}", num(mean)))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
+                .legend(line_mark(grey, 1));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_error)?;
+        legend(&mut chart, SeriesLabelPosition::LowerLeft, 12)?;
 
         // Histogram of log10(count): bins of a quarter decade; zeros go in the floor bin.
         let (lo, hi) = (floor.log10(), top.log10());

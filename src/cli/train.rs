@@ -2,20 +2,22 @@
 //! built-in synthetic data set, with a progress bar, per-step JSON-lines metrics, atomic
 //! checkpoints, bit-for-bit resume and a checkpoint on Ctrl-C.
 
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use super::args::{ActivationChoice, Backend, InitChoice, LearningChoice, RunArgs, choice, count};
+use super::report::{MetricsLog, json, progress_bar};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use vqx::backend::Device;
-use vqx::model::{Activation, VqVaeConfig};
-use vqx::quantizer::{CodebookLearning, Init, QuantizerConfig};
+use vqx::error::IoContext;
+use vqx::model::VqVaeConfig;
+use vqx::quantizer::QuantizerConfig;
 use vqx::train::{self, AdamWConfig, DataSource, StepMetrics, TrainConfig, Trainer};
-use vqx::{Error, Metric, Result};
+use vqx::{Error, Result};
 
 /// Metrics file in the output directory (one JSON object per step).
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Lloyd iterations of `--init kmeans`.
+const KMEANS_ITERS: usize = 10;
 /// Exit status after Ctrl-C (128 + SIGINT, as shells report it).
 const INTERRUPTED_EXIT: i32 = 130;
 
@@ -29,7 +31,7 @@ pub struct Args {
     #[arg(long, conflicts_with = "resume")]
     pub synthetic: Option<String>,
     /// Training rows generated for --synthetic.
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = 16384, value_parser = count::<usize>)]
     pub rows: usize,
     /// Held-out rows (generated for --synthetic, set aside from --data) for the evaluation.
     #[arg(long, default_value_t = 2048)]
@@ -43,17 +45,17 @@ pub struct Args {
     /// Hidden widths of the encoder, comma-separated (the decoder mirrors them); "" for none.
     #[arg(long, default_value = "256,256")]
     pub hidden: String,
-    /// gelu or relu.
-    #[arg(long, default_value = "gelu")]
-    pub activation: Activation,
+    /// Activation of the hidden layers.
+    #[arg(long, default_value = "gelu", value_parser = choice::<ActivationChoice>())]
+    pub activation: ActivationChoice,
     /// A layer norm before every hidden activation.
     #[arg(long)]
     pub layer_norm: bool,
     /// Total optimisation steps (with --resume: the new total).
-    #[arg(long)]
+    #[arg(long, value_parser = count::<u64>)]
     pub steps: Option<u64>,
     /// Rows per batch.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = count::<usize>)]
     pub batch_size: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
@@ -73,33 +75,25 @@ pub struct Args {
     /// β of the commitment loss.
     #[arg(long, default_value_t = 0.25)]
     pub commitment_weight: f32,
-    /// How the codebook learns: ema or gradient (AdamW on the codebook loss).
-    #[arg(long, default_value = "ema")]
-    pub codebook: String,
+    /// How the codebook learns.
+    #[arg(long, default_value = "ema", value_parser = choice::<LearningChoice>())]
+    pub codebook: LearningChoice,
     /// EMA decay γ.
     #[arg(long, default_value_t = 0.99)]
     pub ema_decay: f32,
     /// Re-seed codes whose EMA count falls below this; 0 = off (EMA only).
     #[arg(long, default_value_t = 0.0)]
     pub dead_code_threshold: f32,
-    /// Codebook init on the first batch: data or kmeans.
-    #[arg(long, default_value = "data")]
-    pub init: String,
-    /// Distance: l2 or cosine.
-    #[arg(long, default_value = "l2")]
-    pub metric: Metric,
+    /// Codebook init on the first batch (k-means: 10 Lloyd iterations).
+    #[arg(long, default_value = "data", value_parser = choice::<InitChoice>())]
+    pub init: InitChoice,
+    #[command(flatten)]
+    pub backend: Backend,
     /// Keep the encoder at its initial weights (the control experiment).
     #[arg(long)]
     pub freeze_encoder: bool,
-    /// Seed of the weights, data, batches and quantizer draws.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Where the step runs: auto, cpu, cuda or cuda-emu (the emulated device: slow, for checking). On cuda and cuda-emu the whole step (encoder, quantizer, decoder, clipping, AdamW) runs on the device with the training set resident; per step only the batch's row ids go up and scalars come back.
-    #[arg(long, default_value = "auto")]
-    pub device: Device,
-    /// Sum EMA statistics in a fixed order on CUDA too (the CPU always does).
-    #[arg(long)]
-    pub deterministic: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Write a checkpoint every N steps (and always at the end); 0 = only at the end.
     #[arg(long, default_value_t = 500)]
     pub checkpoint_every: u64,
@@ -110,9 +104,6 @@ pub struct Args {
     /// continues with --resume on the configured schedule.
     #[arg(long, value_name = "STEP")]
     pub stop_at: Option<u64>,
-    /// No progress bar.
-    #[arg(long, short)]
-    pub quiet: bool,
     /// Output directory: checkpoint.safetensors, metrics.jsonl, config.json, summary.json.
     #[arg(long, short, conflicts_with = "resume")]
     pub output: Option<PathBuf>,
@@ -146,13 +137,13 @@ fn fresh_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
         (Some(p), None) => DataSource::Npy {
             path: std::path::absolute(p).unwrap_or_else(|_| p.clone()),
             eval_rows: args.eval_rows,
-            seed: args.seed,
+            seed: args.run.seed,
         },
         (None, Some(s)) => DataSource::Synthetic {
             spec: s.parse()?,
             rows: args.rows,
             eval_rows: args.eval_rows,
-            seed: args.seed,
+            seed: args.run.seed,
         },
         _ => {
             return Err(Error::InvalidArgument(
@@ -164,40 +155,19 @@ fn fresh_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
         DataSource::Synthetic { spec, .. } => spec.dim(),
         DataSource::Npy { path, .. } => vqx::npy::NpyMatrixReader::open(path)?.cols(),
     };
-    let learning = match args.codebook.to_ascii_lowercase().as_str() {
-        "ema" => CodebookLearning::Ema {
-            decay: args.ema_decay,
-            eps: 1e-5,
-        },
-        "gradient" | "grad" => CodebookLearning::Gradient,
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "--codebook {other:?}: expected ema or gradient"
-            )));
-        }
-    };
-    let init = match args.init.to_ascii_lowercase().as_str() {
-        "data" => Init::Data,
-        "kmeans" => Init::KMeans { iters: 10 },
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "--init {other:?}: expected data or kmeans"
-            )));
-        }
-    };
     let quantizer = QuantizerConfig::new(args.codebook_size, args.code_dim)
-        .metric(args.metric)
+        .metric(args.backend.metric())
         .commitment_weight(args.commitment_weight)
-        .learning(learning)
+        .learning(args.codebook.learning(args.ema_decay))
         .dead_code_threshold(args.dead_code_threshold)
-        .init(init)
-        .deterministic(args.deterministic)
-        .seed(args.seed)
-        .device(args.device);
+        .init(args.init.init(KMEANS_ITERS))
+        .deterministic(args.run.deterministic)
+        .seed(args.run.seed)
+        .device(args.backend.device());
     let mut model = VqVaeConfig::new(data_dim, args.code_dim, parse_hidden(&args.hidden)?);
-    model.activation = args.activation;
+    model.activation = args.activation.into();
     model.layer_norm = args.layer_norm;
-    model.seed = args.seed;
+    model.seed = args.run.seed;
     let mut c = TrainConfig::new(model, quantizer, data);
     c.steps = args.steps.unwrap_or(2000);
     c.batch_size = args.batch_size;
@@ -210,53 +180,21 @@ fn fresh_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
     };
     c.clip = args.clip;
     c.freeze_encoder = args.freeze_encoder;
-    c.seed = args.seed;
+    c.seed = args.run.seed;
     c.validate()?;
     Ok((c, output))
-}
-
-/// Keeps the metrics lines of steps ≤ `step` (a run may have logged steps after its last
-/// checkpoint) and returns the file opened for appending.
-fn reopen_metrics(path: &Path, step: u64) -> Result<std::fs::File> {
-    let mut kept = Vec::new();
-    if let Ok(f) = std::fs::File::open(path) {
-        for line in std::io::BufReader::new(f).lines() {
-            let line = line.map_err(|e| Error::Io {
-                path: path.into(),
-                source: e,
-            })?;
-            let s = serde_json::from_str::<serde_json::Value>(&line)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
-            if s.is_some_and(|s| s <= step) {
-                kept.push(line);
-            }
-        }
-    }
-    let mut text = kept.join("\n");
-    if !text.is_empty() {
-        text.push('\n');
-    }
-    vqx::atomic::write_atomic(path, text.as_bytes())?;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)
-        .map_err(|e| Error::Io {
-            path: path.into(),
-            source: e,
-        })
 }
 
 pub fn run(args: Args) -> Result<()> {
     let (mut trainer, dir) = match &args.resume {
         Some(dir) => {
             let path = dir.join(train::CHECKPOINT_FILE);
-            let mut t = train::load_trainer(&path, args.device)?;
+            let mut t = train::load_trainer(&path, args.backend.device())?;
             if let Some(s) = args.steps {
                 t.config.steps = s;
                 t.config.validate()?;
             }
-            if args.deterministic {
+            if args.run.deterministic {
                 t.config.quantizer.deterministic = true;
             }
             eprintln!(
@@ -269,23 +207,15 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => {
             let (config, dir) = fresh_config(&args)?;
-            std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
-                path: dir.clone(),
-                source: e,
-            })?;
+            std::fs::create_dir_all(&dir).at(&dir)?;
             (Trainer::new(config)?, dir)
         }
     };
-    let config_json = serde_json::to_string_pretty(&trainer.config)
-        .map_err(|e| Error::InvalidArgument(format!("cannot encode the configuration: {e}")))?;
+    let config_json = json(&trainer.config, "the configuration")?;
     vqx::atomic::write_atomic(&dir.join("config.json"), config_json.as_bytes())?;
     let ckpt_path = dir.join(train::CHECKPOINT_FILE);
     let metrics_path = dir.join(METRICS_FILE);
-    let mut metrics = std::io::BufWriter::new(reopen_metrics(&metrics_path, trainer.step)?);
-    let io_err = |e| Error::Io {
-        path: metrics_path.clone(),
-        source: e,
-    };
+    let mut metrics = MetricsLog::resume(&metrics_path, trainer.step)?;
 
     // Ctrl-C only raises a flag; the loop saves a checkpoint at the end of the current step.
     let stop = Arc::new(AtomicBool::new(false));
@@ -298,17 +228,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let total = trainer.config.steps;
     let k = trainer.config.quantizer.codebook_size;
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
+    let bar = progress_bar(total, args.run.quiet);
     bar.set_position(trainer.step);
     let start = Instant::now();
     let (mut step_s, mut quant_s, mut timed) = (0.0f64, 0.0f64, 0u64);
@@ -323,7 +243,7 @@ pub fn run(args: Args) -> Result<()> {
             timed += 1;
         }
         let mut line = serde_json::to_value(&m)
-            .map_err(|e| Error::InvalidArgument(format!("metrics: {e}")))?;
+            .map_err(|e| Error::internal("encoding the step's metrics", e))?;
         let at_eval =
             trainer.finished() || (args.eval_every > 0 && m.step.is_multiple_of(args.eval_every));
         if at_eval {
@@ -332,7 +252,7 @@ pub fn run(args: Args) -> Result<()> {
             eval = Some(e);
         }
         line["elapsed_s"] = serde_json::json!(start.elapsed().as_secs_f64());
-        writeln!(metrics, "{line}").map_err(io_err)?;
+        metrics.write(&line)?;
         bar.set_message(format!(
             "loss {:.4}  recon {:.4}  perplexity {:.1}  used {}/{k}  dead {}",
             m.loss, m.reconstruction, m.perplexity, m.used, m.dead
@@ -342,7 +262,7 @@ pub fn run(args: Args) -> Result<()> {
         let interrupted = stop.load(Ordering::SeqCst);
         let periodic = args.checkpoint_every > 0 && m.step.is_multiple_of(args.checkpoint_every);
         if periodic || interrupted || stop_here || trainer.finished() {
-            metrics.flush().map_err(io_err)?;
+            metrics.flush()?;
             train::save_trainer(&mut trainer, &ckpt_path)?;
         }
         last = Some(m);
@@ -360,7 +280,8 @@ pub fn run(args: Args) -> Result<()> {
         if stop_here && !trainer.finished() {
             bar.finish_and_clear();
             eprintln!(
-                "stopped at step {} of {total} (--stop-at): checkpoint saved to {}; continue                  with `vqx train --resume {}`",
+                "stopped at step {} of {total} (--stop-at): checkpoint saved to {}; continue \
+                 with `vqx train --resume {}`",
                 trainer.step,
                 ckpt_path.display(),
                 dir.display()
@@ -369,7 +290,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    metrics.flush().map_err(io_err)?;
+    metrics.flush()?;
     if last.is_none() {
         eprintln!(
             "nothing to do: the run in {} is at step {total}",
@@ -407,8 +328,7 @@ pub fn run(args: Args) -> Result<()> {
         "step_runs_on": trainer.runs_on(),
         "seconds": start.elapsed().as_secs_f64(),
     });
-    let text = serde_json::to_string_pretty(&summary)
-        .map_err(|e| Error::InvalidArgument(format!("summary: {e}")))?;
+    let text = json(&summary, "the summary")?;
     vqx::atomic::write_atomic(&dir.join("summary.json"), text.as_bytes())?;
     eprintln!(
         "trained {} steps in {:.1} s ({per_step_ms:.2} ms/step, {:.1}% in the quantizer on {}); \
