@@ -1,15 +1,25 @@
-//! Helpers shared by the integration tests: seeded data and comparisons whose failure messages
-//! name the index and both values.
+//! Helpers shared by the integration tests: seeded data, comparisons whose failure messages
+//! name the index and both values, files in a directory, and (submodules) the `vqx` binary,
+//! safetensors files and the CUDA devices. Each tests/*.rs is its own crate and uses a part of
+//! this module: what one crate leaves unused is not dead code.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod devices;
+pub mod tensors;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use vqx::{MatRef, Metric, reference};
+use std::path::Path;
+use vqx::{MatRef, Matrix, Metric, reference};
 
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// A generator per (seed, salt): the device tests draw each shape's data from its own.
+pub fn salted_rng(seed: u64, salt: usize) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9) ^ salt as u64)
 }
 
 /// Uniform values in [-1, 1).
@@ -18,6 +28,26 @@ pub fn uniform(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     (0..rows * cols)
         .map(|_| r.r#gen::<f32>() * 2.0 - 1.0)
         .collect()
+}
+
+/// [`uniform`] as a rows × cols matrix.
+pub fn uniform_matrix(rows: usize, cols: usize, seed: u64) -> Matrix {
+    Matrix::new(uniform(rows, cols, seed), rows, cols).unwrap()
+}
+
+/// `len` values uniform in [-scale, scale), drawn from `rng`.
+pub fn uniform_in(len: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    (0..len).map(|_| rng.gen_range(-scale..scale)).collect()
+}
+
+/// A rows × cols matrix of [`uniform_in`] values in [-1, 1).
+pub fn random_matrix(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Matrix {
+    Matrix::new(uniform_in(rows * cols, 1.0, rng), rows, cols).unwrap()
+}
+
+/// `n` code indices uniform in 0..codes.
+pub fn random_indices(n: usize, codes: usize, rng: &mut ChaCha8Rng) -> Vec<u32> {
+    (0..n).map(|_| rng.gen_range(0..codes as u32)).collect()
 }
 
 /// Approximately standard normal values (sum of uniforms), scaled and shifted.
@@ -109,4 +139,21 @@ pub fn assert_close(got: &[f32], want: &[f64], rel: f64, abs: f64, context: &str
             "{context}: index {i}: got {g:e}, want {w:e} (rel {rel:e}, abs {abs:e})"
         );
     }
+}
+
+/// Fails unless `msg` contains every needle, naming the first missing one.
+pub fn assert_mentions(msg: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(msg.contains(n), "message lacks {n:?}: {msg}");
+    }
+}
+
+/// The names of the entries of `dir`, sorted.
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
