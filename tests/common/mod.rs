@@ -141,6 +141,30 @@ pub fn assert_close(got: &[f32], want: &[f64], rel: f64, abs: f64, context: &str
     }
 }
 
+/// Writes `data` as a .npy file with T's default dtype, the given shape and order, through npyz
+/// (not vqx's writer): files as numpy makes them.
+pub fn write_npy<T: npyz::AutoSerialize>(
+    path: &Path,
+    shape: &[u64],
+    order: npyz::Order,
+    data: &[T],
+) {
+    use npyz::WriterBuilder;
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .order(order)
+        .writer(std::io::BufWriter::new(
+            std::fs::File::create(path).unwrap(),
+        ))
+        .begin_nd()
+        .unwrap();
+    for v in data {
+        w.push(v).unwrap();
+    }
+    w.finish().unwrap();
+}
+
 /// Fails unless `msg` contains every needle, naming the first missing one.
 pub fn assert_mentions(msg: &str, needles: &[&str]) {
     for n in needles {
