@@ -14,12 +14,13 @@
 //!   bit-identical between two runs (fixed-shape reductions).
 
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 #[macro_use]
 mod common;
 
 use common::devices::{Dev, EMU, assert_bits, real_gpu, rel_close};
+use common::{salted_rng, uniform_in};
 use vqx::backend::Device;
 use vqx::backend::cuda::step::{self, EmaDevice, StepScratch};
 use vqx::backend::cuda::{Gpu, launch};
@@ -36,14 +37,6 @@ const KS: [usize; 4] = [1, 255, 257, 4096];
 const NS: [usize; 4] = [1, 255, 257, 4096];
 const DS: [usize; 4] = [1, 3, 64, 129];
 
-fn rng(seed: u64, salt: usize) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9) ^ salt as u64)
-}
-
-fn uniform(len: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    (0..len).map(|_| rng.gen_range(-scale..scale)).collect()
-}
-
 /// A random EMA state: counts with zeros (dead codes) and a spread of magnitudes.
 fn random_state(k: usize, d: usize, rng: &mut ChaCha8Rng) -> EmaState {
     let counts = (0..k)
@@ -53,14 +46,14 @@ fn random_state(k: usize, d: usize, rng: &mut ChaCha8Rng) -> EmaState {
             _ => rng.gen_range(0.0..50.0),
         })
         .collect();
-    let sums = Matrix::new(uniform(k * d, 20.0, rng), k, d).unwrap();
+    let sums = Matrix::new(uniform_in(k * d, 20.0, rng), k, d).unwrap();
     EmaState::from_parts(counts, sums).unwrap()
 }
 
 /// A random batch: counts with zeros, sums of their size.
 fn random_batch(k: usize, d: usize, rng: &mut ChaCha8Rng) -> CodeSums {
     CodeSums {
-        sums: uniform(k * d, 30.0, rng),
+        sums: uniform_in(k * d, 30.0, rng),
         counts: (0..k)
             .map(|_| {
                 if rng.gen_bool(0.3) {
@@ -172,7 +165,7 @@ on_devices! {
         for &k in &KS {
             for &d in &DS {
                 for seed in SEEDS {
-                    let mut r = rng(seed, k * 1000 + d);
+                    let mut r = salted_rng(seed, k * 1000 + d);
                     let mut cpu = random_state(k, d, &mut r);
                     let codebook = cpu.codebook(1e-5);
                     let mut dev_state = EmaDevice::upload(gpu, &cpu, codebook.as_ref()).unwrap();
@@ -198,8 +191,8 @@ on_devices! {
         for &k in &KS {
             for &d in &DS {
                 for seed in SEEDS {
-                    let mut r = rng(seed, k * 1000 + d + 7);
-                    let mut sums = uniform(k * d, 20.0, &mut r);
+                    let mut r = salted_rng(seed, k * 1000 + d + 7);
+                    let mut sums = uniform_in(k * d, 20.0, &mut r);
                     sums[(k / 2) * d..(k / 2 + 1) * d].fill(0.0);
                     let counts = random_state(k, 1, &mut r).cluster_size().to_vec();
                     let cpu =
@@ -234,13 +227,13 @@ on_devices! {
         for (k, d, n) in [(1, 3, 255), (257, 129, 4096), (4096, 3, 257), (255, 64, 1)] {
             for metric in [Metric::L2, Metric::Cosine] {
                 for seed in SEEDS {
-                    let mut r = rng(seed, k + d + n);
-                    let codebook = Matrix::new(uniform(k * d, 1.0, &mut r), k, d).unwrap();
+                    let mut r = salted_rng(seed, k + d + n);
+                    let codebook = Matrix::new(uniform_in(k * d, 1.0, &mut r), k, d).unwrap();
                     let mut cpu = EmaState::seeded(codebook.as_ref());
                     let mut dev_state = EmaDevice::upload(gpu, &cpu, codebook.as_ref()).unwrap();
                     let (decay, eps) = (0.8f32, 1e-5f32);
                     for s in 0..5 {
-                        let x = Matrix::new(uniform(n * d, 2.0, &mut r), n, d).unwrap();
+                        let x = Matrix::new(uniform_in(n * d, 2.0, &mut r), n, d).unwrap();
                         let idx: Vec<u32> = (0..n).map(|_| r.gen_range(0..k as u32)).collect();
                         let batch = vqx::ema::cpu(x.as_ref(), &idx, k, SumMode::Deterministic);
                         let context = format!("{test}: K {k} D {d} N {n} {metric} seed {seed} step {s}");
@@ -263,10 +256,10 @@ on_devices! {
             for &d in &DS {
                 for metric in [Metric::L2, Metric::Cosine] {
                     for seed in SEEDS {
-                        let mut r = rng(seed, k * 7 + n * 3 + d);
+                        let mut r = salted_rng(seed, k * 7 + n * 3 + d);
                         let mut cpu = random_state(k, d, &mut r);
                         let mut codebook = cpu.codebook(1e-5);
-                        let mut x = uniform(n * d, 3.0, &mut r);
+                        let mut x = uniform_in(n * d, 3.0, &mut r);
                         x[(n - 1) * d..].fill(0.0);
                         let m = k.min(n).min(300);
                         let mut codes: Vec<u32> = (0..k as u32).collect();
@@ -314,7 +307,7 @@ on_devices! {
         let gpu = backend.gpu();
         for &k in &KS {
             for seed in SEEDS {
-                let mut r = rng(seed, k);
+                let mut r = salted_rng(seed, k);
                 let mut want: Vec<u64> = (0..k).map(|_| r.gen_range(0..1u64 << 40)).collect();
                 let mut total = gpu.upload("total", &want).unwrap();
                 for _ in 0..2 {
@@ -341,9 +334,9 @@ on_devices! {
         for &n in &NS {
             for &d in &DS {
                 for seed in SEEDS {
-                    let mut r = rng(seed, n * 131 + d);
-                    let x = uniform(n * d, 2.0, &mut r);
-                    let q = uniform(n * d, 2.0, &mut r);
+                    let mut r = salted_rng(seed, n * 131 + d);
+                    let x = uniform_in(n * d, 2.0, &mut r);
+                    let q = uniform_in(n * d, 2.0, &mut r);
                     let (xd, qd) = (gpu.upload("x", &x).unwrap(), gpu.upload("q", &q).unwrap());
                     let mask: Vec<bool> = (0..n).map(|_| r.gen_bool(0.6)).collect();
                     let md = gpu.upload("mask", &mask_u32(&mask)).unwrap();
@@ -374,7 +367,7 @@ on_devices! {
         let mut entropy = gpu.alloc_zeros::<f64>("entropy", 1).unwrap();
         for &k in &KS {
             for seed in SEEDS {
-                let mut r = rng(seed, k + 99);
+                let mut r = salted_rng(seed, k + 99);
                 let cases: Vec<(&str, Vec<u32>)> = vec![
                     ("dense", (0..k).map(|_| r.gen_range(0..1000)).collect()),
                     ("sparse", (0..k).map(|_| if r.gen_bool(0.9) { 0 } else { r.gen_range(1..50) }).collect()),
@@ -413,10 +406,10 @@ on_devices! {
         for &n in &NS {
             for &d in &DS {
                 for seed in SEEDS {
-                    let mut r = rng(seed, n * 17 + d);
-                    let mut x = uniform(n * d, 2.0, &mut r);
-                    let mut q = uniform(n * d, 2.0, &mut r);
-                    let g = uniform(n * d, 1.0, &mut r);
+                    let mut r = salted_rng(seed, n * 17 + d);
+                    let mut x = uniform_in(n * d, 2.0, &mut r);
+                    let mut q = uniform_in(n * d, 2.0, &mut r);
+                    let g = uniform_in(n * d, 1.0, &mut r);
                     for row in 0..n {
                         let (xr, qr) = (row * d..(row + 1) * d, row * d..(row + 1) * d);
                         match row % 9 {
@@ -459,10 +452,10 @@ on_devices! {
         for &n in &NS {
             for &d in &DS {
                 for seed in SEEDS {
-                    let mut r = rng(seed, n * 5 + d);
-                    let codebook = Matrix::new(uniform(k * d, 1.0, &mut r), k, d).unwrap();
-                    let x = Matrix::new(uniform(n * d, 1.2, &mut r), n, d).unwrap();
-                    let g = Matrix::new(uniform(n * d, 1.0, &mut r), n, d).unwrap();
+                    let mut r = salted_rng(seed, n * 5 + d);
+                    let codebook = Matrix::new(uniform_in(k * d, 1.0, &mut r), k, d).unwrap();
+                    let x = Matrix::new(uniform_in(n * d, 1.2, &mut r), n, d).unwrap();
+                    let g = Matrix::new(uniform_in(n * d, 1.0, &mut r), n, d).unwrap();
                     let mut mask: Vec<bool> = (0..n).map(|_| r.gen_bool(0.7)).collect();
                     mask[0] = true;
                     for estimator in [Estimator::StraightThrough, Estimator::RotationTrick] {

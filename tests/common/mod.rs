@@ -45,6 +45,12 @@ pub fn random_matrix(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Matrix {
     Matrix::new(uniform_in(rows * cols, 1.0, rng), rows, cols).unwrap()
 }
 
+/// `m` with `shift` added to every value: large norms, small differences.
+pub fn shifted(mut m: Matrix, shift: f32) -> Matrix {
+    m.data_mut().iter_mut().for_each(|v| *v += shift);
+    m
+}
+
 /// `n` code indices uniform in 0..codes.
 pub fn random_indices(n: usize, codes: usize, rng: &mut ChaCha8Rng) -> Vec<u32> {
     (0..n).map(|_| rng.gen_range(0..codes as u32)).collect()
