@@ -27,6 +27,7 @@ use rand_chacha::ChaCha8Rng;
 #[macro_use]
 mod common;
 
+use common::cli::{ok, stderr, vqx};
 use common::devices::{Dev, EMU, real_gpu};
 use common::{random_indices, random_matrix, shifted};
 use vqx::backend::cuda::{self, Gpu};
@@ -39,6 +40,13 @@ const SEEDS: [u64; 3] = [1, 2, 3];
 
 fn close(a: f32, b: f32, abs: f32, rel: f32) -> bool {
     (a - b).abs() <= abs + rel * b.abs()
+}
+
+/// N × D rows and one code in 0..K for each, from `seed`.
+fn rows_and_codes(n: usize, d: usize, k: usize, seed: u64) -> (Matrix, Vec<u32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let x = random_matrix(n, d, &mut rng);
+    (x, random_indices(n, k, &mut rng))
 }
 
 /// nearest_f32's arithmetic on the CPU: per (row, code) `fmaf` in increasing d from 0, the score
@@ -325,9 +333,7 @@ on_devices! {
         let cpu = CpuBackend::new();
         for (n, d, k) in dev.shapes(&SUMS_SMALL, &SUMS_LARGE) {
             for seed in SEEDS {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (n * 3 + d + k) as u64);
-                let x = random_matrix(n, d, &mut rng);
-                let idx = random_indices(n, k, &mut rng);
+                let (x, idx) = rows_and_codes(n, d, k, seed ^ (n * 3 + d + k) as u64);
                 let want = cpu.code_sums(x.as_ref(), &idx, k, SumMode::Fast).unwrap();
                 let got = gpu.code_sums(x.as_ref(), &idx, k, SumMode::Fast).unwrap();
                 assert_eq!(got.mode, SumMode::Fast);
@@ -367,9 +373,7 @@ on_devices! {
         // D = 300 > 256 threads: columns beyond the block are looped.
         for (n, d, k) in dev.shapes(&SUMS_SMALL, &SUMS_LARGE).into_iter().chain([(50, 300, 3)]) {
             for seed in SEEDS {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (n * 5 + d + k) as u64);
-                let x = random_matrix(n, d, &mut rng);
-                let idx = random_indices(n, k, &mut rng);
+                let (x, idx) = rows_and_codes(n, d, k, seed ^ (n * 5 + d + k) as u64);
                 let want = cpu.code_sums(x.as_ref(), &idx, k, SumMode::Deterministic).unwrap();
                 let a = gpu.code_sums(x.as_ref(), &idx, k, SumMode::Deterministic).unwrap();
                 let b = gpu.code_sums(x.as_ref(), &idx, k, SumMode::Deterministic).unwrap();
@@ -555,21 +559,9 @@ fn cuda_emu_is_selectable_and_never_auto() {
 /// backend (uploads, launches, downloads, recheck) end to end.
 #[test]
 fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
-    use std::process::Command;
     use vqx::checkpoint::Checkpoint;
     let dir = tempfile::tempdir().unwrap();
     let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
-    let vqx = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "vqx {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
     let mut rng = ChaCha8Rng::seed_from_u64(31);
     let (n, d, k) = (1500, 13, 129);
     let x = random_matrix(n, d, &mut rng);
@@ -578,7 +570,7 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
     vqx::npy::write_matrix(p("c.npy"), c.as_ref()).unwrap();
     for device in ["cpu", "cuda-emu"] {
         for metric in ["l2", "cosine"] {
-            vqx(&[
+            ok(&vqx(&[
                 "quantize",
                 "--codebook",
                 &p("c.npy"),
@@ -594,9 +586,9 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
                 device,
                 "--chunk-rows",
                 "700",
-            ]);
+            ]));
         }
-        vqx(&[
+        ok(&vqx(&[
             "fit",
             "--input",
             &p("x.npy"),
@@ -618,7 +610,7 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
             device,
             "--output",
             &p(&format!("fit-{device}.safetensors")),
-        ]);
+        ]));
     }
     for metric in ["l2", "cosine"] {
         let read = |dev: &str| {
@@ -658,7 +650,6 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
 /// of scalars back.
 #[test]
 fn train_on_the_device_matches_cpu_and_moves_only_scalars() {
-    use std::process::Command;
     let dir = tempfile::tempdir().unwrap();
     for data in [
         "gmm:dim=16,components=16,std=0.1",
@@ -667,43 +658,15 @@ fn train_on_the_device_matches_cpu_and_moves_only_scalars() {
         let mut eval = Vec::new();
         for device in ["cpu", "cuda-emu"] {
             let out = dir.path().join(format!("{}-{device}", &data[..3]));
-            let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
-                .args([
-                    "train",
-                    "--synthetic",
-                    data,
-                    "--rows",
-                    "2048",
-                    "--eval-rows",
-                    "512",
-                ])
-                .args([
-                    "--steps",
-                    "30",
-                    "--batch-size",
-                    "64",
-                    "--codebook-size",
-                    "32",
-                ])
-                .args([
-                    "--code-dim",
-                    "4",
-                    "--hidden",
-                    "32",
-                    "--deterministic",
-                    "--seed",
-                    "3",
-                ])
-                .args(["--device", device, "--quiet"])
-                .arg("--output")
-                .arg(&out)
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "{data} {device}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
+            #[rustfmt::skip]
+            let args = [
+                "train", "--synthetic", data, "--rows", "2048", "--eval-rows", "512",
+                "--steps", "30", "--batch-size", "64", "--codebook-size", "32",
+                "--code-dim", "4", "--hidden", "32", "--deterministic", "--seed", "3",
+                "--device", device, "--quiet", "--output", out.to_str().unwrap(),
+            ];
+            let o = vqx(&args);
+            assert!(o.status.success(), "{data} {device}: {}", stderr(&o));
             let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
             assert_eq!(metrics.lines().count(), 30, "{data} {device}");
             for line in metrics.lines() {

@@ -17,8 +17,8 @@
 //!   on the emulated device;
 //! - the launchers refuse too-small buffers (`Error::Shape`) and zero-width layer norms.
 
-use rand::seq::SliceRandom;
 use rand::Rng;
+use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 #[macro_use]
 mod common;
@@ -44,6 +44,15 @@ fn shapes() -> impl Iterator<Item = (u64, usize, usize)> {
         ROWS.into_iter()
             .flat_map(move |n| WIDTHS.into_iter().map(move |d| (s, n, d)))
     })
+}
+
+/// A layer norm of width `d`: γ in [-2, 2), β in [-1, 1).
+fn random_layer_norm(d: usize, r: &mut ChaCha8Rng) -> LayerNorm {
+    let weight = uniform_in(d, 2.0, r);
+    LayerNorm {
+        weight,
+        bias: uniform_in(d, 1.0, r),
+    }
 }
 
 /// Distance in ulps between two finite f32 of the same sign (or both zeros).
@@ -202,10 +211,7 @@ on_devices! {
         let gpu = backend.gpu();
         for (seed, n, d) in shapes() {
             let mut r = salted_rng(seed, n * 1000 + d + 21);
-            let ln = LayerNorm {
-                weight: uniform_in(d, 2.0, &mut r),
-                bias: uniform_in(d, 1.0, &mut r),
-            };
+            let ln = random_layer_norm(d, &mut r);
             // Rows off-centre and of varied spread (a constant row when d = 1).
             let shift = r.gen_range(-5.0f32..5.0);
             let x: Vec<f32> = (0..n * d).map(|_| shift + r.gen_range(-3.0f32..3.0)).collect();
@@ -234,10 +240,7 @@ on_devices! {
         let gpu = backend.gpu();
         for (seed, n, d) in shapes() {
             let mut r = salted_rng(seed, n * 1000 + d + 37);
-            let ln = LayerNorm {
-                weight: uniform_in(d, 2.0, &mut r),
-                bias: uniform_in(d, 1.0, &mut r),
-            };
+            let ln = random_layer_norm(d, &mut r);
             let x = uniform_in(n * d, 3.0, &mut r);
             let (_, cache) = ln.forward(MatRef::new(&x, n, d).unwrap());
             // dβ's column sums depend on the order of the additions.

@@ -13,8 +13,8 @@
 //! - squared error and entropy: within 1e-12 relative of the CPU's f64 sums (other order), and
 //!   bit-identical between two runs (fixed-shape reductions).
 
-use rand::seq::SliceRandom;
 use rand::Rng;
+use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 #[macro_use]
 mod common;
@@ -138,19 +138,21 @@ fn cpu_sq_err(x: &[f32], q: &[f32], d: usize, kept: &[bool]) -> f64 {
         .sum()
 }
 
-/// The entropy −Σ p·ln(p + 1e-10) as UsageSummary computes it (perplexity = exp of it).
+/// The entropy −Σ p·ln(p + 1e-10) as UsageSummary computes it (perplexity = exp of it), 0 for
+/// an empty histogram.
 fn cpu_entropy(counts: &[u32]) -> f64 {
-    let total: u64 = counts.iter().map(|&c| c as u64).sum();
-    if total == 0 {
-        return 0.0;
-    }
-    counts
-        .iter()
-        .map(|&c| {
-            let p = c as f64 / total as f64;
-            -p * (p + 1e-10).ln()
-        })
-        .sum()
+    let total = counts.iter().map(|&c| u64::from(c)).sum::<u64>() as f64;
+    let p = |c: u32| c as f64 / total;
+    let terms = counts.iter().map(|&c| -p(c) * (p(c) + 1e-10).ln());
+    if total == 0.0 { 0.0 } else { terms.sum() }
+}
+
+/// Every (K, D, seed) of the EMA tests.
+fn kds() -> impl Iterator<Item = (usize, usize, u64)> {
+    KS.into_iter().flat_map(|k| {
+        DS.into_iter()
+            .flat_map(move |d| SEEDS.map(|seed| (k, d, seed)))
+    })
 }
 
 fn mask_u32(mask: &[bool]) -> Vec<u32> {
@@ -162,23 +164,19 @@ on_devices! {
     fn ema_update_matches_cpu<G>(test, dev) {
         let backend = dev.backend(Precision::Exact);
         let gpu = backend.gpu();
-        for &k in &KS {
-            for &d in &DS {
-                for seed in SEEDS {
-                    let mut r = salted_rng(seed, k * 1000 + d);
-                    let mut cpu = random_state(k, d, &mut r);
-                    let codebook = cpu.codebook(1e-5);
-                    let mut dev_state = EmaDevice::upload(gpu, &cpu, codebook.as_ref()).unwrap();
-                    for decay in [0.99f32, 0.8, 0.3] {
-                        let batch = random_batch(k, d, &mut r);
-                        let counts = gpu.upload("batch counts", &batch.counts).unwrap();
-                        let sums = gpu.upload("batch sums", &batch.sums).unwrap();
-                        step::ema_update(gpu, &mut dev_state, &counts, &sums, decay).unwrap();
-                        cpu.update(&batch, decay).unwrap();
-                        let context = format!("{test}: K {k} D {d} seed {seed} decay {decay}");
-                        check_state(gpu, &dev_state, &cpu, &context);
-                    }
-                }
+        for (k, d, seed) in kds() {
+            let mut r = salted_rng(seed, k * 1000 + d);
+            let mut cpu = random_state(k, d, &mut r);
+            let codebook = cpu.codebook(1e-5);
+            let mut dev_state = EmaDevice::upload(gpu, &cpu, codebook.as_ref()).unwrap();
+            for decay in [0.99f32, 0.8, 0.3] {
+                let batch = random_batch(k, d, &mut r);
+                let counts = gpu.upload("batch counts", &batch.counts).unwrap();
+                let sums = gpu.upload("batch sums", &batch.sums).unwrap();
+                step::ema_update(gpu, &mut dev_state, &counts, &sums, decay).unwrap();
+                cpu.update(&batch, decay).unwrap();
+                let context = format!("{test}: K {k} D {d} seed {seed} decay {decay}");
+                check_state(gpu, &dev_state, &cpu, &context);
             }
         }
     }
@@ -188,32 +186,28 @@ on_devices! {
     fn ema_codebook_matches_cpu<G>(test, dev) {
         let backend = dev.backend(Precision::Exact);
         let gpu = backend.gpu();
-        for &k in &KS {
-            for &d in &DS {
-                for seed in SEEDS {
-                    let mut r = salted_rng(seed, k * 1000 + d + 7);
-                    let mut sums = uniform_in(k * d, 20.0, &mut r);
-                    sums[(k / 2) * d..(k / 2 + 1) * d].fill(0.0);
-                    let counts = random_state(k, 1, &mut r).cluster_size().to_vec();
-                    let cpu =
-                        EmaState::from_parts(counts, Matrix::new(sums, k, d).unwrap()).unwrap();
-                    for metric in [Metric::L2, Metric::Cosine] {
-                        for eps in [1e-5f32, 0.1] {
-                            let stale = Matrix::zeros(k, d);
-                            let mut dev_state =
-                                EmaDevice::upload(gpu, &cpu, stale.as_ref()).unwrap();
-                            step::ema_codebook(gpu, &mut dev_state, eps, metric).unwrap();
-                            let context = format!(
-                                "{test}: K {k} D {d} seed {seed} {metric} eps {eps}"
-                            );
-                            let total = gpu.download("total", &dev_state.total).unwrap();
-                            let want_total: f32 = cpu.cluster_size().iter().sum();
-                            assert_bits(&total, &[want_total], &format!("{context}: total"));
-                            let got = gpu.download("codebook", &dev_state.codebook).unwrap();
-                            let want = cpu_codebook(&cpu, eps, metric);
-                            assert_bits(&got, want.data(), &format!("{context}: codebook"));
-                        }
-                    }
+        for (k, d, seed) in kds() {
+            let mut r = salted_rng(seed, k * 1000 + d + 7);
+            let mut sums = uniform_in(k * d, 20.0, &mut r);
+            sums[(k / 2) * d..(k / 2 + 1) * d].fill(0.0);
+            let counts = random_state(k, 1, &mut r).cluster_size().to_vec();
+            let cpu =
+                EmaState::from_parts(counts, Matrix::new(sums, k, d).unwrap()).unwrap();
+            for metric in [Metric::L2, Metric::Cosine] {
+                for eps in [1e-5f32, 0.1] {
+                    let stale = Matrix::zeros(k, d);
+                    let mut dev_state =
+                        EmaDevice::upload(gpu, &cpu, stale.as_ref()).unwrap();
+                    step::ema_codebook(gpu, &mut dev_state, eps, metric).unwrap();
+                    let context = format!(
+                        "{test}: K {k} D {d} seed {seed} {metric} eps {eps}"
+                    );
+                    let total = gpu.download("total", &dev_state.total).unwrap();
+                    let want_total: f32 = cpu.cluster_size().iter().sum();
+                    assert_bits(&total, &[want_total], &format!("{context}: total"));
+                    let got = gpu.download("codebook", &dev_state.codebook).unwrap();
+                    let want = cpu_codebook(&cpu, eps, metric);
+                    assert_bits(&got, want.data(), &format!("{context}: codebook"));
                 }
             }
         }

@@ -49,8 +49,8 @@ fn gather_matches_reference() {
 fn code_sums_match_reference() {
     let b = CpuBackend::new();
     for (s, n, d, k, seed) in cases() {
-        let x = uniform(n, d, seed + 20 * s);
         let idx = indices(n, k, seed + 7);
+        let x = uniform(n, d, seed + 20 * s);
         let xm = MatRef::new(&x, n, d).unwrap();
         let (want_sums, want_counts) = reference::code_sums(xm, &idx, k);
         for mode in [SumMode::Fast, SumMode::Deterministic] {

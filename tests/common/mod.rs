@@ -11,6 +11,10 @@ pub mod tensors;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
+use vqx::backend::Device;
+use vqx::model::VqVaeConfig;
+use vqx::quantizer::{CodebookLearning, QuantizerConfig};
+use vqx::train::{DataSource, TrainConfig};
 use vqx::{MatRef, Matrix, Metric, reference};
 
 pub fn rng(seed: u64) -> ChaCha8Rng {
@@ -169,6 +173,38 @@ pub fn write_npy<T: npyz::AutoSerialize>(
         w.push(v).unwrap();
     }
     w.finish().unwrap();
+}
+
+/// A small VQ-VAE run on a 16-D Gaussian mixture (24 components, std 0.1; `rows` rows and a
+/// quarter as many held out): `codes` codes of dimension 4, the encoder's `hidden` widths,
+/// batches of 64, lr 3e-3, seeds 5 (data), 9 (quantizer) and 2 (batch order). With EMA
+/// learning, codes die and are re-seeded during the run (threshold 0.5): the quantizer's random
+/// draws matter.
+pub fn gmm_run(
+    rows: usize,
+    codes: usize,
+    hidden: Vec<usize>,
+    learning: CodebookLearning,
+    device: Device,
+) -> TrainConfig {
+    let data = DataSource::Synthetic {
+        spec: "gmm:dim=16,components=24,std=0.1".parse().unwrap(),
+        rows,
+        eval_rows: rows / 4,
+        seed: 5,
+    };
+    let mut q = QuantizerConfig::new(codes, 4)
+        .learning(learning)
+        .device(device)
+        .seed(9);
+    if let CodebookLearning::Ema { .. } = learning {
+        q = q.dead_code_threshold(0.5);
+    }
+    let mut c = TrainConfig::new(VqVaeConfig::new(16, 4, hidden), q, data);
+    c.batch_size = 64;
+    c.lr = 3e-3;
+    c.seed = 2;
+    c
 }
 
 /// Fails unless `msg` contains every needle, naming the first missing one.
