@@ -4,18 +4,14 @@
 //! scaled down on the CPU so a sample takes well under a second; CUDA runs them at full size.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use vqx::backend::{Backend, CpuBackend, CudaBackend};
 use vqx::ema::SumMode;
 use vqx::{MatRef, Metric};
 
-fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..rows * cols)
-        .map(|_| rng.r#gen::<f32>() * 2.0 - 1.0)
-        .collect()
-}
+// The tests' seeded data, written once.
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::uniform;
 
 /// (N, D, K) from SPEC §7, with N for the CPU.
 const SHAPES: [(usize, usize, usize, usize); 4] = [
@@ -39,8 +35,8 @@ fn bench(c: &mut Criterion) {
         let cpu = backend.name() == "cpu";
         for &(n_full, d, k, n_cpu) in &SHAPES {
             let n = if cpu { n_cpu } else { n_full };
-            let x = random(n, d, 1);
-            let cb = random(k, d, 2);
+            let x = uniform(n, d, 1);
+            let cb = uniform(k, d, 2);
             let xm = MatRef::new(&x, n, d).unwrap();
             let cm = MatRef::new(&cb, k, d).unwrap();
             let shape = format!("{}/N{n}_D{d}_K{k}", backend.name());

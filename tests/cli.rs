@@ -1,72 +1,21 @@
 //! The `vqx` binary end to end: quantize on files written here, streaming, every bad input, and
 //! the info / bench / --help commands.
 
+mod common;
+use common::cli::{expect_error, ok, stderr, stdout, vqx};
+use common::{files_in, uniform_matrix as uniform, write_npy};
 use half::f16;
-use npyz::WriterBuilder;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use npyz::Order;
+use std::path::PathBuf;
+use std::process::Output;
 use vqx::backend::{Backend, CpuBackend};
 use vqx::{Matrix, Metric, npy};
 
-fn vqx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vqx"))
-        .args(args)
-        .output()
-        .expect("run vqx")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Fails unless vqx exited with 1 and printed one `error: ...` message containing every needle.
-fn expect_error(o: &Output, needles: &[&str]) -> String {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "exit status; stderr: {err}");
-    assert!(err.starts_with("error: "), "stderr: {err}");
-    assert!(!err.contains("panicked"), "stderr: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
-    err
-}
-
-fn expect_ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "exit {:?}; stderr: {}",
-        o.status.code(),
-        stderr(o)
-    );
-}
-
-fn uniform(rows: usize, cols: usize, seed: u64) -> Matrix {
-    let mut r = ChaCha8Rng::seed_from_u64(seed);
-    let data = (0..rows * cols)
-        .map(|_| r.r#gen::<f32>() * 2.0 - 1.0)
-        .collect();
-    Matrix::new(data, rows, cols).unwrap()
-}
-
-fn write_npy<T: npyz::AutoSerialize>(path: &Path, shape: &[u64], data: &[T]) {
-    let mut w = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(std::io::BufWriter::new(
-            std::fs::File::create(path).unwrap(),
-        ))
-        .begin_nd()
-        .unwrap();
-    for v in data {
-        w.push(v).unwrap();
-    }
-    w.finish().unwrap();
+/// `vqx quantize -c codebook -i input -o output extra…`.
+fn quantize(codebook: &str, input: &str, output: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["quantize", "-c", codebook, "-i", input, "-o", output];
+    args.extend_from_slice(extra);
+    vqx(&args)
 }
 
 struct Case {
@@ -80,6 +29,19 @@ impl Case {
         let root = dir.path().to_path_buf();
         Case { _dir: dir, root }
     }
+    /// A case with x.npy = uniform(n, d, seeds.0) and c.npy = uniform(k, d, seeds.1); returns
+    /// it, the two matrices and their paths.
+    fn with_inputs(
+        n: usize,
+        k: usize,
+        d: usize,
+        seeds: (u64, u64),
+    ) -> (Self, [Matrix; 2], [String; 2]) {
+        let case = Case::new();
+        let (x, c) = (uniform(n, d, seeds.0), uniform(k, d, seeds.1));
+        let paths = [case.write("x.npy", &x), case.write("c.npy", &c)];
+        (case, [x, c], paths)
+    }
     fn path(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
@@ -91,12 +53,7 @@ impl Case {
         self.s(name)
     }
     fn files(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
+        files_in(&self.root)
     }
 }
 
@@ -120,7 +77,7 @@ fn check_quantize(case: &Case, x_path: &str, x: &Matrix, c_path: &str, c: &Matri
         "--device",
         "cpu",
     ]);
-    expect_ok(&o);
+    ok(&o);
     let summary = stderr(&o);
     assert!(
         summary.contains(&format!("quantized {} rows", x.rows())) && summary.contains("perplexity"),
@@ -149,11 +106,7 @@ fn check_quantize(case: &Case, x_path: &str, x: &Matrix, c_path: &str, c: &Matri
 
 #[test]
 fn quantize_f32_end_to_end() {
-    let case = Case::new();
-    let x = uniform(500, 16, 1);
-    let c = uniform(64, 16, 2);
-    let xp = case.write("x.npy", &x);
-    let cp = case.write("c.npy", &c);
+    let (case, [x, c], [xp, cp]) = Case::with_inputs(500, 64, 16, (1, 2));
     check_quantize(&case, &xp, &x, &cp, &c, Metric::L2);
     check_quantize(&case, &xp, &x, &cp, &c, Metric::Cosine);
     // Exactly the outputs and inputs: no temporaries left.
@@ -170,8 +123,8 @@ fn quantize_f16_inputs() {
     let c32 = uniform(40, 8, 4);
     let xh: Vec<f16> = x32.data().iter().map(|&v| f16::from_f32(v)).collect();
     let ch: Vec<f16> = c32.data().iter().map(|&v| f16::from_f32(v)).collect();
-    write_npy(&case.path("x.npy"), &[300, 8], &xh);
-    write_npy(&case.path("c.npy"), &[40, 8], &ch);
+    write_npy(&case.path("x.npy"), &[300, 8], Order::C, &xh);
+    write_npy(&case.path("c.npy"), &[40, 8], Order::C, &ch);
     let x = Matrix::from_f16(&xh, 300, 8).unwrap();
     let c = Matrix::from_f16(&ch, 40, 8).unwrap();
     check_quantize(
@@ -186,11 +139,7 @@ fn quantize_f16_inputs() {
 
 #[test]
 fn streaming_gives_identical_output() {
-    let case = Case::new();
-    let x = uniform(1001, 12, 5);
-    let c = uniform(50, 12, 6);
-    let xp = case.write("x.npy", &x);
-    let cp = case.write("c.npy", &c);
+    let (case, _, [xp, cp]) = Case::with_inputs(1001, 50, 12, (5, 6));
     let run = |tag: &str, chunk: Option<&str>| {
         let out = [
             case.s(&format!("i{tag}.npy")),
@@ -215,7 +164,7 @@ fn streaming_gives_identical_output() {
         if let Some(ch) = chunk {
             args.extend(["--chunk-rows", ch]);
         }
-        expect_ok(&vqx(&args));
+        ok(&vqx(&args));
         out.map(|p| std::fs::read(p).unwrap())
     };
     let whole = run("a", None);
@@ -248,69 +197,53 @@ fn dimension_mismatch_names_both_shapes() {
     let case = Case::new();
     let xp = case.write("x.npy", &uniform(10, 16, 1));
     let cp = case.write("c.npy", &uniform(64, 32, 2));
-    let o = vqx(&["quantize", "-c", &cp, "-i", &xp, "-o", &case.s("o.npy")]);
+    let o = quantize(&cp, &xp, &case.s("o.npy"), &[]);
     expect_error(&o, &["64 × 32", "10 × 16", "x.npy", "c.npy"]);
     assert!(!case.path("o.npy").exists());
 }
 
-#[test]
-fn f64_input_is_refused_with_advice() {
-    let case = Case::new();
-    write_npy(&case.path("x.npy"), &[2, 2], &[1.0f64, 2.0, 3.0, 4.0]);
-    let cp = case.write("c.npy", &uniform(4, 2, 2));
-    let o = vqx(&[
-        "quantize",
-        "-c",
-        &cp,
-        "-i",
-        &case.s("x.npy"),
-        "-o",
-        &case.s("o.npy"),
-    ]);
-    expect_error(&o, &["x.npy", "float64", "astype"]);
+/// Quantizes `case`'s x.npy with its c.npy; fails unless vqx refuses with every needle.
+fn refused(case: &Case, needles: &[&str]) {
+    let o = quantize(&case.s("c.npy"), &case.s("x.npy"), &case.s("o.npy"), &[]);
+    expect_error(&o, needles);
 }
 
-#[test]
-fn integer_input_is_refused() {
-    let case = Case::new();
-    write_npy(&case.path("x.npy"), &[2, 2], &[1i64, 2, 3, 4]);
-    let cp = case.write("c.npy", &uniform(4, 2, 2));
-    let o = vqx(&[
-        "quantize",
-        "-c",
-        &cp,
-        "-i",
-        &case.s("x.npy"),
-        "-o",
-        &case.s("o.npy"),
-    ]);
-    expect_error(&o, &["x.npy", "int64"]);
+/// Each test writes one bad file with npyz (shape, values) and the other as `uniform(rows, cols,
+/// seed)`, and expects quantize to refuse the bad one with every needle.
+macro_rules! refused {
+    ($($name:ident: $bad:literal $shape:expr, $data:expr; $good:literal $m:expr => $needles:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            let case = Case::new();
+            write_npy(&case.path($bad), &$shape, Order::C, &$data);
+            let (rows, cols, seed) = $m;
+            case.write($good, &uniform(rows, cols, seed));
+            refused(&case, &$needles);
+        }
+    )*};
+}
+
+refused! {
+    f64_input_is_refused_with_advice: "x.npy" [2, 2], [1.0f64, 2.0, 3.0, 4.0]; "c.npy" (4, 2, 2)
+        => ["x.npy", "float64", "astype"];
+    integer_input_is_refused: "x.npy" [2, 2], [1i64, 2, 3, 4]; "c.npy" (4, 2, 2)
+        => ["x.npy", "int64"];
+    empty_input_is_refused: "x.npy" [0, 4], [0f32; 0]; "c.npy" (8, 4, 2)
+        => ["empty", "x.npy", "0 × 4"];
+    three_d_input_is_refused: "x.npy" [2, 3, 4], [0f32; 24]; "c.npy" (8, 4, 2)
+        => ["x.npy", "3 dimensions", "(2, 3, 4)"];
+    one_d_codebook_is_refused: "c.npy" [8], [0f32; 8]; "x.npy" (10, 4, 1)
+        => ["c.npy", "1 dimension", "2-D"];
 }
 
 #[test]
 fn missing_files_are_named() {
     let case = Case::new();
     let cp = case.write("c.npy", &uniform(4, 2, 2));
-    let o = vqx(&[
-        "quantize",
-        "-c",
-        &cp,
-        "-i",
-        &case.s("nope.npy"),
-        "-o",
-        &case.s("o.npy"),
-    ]);
+    let o = quantize(&cp, &case.s("nope.npy"), &case.s("o.npy"), &[]);
     expect_error(&o, &["nope.npy"]);
     let xp = case.write("x.npy", &uniform(4, 2, 2));
-    let o = vqx(&[
-        "quantize",
-        "-c",
-        &case.s("noc.npy"),
-        "-i",
-        &xp,
-        "-o",
-        &case.s("o.npy"),
-    ]);
+    let o = quantize(&case.s("noc.npy"), &xp, &case.s("o.npy"), &[]);
     expect_error(&o, &["noc.npy"]);
 }
 
@@ -322,19 +255,12 @@ fn nan_in_input_names_the_row_and_writes_nothing() {
     let xp = case.write("x.npy", &x);
     let cp = case.write("c.npy", &uniform(8, 4, 2));
     // With small chunks the bad row is found after earlier chunks were written.
-    let o = vqx(&[
-        "quantize",
-        "-c",
+    let o = quantize(
         &cp,
-        "-i",
         &xp,
-        "-o",
         &case.s("o.npy"),
-        "--distances",
-        &case.s("d.npy"),
-        "--chunk-rows",
-        "10",
-    ]);
+        &["--distances", &case.s("d.npy"), "--chunk-rows", "10"],
+    );
     expect_error(&o, &["NaN", "row 83", "column 2", "x.npy"]);
     assert_eq!(case.files(), ["c.npy", "x.npy"], "no partial outputs");
 }
@@ -346,59 +272,8 @@ fn nan_in_codebook_is_refused() {
     c.data_mut()[5 * 4] = f32::INFINITY;
     let cp = case.write("c.npy", &c);
     let xp = case.write("x.npy", &uniform(10, 4, 1));
-    let o = vqx(&["quantize", "-c", &cp, "-i", &xp, "-o", &case.s("o.npy")]);
+    let o = quantize(&cp, &xp, &case.s("o.npy"), &[]);
     expect_error(&o, &["codebook", "row 5", "inf"]);
-}
-
-#[test]
-fn empty_input_is_refused() {
-    let case = Case::new();
-    write_npy::<f32>(&case.path("x.npy"), &[0, 4], &[]);
-    let cp = case.write("c.npy", &uniform(8, 4, 2));
-    let o = vqx(&[
-        "quantize",
-        "-c",
-        &cp,
-        "-i",
-        &case.s("x.npy"),
-        "-o",
-        &case.s("o.npy"),
-    ]);
-    expect_error(&o, &["empty", "x.npy", "0 × 4"]);
-}
-
-#[test]
-fn three_d_input_is_refused() {
-    let case = Case::new();
-    write_npy(&case.path("x.npy"), &[2, 3, 4], &[0f32; 24]);
-    let cp = case.write("c.npy", &uniform(8, 4, 2));
-    let o = vqx(&[
-        "quantize",
-        "-c",
-        &cp,
-        "-i",
-        &case.s("x.npy"),
-        "-o",
-        &case.s("o.npy"),
-    ]);
-    expect_error(&o, &["x.npy", "3 dimensions", "(2, 3, 4)"]);
-}
-
-#[test]
-fn one_d_codebook_is_refused() {
-    let case = Case::new();
-    write_npy(&case.path("c.npy"), &[8], &[0f32; 8]);
-    let xp = case.write("x.npy", &uniform(10, 4, 1));
-    let o = vqx(&[
-        "quantize",
-        "-c",
-        &case.s("c.npy"),
-        "-i",
-        &xp,
-        "-o",
-        &case.s("o.npy"),
-    ]);
-    expect_error(&o, &["c.npy", "1 dimension", "2-D"]);
 }
 
 #[test]
@@ -406,44 +281,27 @@ fn codebook_that_is_neither_npy_nor_safetensors_is_a_clear_error() {
     let case = Case::new();
     std::fs::write(case.path("c.safetensors"), b"{}").unwrap();
     let xp = case.write("x.npy", &uniform(10, 4, 1));
-    let o = vqx(&[
-        "quantize",
-        "-c",
-        &case.s("c.safetensors"),
-        "-i",
-        &xp,
-        "-o",
-        &case.s("o.npy"),
-    ]);
+    let o = quantize(&case.s("c.safetensors"), &xp, &case.s("o.npy"), &[]);
     expect_error(&o, &["c.safetensors", "not a safetensors file"]);
 }
 
 #[test]
 fn output_may_not_overwrite_input() {
-    let case = Case::new();
-    let xp = case.write("x.npy", &uniform(10, 4, 1));
-    let cp = case.write("c.npy", &uniform(8, 4, 2));
-    let o = vqx(&["quantize", "-c", &cp, "-i", &xp, "-o", &xp]);
+    let (case, _, [xp, cp]) = Case::with_inputs(10, 8, 4, (1, 2));
+    let o = quantize(&cp, &xp, &xp, &[]);
     expect_error(&o, &["--output", "--input"]);
-    let o = vqx(&[
-        "quantize",
-        "-c",
+    let o = quantize(
         &cp,
-        "-i",
         &xp,
-        "-o",
         &case.s("o.npy"),
-        "--distances",
-        &case.s("o.npy"),
-    ]);
+        &["--distances", &case.s("o.npy")],
+    );
     expect_error(&o, &["same file"]);
 }
 
 #[test]
 fn bad_flag_values_exit_1() {
-    let o = vqx(&[
-        "quantize", "-c", "c.npy", "-i", "x.npy", "-o", "o.npy", "--metric", "hamming",
-    ]);
+    let o = quantize("c.npy", "x.npy", "o.npy", &["--metric", "hamming"]);
     expect_error(&o, &["hamming"]);
     let o = vqx(&["bench", "--device", "tpu"]);
     expect_error(&o, &["tpu"]);
@@ -457,20 +315,8 @@ fn cuda_when_unavailable_says_why() {
     if status.available {
         return; // Covered by the GPU tests.
     }
-    let case = Case::new();
-    let xp = case.write("x.npy", &uniform(10, 4, 1));
-    let cp = case.write("c.npy", &uniform(8, 4, 2));
-    let o = vqx(&[
-        "quantize",
-        "-c",
-        &cp,
-        "-i",
-        &xp,
-        "-o",
-        &case.s("o.npy"),
-        "--device",
-        "cuda",
-    ]);
+    let (case, _, [xp, cp]) = Case::with_inputs(10, 8, 4, (1, 2));
+    let o = quantize(&cp, &xp, &case.s("o.npy"), &["--device", "cuda"]);
     expect_error(&o, &["CUDA"]);
     assert!(!case.path("o.npy").exists());
     let o = vqx(&[
@@ -490,7 +336,7 @@ fn cuda_when_unavailable_says_why() {
 #[test]
 fn info_reports_backends() {
     let o = vqx(&["info"]);
-    expect_ok(&o);
+    ok(&o);
     let out = stdout(&o);
     assert!(out.contains(env!("CARGO_PKG_VERSION")), "{out}");
     assert!(
@@ -502,7 +348,7 @@ fn info_reports_backends() {
         "{out}"
     );
     let o = vqx(&["info", "--json"]);
-    expect_ok(&o);
+    ok(&o);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["cuda"]["available"].is_boolean(), "{v}");
     assert!(v["cpu"]["rayon_threads"].as_u64().unwrap() >= 1, "{v}");
@@ -524,7 +370,7 @@ fn bench_json_is_valid() {
         "--device",
         "cpu",
     ]);
-    expect_ok(&o);
+    ok(&o);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["backend"], "cpu");
     assert!(v["date"].as_str().unwrap().ends_with('Z'));
@@ -573,7 +419,7 @@ fn bench_text_to_file() {
         "--output",
         &out,
     ]);
-    expect_ok(&o);
+    ok(&o);
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(
         text.contains("N=500 D=8 K=32") && text.contains("of floor"),
@@ -593,13 +439,10 @@ fn help_for_every_subcommand() {
         &["bench", "--help"],
         &["help", "quantize"],
     ] {
-        let o = vqx(sub);
-        expect_ok(&o);
-        let out = stdout(&o);
+        let (out, _) = ok(&vqx(sub));
         assert!(out.contains("Usage:"), "{sub:?}: {out}");
     }
-    let out = stdout(&vqx(&["quantize", "--help"]));
-    for flag in [
+    let quantize_flags = [
         "--codebook",
         "--input",
         "--output",
@@ -608,22 +451,23 @@ fn help_for_every_subcommand() {
         "--metric",
         "--device",
         "--chunk-rows",
-    ] {
-        assert!(out.contains(flag), "{flag}: {out}");
-    }
-    let out = stdout(&vqx(&["bench", "--help"]));
-    for flag in [
+    ];
+    let bench_flags = [
         "--n",
         "--dim",
         "--codebook-size",
         "--reps",
         "--json",
         "--output",
-    ] {
-        assert!(out.contains(flag), "{flag}: {out}");
+    ];
+    for (command, flags) in [("quantize", &quantize_flags[..]), ("bench", &bench_flags)] {
+        let out = stdout(&vqx(&[command, "--help"]));
+        for flag in flags {
+            assert!(out.contains(flag), "{command}: {flag}: {out}");
+        }
     }
     let o = vqx(&["--version"]);
-    expect_ok(&o);
+    ok(&o);
     assert!(stdout(&o).contains(env!("CARGO_PKG_VERSION")));
 }
 
@@ -644,7 +488,7 @@ fn bench_on_given_files() {
         "cpu",
         "--json",
     ]);
-    expect_ok(&o);
+    ok(&o);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let shape = &v["results"][0]["shape"];
     assert_eq!(
@@ -667,23 +511,14 @@ fn bench_on_given_files() {
 
 #[test]
 fn low_precision_on_the_cpu_is_refused_with_advice() {
-    let case = Case::new();
-    let xp = case.write("x.npy", &uniform(10, 4, 1));
-    let cp = case.write("c.npy", &uniform(8, 4, 2));
+    let (case, _, [xp, cp]) = Case::with_inputs(10, 8, 4, (1, 2));
     for p in ["tf32", "bf16"] {
-        let o = vqx(&[
-            "quantize",
-            "-c",
+        let o = quantize(
             &cp,
-            "-i",
             &xp,
-            "-o",
             &case.s("o.npy"),
-            "--device",
-            "cpu",
-            "--precision",
-            p,
-        ]);
+            &["--device", "cpu", "--precision", p],
+        );
         expect_error(&o, &[p, "CUDA", "--precision exact"]);
         let o = vqx(&["bench", "--device", "cpu", "--precision", p]);
         expect_error(&o, &[p, "CUDA", "--precision exact"]);

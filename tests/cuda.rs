@@ -22,12 +22,14 @@
 //!   and across two runs;
 //! - counts: exact.
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 #[macro_use]
 mod common;
 
+use common::cli::{ok, stderr, vqx};
 use common::devices::{Dev, EMU, real_gpu};
+use common::{random_indices, random_matrix, shifted};
 use vqx::backend::cuda::{self, Gpu};
 use vqx::backend::{Backend, CpuBackend, Device};
 use vqx::ema::SumMode;
@@ -36,19 +38,15 @@ use vqx::{MatRef, Matrix};
 
 const SEEDS: [u64; 3] = [1, 2, 3];
 
-fn random(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Matrix {
-    let data = (0..rows * cols)
-        .map(|_| rng.gen_range(-1.0f32..1.0))
-        .collect();
-    Matrix::new(data, rows, cols).unwrap()
-}
-
-fn random_indices(n: usize, codes: usize, rng: &mut ChaCha8Rng) -> Vec<u32> {
-    (0..n).map(|_| rng.gen_range(0..codes as u32)).collect()
-}
-
 fn close(a: f32, b: f32, abs: f32, rel: f32) -> bool {
     (a - b).abs() <= abs + rel * b.abs()
+}
+
+/// N × D rows and one code in 0..K for each, from `seed`.
+fn rows_and_codes(n: usize, d: usize, k: usize, seed: u64) -> (Matrix, Vec<u32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let x = random_matrix(n, d, &mut rng);
+    (x, random_indices(n, k, &mut rng))
 }
 
 /// nearest_f32's arithmetic on the CPU: per (row, code) `fmaf` in increasing d from 0, the score
@@ -70,23 +68,24 @@ fn simt_model(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candi
         second_score: vec![0.0; x.rows()],
     };
     for r in 0..x.rows() {
-        let (mut bi, mut bs, mut ss) = (0u32, f32::INFINITY, f32::INFINITY);
-        for k in 0..scored.rows() {
-            let dot = x
-                .row(r)
-                .iter()
-                .zip(scored.row(k))
-                .fold(0f32, |acc, (a, b)| a.mul_add(*b, acc));
-            let s = (-2f32).mul_add(dot, prepared.norms()[k]);
-            if s < bs {
-                ss = bs;
-                bs = s;
-                bi = k as u32;
-            } else if s < ss {
-                ss = s;
-            }
-        }
-        (out.best[r], out.best_score[r], out.second_score[r]) = (bi, bs, ss);
+        let scores: Vec<f32> = (0..scored.rows())
+            .map(|k| {
+                let dot = x
+                    .row(r)
+                    .iter()
+                    .zip(scored.row(k))
+                    .fold(0f32, |acc, (a, b)| a.mul_add(*b, acc));
+                (-2f32).mul_add(dot, prepared.norms()[k])
+            })
+            .collect();
+        // The first smallest score wins; the runner-up is the smallest of the others.
+        let best = (0..scores.len()).fold(0, |b, k| if scores[k] < scores[b] { k } else { b });
+        let second = scores
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| k != best)
+            .fold(f32::INFINITY, |m, (_, &s)| if s < m { s } else { m });
+        (out.best[r], out.best_score[r], out.second_score[r]) = (best as u32, scores[best], second);
     }
     out
 }
@@ -112,19 +111,10 @@ fn assert_same_candidates(ctx: &str, got: &Candidates, want: &Candidates) {
 
 /// (N, D, K) straddling the nearest kernels' 128-row blocks, 128-code tiles and 8/16/32-wide
 /// chunks; D = 1, 9, 13, 17 and D % 4 ≠ 0 take the scalar loads of the tensor-core kernels.
+#[rustfmt::skip]
 const NEAREST_SMALL: [(usize, usize, usize); 12] = [
-    (1, 1, 1),
-    (1000, 64, 1000),
-    (513, 129, 300),
-    (1, 7, 129),
-    (127, 8, 127),
-    (129, 9, 128),
-    (255, 13, 1),
-    (130, 17, 257),
-    (300, 33, 129),
-    (129, 64, 255),
-    (2, 4096, 5),
-    (257, 1, 300),
+    (1, 1, 1), (1000, 64, 1000), (513, 129, 300), (1, 7, 129), (127, 8, 127), (129, 9, 128),
+    (255, 13, 1), (130, 17, 257), (300, 33, 129), (129, 64, 255), (2, 4096, 5), (257, 1, 300),
 ];
 const NEAREST_LARGE: [(usize, usize, usize); 2] = [(4099, 16, 65_537), (8192, 256, 4096)];
 
@@ -134,8 +124,8 @@ fn check_nearest<G: Gpu>(test: &str, dev: &Dev<G>, metric: Metric) {
     for (n, d, k) in dev.shapes(&NEAREST_SMALL, &NEAREST_LARGE) {
         for seed in SEEDS {
             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (n * 31 + d * 7 + k) as u64);
-            let x = random(n, d, &mut rng);
-            let c = random(k, d, &mut rng);
+            let x = random_matrix(n, d, &mut rng);
+            let c = random_matrix(k, d, &mut rng);
             let ctx = format!("{test}: N={n} D={d} K={k} seed={seed}");
             let want = cpu.nearest(x.as_ref(), c.as_ref(), metric).unwrap();
             let got = gpu.nearest(x.as_ref(), c.as_ref(), metric).unwrap();
@@ -174,10 +164,8 @@ fn check_nearest_low_precision<G: Gpu>(test: &str, dev: &Dev<G>, metric: Metric)
         for (n, d, k) in dev.shapes(&NEAREST_SMALL, &NEAREST_LARGE) {
             for (seed, shift) in [(1u64, 0.0f32), (2, 30.0)] {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (n * 31 + d * 7 + k) as u64);
-                let mut x = random(n, d, &mut rng);
-                let mut c = random(k, d, &mut rng);
-                x.data_mut().iter_mut().for_each(|v| *v += shift);
-                c.data_mut().iter_mut().for_each(|v| *v += shift);
+                let x = shifted(random_matrix(n, d, &mut rng), shift);
+                let c = shifted(random_matrix(k, d, &mut rng), shift);
                 let ctx =
                     format!("{test}: {precision} N={n} D={d} K={k} seed={seed} shift={shift}");
                 let want = cpu.nearest(x.as_ref(), c.as_ref(), metric).unwrap();
@@ -233,12 +221,9 @@ fn check_nearest_low_precision<G: Gpu>(test: &str, dev: &Dev<G>, metric: Metric)
 }
 
 /// (N, D, K) for the sum kernels: tiny, single code, D not a multiple of 32, many codes.
+#[rustfmt::skip]
 const SUMS_SMALL: [(usize, usize, usize); 5] = [
-    (1, 1, 1),
-    (5, 3, 1),
-    (129, 7, 10),
-    (1000, 33, 127),
-    (3000, 17, 2000),
+    (1, 1, 1), (5, 3, 1), (129, 7, 10), (1000, 33, 127), (3000, 17, 2000),
 ];
 const SUMS_LARGE: [(usize, usize, usize); 2] = [(4097, 257, 64), (20_000, 16, 5000)];
 
@@ -268,7 +253,7 @@ on_devices! {
             for seed in SEEDS {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 let (n, d, k) = (300, 24, 700);
-                let mut c = random(k, d, &mut rng).into_vec();
+                let mut c = random_matrix(k, d, &mut rng).into_vec();
                 // Code 4 is copied to codes in the same thread (5, 6, 7, 68, 69; 12, 13 in the
                 // same tensor-core lane), other threads (133, 517) and the last tile (699).
                 let src: Vec<f32> = c[4 * d..5 * d].to_vec();
@@ -320,7 +305,7 @@ on_devices! {
         for (n, d, k) in dev.shapes(&small, &[(10_000, 256, 4096)]) {
             for seed in SEEDS {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (n + d + k) as u64);
-                let c = random(k, d, &mut rng);
+                let c = random_matrix(k, d, &mut rng);
                 let idx = random_indices(n, k, &mut rng);
                 let want = cpu.gather(c.as_ref(), &idx).unwrap();
                 let got = gpu.gather(c.as_ref(), &idx).unwrap();
@@ -336,7 +321,7 @@ on_devices! {
                 }
             }
         }
-        let err = gpu.gather(random(2, 2, &mut ChaCha8Rng::seed_from_u64(0)).as_ref(), &[0, 2]);
+        let err = gpu.gather(random_matrix(2, 2, &mut ChaCha8Rng::seed_from_u64(0)).as_ref(), &[0, 2]);
         assert!(
             matches!(err, Err(vqx::Error::IndexOutOfRange { position: 1, .. })),
             "{test}: out-of-range index: {err:?}"
@@ -348,9 +333,7 @@ on_devices! {
         let cpu = CpuBackend::new();
         for (n, d, k) in dev.shapes(&SUMS_SMALL, &SUMS_LARGE) {
             for seed in SEEDS {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (n * 3 + d + k) as u64);
-                let x = random(n, d, &mut rng);
-                let idx = random_indices(n, k, &mut rng);
+                let (x, idx) = rows_and_codes(n, d, k, seed ^ (n * 3 + d + k) as u64);
                 let want = cpu.code_sums(x.as_ref(), &idx, k, SumMode::Fast).unwrap();
                 let got = gpu.code_sums(x.as_ref(), &idx, k, SumMode::Fast).unwrap();
                 assert_eq!(got.mode, SumMode::Fast);
@@ -390,9 +373,7 @@ on_devices! {
         // D = 300 > 256 threads: columns beyond the block are looped.
         for (n, d, k) in dev.shapes(&SUMS_SMALL, &SUMS_LARGE).into_iter().chain([(50, 300, 3)]) {
             for seed in SEEDS {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (n * 5 + d + k) as u64);
-                let x = random(n, d, &mut rng);
-                let idx = random_indices(n, k, &mut rng);
+                let (x, idx) = rows_and_codes(n, d, k, seed ^ (n * 5 + d + k) as u64);
                 let want = cpu.code_sums(x.as_ref(), &idx, k, SumMode::Deterministic).unwrap();
                 let a = gpu.code_sums(x.as_ref(), &idx, k, SumMode::Deterministic).unwrap();
                 let b = gpu.code_sums(x.as_ref(), &idx, k, SumMode::Deterministic).unwrap();
@@ -444,8 +425,8 @@ on_devices! {
         let gpu = dev.backend(Precision::Exact);
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let (n, k) = if dev.emulated { (300, 100) } else { (4096, 512) };
-        let x = random(n, 64, &mut rng);
-        let c = random(k, 64, &mut rng);
+        let x = random_matrix(n, 64, &mut rng);
+        let c = random_matrix(k, 64, &mut rng);
         for metric in [Metric::L2, Metric::Cosine] {
             let t = gpu.time_primitives(x.as_ref(), c.as_ref(), metric, 2).unwrap();
             let expect = if dev.emulated { "wall clock" } else { "CUDA events" };
@@ -471,7 +452,7 @@ on_devices! {
         let (k, d, n) = if dev.emulated { (150, 13, 800) } else { (300, 24, 2000) };
         let batch_rows = n / 4;
         let mut rng = ChaCha8Rng::seed_from_u64(77);
-        let x = random(n, d, &mut rng);
+        let x = random_matrix(n, d, &mut rng);
         let config = |device| {
             QuantizerConfig::new(k, d)
                 .learning(CodebookLearning::Ema { decay: 0.9, eps: 1e-5 })
@@ -513,7 +494,7 @@ on_devices! {
         let gpu = dev.backend(Precision::Exact);
         let (n, d, k) = (300usize, 13usize, 70usize);
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let (x, c) = (random(n, d, &mut rng), random(k, d, &mut rng));
+        let (x, c) = (random_matrix(n, d, &mut rng), random_matrix(k, d, &mut rng));
         let moved = |f: &dyn Fn()| {
             let before = gpu.transfers();
             f();
@@ -578,30 +559,18 @@ fn cuda_emu_is_selectable_and_never_auto() {
 /// backend (uploads, launches, downloads, recheck) end to end.
 #[test]
 fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
-    use std::process::Command;
     use vqx::checkpoint::Checkpoint;
     let dir = tempfile::tempdir().unwrap();
     let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
-    let vqx = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "vqx {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
     let mut rng = ChaCha8Rng::seed_from_u64(31);
     let (n, d, k) = (1500, 13, 129);
-    let x = random(n, d, &mut rng);
-    let c = random(k, d, &mut rng);
+    let x = random_matrix(n, d, &mut rng);
+    let c = random_matrix(k, d, &mut rng);
     vqx::npy::write_matrix(p("x.npy"), x.as_ref()).unwrap();
     vqx::npy::write_matrix(p("c.npy"), c.as_ref()).unwrap();
     for device in ["cpu", "cuda-emu"] {
         for metric in ["l2", "cosine"] {
-            vqx(&[
+            ok(&vqx(&[
                 "quantize",
                 "--codebook",
                 &p("c.npy"),
@@ -617,9 +586,9 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
                 device,
                 "--chunk-rows",
                 "700",
-            ]);
+            ]));
         }
-        vqx(&[
+        ok(&vqx(&[
             "fit",
             "--input",
             &p("x.npy"),
@@ -641,7 +610,7 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
             device,
             "--output",
             &p(&format!("fit-{device}.safetensors")),
-        ]);
+        ]));
     }
     for metric in ["l2", "cosine"] {
         let read = |dev: &str| {
@@ -681,7 +650,6 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
 /// of scalars back.
 #[test]
 fn train_on_the_device_matches_cpu_and_moves_only_scalars() {
-    use std::process::Command;
     let dir = tempfile::tempdir().unwrap();
     for data in [
         "gmm:dim=16,components=16,std=0.1",
@@ -690,43 +658,15 @@ fn train_on_the_device_matches_cpu_and_moves_only_scalars() {
         let mut eval = Vec::new();
         for device in ["cpu", "cuda-emu"] {
             let out = dir.path().join(format!("{}-{device}", &data[..3]));
-            let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
-                .args([
-                    "train",
-                    "--synthetic",
-                    data,
-                    "--rows",
-                    "2048",
-                    "--eval-rows",
-                    "512",
-                ])
-                .args([
-                    "--steps",
-                    "30",
-                    "--batch-size",
-                    "64",
-                    "--codebook-size",
-                    "32",
-                ])
-                .args([
-                    "--code-dim",
-                    "4",
-                    "--hidden",
-                    "32",
-                    "--deterministic",
-                    "--seed",
-                    "3",
-                ])
-                .args(["--device", device, "--quiet"])
-                .arg("--output")
-                .arg(&out)
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "{data} {device}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
+            #[rustfmt::skip]
+            let args = [
+                "train", "--synthetic", data, "--rows", "2048", "--eval-rows", "512",
+                "--steps", "30", "--batch-size", "64", "--codebook-size", "32",
+                "--code-dim", "4", "--hidden", "32", "--deterministic", "--seed", "3",
+                "--device", device, "--quiet", "--output", out.to_str().unwrap(),
+            ];
+            let o = vqx(&args);
+            assert!(o.status.success(), "{data} {device}: {}", stderr(&o));
             let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
             assert_eq!(metrics.lines().count(), 30, "{data} {device}");
             for line in metrics.lines() {

@@ -13,7 +13,8 @@
 mod common;
 
 use common::devices::{Dev, EMU, real_gpu};
-use rand::{Rng, SeedableRng};
+use common::{random_matrix, shifted};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use vqx::backend::cuda::launch::{self, NearestOperands, RowList};
 use vqx::backend::cuda::{DeviceAssignment, DeviceCodebook, DeviceMatrix, Gpu};
@@ -21,21 +22,10 @@ use vqx::backend::{Backend, CpuBackend};
 use vqx::nearest::{self, Metric, Precision, Prepared};
 use vqx::{Error, MatRef, Matrix};
 
-fn random(rows: usize, cols: usize, shift: f32, rng: &mut ChaCha8Rng) -> Matrix {
-    let data = (0..rows * cols)
-        .map(|_| rng.gen_range(-1.0f32..1.0) + shift)
-        .collect();
-    Matrix::new(data, rows, cols).unwrap()
-}
-
 /// (N, D, K) straddling the tiles (128 rows and codes, 8 dimensions, 256 recheck threads).
+#[rustfmt::skip]
 const SHAPES: [(usize, usize, usize); 6] = [
-    (1, 1, 1),
-    (127, 9, 255),
-    (129, 17, 257),
-    (300, 64, 1000),
-    (200, 129, 300),
-    (64, 4, 3),
+    (1, 1, 1), (127, 9, 255), (129, 17, 257), (300, 64, 1000), (200, 129, 300), (64, 4, 3),
 ];
 
 /// Every row id 0..n as a device list.
@@ -56,7 +46,7 @@ on_devices! {
         for seed in [1u64, 2, 3] {
             for &(k, d) in &[(1usize, 1usize), (127, 7), (129, 33), (1000, 64)] {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed * 1000 + k as u64);
-                let mut c = random(k, d, 0.0, &mut rng);
+                let mut c = random_matrix(k, d, &mut rng);
                 c.data_mut()[..d].iter_mut().for_each(|v| *v = 0.0); // a zero code
                 let ctx = format!("{test}: K={k} D={d} seed={seed}");
                 let cb = DeviceCodebook::upload(gpu, c.as_ref(), Metric::L2).unwrap();
@@ -93,8 +83,8 @@ on_devices! {
         for metric in [Metric::L2, Metric::Cosine] {
             for (seed, &(n, d, k)) in SHAPES.iter().enumerate() {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed as u64 + 10);
-                let x = random(n, d, 0.0, &mut rng);
-                let mut c = random(k, d, 0.0, &mut rng);
+                let x = random_matrix(n, d, &mut rng);
+                let mut c = random_matrix(k, d, &mut rng);
                 if k > 2 {
                     let dup = c.row(0).to_vec();
                     c.data_mut()[2 * d..3 * d].copy_from_slice(&dup);
@@ -133,7 +123,7 @@ on_devices! {
         let gpu = b.gpu();
         for (seed, &(n, d, k)) in SHAPES.iter().enumerate() {
             let mut rng = ChaCha8Rng::seed_from_u64(seed as u64 + 20);
-            let (x, c) = (random(n, d, 0.0, &mut rng), random(k, d, 0.0, &mut rng));
+            let (x, c) = (random_matrix(n, d, &mut rng), random_matrix(k, d, &mut rng));
             let ctx = format!("{test}: N={n} D={d} K={k}");
             let prepared = Prepared::new(c.as_ref(), Metric::L2);
             let want = b.candidates(x.as_ref(), c.as_ref(), &prepared).unwrap();
@@ -181,7 +171,8 @@ on_devices! {
                     let mut out = DeviceAssignment::new(gpu, n).unwrap();
                     for (seed, shift) in [(1u64, 0.0f32), (2, 30.0)] {
                         let mut rng = ChaCha8Rng::seed_from_u64(seed * 7 + (n * d * k) as u64);
-                        let (x, c) = (random(n, d, shift, &mut rng), random(k, d, shift, &mut rng));
+                        let x = shifted(random_matrix(n, d, &mut rng), shift);
+                        let c = shifted(random_matrix(k, d, &mut rng), shift);
                         let ctx = format!("{test}: {precision} {metric} N={n} D={d} K={k} shift={shift}");
                         let xd = DeviceMatrix::upload(gpu, "x", x.as_ref()).unwrap();
                         let cb = DeviceCodebook::upload(gpu, c.as_ref(), metric).unwrap();
@@ -221,7 +212,8 @@ on_devices! {
         let gpu = b.gpu();
         let (n, d, k) = (256usize, 32usize, 300usize);
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let (x, c) = (random(n, d, 100.0, &mut rng), random(k, d, 100.0, &mut rng));
+        let x = shifted(random_matrix(n, d, &mut rng), 100.0);
+        let c = shifted(random_matrix(k, d, &mut rng), 100.0);
         let xd = DeviceMatrix::upload(gpu, "x", x.as_ref()).unwrap();
         let cb = DeviceCodebook::upload(gpu, c.as_ref(), Metric::L2).unwrap();
         let mut out = DeviceAssignment::new(gpu, n).unwrap();
@@ -245,13 +237,13 @@ on_devices! {
         let b = dev.backend(Precision::Exact);
         let gpu = b.gpu();
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let (x, c) = (random(10, 4, 0.0, &mut rng), random(5, 3, 0.0, &mut rng));
+        let (x, c) = (random_matrix(10, 4, &mut rng), random_matrix(5, 3, &mut rng));
         let xd = DeviceMatrix::upload(gpu, "x", x.as_ref()).unwrap();
         let cb = DeviceCodebook::upload(gpu, c.as_ref(), Metric::L2).unwrap();
         let mut out = DeviceAssignment::new(gpu, 10).unwrap();
         let e = b.nearest_device(&xd, &cb, &mut out).unwrap_err();
         assert!(matches!(e, Error::Shape { .. }), "{test}: width mismatch: {e}");
-        let c4 = random(5, 4, 0.0, &mut rng);
+        let c4 = random_matrix(5, 4, &mut rng);
         let cb4 = DeviceCodebook::upload(gpu, c4.as_ref(), Metric::L2).unwrap();
         let mut short = DeviceAssignment::new(gpu, 9).unwrap();
         let e = b.nearest_device(&xd, &cb4, &mut short).unwrap_err();
@@ -294,7 +286,7 @@ fn borrowed_memory_is_used_in_place_emu() {
     let gpu = b.gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let (n, d, k) = (100usize, 8usize, 20usize);
-    let (x, c) = (random(n, d, 0.0, &mut rng), random(k, d, 0.0, &mut rng));
+    let (x, c) = (random_matrix(n, d, &mut rng), random_matrix(k, d, &mut rng));
     let mut caller = x.data().to_vec();
     let cb = DeviceCodebook::upload(gpu, c.as_ref(), Metric::L2).unwrap();
     let mut out = DeviceAssignment::new(gpu, n).unwrap();
@@ -335,7 +327,7 @@ fn caller_stream_and_memory_gpu() {
     let gpu = b.gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let (n, d, k) = (1000usize, 32usize, 64usize);
-    let (x, c) = (random(n, d, 0.0, &mut rng), random(k, d, 0.0, &mut rng));
+    let (x, c) = (random_matrix(n, d, &mut rng), random_matrix(k, d, &mut rng));
     let caller = stream.clone_htod(x.data()).unwrap();
     let (ptr, _sync) = caller.device_ptr(&stream);
     let cb = DeviceCodebook::upload(gpu, c.as_ref(), Metric::L2).unwrap();
@@ -370,9 +362,9 @@ on_devices! {
         for &(m, n, k) in &[(1usize, 1usize, 1usize), (7, 5, 3), (129, 33, 65), (256, 64, 256)] {
             for (ta, tb, acc) in [(false, false, false), (false, true, true), (true, false, true), (true, true, false)] {
                 let ctx = format!("{test}: m={m} n={n} k={k} ta={ta} tb={tb} accumulate={acc}");
-                let a = random(if ta { k } else { m }, if ta { m } else { k }, 0.0, &mut rng);
-                let bm = random(if tb { n } else { k }, if tb { k } else { n }, 0.0, &mut rng);
-                let c0 = random(m, n, 0.0, &mut rng);
+                let a = random_matrix(if ta { k } else { m }, if ta { m } else { k }, &mut rng);
+                let bm = random_matrix(if tb { n } else { k }, if tb { k } else { n }, &mut rng);
+                let c0 = random_matrix(m, n, &mut rng);
                 let mut want = c0.data().to_vec();
                 matmul(&mut want, a.as_ref(), ta, bm.as_ref(), tb, acc);
                 let shape = GemmShape { a: (a.rows(), a.cols()), ta, b: (bm.rows(), bm.cols()), tb, accumulate: acc };

@@ -17,13 +17,14 @@
 //!   on the emulated device;
 //! - the launchers refuse too-small buffers (`Error::Shape`) and zero-width layer norms.
 
+use rand::Rng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 #[macro_use]
 mod common;
 
 use common::devices::{Dev, EMU, assert_bits, real_gpu, rel_close};
+use common::{salted_rng, uniform_in};
 use vqx::backend::cuda::Gpu;
 use vqx::backend::cuda::mlp::{self, MlpScratch};
 use vqx::backend::cuda::step::{self, StepScratch};
@@ -37,20 +38,21 @@ const ROWS: [usize; 4] = [1, 127, 129, 1000];
 const WIDTHS: [usize; 4] = [1, 7, 33, 256];
 const ACTS: [Activation; 2] = [Activation::Gelu, Activation::Relu];
 
-fn rng(seed: u64, salt: usize) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9) ^ salt as u64)
-}
-
-fn uniform(len: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    (0..len).map(|_| rng.gen_range(-scale..scale)).collect()
-}
-
 /// Every (seed, rows, width) combination.
 fn shapes() -> impl Iterator<Item = (u64, usize, usize)> {
     SEEDS.into_iter().flat_map(|s| {
         ROWS.into_iter()
             .flat_map(move |n| WIDTHS.into_iter().map(move |d| (s, n, d)))
     })
+}
+
+/// A layer norm of width `d`: γ in [-2, 2), β in [-1, 1).
+fn random_layer_norm(d: usize, r: &mut ChaCha8Rng) -> LayerNorm {
+    let weight = uniform_in(d, 2.0, r);
+    LayerNorm {
+        weight,
+        bias: uniform_in(d, 1.0, r),
+    }
 }
 
 /// Distance in ulps between two finite f32 of the same sign (or both zeros).
@@ -126,10 +128,10 @@ on_devices! {
         let backend = dev.backend(Precision::Exact);
         let gpu = backend.gpu();
         for (seed, n, o) in shapes() {
-            let mut r = rng(seed, n * 1000 + o);
+            let mut r = salted_rng(seed, n * 1000 + o);
             let inputs = [1, 7, 33][(seed as usize) % 3];
             let l = Linear::new(inputs, o, &mut r);
-            let x = Matrix::new(uniform(n * inputs, 2.0, &mut r), n, inputs).unwrap();
+            let x = Matrix::new(uniform_in(n * inputs, 2.0, &mut r), n, inputs).unwrap();
             let want = l.forward(x.as_ref());
             let bias = gpu.upload("bias", &l.bias).unwrap();
             let mut y = gpu.alloc_zeros::<f32>("y", n * o).unwrap();
@@ -156,13 +158,13 @@ on_devices! {
         ];
         for act in ACTS {
             for (seed, n, d) in shapes() {
-                let mut r = rng(seed, n * 1000 + d + 7);
+                let mut r = salted_rng(seed, n * 1000 + d + 7);
                 let len = n * d;
-                let mut x = uniform(len, 4.0, &mut r);
+                let mut x = uniform_in(len, 4.0, &mut r);
                 for (v, s) in x.iter_mut().zip(special) {
                     *v = s;
                 }
-                let dy = uniform(len, 1.5, &mut r);
+                let dy = uniform_in(len, 1.5, &mut r);
                 let want_y = act.forward(&x);
                 let want_dx = act.backward(&x, &dy);
                 let xb = gpu.upload("x", &x).unwrap();
@@ -186,13 +188,13 @@ on_devices! {
         let backend = dev.backend(Precision::Exact);
         let gpu = backend.gpu();
         for (seed, n, o) in shapes() {
-            let mut r = rng(seed, n * 1000 + o + 13);
+            let mut r = salted_rng(seed, n * 1000 + o + 13);
             let inputs = 3;
             let l = Linear::new(inputs, o, &mut r);
-            let x = Matrix::new(uniform(n * inputs, 1.0, &mut r), n, inputs).unwrap();
+            let x = Matrix::new(uniform_in(n * inputs, 1.0, &mut r), n, inputs).unwrap();
             let dy = cancelling_columns(n, o, &mut r);
             let mut grad = Linear::zeros(inputs, o);
-            grad.bias = uniform(o, 0.3, &mut r);
+            grad.bias = uniform_in(o, 0.3, &mut r);
             let start = grad.bias.clone();
             l.backward(x.as_ref(), MatRef::new(&dy, n, o).unwrap(), &mut grad);
             let dyb = gpu.upload("dy", &dy).unwrap();
@@ -208,11 +210,8 @@ on_devices! {
         let backend = dev.backend(Precision::Exact);
         let gpu = backend.gpu();
         for (seed, n, d) in shapes() {
-            let mut r = rng(seed, n * 1000 + d + 21);
-            let ln = LayerNorm {
-                weight: uniform(d, 2.0, &mut r),
-                bias: uniform(d, 1.0, &mut r),
-            };
+            let mut r = salted_rng(seed, n * 1000 + d + 21);
+            let ln = random_layer_norm(d, &mut r);
             // Rows off-centre and of varied spread (a constant row when d = 1).
             let shift = r.gen_range(-5.0f32..5.0);
             let x: Vec<f32> = (0..n * d).map(|_| shift + r.gen_range(-3.0f32..3.0)).collect();
@@ -240,18 +239,15 @@ on_devices! {
         let backend = dev.backend(Precision::Exact);
         let gpu = backend.gpu();
         for (seed, n, d) in shapes() {
-            let mut r = rng(seed, n * 1000 + d + 37);
-            let ln = LayerNorm {
-                weight: uniform(d, 2.0, &mut r),
-                bias: uniform(d, 1.0, &mut r),
-            };
-            let x = uniform(n * d, 3.0, &mut r);
+            let mut r = salted_rng(seed, n * 1000 + d + 37);
+            let ln = random_layer_norm(d, &mut r);
+            let x = uniform_in(n * d, 3.0, &mut r);
             let (_, cache) = ln.forward(MatRef::new(&x, n, d).unwrap());
             // dβ's column sums depend on the order of the additions.
             let dy = cancelling_columns(n, d, &mut r);
             let mut grad = LayerNorm {
-                weight: uniform(d, 0.5, &mut r),
-                bias: uniform(d, 0.5, &mut r),
+                weight: uniform_in(d, 0.5, &mut r),
+                bias: uniform_in(d, 0.5, &mut r),
             };
             let start = grad.clone();
             let want_dx = ln.backward(&cache, MatRef::new(&dy, n, d).unwrap(), &mut grad);
@@ -285,9 +281,9 @@ on_devices! {
         let mut scratch = MlpScratch::new(gpu).unwrap();
         let mut step_scratch = StepScratch::new(gpu).unwrap();
         for (seed, n, d) in shapes() {
-            let mut r = rng(seed, n * 1000 + d + 53);
-            let y = uniform(n * d, 2.0, &mut r);
-            let x = uniform(n * d, 2.0, &mut r);
+            let mut r = salted_rng(seed, n * 1000 + d + 53);
+            let y = uniform_in(n * d, 2.0, &mut r);
+            let x = uniform_in(n * d, 2.0, &mut r);
             // The CPU twin, as VqVae::forward_backward writes it.
             let scale = 2.0 / (n as f64 * d as f64);
             let mut want_sq = 0.0f64;
@@ -333,14 +329,14 @@ on_devices! {
         for act in ACTS {
             for seed in SEEDS {
                 let (n, input, hidden, output) = (129, 7, [33, 256], 5);
-                let mut r = rng(seed, 99);
+                let mut r = salted_rng(seed, 99);
                 let mut model = Mlp::new(input, &hidden, output, act, true, &mut r);
                 for ln in &mut model.norms {
                     ln.weight = ln.weight.iter().map(|_| r.gen_range(0.5f32..1.5)).collect();
-                    ln.bias = uniform(ln.bias.len(), 0.3, &mut r);
+                    ln.bias = uniform_in(ln.bias.len(), 0.3, &mut r);
                 }
-                let x = Matrix::new(uniform(n * input, 1.5, &mut r), n, input).unwrap();
-                let target = uniform(n * output, 1.0, &mut r);
+                let x = Matrix::new(uniform_in(n * input, 1.5, &mut r), n, input).unwrap();
+                let target = uniform_in(n * output, 1.0, &mut r);
                 let ctx = format!("{test}: {act}, seed {seed}");
                 chained(gpu, dev, &model, &x, &target, &ctx);
             }

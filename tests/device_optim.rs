@@ -17,12 +17,13 @@
 //!   the norm is below the limit and when max_norm = 0 (the CPU's "no clipping"); the norm is
 //!   still reported.
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 #[macro_use]
 mod common;
 
 use common::devices::{Dev, EMU, assert_bits, real_gpu, rel_close};
+use common::{rng, uniform_in};
 use vqx::backend::cuda::Gpu;
 use vqx::backend::cuda::optim::{CLIP_SCRATCH_LEN, DeviceAdamW, clip_global_norm};
 use vqx::nearest::Precision;
@@ -30,14 +31,6 @@ use vqx::train::{self, AdamW, AdamWConfig};
 
 const SIZES: [usize; 6] = [257, 1, 10_000, 255, 1, 257];
 const DECAY: [bool; 6] = [true, false, true, false, true, false];
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn uniform(len: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    (0..len).map(|_| rng.gen_range(-scale..scale)).collect()
-}
 
 /// Flat values split into tensors of `sizes`.
 fn split(flat: &[f32], sizes: &[usize]) -> Vec<Vec<f32>> {
@@ -103,7 +96,7 @@ on_devices! {
         let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
         for (seed, first) in [(1u64, 0usize), (2, 2), (3, 1), (4, SIZES.len())] {
             let mut r = rng(seed);
-            let init = uniform(total, 2.0, &mut r);
+            let init = uniform_in(total, 2.0, &mut r);
             let mut cpu_params = split(&init, &SIZES);
             let mut cpu_opt = AdamW::new(config, &SIZES);
             let mut dev_opt = DeviceAdamW::new(gpu, config, &SIZES, &DECAY).unwrap();
@@ -140,7 +133,7 @@ on_devices! {
         let total: usize = SIZES.iter().sum();
         let config = AdamWConfig::default();
         let mut r = rng(7);
-        let init = uniform(total, 1.0, &mut r);
+        let init = uniform_in(total, 1.0, &mut r);
         // Three CPU steps, then the state to the device and back, then one step on each.
         let mut cpu_params = split(&init, &SIZES);
         let mut cpu_opt = AdamW::new(config, &SIZES);

@@ -35,6 +35,13 @@ fn clustered(n: usize, d: usize, rng: &mut ChaCha8Rng) -> Matrix {
     Matrix::new(data, n, d).unwrap()
 }
 
+/// `n` clustered rows from `seed`, and their first `k` as a codebook.
+fn data_and_codebook(n: usize, d: usize, k: usize, seed: u64) -> (Matrix, Matrix) {
+    let data = clustered(n, d, &mut ChaCha8Rng::seed_from_u64(seed));
+    let codebook = data.as_ref().slice_rows(0, k).to_owned();
+    (data, codebook)
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
 }
@@ -234,9 +241,7 @@ on_devices! {
     /// when asked. Fast (atomic) sums, no mask, no dead codes.
     fn a_training_step_moves_only_scalars<G>(test, dev) {
         let (k, d, n) = (64usize, 32usize, 512usize);
-        let mut rng = ChaCha8Rng::seed_from_u64(21);
-        let data = clustered(n, d, &mut rng);
-        let codebook = data.as_ref().slice_rows(0, k).to_owned();
+        let (data, codebook) = data_and_codebook(n, d, k, 21);
         let cfg = QuantizerConfig::new(k, d).dead_code_threshold(1e-9).seed(1);
         let backend = Arc::new(dev.backend(Precision::Exact));
         let gpu = backend.gpu();
@@ -332,9 +337,7 @@ on_devices! {
     /// Host rows are accepted where device rows are (`Storage`): uploaded once, the same step.
     fn host_rows_are_uploaded_once<G>(test, dev) {
         let (k, d, n) = (16usize, 8usize, 100usize);
-        let mut rng = ChaCha8Rng::seed_from_u64(41);
-        let data = clustered(n, d, &mut rng);
-        let codebook = data.as_ref().slice_rows(0, k).to_owned();
+        let (data, codebook) = data_and_codebook(n, d, k, 41);
         let cfg = QuantizerConfig::new(k, d).deterministic(true).seed(2);
         let backend = Arc::new(dev.backend(Precision::Exact));
         let gpu = backend.gpu();

@@ -13,13 +13,14 @@
 //! - squared error and entropy: within 1e-12 relative of the CPU's f64 sums (other order), and
 //!   bit-identical between two runs (fixed-shape reductions).
 
+use rand::Rng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 #[macro_use]
 mod common;
 
 use common::devices::{Dev, EMU, assert_bits, real_gpu, rel_close};
+use common::{salted_rng, uniform_in};
 use vqx::backend::Device;
 use vqx::backend::cuda::step::{self, EmaDevice, StepScratch};
 use vqx::backend::cuda::{Gpu, launch};
@@ -36,14 +37,6 @@ const KS: [usize; 4] = [1, 255, 257, 4096];
 const NS: [usize; 4] = [1, 255, 257, 4096];
 const DS: [usize; 4] = [1, 3, 64, 129];
 
-fn rng(seed: u64, salt: usize) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9) ^ salt as u64)
-}
-
-fn uniform(len: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    (0..len).map(|_| rng.gen_range(-scale..scale)).collect()
-}
-
 /// A random EMA state: counts with zeros (dead codes) and a spread of magnitudes.
 fn random_state(k: usize, d: usize, rng: &mut ChaCha8Rng) -> EmaState {
     let counts = (0..k)
@@ -53,14 +46,14 @@ fn random_state(k: usize, d: usize, rng: &mut ChaCha8Rng) -> EmaState {
             _ => rng.gen_range(0.0..50.0),
         })
         .collect();
-    let sums = Matrix::new(uniform(k * d, 20.0, rng), k, d).unwrap();
+    let sums = Matrix::new(uniform_in(k * d, 20.0, rng), k, d).unwrap();
     EmaState::from_parts(counts, sums).unwrap()
 }
 
 /// A random batch: counts with zeros, sums of their size.
 fn random_batch(k: usize, d: usize, rng: &mut ChaCha8Rng) -> CodeSums {
     CodeSums {
-        sums: uniform(k * d, 30.0, rng),
+        sums: uniform_in(k * d, 30.0, rng),
         counts: (0..k)
             .map(|_| {
                 if rng.gen_bool(0.3) {
@@ -145,19 +138,21 @@ fn cpu_sq_err(x: &[f32], q: &[f32], d: usize, kept: &[bool]) -> f64 {
         .sum()
 }
 
-/// The entropy −Σ p·ln(p + 1e-10) as UsageSummary computes it (perplexity = exp of it).
+/// The entropy −Σ p·ln(p + 1e-10) as UsageSummary computes it (perplexity = exp of it), 0 for
+/// an empty histogram.
 fn cpu_entropy(counts: &[u32]) -> f64 {
-    let total: u64 = counts.iter().map(|&c| c as u64).sum();
-    if total == 0 {
-        return 0.0;
-    }
-    counts
-        .iter()
-        .map(|&c| {
-            let p = c as f64 / total as f64;
-            -p * (p + 1e-10).ln()
-        })
-        .sum()
+    let total = counts.iter().map(|&c| u64::from(c)).sum::<u64>() as f64;
+    let p = |c: u32| c as f64 / total;
+    let terms = counts.iter().map(|&c| -p(c) * (p(c) + 1e-10).ln());
+    if total == 0.0 { 0.0 } else { terms.sum() }
+}
+
+/// Every (K, D, seed) of the EMA tests.
+fn kds() -> impl Iterator<Item = (usize, usize, u64)> {
+    KS.into_iter().flat_map(|k| {
+        DS.into_iter()
+            .flat_map(move |d| SEEDS.map(|seed| (k, d, seed)))
+    })
 }
 
 fn mask_u32(mask: &[bool]) -> Vec<u32> {
@@ -169,23 +164,19 @@ on_devices! {
     fn ema_update_matches_cpu<G>(test, dev) {
         let backend = dev.backend(Precision::Exact);
         let gpu = backend.gpu();
-        for &k in &KS {
-            for &d in &DS {
-                for seed in SEEDS {
-                    let mut r = rng(seed, k * 1000 + d);
-                    let mut cpu = random_state(k, d, &mut r);
-                    let codebook = cpu.codebook(1e-5);
-                    let mut dev_state = EmaDevice::upload(gpu, &cpu, codebook.as_ref()).unwrap();
-                    for decay in [0.99f32, 0.8, 0.3] {
-                        let batch = random_batch(k, d, &mut r);
-                        let counts = gpu.upload("batch counts", &batch.counts).unwrap();
-                        let sums = gpu.upload("batch sums", &batch.sums).unwrap();
-                        step::ema_update(gpu, &mut dev_state, &counts, &sums, decay).unwrap();
-                        cpu.update(&batch, decay).unwrap();
-                        let context = format!("{test}: K {k} D {d} seed {seed} decay {decay}");
-                        check_state(gpu, &dev_state, &cpu, &context);
-                    }
-                }
+        for (k, d, seed) in kds() {
+            let mut r = salted_rng(seed, k * 1000 + d);
+            let mut cpu = random_state(k, d, &mut r);
+            let codebook = cpu.codebook(1e-5);
+            let mut dev_state = EmaDevice::upload(gpu, &cpu, codebook.as_ref()).unwrap();
+            for decay in [0.99f32, 0.8, 0.3] {
+                let batch = random_batch(k, d, &mut r);
+                let counts = gpu.upload("batch counts", &batch.counts).unwrap();
+                let sums = gpu.upload("batch sums", &batch.sums).unwrap();
+                step::ema_update(gpu, &mut dev_state, &counts, &sums, decay).unwrap();
+                cpu.update(&batch, decay).unwrap();
+                let context = format!("{test}: K {k} D {d} seed {seed} decay {decay}");
+                check_state(gpu, &dev_state, &cpu, &context);
             }
         }
     }
@@ -195,32 +186,28 @@ on_devices! {
     fn ema_codebook_matches_cpu<G>(test, dev) {
         let backend = dev.backend(Precision::Exact);
         let gpu = backend.gpu();
-        for &k in &KS {
-            for &d in &DS {
-                for seed in SEEDS {
-                    let mut r = rng(seed, k * 1000 + d + 7);
-                    let mut sums = uniform(k * d, 20.0, &mut r);
-                    sums[(k / 2) * d..(k / 2 + 1) * d].fill(0.0);
-                    let counts = random_state(k, 1, &mut r).cluster_size().to_vec();
-                    let cpu =
-                        EmaState::from_parts(counts, Matrix::new(sums, k, d).unwrap()).unwrap();
-                    for metric in [Metric::L2, Metric::Cosine] {
-                        for eps in [1e-5f32, 0.1] {
-                            let stale = Matrix::zeros(k, d);
-                            let mut dev_state =
-                                EmaDevice::upload(gpu, &cpu, stale.as_ref()).unwrap();
-                            step::ema_codebook(gpu, &mut dev_state, eps, metric).unwrap();
-                            let context = format!(
-                                "{test}: K {k} D {d} seed {seed} {metric} eps {eps}"
-                            );
-                            let total = gpu.download("total", &dev_state.total).unwrap();
-                            let want_total: f32 = cpu.cluster_size().iter().sum();
-                            assert_bits(&total, &[want_total], &format!("{context}: total"));
-                            let got = gpu.download("codebook", &dev_state.codebook).unwrap();
-                            let want = cpu_codebook(&cpu, eps, metric);
-                            assert_bits(&got, want.data(), &format!("{context}: codebook"));
-                        }
-                    }
+        for (k, d, seed) in kds() {
+            let mut r = salted_rng(seed, k * 1000 + d + 7);
+            let mut sums = uniform_in(k * d, 20.0, &mut r);
+            sums[(k / 2) * d..(k / 2 + 1) * d].fill(0.0);
+            let counts = random_state(k, 1, &mut r).cluster_size().to_vec();
+            let cpu =
+                EmaState::from_parts(counts, Matrix::new(sums, k, d).unwrap()).unwrap();
+            for metric in [Metric::L2, Metric::Cosine] {
+                for eps in [1e-5f32, 0.1] {
+                    let stale = Matrix::zeros(k, d);
+                    let mut dev_state =
+                        EmaDevice::upload(gpu, &cpu, stale.as_ref()).unwrap();
+                    step::ema_codebook(gpu, &mut dev_state, eps, metric).unwrap();
+                    let context = format!(
+                        "{test}: K {k} D {d} seed {seed} {metric} eps {eps}"
+                    );
+                    let total = gpu.download("total", &dev_state.total).unwrap();
+                    let want_total: f32 = cpu.cluster_size().iter().sum();
+                    assert_bits(&total, &[want_total], &format!("{context}: total"));
+                    let got = gpu.download("codebook", &dev_state.codebook).unwrap();
+                    let want = cpu_codebook(&cpu, eps, metric);
+                    assert_bits(&got, want.data(), &format!("{context}: codebook"));
                 }
             }
         }
@@ -234,13 +221,13 @@ on_devices! {
         for (k, d, n) in [(1, 3, 255), (257, 129, 4096), (4096, 3, 257), (255, 64, 1)] {
             for metric in [Metric::L2, Metric::Cosine] {
                 for seed in SEEDS {
-                    let mut r = rng(seed, k + d + n);
-                    let codebook = Matrix::new(uniform(k * d, 1.0, &mut r), k, d).unwrap();
+                    let mut r = salted_rng(seed, k + d + n);
+                    let codebook = Matrix::new(uniform_in(k * d, 1.0, &mut r), k, d).unwrap();
                     let mut cpu = EmaState::seeded(codebook.as_ref());
                     let mut dev_state = EmaDevice::upload(gpu, &cpu, codebook.as_ref()).unwrap();
                     let (decay, eps) = (0.8f32, 1e-5f32);
                     for s in 0..5 {
-                        let x = Matrix::new(uniform(n * d, 2.0, &mut r), n, d).unwrap();
+                        let x = Matrix::new(uniform_in(n * d, 2.0, &mut r), n, d).unwrap();
                         let idx: Vec<u32> = (0..n).map(|_| r.gen_range(0..k as u32)).collect();
                         let batch = vqx::ema::cpu(x.as_ref(), &idx, k, SumMode::Deterministic);
                         let context = format!("{test}: K {k} D {d} N {n} {metric} seed {seed} step {s}");
@@ -263,10 +250,10 @@ on_devices! {
             for &d in &DS {
                 for metric in [Metric::L2, Metric::Cosine] {
                     for seed in SEEDS {
-                        let mut r = rng(seed, k * 7 + n * 3 + d);
+                        let mut r = salted_rng(seed, k * 7 + n * 3 + d);
                         let mut cpu = random_state(k, d, &mut r);
                         let mut codebook = cpu.codebook(1e-5);
-                        let mut x = uniform(n * d, 3.0, &mut r);
+                        let mut x = uniform_in(n * d, 3.0, &mut r);
                         x[(n - 1) * d..].fill(0.0);
                         let m = k.min(n).min(300);
                         let mut codes: Vec<u32> = (0..k as u32).collect();
@@ -314,7 +301,7 @@ on_devices! {
         let gpu = backend.gpu();
         for &k in &KS {
             for seed in SEEDS {
-                let mut r = rng(seed, k);
+                let mut r = salted_rng(seed, k);
                 let mut want: Vec<u64> = (0..k).map(|_| r.gen_range(0..1u64 << 40)).collect();
                 let mut total = gpu.upload("total", &want).unwrap();
                 for _ in 0..2 {
@@ -341,9 +328,9 @@ on_devices! {
         for &n in &NS {
             for &d in &DS {
                 for seed in SEEDS {
-                    let mut r = rng(seed, n * 131 + d);
-                    let x = uniform(n * d, 2.0, &mut r);
-                    let q = uniform(n * d, 2.0, &mut r);
+                    let mut r = salted_rng(seed, n * 131 + d);
+                    let x = uniform_in(n * d, 2.0, &mut r);
+                    let q = uniform_in(n * d, 2.0, &mut r);
                     let (xd, qd) = (gpu.upload("x", &x).unwrap(), gpu.upload("q", &q).unwrap());
                     let mask: Vec<bool> = (0..n).map(|_| r.gen_bool(0.6)).collect();
                     let md = gpu.upload("mask", &mask_u32(&mask)).unwrap();
@@ -374,7 +361,7 @@ on_devices! {
         let mut entropy = gpu.alloc_zeros::<f64>("entropy", 1).unwrap();
         for &k in &KS {
             for seed in SEEDS {
-                let mut r = rng(seed, k + 99);
+                let mut r = salted_rng(seed, k + 99);
                 let cases: Vec<(&str, Vec<u32>)> = vec![
                     ("dense", (0..k).map(|_| r.gen_range(0..1000)).collect()),
                     ("sparse", (0..k).map(|_| if r.gen_bool(0.9) { 0 } else { r.gen_range(1..50) }).collect()),
@@ -413,10 +400,10 @@ on_devices! {
         for &n in &NS {
             for &d in &DS {
                 for seed in SEEDS {
-                    let mut r = rng(seed, n * 17 + d);
-                    let mut x = uniform(n * d, 2.0, &mut r);
-                    let mut q = uniform(n * d, 2.0, &mut r);
-                    let g = uniform(n * d, 1.0, &mut r);
+                    let mut r = salted_rng(seed, n * 17 + d);
+                    let mut x = uniform_in(n * d, 2.0, &mut r);
+                    let mut q = uniform_in(n * d, 2.0, &mut r);
+                    let g = uniform_in(n * d, 1.0, &mut r);
                     for row in 0..n {
                         let (xr, qr) = (row * d..(row + 1) * d, row * d..(row + 1) * d);
                         match row % 9 {
@@ -459,10 +446,10 @@ on_devices! {
         for &n in &NS {
             for &d in &DS {
                 for seed in SEEDS {
-                    let mut r = rng(seed, n * 5 + d);
-                    let codebook = Matrix::new(uniform(k * d, 1.0, &mut r), k, d).unwrap();
-                    let x = Matrix::new(uniform(n * d, 1.2, &mut r), n, d).unwrap();
-                    let g = Matrix::new(uniform(n * d, 1.0, &mut r), n, d).unwrap();
+                    let mut r = salted_rng(seed, n * 5 + d);
+                    let codebook = Matrix::new(uniform_in(k * d, 1.0, &mut r), k, d).unwrap();
+                    let x = Matrix::new(uniform_in(n * d, 1.2, &mut r), n, d).unwrap();
+                    let g = Matrix::new(uniform_in(n * d, 1.0, &mut r), n, d).unwrap();
                     let mut mask: Vec<bool> = (0..n).map(|_| r.gen_bool(0.7)).collect();
                     mask[0] = true;
                     for estimator in [Estimator::StraightThrough, Estimator::RotationTrick] {

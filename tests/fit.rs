@@ -2,25 +2,10 @@
 //! shuffle, writes a checkpoint vqx can load, and refuses bad arguments.
 
 mod common;
+use common::cli::{ok, stderr, vqx};
 use common::*;
-use std::process::Command;
 use vqx::checkpoint::Checkpoint;
 use vqx::{Matrix, npy};
-
-fn vqx(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vqx"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &std::process::Output) {
-    assert!(
-        o.status.success(),
-        "vqx failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 #[test]
 fn fit_learns_clusters_and_is_deterministic() {
@@ -133,7 +118,7 @@ fn fit_refuses_bad_arguments() {
                 .map(|a| if *a == "C5" { c5.as_str() } else { a }),
         );
         let o = vqx(&args);
-        let err = String::from_utf8_lossy(&o.stderr);
+        let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
         assert!(
             err.contains(needle),

@@ -9,6 +9,12 @@ use vqx::{Error, MatRef, Matrix, Metric};
 
 const ABS: f64 = 1e-6;
 
+/// `b`'s nearest codes of `x` under `metric`, checked against the reference.
+fn check_exact(b: CpuBackend, x: MatRef<'_>, c: MatRef<'_>, metric: Metric, context: &str) {
+    let got = b.nearest(x, c, metric).unwrap();
+    assert_exact_nearest(x, c, metric, &got, ABS, context);
+}
+
 fn check(b: CpuBackend, n: usize, d: usize, k: usize, seed: u64, metric: Metric) {
     let x = uniform(n, d, seed);
     let c = uniform(k, d, seed + 1000);
@@ -16,15 +22,8 @@ fn check(b: CpuBackend, n: usize, d: usize, k: usize, seed: u64, metric: Metric)
         MatRef::new(&x, n, d).unwrap(),
         MatRef::new(&c, k, d).unwrap(),
     );
-    let got = b.nearest(xm, cm, metric).unwrap();
-    assert_exact_nearest(
-        xm,
-        cm,
-        metric,
-        &got,
-        ABS,
-        &format!("N={n} D={d} K={k} seed={seed} {metric}"),
-    );
+    let context = format!("N={n} D={d} K={k} seed={seed} {metric}");
+    check_exact(b, xm, cm, metric, &context);
 }
 
 fn awkward_sizes_match_reference(b: CpuBackend) {
@@ -72,8 +71,7 @@ fn clustered_data_finds_its_centres(b: CpuBackend) {
         MatRef::new(&centers, k, d).unwrap(),
     );
     for metric in [Metric::L2, Metric::Cosine] {
-        let got = b.nearest(xm, cm, metric).unwrap();
-        assert_exact_nearest(xm, cm, metric, &got, ABS, &format!("clustered {metric}"));
+        check_exact(b, xm, cm, metric, &format!("clustered {metric}"));
     }
     let got = b.nearest(xm, cm, Metric::L2).unwrap();
     for (n, (&g, &w)) in got.indices.iter().zip(&label).enumerate() {
@@ -90,8 +88,7 @@ fn large_offset_data_stays_exact(b: CpuBackend) {
         MatRef::new(&x, n, d).unwrap(),
         MatRef::new(&c, k, d).unwrap(),
     );
-    let got = b.nearest(xm, cm, Metric::L2).unwrap();
-    assert_exact_nearest(xm, cm, Metric::L2, &got, ABS, "offset 100");
+    check_exact(b, xm, cm, Metric::L2, "offset 100");
 }
 
 fn shifted_data_over_many_seeds(b: CpuBackend) {
@@ -107,13 +104,11 @@ fn shifted_data_over_many_seeds(b: CpuBackend) {
             MatRef::new(&c, k, d).unwrap(),
         );
         for metric in [Metric::L2, Metric::Cosine] {
-            let got = b.nearest(xm, cm, metric).unwrap();
-            assert_exact_nearest(
+            check_exact(
+                b,
                 xm,
                 cm,
                 metric,
-                &got,
-                ABS,
                 &format!("shift {shift} seed {seed} {metric}"),
             );
         }

@@ -1,38 +1,13 @@
 //! .npy reading and writing: round trips, f16, streaming chunks, every rejected file, and the
 //! atomicity of the writers.
 
+mod common;
+use common::{assert_mentions, files_in, uniform_matrix as uniform, write_npy};
 use half::f16;
-use npyz::WriterBuilder;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use std::path::Path;
+use npyz::Order;
+use std::path::{Path, PathBuf};
 use vqx::npy::{self, NpyDtype, NpyMatrixReader, NpyStreamWriter};
 use vqx::{Error, Matrix};
-
-fn uniform(rows: usize, cols: usize, seed: u64) -> Matrix {
-    let mut r = ChaCha8Rng::seed_from_u64(seed);
-    let data = (0..rows * cols)
-        .map(|_| r.r#gen::<f32>() * 2.0 - 1.0)
-        .collect();
-    Matrix::new(data, rows, cols).unwrap()
-}
-
-/// Writes `data` with T's default dtype, the given shape and order, through npyz.
-fn write_npy<T: npyz::AutoSerialize>(path: &Path, shape: &[u64], order: npyz::Order, data: &[T]) {
-    let mut w = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(shape)
-        .order(order)
-        .writer(std::io::BufWriter::new(
-            std::fs::File::create(path).unwrap(),
-        ))
-        .begin_nd()
-        .unwrap();
-    for v in data {
-        w.push(v).unwrap();
-    }
-    w.finish().unwrap();
-}
 
 /// A version 1.0 .npy file with an arbitrary header dict and data bytes.
 fn raw_npy(path: &Path, dict: &str, data: &[u8]) {
@@ -48,19 +23,23 @@ fn raw_npy(path: &Path, dict: &str, data: &[u8]) {
     std::fs::write(path, bytes).unwrap();
 }
 
-fn npy_msg(e: Error) -> String {
-    match e {
-        Error::Npy { .. } => e.to_string(),
-        other => panic!("expected Error::Npy, got {other:?}"),
-    }
+/// `uniform(rows, cols, seed)` written by vqx as `name` in a fresh directory.
+fn written(
+    name: &str,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> (tempfile::TempDir, PathBuf, Matrix) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(name);
+    let m = uniform(rows, cols, seed);
+    npy::write_matrix(&p, m.as_ref()).unwrap();
+    (dir, p, m)
 }
 
 #[test]
 fn matrix_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("m.npy");
-    let m = uniform(37, 5, 1);
-    npy::write_matrix(&p, m.as_ref()).unwrap();
+    let (_dir, p, m) = written("m.npy", 37, 5, 1);
     let back = npy::read_matrix(&p).unwrap();
     assert_eq!(back, m);
     // npyz agrees on what was written.
@@ -98,7 +77,7 @@ fn f16_reads_exactly() {
     let p = dir.path().join("h.npy");
     let m = uniform(9, 4, 2);
     let h: Vec<f16> = m.data().iter().map(|&v| f16::from_f32(v)).collect();
-    write_npy(&p, &[9, 4], npyz::Order::C, &h);
+    write_npy(&p, &[9, 4], Order::C, &h);
     let r = NpyMatrixReader::open(&p).unwrap();
     assert_eq!(r.dtype(), NpyDtype::F16);
     let back = npy::read_matrix(&p).unwrap();
@@ -107,10 +86,7 @@ fn f16_reads_exactly() {
 
 #[test]
 fn streaming_chunks_cover_every_row_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("m.npy");
-    let m = uniform(103, 3, 3);
-    npy::write_matrix(&p, m.as_ref()).unwrap();
+    let (_dir, p, m) = written("m.npy", 103, 3, 3);
     let mut r = NpyMatrixReader::open(&p).unwrap();
     assert_eq!((r.rows(), r.cols(), r.dtype()), (103, 3, NpyDtype::F32));
     let mut all = Vec::new();
@@ -145,15 +121,6 @@ fn streaming_writer_in_chunks() {
     assert_eq!(names, vec![std::ffi::OsString::from("q.npy")]);
 }
 
-fn only_files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn dropped_writer_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,9 +131,9 @@ fn dropped_writer_leaves_no_file() {
     }
     assert!(!p.exists());
     assert!(
-        only_files(dir.path()).is_empty(),
+        files_in(dir.path()).is_empty(),
         "{:?}",
-        only_files(dir.path())
+        files_in(dir.path())
     );
 }
 
@@ -181,7 +148,7 @@ fn short_writer_fails_and_keeps_the_old_file() {
     assert!(e.to_string().contains("2 values written"), "{e}");
     // The file that was there is untouched, and no temporary is left.
     assert_eq!(npy::read_vector(&p).unwrap(), vec![1.0, 2.0]);
-    assert_eq!(only_files(dir.path()), vec!["out.npy".to_string()]);
+    assert_eq!(files_in(dir.path()), vec!["out.npy".to_string()]);
 }
 
 #[test]
@@ -192,7 +159,7 @@ fn overlong_append_is_an_error() {
     let e = w.append(&[1.0, 2.0, 3.0]).unwrap_err();
     assert!(e.to_string().contains("exceed"), "{e}");
     drop(w);
-    assert!(only_files(dir.path()).is_empty());
+    assert!(files_in(dir.path()).is_empty());
 }
 
 #[test]
@@ -211,117 +178,86 @@ fn missing_file_is_io_error_naming_path() {
     assert!(e.to_string().contains("/nonexistent/dir/x.npy"), "{e}");
 }
 
+/// Writes `name` with `write` and fails unless `read_matrix` refuses it with an `Error::Npy`
+/// that mentions every needle.
+fn rejected(name: &str, write: impl FnOnce(&Path), needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(name);
+    write(&p);
+    let msg = match npy::read_matrix(&p).unwrap_err() {
+        e @ Error::Npy { .. } => e.to_string(),
+        other => panic!("expected Error::Npy, got {other:?}"),
+    };
+    assert_mentions(&msg, needles);
+}
+
 #[test]
 fn f64_is_rejected_with_advice() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("d.npy");
-    write_npy(&p, &[2, 2], npyz::Order::C, &[1.0f64, 2.0, 3.0, 4.0]);
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(msg.contains("d.npy"), "{msg}");
-    assert!(
-        msg.contains("float64") && msg.contains("astype(np.float32)"),
-        "{msg}"
-    );
+    let f64s = |p: &Path| write_npy(p, &[2, 2], Order::C, &[1.0f64, 2.0, 3.0, 4.0]);
+    rejected("d.npy", f64s, &["d.npy", "float64", "astype(np.float32)"]);
 }
 
 #[test]
 fn integers_are_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("i.npy");
-    write_npy(&p, &[2, 2], npyz::Order::C, &[1i64, 2, 3, 4]);
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(msg.contains("int64"), "{msg}");
+    let ints = |p: &Path| write_npy(p, &[2, 2], Order::C, &[1i64, 2, 3, 4]);
+    rejected("i.npy", ints, &["int64"]);
 }
 
 #[test]
 fn fortran_order_is_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("f.npy");
-    write_npy(&p, &[2, 3], npyz::Order::Fortran, &[1f32; 6]);
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(msg.contains("Fortran"), "{msg}");
+    let fortran = |p: &Path| write_npy(p, &[2, 3], Order::Fortran, &[1f32; 6]);
+    rejected("f.npy", fortran, &["Fortran"]);
 }
 
 #[test]
 fn wrong_rank_is_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("r.npy");
-    write_npy(&p, &[2, 3, 4], npyz::Order::C, &[0f32; 24]);
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(
-        msg.contains("3 dimensions") && msg.contains("(2, 3, 4)"),
-        "{msg}"
-    );
-    write_npy(&p, &[5], npyz::Order::C, &[0f32; 5]);
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(
-        msg.contains("1 dimension ") && msg.contains("(5,)"),
-        "{msg}"
-    );
+    let three = |p: &Path| write_npy(p, &[2, 3, 4], Order::C, &[0f32; 24]);
+    rejected("r.npy", three, &["3 dimensions", "(2, 3, 4)"]);
+    let one = |p: &Path| write_npy(p, &[5], Order::C, &[0f32; 5]);
+    rejected("r.npy", one, &["1 dimension ", "(5,)"]);
 }
 
 #[test]
 fn big_endian_is_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("be.npy");
-    raw_npy(
-        &p,
-        "{'descr': '>f4', 'fortran_order': False, 'shape': (1, 2), }",
-        &[0u8; 8],
-    );
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(msg.contains("big-endian"), "{msg}");
+    let dict = "{'descr': '>f4', 'fortran_order': False, 'shape': (1, 2), }";
+    rejected("be.npy", |p| raw_npy(p, dict, &[0u8; 8]), &["big-endian"]);
 }
 
 #[test]
 fn bf16_raw_void_is_explained() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("bf.npy");
-    raw_npy(
-        &p,
-        "{'descr': '|V2', 'fortran_order': False, 'shape': (1, 2), }",
-        &[0u8; 4],
-    );
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(msg.contains("bfloat16"), "{msg}");
+    let dict = "{'descr': '|V2', 'fortran_order': False, 'shape': (1, 2), }";
+    rejected("bf.npy", |p| raw_npy(p, dict, &[0u8; 4]), &["bfloat16"]);
 }
 
 #[test]
 fn truncated_data_is_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("t.npy");
-    npy::write_matrix(&p, uniform(10, 4, 5).as_ref()).unwrap();
-    let len = std::fs::metadata(&p).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-    f.set_len(len - 6).unwrap();
-    drop(f);
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(
-        msg.contains("truncated") && msg.contains("160 bytes"),
-        "{msg}"
-    );
+    let truncated = |p: &Path| {
+        npy::write_matrix(p, uniform(10, 4, 5).as_ref()).unwrap();
+        let len = std::fs::metadata(p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_len(len - 6).unwrap();
+    };
+    rejected("t.npy", truncated, &["truncated", "160 bytes"]);
 }
 
 #[test]
 fn truncated_header_and_garbage_are_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("h.npy");
-    std::fs::write(&p, b"\x93NUMPY\x01\x00\x76\x00{'descr'").unwrap();
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(msg.contains("h.npy"), "{msg}");
-    std::fs::write(&p, b"hello, this is not an npy file at all").unwrap();
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(msg.contains("not a valid .npy"), "{msg}");
-    std::fs::write(&p, b"").unwrap();
-    let msg = npy_msg(npy::read_matrix(&p).unwrap_err());
-    assert!(msg.contains("empty file"), "{msg}");
+    let bytes = |b: &'static [u8]| move |p: &Path| std::fs::write(p, b).unwrap();
+    rejected(
+        "h.npy",
+        bytes(b"\x93NUMPY\x01\x00\x76\x00{'descr'"),
+        &["h.npy"],
+    );
+    let garbage = bytes(b"hello, this is not an npy file at all");
+    rejected("h.npy", garbage, &["not a valid .npy"]);
+    rejected("h.npy", bytes(b""), &["empty file"]);
 }
 
 #[test]
 fn empty_matrix_reads_as_empty() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("e.npy");
-    write_npy::<f32>(&p, &[0, 8], npyz::Order::C, &[]);
+    write_npy::<f32>(&p, &[0, 8], Order::C, &[]);
     let m = npy::read_matrix(&p).unwrap();
     assert_eq!((m.rows(), m.cols()), (0, 8));
 }

@@ -3,65 +3,65 @@
 
 mod common;
 use common::*;
-use rand::Rng;
 use vqx::backend::{Backend, CpuBackend};
 use vqx::ema::SumMode;
 use vqx::{Error, MatRef, reference};
 
-fn random_indices(n: usize, k: usize, seed: u64) -> Vec<u32> {
-    let mut r = rng(seed);
-    (0..n).map(|_| r.gen_range(0..k as u32)).collect()
+/// `n` indices in 0..k from `seed`.
+fn indices(n: usize, k: usize, seed: u64) -> Vec<u32> {
+    random_indices(n, k, &mut rng(seed))
 }
 
+/// (N, D, K): one row, one code, sizes around the CPU's blocks, many codes.
+#[rustfmt::skip]
 const SIZES: [(usize, usize, usize); 6] = [
-    (1, 1, 1),
-    (1, 7, 3),
-    (127, 5, 129),
-    (1025, 33, 255),
-    (4099, 64, 1),
-    (20_000, 16, 4096),
+    (1, 1, 1), (1, 7, 3), (127, 5, 129), (1025, 33, 255), (4099, 64, 1), (20_000, 16, 4096),
 ];
+
+/// Every (size index, N, D, K, seed) the tests run.
+fn cases() -> impl Iterator<Item = (u64, usize, usize, usize, u64)> {
+    SIZES
+        .iter()
+        .enumerate()
+        .flat_map(|(s, &(n, d, k))| (0..3u64).map(move |seed| (s as u64, n, d, k, seed)))
+}
 
 #[test]
 fn gather_matches_reference() {
     let b = CpuBackend::new();
-    for (s, &(n, d, k)) in SIZES.iter().enumerate() {
-        for seed in 0..3u64 {
-            let c = uniform(k, d, seed + 10 * s as u64);
-            let idx = random_indices(n, k, seed + 99);
-            let got = b.gather(MatRef::new(&c, k, d).unwrap(), &idx).unwrap();
-            assert_eq!((got.rows(), got.cols()), (n, d));
-            let want: Vec<f64> = reference::gather(MatRef::new(&c, k, d).unwrap(), &idx).concat();
-            assert_close(
-                got.data(),
-                &want,
-                0.0,
-                0.0,
-                &format!("gather N={n} D={d} K={k} seed={seed}"),
-            );
-        }
+    for (s, n, d, k, seed) in cases() {
+        let c = uniform(k, d, seed + 10 * s);
+        let idx = indices(n, k, seed + 99);
+        let got = b.gather(MatRef::new(&c, k, d).unwrap(), &idx).unwrap();
+        assert_eq!((got.rows(), got.cols()), (n, d));
+        let want: Vec<f64> = reference::gather(MatRef::new(&c, k, d).unwrap(), &idx).concat();
+        assert_close(
+            got.data(),
+            &want,
+            0.0,
+            0.0,
+            &format!("gather N={n} D={d} K={k} seed={seed}"),
+        );
     }
 }
 
 #[test]
 fn code_sums_match_reference() {
     let b = CpuBackend::new();
-    for (s, &(n, d, k)) in SIZES.iter().enumerate() {
-        for seed in 0..3u64 {
-            let x = uniform(n, d, seed + 20 * s as u64);
-            let idx = random_indices(n, k, seed + 7);
-            let xm = MatRef::new(&x, n, d).unwrap();
-            let (want_sums, want_counts) = reference::code_sums(xm, &idx, k);
-            for mode in [SumMode::Fast, SumMode::Deterministic] {
-                let got = b.code_sums(xm, &idx, k, mode).unwrap();
-                let ctx = format!("code_sums {mode} N={n} D={d} K={k} seed={seed}");
-                assert_eq!(got.mode, mode);
-                for (i, (&g, &w)) in got.counts.iter().zip(&want_counts).enumerate() {
-                    assert_eq!(g as u64, w, "{ctx}: count of code {i}: got {g}, want {w}");
-                }
-                // Summed in f64 and rounded once: within one f32 rounding of the exact sum.
-                assert_close(&got.sums, &want_sums.concat(), 6e-8, 1e-30, &ctx);
+    for (s, n, d, k, seed) in cases() {
+        let idx = indices(n, k, seed + 7);
+        let x = uniform(n, d, seed + 20 * s);
+        let xm = MatRef::new(&x, n, d).unwrap();
+        let (want_sums, want_counts) = reference::code_sums(xm, &idx, k);
+        for mode in [SumMode::Fast, SumMode::Deterministic] {
+            let got = b.code_sums(xm, &idx, k, mode).unwrap();
+            let ctx = format!("code_sums {mode} N={n} D={d} K={k} seed={seed}");
+            assert_eq!(got.mode, mode);
+            for (i, (&g, &w)) in got.counts.iter().zip(&want_counts).enumerate() {
+                assert_eq!(g as u64, w, "{ctx}: count of code {i}: got {g}, want {w}");
             }
+            // Summed in f64 and rounded once: within one f32 rounding of the exact sum.
+            assert_close(&got.sums, &want_sums.concat(), 6e-8, 1e-30, &ctx);
         }
     }
 }
@@ -70,7 +70,7 @@ fn code_sums_match_reference() {
 fn code_sums_are_deterministic_across_thread_counts() {
     let (n, d, k) = (30_000, 8, 100);
     let x = normal(n, d, 3, 1.0, 0.0);
-    let idx = random_indices(n, k, 4);
+    let idx = indices(n, k, 4);
     let xm = MatRef::new(&x, n, d).unwrap();
     let a = CpuBackend::new()
         .code_sums(xm, &idx, k, SumMode::Deterministic)
@@ -90,21 +90,19 @@ fn code_sums_are_deterministic_across_thread_counts() {
 #[test]
 fn usage_matches_reference() {
     let b = CpuBackend::new();
-    for &(n, _, k) in &SIZES {
-        for seed in 0..3u64 {
-            let idx = random_indices(n, k, seed);
-            let got = b.usage(&idx, k).unwrap();
-            let want = reference::usage(&idx, k);
-            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    g as u64, w,
-                    "usage N={n} K={k} seed={seed}: code {i}: got {g}, want {w}"
-                );
-            }
+    for (_, n, _, k, seed) in cases() {
+        let idx = indices(n, k, seed);
+        let got = b.usage(&idx, k).unwrap();
+        let want = reference::usage(&idx, k);
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g as u64, w,
+                "usage N={n} K={k} seed={seed}: code {i}: got {g}, want {w}"
+            );
         }
     }
     // A histogram over more rows than one parallel chunk.
-    let idx = random_indices(300_000, 3, 5);
+    let idx = indices(300_000, 3, 5);
     let got = b.usage(&idx, 3).unwrap();
     assert_eq!(got.iter().map(|&c| c as usize).sum::<usize>(), 300_000);
     assert_eq!(

@@ -4,7 +4,8 @@
 
 use rand::RngCore;
 use std::f64::consts::PI;
-use std::process::{Command, Output};
+mod common;
+use common::cli::{expect_error, ok, stderr, vqx};
 use vqx::Error;
 use vqx::schedule::masking::{
     ESM3_STRUCTURE_BOS, ESM3_STRUCTURE_EOS, ESM3_STRUCTURE_MASK, ESM3_STRUCTURE_PAD,
@@ -425,32 +426,16 @@ fn decoding_counts_for_esm3_cosine_20_steps() {
 
 // ---------------------------------------------------------------- the CLI
 
-fn vqx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vqx"))
-        .args(args)
-        .output()
-        .expect("run vqx")
-}
-
-fn ok_stdout(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}; stderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
 #[test]
 fn cli_prints_rates_as_csv() {
-    let out = ok_stdout(&vqx(&[
+    let out = ok(&vqx(&[
         "schedule",
         "cosine",
         "square_root_schedule,cubic",
         "--points",
         "5",
-    ]));
+    ]))
+    .0;
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "t,cosine,square_root,cubic");
     assert_eq!(lines.len(), 6);
@@ -471,9 +456,9 @@ fn cli_prints_rates_as_csv() {
 
     // betalinear30 has no r(t): an empty column and a note, not a failure.
     let o = vqx(&["schedule", "linear", "betalinear30", "--points", "3"]);
-    let out = ok_stdout(&o);
+    let out = ok(&o).0;
     assert_eq!(out, "t,linear,betalinear30\n0,1,\n0.5,0.5,\n1,0,\n");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("betalinear30 is a sampler"));
+    assert!(stderr(&o).contains("betalinear30 is a sampler"));
 }
 
 #[test]
@@ -488,8 +473,8 @@ fn cli_samples_are_seeded_csv() {
         "9",
     ];
     let o = vqx(&args);
-    let out = ok_stdout(&o);
-    assert_eq!(out, ok_stdout(&vqx(&args)), "same seed, same output");
+    let out = ok(&o).0;
+    assert_eq!(out, ok(&vqx(&args)).0, "same seed, same output");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "sample,betalinear30,linear");
     assert_eq!(lines.len(), 20_001);
@@ -499,23 +484,17 @@ fn cli_samples_are_seeded_csv() {
         let got: f64 = line.split(',').nth(1).unwrap().parse().unwrap();
         assert_eq!(got, *want);
     }
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr(&o);
     assert!(err.contains("betalinear30: mean of 20000 samples"), "{err}");
 }
 
 #[test]
 fn cli_unknown_name_and_bad_options_fail_with_the_valid_names() {
     let o = vqx(&["schedule", "cosine", "cosinus"]);
-    assert_eq!(o.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.starts_with("error: ") && !err.contains("panicked"),
-        "{err}"
-    );
+    let err = expect_error(&o, &["square_root_schedule"]);
     for s in Schedule::ALL {
         assert!(err.contains(s.as_str()), "{err}");
     }
-    assert!(err.contains("square_root_schedule"), "{err}");
     assert!(o.stdout.is_empty());
 
     for args in [
@@ -523,9 +502,7 @@ fn cli_unknown_name_and_bad_options_fail_with_the_valid_names() {
         &["schedule", "cosine", "--samples", "0"][..],
         &["schedule", ","][..],
     ] {
-        let o = vqx(args);
-        assert_eq!(o.status.code(), Some(1), "{args:?}");
-        assert!(String::from_utf8_lossy(&o.stderr).starts_with("error: "));
+        expect_error(&vqx(args), &[]);
     }
 }
 
@@ -541,7 +518,7 @@ fn cli_plot_writes_an_svg_with_curves_and_densities() {
         "--plot",
         path.to_str().unwrap(),
     ]);
-    ok_stdout(&o);
+    ok(&o);
     let text = std::fs::read_to_string(&path).unwrap();
     let doc = roxmltree::Document::parse(&text).expect("the plot is well-formed XML");
     let root = doc.root_element();

@@ -1,33 +1,16 @@
 //! Training the VQ-VAE: resuming from a checkpoint is bit-for-bit the uninterrupted run, and
 //! the encoder learns through the straight-through estimator (training it beats freezing it).
 
+mod common;
 use vqx::backend::Device;
-use vqx::model::VqVaeConfig;
-use vqx::quantizer::{CodebookLearning, QuantizerConfig};
+use vqx::quantizer::CodebookLearning;
 use vqx::train::{self, DataSource, TrainConfig, Trainer};
 
 fn config(learning: CodebookLearning, steps: u64) -> TrainConfig {
-    let data = DataSource::Synthetic {
-        spec: "gmm:dim=16,components=24,std=0.1".parse().unwrap(),
-        rows: 2048,
-        eval_rows: 512,
-        seed: 5,
-    };
-    let mut q = QuantizerConfig::new(16, 4)
-        .learning(learning)
-        .device(Device::Cpu)
-        .seed(9);
-    if let CodebookLearning::Ema { .. } = learning {
-        // Codes die and are re-seeded during the run: the quantizer's random draws matter.
-        q = q.dead_code_threshold(0.5);
-    }
-    let mut c = TrainConfig::new(VqVaeConfig::new(16, 4, vec![32]), q, data);
+    let mut c = common::gmm_run(2048, 16, vec![32], learning, Device::Cpu);
     c.model.layer_norm = true;
     c.steps = steps;
-    c.batch_size = 64;
     c.warmup = 5;
-    c.lr = 3e-3;
-    c.seed = 2;
     c
 }
 

@@ -2,28 +2,11 @@
 //! decode round-trip through the model, a CLI resume matches the uninterrupted run, Ctrl-C
 //! saves a checkpoint, and bad arguments get clear errors.
 
+mod common;
+use common::cli::{expect_error, ok, stderr, vqx};
 use std::path::Path;
 use std::process::{Command, Output};
 use vqx::backend::Device;
-
-fn vqx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vqx"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "vqx failed: {err}");
-    err
-}
-
-fn fail(o: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "vqx should have failed");
-    assert!(err.contains(needle), "{needle:?} not in: {err}");
-}
 
 const SMALL: &[&str] = &[
     "--synthetic",
@@ -54,7 +37,17 @@ fn train(dir: &Path, extra: &[&str]) -> String {
     a.extend_from_slice(SMALL);
     a.extend_from_slice(extra);
     a.extend_from_slice(&["--output", dir.to_str().unwrap()]);
-    ok(&vqx(&a))
+    ok(&vqx(&a)).1
+}
+
+/// `vqx <command> --model model --input input --output output extra…` (encode, decode).
+fn run_model(command: &str, model: &str, input: &Path, output: &Path, extra: &[&str]) -> Output {
+    let (input, output) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let mut args = vec![
+        command, "--model", model, "--input", input, "--output", output,
+    ];
+    args.extend_from_slice(extra);
+    vqx(&args)
 }
 
 #[test]
@@ -97,26 +90,8 @@ fn train_encode_decode_plot() {
     vqx::npy::write_matrix(&xp, x.as_ref()).unwrap();
     let (ip, yp) = (tmp.path().join("i.npy"), tmp.path().join("y.npy"));
     let d = dir.to_str().unwrap();
-    ok(&vqx(&[
-        "encode",
-        "--model",
-        d,
-        "--input",
-        xp.to_str().unwrap(),
-        "--output",
-        ip.to_str().unwrap(),
-        "--chunk-rows",
-        "16",
-    ]));
-    ok(&vqx(&[
-        "decode",
-        "--model",
-        d,
-        "--input",
-        ip.to_str().unwrap(),
-        "--output",
-        yp.to_str().unwrap(),
-    ]));
+    ok(&run_model("encode", d, &xp, &ip, &["--chunk-rows", "16"]));
+    ok(&run_model("decode", d, &ip, &yp, &[]));
     let (model, _) =
         vqx::train::load_model(&dir.join("checkpoint.safetensors"), Device::Cpu).unwrap();
     let tokens: Vec<u32> = vqx::npy::read_indices(&ip)
@@ -130,17 +105,9 @@ fn train_encode_decode_plot() {
 
     // A token outside the codebook is refused with its position.
     vqx::npy::write_indices(&ip, &[0, 1, 8]).unwrap();
-    fail(
-        &vqx(&[
-            "decode",
-            "--model",
-            d,
-            "--input",
-            ip.to_str().unwrap(),
-            "--output",
-            yp.to_str().unwrap(),
-        ]),
-        "index 8 at position 2",
+    expect_error(
+        &run_model("decode", d, &ip, &yp, &[]),
+        &["index 8 at position 2"],
     );
 
     ok(&vqx(&["plot", d]));
@@ -155,7 +122,7 @@ fn cli_resume_matches_the_uninterrupted_run() {
     train(&a, &["--steps", "24"]);
     let err = train(&b, &["--steps", "24", "--stop-at", "10"]);
     assert!(err.contains("stopped at step 10 of 24"), "{err}");
-    let err = ok(&vqx(&["train", "--resume", b.to_str().unwrap(), "--quiet"]));
+    let (_, err) = ok(&vqx(&["train", "--resume", b.to_str().unwrap(), "--quiet"]));
     assert!(
         err.contains("resuming") && err.contains("step 10 of 24"),
         "{err}"
@@ -218,7 +185,7 @@ fn ctrl_c_saves_a_checkpoint() {
         .unwrap();
     assert!(k.success());
     let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(
         err.contains("interrupted at step") && err.contains("--resume"),
@@ -245,44 +212,49 @@ fn bad_arguments_are_explained() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("r");
     let d = d.to_str().unwrap();
-    fail(
-        &vqx(&["train", "--output", d]),
-        "--data X.npy or --synthetic NAME",
-    );
-    fail(
-        &vqx(&["train", "--synthetic", "spiral", "--output", d]),
-        "unknown synthetic data set",
-    );
-    fail(
-        &vqx(&[
-            "train",
-            "--synthetic",
-            "gmm",
-            "--hidden",
-            "64,x",
-            "--output",
-            d,
-        ]),
-        "not a positive width",
-    );
-    fail(
-        &vqx(&[
-            "train",
-            "--synthetic",
-            "gmm",
-            "--codebook",
-            "adam",
-            "--output",
-            d,
-        ]),
-        "expected ema or gradient",
-    );
-    fail(&vqx(&["train", "--resume", d]), "checkpoint.safetensors");
-    fail(&vqx(&["plot", d]), "metrics.jsonl");
-    fail(
-        &vqx(&[
-            "encode", "--model", d, "--input", "x.npy", "--output", "i.npy",
-        ]),
-        "checkpoint.safetensors",
-    );
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["train", "--output", d],
+            "--data X.npy or --synthetic NAME",
+        ),
+        (
+            &["train", "--synthetic", "spiral", "--output", d],
+            "unknown synthetic data set",
+        ),
+        (
+            &[
+                "train",
+                "--synthetic",
+                "gmm",
+                "--hidden",
+                "64,x",
+                "--output",
+                d,
+            ],
+            "not a positive width",
+        ),
+        (
+            &[
+                "train",
+                "--synthetic",
+                "gmm",
+                "--codebook",
+                "adam",
+                "--output",
+                d,
+            ],
+            "expected ema or gradient",
+        ),
+        (&["train", "--resume", d], "checkpoint.safetensors"),
+        (&["plot", d], "metrics.jsonl"),
+        (
+            &[
+                "encode", "--model", d, "--input", "x.npy", "--output", "i.npy",
+            ],
+            "checkpoint.safetensors",
+        ),
+    ];
+    for (args, needle) in cases {
+        expect_error(&vqx(args), &[needle]);
+    }
 }

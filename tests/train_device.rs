@@ -9,33 +9,17 @@
 mod common;
 
 use vqx::backend::Device;
-use vqx::model::{Activation, VqVaeConfig};
-use vqx::quantizer::{CodebookLearning, QuantizerConfig};
-use vqx::train::{DataSource, StepMetrics, TrainConfig, Trainer};
+use vqx::model::Activation;
+use vqx::quantizer::CodebookLearning;
+use vqx::train::{StepMetrics, TrainConfig, Trainer};
 
 fn config(learning: CodebookLearning, layer_norm: bool, device: Device) -> TrainConfig {
-    let data = DataSource::Synthetic {
-        spec: "gmm:dim=16,components=24,std=0.1".parse().unwrap(),
-        rows: 1024,
-        eval_rows: 256,
-        seed: 5,
-    };
-    let mut q = QuantizerConfig::new(32, 4)
-        .learning(learning)
-        .deterministic(true)
-        .device(device)
-        .seed(9);
-    if let CodebookLearning::Ema { .. } = learning {
-        q = q.dead_code_threshold(0.5); // codes die and are re-seeded during the run
-    }
-    let mut c = TrainConfig::new(VqVaeConfig::new(16, 4, vec![32, 24]), q, data);
+    let mut c = common::gmm_run(1024, 32, vec![32, 24], learning, device);
+    c.quantizer.deterministic = true;
     c.model.layer_norm = layer_norm;
     c.steps = 12;
-    c.batch_size = 64;
     c.warmup = 3;
-    c.lr = 3e-3;
     c.clip = 0.5; // small enough that clipping happens
-    c.seed = 2;
     c
 }
 

@@ -3,43 +3,21 @@
 //! the same indices, outputs, losses, gradients, and EMA counts, sums and codebook after every
 //! step; and its saved codebook quantizes the eval batch to its indices.
 
-use safetensors::SafeTensors;
-use safetensors::tensor::Dtype;
+mod common;
+use common::tensors::{Tensors, VQPYTORCH_EMA, VQPYTORCH_STATE};
 use vqx::backend::{Backend, CpuBackend, Device};
 use vqx::ema::EmaState;
 use vqx::quantizer::{CodebookLearning, QuantizerConfig, VectorQuantizer};
 use vqx::{MatRef, Matrix, Metric};
 
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/data/vqpytorch_ema.safetensors"
-);
-const STATE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/data/vqpytorch_state.safetensors"
-);
 const K: usize = 32;
 const D: usize = 16;
 
-fn f32s(st: &SafeTensors, key: &str) -> Vec<f32> {
-    let t = st
-        .tensor(key)
-        .unwrap_or_else(|e| panic!("fixture key {key}: {e}"));
-    assert_eq!(t.dtype(), Dtype::F32, "{key}");
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
-fn i64s(st: &SafeTensors, key: &str) -> Vec<u32> {
-    let t = st
-        .tensor(key)
-        .unwrap_or_else(|e| panic!("fixture key {key}: {e}"));
-    assert_eq!(t.dtype(), Dtype::I64, "{key}");
-    t.data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+/// The fixture's indices as vqx's.
+fn indices(st: &Tensors, key: &str) -> Vec<u32> {
+    st.i64s(key)
+        .into_iter()
+        .map(|i| u32::try_from(i).unwrap())
         .collect()
 }
 
@@ -57,12 +35,11 @@ fn assert_ulps(got: &[f32], want: &[f32], ulps: f32, what: &str) {
 
 #[test]
 fn ema_steps_match_vector_quantize_pytorch() {
-    let bytes = std::fs::read(FIXTURE).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let codebook = Matrix::new(f32s(&st, "before._codebook.embed"), K, D).unwrap();
+    let st = Tensors::read(VQPYTORCH_EMA);
+    let codebook = Matrix::new(st.f32s("before._codebook.embed"), K, D).unwrap();
     let ema = EmaState::from_parts(
-        f32s(&st, "before._codebook.cluster_size"),
-        Matrix::new(f32s(&st, "before._codebook.embed_avg"), K, D).unwrap(),
+        st.f32s("before._codebook.cluster_size"),
+        Matrix::new(st.f32s("before._codebook.embed_avg"), K, D).unwrap(),
     )
     .unwrap();
     let config = QuantizerConfig::new(K, D)
@@ -76,18 +53,18 @@ fn ema_steps_match_vector_quantize_pytorch() {
     // |vqx − torch| of each codebook value going into the step (0 before the first).
     let mut carried = vec![0f32; K * D];
     for step in 0..3 {
-        let x = f32s(&st, &format!("batch.{step}"));
+        let x = st.f32s(&format!("batch.{step}"));
         let n = x.len() / D;
         let xm = MatRef::new(&x, n, D).unwrap();
         let out = vq.forward(xm, None, true).unwrap();
         assert_eq!(
             out.indices,
-            i64s(&st, &format!("indices.{step}")),
+            indices(&st, &format!("indices.{step}")),
             "step {step}: indices"
         );
         // Their output is x + (q − x) in f32: q up to one rounding of each operation, plus
         // the codebook difference carried from the previous steps.
-        let theirs = f32s(&st, &format!("quantize.{step}"));
+        let theirs = st.f32s(&format!("quantize.{step}"));
         for (i, (&a, &b)) in out.quantized.data().iter().zip(&theirs).enumerate() {
             let code = out.indices[i / D] as usize;
             let tol = 2.0 * f32::EPSILON * (x[i].abs() + a.abs()) + carried[code * D + i % D];
@@ -96,19 +73,19 @@ fn ema_steps_match_vector_quantize_pytorch() {
                 "step {step}: output {i}: vqx {a:e}, theirs {b:e}"
             );
         }
-        let loss = f32s(&st, &format!("loss.{step}"))[0];
+        let loss = st.f32s(&format!("loss.{step}"))[0];
         assert!(
             (out.commitment_loss - loss).abs() <= 1e-6 * loss.abs(),
             "step {step}: loss {} vs {loss}",
             out.commitment_loss
         );
-        let g = f32s(&st, &format!("upstream.{step}"));
+        let g = st.f32s(&format!("upstream.{step}"));
         let grads = vq
             .backward(&out, xm, MatRef::new(&g, n, D).unwrap())
             .unwrap();
         assert_ulps(
             grads.x.data(),
-            &f32s(&st, &format!("grad.{step}")),
+            &st.f32s(&format!("grad.{step}")),
             4.0,
             &format!("step {step}: dL/dx"),
         );
@@ -117,7 +94,7 @@ fn ema_steps_match_vector_quantize_pytorch() {
         let pre = format!("after.{step}._codebook");
         assert_ulps(
             e.cluster_size(),
-            &f32s(&st, &format!("{pre}.cluster_size")),
+            &st.f32s(&format!("{pre}.cluster_size")),
             2.0,
             &format!("step {step}: N"),
         );
@@ -126,8 +103,8 @@ fn ema_steps_match_vector_quantize_pytorch() {
         // EMA weight 0.1, plus a few ulps of the lerp (and of the division for c).
         let idx = &out.indices;
         let smoothed = e.smoothed_counts(1e-5);
-        let theirs_m = f32s(&st, &format!("{pre}.embed_avg"));
-        let theirs_c = f32s(&st, &format!("{pre}.embed"));
+        let theirs_m = st.f32s(&format!("{pre}.embed_avg"));
+        let theirs_c = st.f32s(&format!("{pre}.embed"));
         let (ours_m, ours_c) = (e.embed_avg().data(), vq.codebook().data());
         for (k, &smoothed_k) in smoothed.iter().enumerate() {
             let rows: Vec<usize> = (0..n).filter(|&r| idx[r] as usize == k).collect();
@@ -159,11 +136,10 @@ fn ema_steps_match_vector_quantize_pytorch() {
 
 #[test]
 fn saved_state_dict_quantizes_like_pytorch() {
-    let loaded = vqx::checkpoint::load_codebook(STATE).unwrap();
-    let bytes = std::fs::read(STATE).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let x = f32s(&st, "eval.x");
-    let want = i64s(&st, "eval.indices");
+    let loaded = vqx::checkpoint::load_codebook(VQPYTORCH_STATE).unwrap();
+    let st = Tensors::read(VQPYTORCH_STATE);
+    let x = st.f32s("eval.x");
+    let want = indices(&st, "eval.indices");
     let a = CpuBackend::new()
         .nearest(
             MatRef::new(&x, x.len() / D, D).unwrap(),
