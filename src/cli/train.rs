@@ -33,9 +33,11 @@ pub struct Args {
     /// Training rows generated for --synthetic.
     #[arg(long, default_value_t = 16384, value_parser = count::<usize>)]
     pub rows: usize,
-    /// Held-out rows (generated for --synthetic, set aside from --data) for the evaluation.
-    #[arg(long, default_value_t = 2048)]
-    pub eval_rows: usize,
+    /// Held-out rows for the evaluation: generated for --synthetic (default 2048), set aside
+    /// from --data (default: a tenth of the file, at most 2048). A split that leaves fewer
+    /// training rows than one batch is refused.
+    #[arg(long)]
+    pub eval_rows: Option<usize>,
     /// K, the number of codes.
     #[arg(long, default_value_t = 256)]
     pub codebook_size: usize,
@@ -107,6 +109,10 @@ pub struct Args {
     /// Output directory: checkpoint.safetensors, metrics.jsonl, config.json, summary.json.
     #[arg(long, short, conflicts_with = "resume")]
     pub output: Option<PathBuf>,
+    /// Replace the run already in --output (its checkpoint, metrics, configuration and summary
+    /// are deleted first). Without it an existing run is refused: continue it with --resume.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Continue the run in DIR from its checkpoint, with its stored configuration (only
     /// --steps, --device, --deterministic, --checkpoint-every, --eval-every, --stop-at and
     /// --quiet apply). Bit for bit the uninterrupted run, unless --steps changes the total
@@ -133,27 +139,34 @@ fn fresh_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
     let output = args.output.clone().ok_or_else(|| {
         Error::InvalidArgument("--output DIR is required (or --resume DIR)".into())
     })?;
-    let data = match (&args.data, &args.synthetic) {
-        (Some(p), None) => DataSource::Npy {
-            path: std::path::absolute(p).unwrap_or_else(|_| p.clone()),
-            eval_rows: args.eval_rows,
-            seed: args.run.seed,
-        },
-        (None, Some(s)) => DataSource::Synthetic {
-            spec: s.parse()?,
-            rows: args.rows,
-            eval_rows: args.eval_rows,
-            seed: args.run.seed,
-        },
+    let (data, data_dim) = match (&args.data, &args.synthetic) {
+        (Some(p), None) => {
+            let file = vqx::npy::NpyMatrixReader::open(p)?;
+            let source = DataSource::Npy {
+                path: std::path::absolute(p).unwrap_or_else(|_| p.clone()),
+                eval_rows: args
+                    .eval_rows
+                    .unwrap_or_else(|| train::default_eval_rows(file.rows())),
+                seed: args.run.seed,
+            };
+            (source, file.cols())
+        }
+        (None, Some(s)) => {
+            let spec: train::Synthetic = s.parse()?;
+            let dim = spec.dim();
+            let source = DataSource::Synthetic {
+                spec,
+                rows: args.rows,
+                eval_rows: args.eval_rows.unwrap_or(train::MAX_DEFAULT_EVAL_ROWS),
+                seed: args.run.seed,
+            };
+            (source, dim)
+        }
         _ => {
             return Err(Error::InvalidArgument(
                 "give the training data: --data X.npy or --synthetic NAME (or --resume DIR)".into(),
             ));
         }
-    };
-    let data_dim = match &data {
-        DataSource::Synthetic { spec, .. } => spec.dim(),
-        DataSource::Npy { path, .. } => vqx::npy::NpyMatrixReader::open(path)?.cols(),
     };
     let quantizer = QuantizerConfig::new(args.codebook_size, args.code_dim)
         .metric(args.backend.metric())
@@ -185,6 +198,40 @@ fn fresh_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
     Ok((c, output))
 }
 
+/// The files a run writes into its directory.
+const RUN_FILES: [&str; 4] = [
+    train::CHECKPOINT_FILE,
+    METRICS_FILE,
+    "config.json",
+    "summary.json",
+];
+
+/// Creates the output directory, refusing one that already holds a run unless `overwrite`
+/// (then the old run's files go first, so a new run stopped early never sits beside the old
+/// run's checkpoint).
+fn claim_output(dir: &std::path::Path, overwrite: bool) -> Result<()> {
+    let existing: Vec<&str> = RUN_FILES
+        .into_iter()
+        .filter(|f| dir.join(f).exists())
+        .collect();
+    if !existing.is_empty() {
+        if !overwrite {
+            return Err(Error::InvalidArgument(format!(
+                "{} already holds a run ({}): continue it with `vqx train --resume {}`, or \
+                 pass --overwrite to replace it",
+                dir.display(),
+                existing.join(", "),
+                dir.display()
+            )));
+        }
+        for f in existing {
+            let path = dir.join(f);
+            std::fs::remove_file(&path).at(&path)?;
+        }
+    }
+    std::fs::create_dir_all(dir).at(dir)
+}
+
 pub fn run(args: Args) -> Result<()> {
     let (mut trainer, dir) = match &args.resume {
         Some(dir) => {
@@ -207,8 +254,14 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => {
             let (config, dir) = fresh_config(&args)?;
-            std::fs::create_dir_all(&dir).at(&dir)?;
-            (Trainer::new(config)?, dir)
+            claim_output(&dir, args.overwrite)?;
+            let trainer = Trainer::new(config)?;
+            eprintln!(
+                "data: {} rows for training, {} held out for evaluation",
+                trainer.data.train.rows(),
+                trainer.data.eval.rows()
+            );
+            (trainer, dir)
         }
     };
     let config_json = json(&trainer.config, "the configuration")?;
@@ -322,6 +375,8 @@ pub fn run(args: Args) -> Result<()> {
         "cumulative_used": s.cumulative_used,
         "dead_codes": s.dead,
         "codebook_size": k,
+        "train_rows": trainer.data.train.rows(),
+        "eval_rows": trainer.data.eval.rows(),
         "mean_step_ms": per_step_ms,
         "quantizer_share": quant_share,
         "quantizer_backend": trainer.model.quantizer.backend().name(),

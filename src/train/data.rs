@@ -214,6 +214,42 @@ pub enum DataSource {
     },
 }
 
+/// Rows held out of a `--data` file when no count is given: a tenth of the file, at least one
+/// row and at most [`MAX_DEFAULT_EVAL_ROWS`] (a fixed count would take a small file whole).
+///
+/// ```
+/// use vqx::train::default_eval_rows;
+/// assert_eq!(default_eval_rows(2_000), 200);
+/// assert_eq!(default_eval_rows(5), 1);
+/// assert_eq!(default_eval_rows(1_000_000), 2_048);
+/// ```
+pub fn default_eval_rows(rows: usize) -> usize {
+    (rows / 10).clamp(1, MAX_DEFAULT_EVAL_ROWS)
+}
+
+/// The cap of [`default_eval_rows`]: enough rows for a stable held-out error.
+pub const MAX_DEFAULT_EVAL_ROWS: usize = 2048;
+
+impl DataSource {
+    /// Why a training split of `train` rows is too small for a batch of `batch` rows, in terms
+    /// of the flags that set it.
+    fn split_too_small(&self, train: usize, eval: usize, batch: usize) -> String {
+        match self {
+            DataSource::Synthetic { .. } => format!(
+                "{train} training rows (--rows) are fewer than one batch of {batch} \
+                 (--batch-size): raise --rows or lower --batch-size"
+            ),
+            DataSource::Npy { path, .. } => format!(
+                "{} has {} rows: holding out {eval} for evaluation (--eval-rows) leaves {train} \
+                 for training, fewer than one batch of {batch} (--batch-size): lower --eval-rows \
+                 or --batch-size",
+                path.display(),
+                train + eval
+            ),
+        }
+    }
+}
+
 /// Training rows and held-out rows.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
@@ -222,6 +258,18 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// Refuses a training split smaller than one batch: every step would repeat rows of it, and
+    /// the run would look healthy while learning from almost nothing.
+    pub fn check_batch(&self, source: &DataSource, batch: usize) -> Result<()> {
+        let (train, eval) = (self.train.rows(), self.eval.rows());
+        if train < batch {
+            return Err(Error::InvalidArgument(
+                source.split_too_small(train, eval, batch),
+            ));
+        }
+        Ok(())
+    }
+
     /// Generates or reads the data a [`DataSource`] names.
     pub fn load(source: &DataSource) -> Result<Dataset> {
         match source {
@@ -249,8 +297,8 @@ impl Dataset {
         }
     }
 
-    /// Reads `path` and holds out `eval_rows` rows chosen with `seed` (at least one row stays
-    /// for training).
+    /// Reads `path` and holds out `eval_rows` rows chosen with `seed`. Refuses a split that
+    /// leaves no training row (a clamp would silently train on what is left).
     pub fn from_npy(path: &Path, eval_rows: usize, seed: u64) -> Result<Dataset> {
         let x = crate::npy::read_matrix(path)?;
         x.as_ref()
@@ -258,7 +306,14 @@ impl Dataset {
         x.as_ref()
             .check_finite(&format!("data {}", path.display()))?;
         let n = x.rows();
-        let held = eval_rows.min(n - 1);
+        if eval_rows >= n {
+            return Err(Error::InvalidArgument(format!(
+                "{} has {n} rows: holding out {eval_rows} for evaluation (--eval-rows) leaves \
+                 none for training",
+                path.display()
+            )));
+        }
+        let held = eval_rows;
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0xe7a1));
         let (ev, tr) = order.split_at(held);

@@ -12,7 +12,9 @@ mod device;
 mod optim;
 
 pub use checkpoint::{CHECKPOINT_FILE, load_model, load_trainer, save_trainer};
-pub use data::{BatchSampler, DataSource, Dataset, Synthetic};
+pub use data::{
+    BatchSampler, DataSource, Dataset, MAX_DEFAULT_EVAL_ROWS, Synthetic, default_eval_rows,
+};
 pub use optim::{AdamW, AdamWConfig, WarmupCosine, clip_global_norm};
 
 use crate::error::{Error, Result};
@@ -256,6 +258,7 @@ impl Trainer {
             });
         }
         data.train.as_ref().check_nonempty("training data")?;
+        data.check_batch(&config.data, config.batch_size)?;
         let sampler = BatchSampler::new(data.train.rows(), config.batch_size, config.seed);
         let engine = device_engine(&config, &model, &optimizer, &data)?;
         Ok(Trainer {
