@@ -10,7 +10,9 @@
 //! | `adam.m.{param}`, `adam.v.{param}` for every trained tensor | f32 |
 //!
 //! The `quantizer.` tensors are a quantizer checkpoint's ([`crate::checkpoint::Checkpoint`]),
-//! written and read by the same code. Metadata: `format = "vqx-train"`, `version = "1"`, `step`, `config` (the [`TrainConfig`] as
+//! written and read by the same code.
+//!
+//! Metadata: `format = "vqx-train"`, `version = "1"`, `step`, `config` (the [`TrainConfig`] as
 //! JSON), `quantizer_step`, `quantizer_initialized`, `writer`.
 
 use super::{AdamW, Dataset, TrainConfig, Trainer, parameter_names};
