@@ -357,6 +357,11 @@ fn read_1d<T: npyz::Deserialize>(path: &Path, want: &str) -> Result<Vec<T>> {
         .map_err(|e| npy_err(path, format!("cannot read data: {e}")))
 }
 
+/// The error for a writer used after [`NpyStreamWriter::finish`] took its file.
+fn finished() -> Error {
+    Error::InvalidArgument("writer already finished".into())
+}
+
 /// An `.npy` file written in appended chunks, published atomically by [`Self::finish`].
 ///
 /// The total shape is written in the header up front; `finish` checks that exactly that many
@@ -424,23 +429,23 @@ impl<T: npyz::AutoSerialize> NpyStreamWriter<T> {
         self.append_iter(values.len(), values.iter())
     }
 
+    /// A wrong number of values, said against the destination.
+    fn count_err(&self, msg: fmt::Arguments<'_>) -> Error {
+        Error::InvalidArgument(format!("{}: {msg}", self.path.display()))
+    }
+
     fn append_iter<'a>(&mut self, count: usize, values: impl Iterator<Item = &'a T>) -> Result<()>
     where
         T: 'a,
     {
         if self.written + count as u64 > self.expected {
-            return Err(Error::InvalidArgument(format!(
-                "{}: appending {count} values would exceed the {} the header announced \
-                 ({} already written)",
-                self.path.display(),
-                self.expected,
-                self.written
+            return Err(self.count_err(format_args!(
+                "appending {count} values would exceed the {} the header announced ({} \
+                 already written)",
+                self.expected, self.written
             )));
         }
-        let inner = self
-            .inner
-            .as_mut()
-            .ok_or_else(|| Error::InvalidArgument("writer already finished".into()))?;
+        let inner = self.inner.as_mut().ok_or_else(finished)?;
         for v in values {
             inner.push(v).map_err(|e| Error::io(&self.path, e))?;
         }
@@ -451,17 +456,12 @@ impl<T: npyz::AutoSerialize> NpyStreamWriter<T> {
     /// Checks every value was written, flushes, syncs and renames onto the destination.
     pub fn finish(mut self) -> Result<()> {
         if self.written != self.expected {
-            return Err(Error::InvalidArgument(format!(
-                "{}: {} values written, the header announced {}",
-                self.path.display(),
-                self.written,
-                self.expected
+            return Err(self.count_err(format_args!(
+                "{} values written, the header announced {}",
+                self.written, self.expected
             )));
         }
-        let inner = self
-            .inner
-            .take()
-            .ok_or_else(|| Error::InvalidArgument("writer already finished".into()))?;
+        let inner = self.inner.take().ok_or_else(finished)?;
         inner.finish().map_err(|e| Error::io(&self.path, e))?;
         // The npyz writer owns (and has now closed) the file; `publish` reopens it to push it
         // to disk before the rename makes it visible.
@@ -509,23 +509,26 @@ impl<T: npyz::AutoSerialize> Drop for NpyStreamWriter<T> {
     }
 }
 
+/// Writes `values`, an array of `shape`, to `path` atomically.
+fn write_whole<T: npyz::AutoSerialize>(path: &Path, shape: &[u64], values: &[T]) -> Result<()> {
+    let mut w = NpyStreamWriter::create(path, shape)?;
+    w.append(values)?;
+    w.finish()
+}
+
 /// Writes a 2-D float32 `.npy` file atomically.
 pub fn write_matrix(path: impl AsRef<Path>, m: MatRef<'_>) -> Result<()> {
-    let mut w = NpyStreamWriter::matrix(path, m.rows(), m.cols())?;
-    w.append_rows(m)?;
-    w.finish()
+    let shape = [m.rows() as u64, m.cols() as u64];
+    write_whole(path.as_ref(), &shape, m.data())
 }
 
 /// Writes 1-D int64 indices atomically.
 pub fn write_indices(path: impl AsRef<Path>, indices: &[u32]) -> Result<()> {
-    let mut w = NpyStreamWriter::indices(path, indices.len())?;
-    w.append_u32(indices)?;
-    w.finish()
+    let wide: Vec<i64> = indices.iter().map(|&i| i64::from(i)).collect();
+    write_whole(path.as_ref(), &[wide.len() as u64], &wide)
 }
 
 /// Writes 1-D float32 distances atomically.
 pub fn write_distances(path: impl AsRef<Path>, distances: &[f32]) -> Result<()> {
-    let mut w = NpyStreamWriter::vector(path, distances.len())?;
-    w.append(distances)?;
-    w.finish()
+    write_whole(path.as_ref(), &[distances.len() as u64], distances)
 }

@@ -1,8 +1,8 @@
 //! Recognising a codebook file by its content and keys (SPEC §9).
 
-use super::tensors::{self, err, shape_str};
+use super::tensors::{self, FLOAT, Shape, TensorFile, key_list, shape_str};
 use super::{CLUSTER_SIZE, CODEBOOK, Checkpoint, EMBED_AVG, FORMAT, USAGE_TOTAL};
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::matrix::Matrix;
 use std::fmt;
 use std::path::Path;
@@ -80,6 +80,21 @@ pub struct LoadedCodebook {
 }
 
 impl LoadedCodebook {
+    /// `codebook` from a file of `format`, with nothing else read.
+    fn new(codebook: Matrix, format: CodebookFormat) -> Self {
+        LoadedCodebook {
+            codebook,
+            cluster_size: None,
+            embed_avg: None,
+            usage_total: None,
+            step: None,
+            initted: None,
+            format,
+            prefix: String::new(),
+            keys: Vec::new(),
+        }
+    }
+
     /// One line for a log: the format, and the keys used.
     pub fn describe(&self) -> String {
         if self.keys.is_empty() {
@@ -115,24 +130,6 @@ impl LoadedCodebook {
             (n2.sqrt() - 1.0).abs() < 1e-4
         })
     }
-}
-
-/// The first keys of a file, for messages.
-pub(crate) fn key_list(keys: &[String]) -> String {
-    const SHOWN: usize = 24;
-    if keys.is_empty() {
-        return "none".into();
-    }
-    let mut s = keys
-        .iter()
-        .take(SHOWN)
-        .map(|k| format!("`{k}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    if keys.len() > SHOWN {
-        s.push_str(&format!(" … and {} more", keys.len() - SHOWN));
-    }
-    s
 }
 
 const VQ_EMBED: &str = "_codebook.embed";
@@ -186,23 +183,13 @@ pub fn load_codebook(path: impl AsRef<Path>) -> Result<LoadedCodebook> {
     if ext_npy || starts_like_npy(path)? {
         let codebook = crate::npy::read_matrix(path)?;
         check_codebook(&codebook, path)?;
-        return Ok(LoadedCodebook {
-            codebook,
-            cluster_size: None,
-            embed_avg: None,
-            usage_total: None,
-            step: None,
-            initted: None,
-            format: CodebookFormat::Npy,
-            prefix: String::new(),
-            keys: Vec::new(),
-        });
+        return Ok(LoadedCodebook::new(codebook, CodebookFormat::Npy));
     }
-    let file = tensors::File::read(path)?;
+    let file = TensorFile::read(path)?;
     let keys = file.keys();
 
-    if file.metadata.get("format").map(String::as_str) == Some(FORMAT) {
-        let ckpt = Checkpoint::from_file(&file, path)?;
+    if file.meta("format") == Some(FORMAT) {
+        let ckpt = Checkpoint::from_file(&file)?;
         let mut used = vec![CODEBOOK.to_string()];
         if ckpt.cluster_size.is_some() {
             used.extend([CLUSTER_SIZE.to_string(), EMBED_AVG.to_string()]);
@@ -211,15 +198,12 @@ pub fn load_codebook(path: impl AsRef<Path>) -> Result<LoadedCodebook> {
             used.push(USAGE_TOTAL.to_string());
         }
         return Ok(LoadedCodebook {
-            codebook: ckpt.codebook,
             cluster_size: ckpt.cluster_size,
             embed_avg: ckpt.embed_avg,
             usage_total: ckpt.usage_total,
             step: Some(ckpt.step),
-            initted: None,
-            format: CodebookFormat::VqxCheckpoint,
-            prefix: String::new(),
             keys: used,
+            ..LoadedCodebook::new(ckpt.codebook, CodebookFormat::VqxCheckpoint)
         });
     }
 
@@ -234,27 +218,21 @@ pub fn load_codebook(path: impl AsRef<Path>) -> Result<LoadedCodebook> {
         .chain(esm.iter().map(|p| format!("`{p}{ESM_EMBED}` (ESM3)")))
         .collect();
     match (vq.as_slice(), esm.as_slice()) {
-        ([p], []) => load_vq_pytorch(&file, path, p, &keys),
-        ([], [p]) => load_esm3(&file, path, p),
-        ([], []) => Err(err(
-            path,
-            format!(
-                "no known codebook format: found tensors {}{}; {NEEDS}",
-                key_list(&keys),
-                match file.metadata.get("format") {
-                    Some(f) => format!(" and metadata format = {f:?}"),
-                    None => String::new(),
-                }
-            ),
-        )),
-        _ => Err(err(
-            path,
-            format!(
-                "holds {} codebooks ({}); vqx reads a file with one",
-                candidates.len(),
-                candidates.join(", ")
-            ),
-        )),
+        ([p], []) => load_vq_pytorch(&file, p, &keys),
+        ([], [p]) => load_esm3(&file, p),
+        ([], []) => Err(file.err(format!(
+            "no known codebook format: found tensors {}{}; {NEEDS}",
+            key_list(&keys),
+            match file.meta("format") {
+                Some(f) => format!(" and metadata format = {f:?}"),
+                None => String::new(),
+            }
+        ))),
+        _ => Err(file.err(format!(
+            "holds {} codebooks ({}); vqx reads a file with one",
+            candidates.len(),
+            candidates.join(", ")
+        ))),
     }
 }
 
@@ -264,7 +242,7 @@ fn starts_like_npy(path: &Path) -> Result<bool> {
     let mut head = Vec::with_capacity(8);
     std::fs::File::open(path)
         .and_then(|f| f.take(8).read_to_end(&mut head))
-        .map_err(|e| crate::Error::io(path, e))?;
+        .at(path)?;
     Ok(tensors::is_npy(&head))
 }
 
@@ -274,12 +252,7 @@ fn check_codebook(codebook: &Matrix, path: &Path) -> Result<()> {
     codebook.as_ref().check_finite(&what)
 }
 
-fn load_vq_pytorch(
-    file: &tensors::File,
-    path: &Path,
-    prefix: &str,
-    keys: &[String],
-) -> Result<LoadedCodebook> {
+fn load_vq_pytorch(file: &TensorFile, prefix: &str, keys: &[String]) -> Result<LoadedCodebook> {
     let proj: Vec<String> = keys
         .iter()
         .filter(|k| {
@@ -289,149 +262,86 @@ fn load_vq_pytorch(
         .cloned()
         .collect();
     if !proj.is_empty() {
-        return Err(err(
-            path,
-            format!(
-                "vector-quantize-pytorch VectorQuantize with projections ({}): codebook_dim ≠ \
-                 dim (or heads > 1), so its codebook lives in the projected space and cannot \
-                 quantize raw inputs; project_in/project_out layers are not supported",
-                key_list(&proj)
-            ),
-        ));
+        return Err(file.err(format!(
+            "vector-quantize-pytorch VectorQuantize with projections ({}): codebook_dim ≠ \
+             dim (or heads > 1), so its codebook lives in the projected space and cannot \
+             quantize raw inputs; project_in/project_out layers are not supported",
+            key_list(&proj)
+        )));
     }
     let name = format!("{prefix}{VQ_EMBED}");
-    let v = file.view(&name).expect("found among the keys");
-    let (h, k, d) = match *v.shape() {
+    let shape = file
+        .tensor(&name)
+        .ok_or_else(|| file.missing(&name))?
+        .shape
+        .to_vec();
+    let (h, k, d) = match *shape {
         [h, k, d] => (h, k, d),
         // Not written by any version read so far; accepted as H = 1.
         [k, d] => (1, k, d),
         _ => {
-            return Err(err(
-                path,
-                format!("`{name}` is {}; expected H×K×D", shape_str(v.shape())),
-            ));
+            return Err(file.err(format!("`{name}` is {}; expected H×K×D", shape_str(&shape))));
         }
     };
     if h != 1 {
-        return Err(err(
-            path,
-            format!(
-                "`{name}` is {}: {h} separate codebooks (one per head, \
-                 separate_codebook_per_head=True); separate codebooks per head are not \
-                 supported yet",
-                shape_str(v.shape())
-            ),
-        ));
+        return Err(file.err(format!(
+            "`{name}` is {}: {h} separate codebooks (one per head, \
+             separate_codebook_per_head=True); separate codebooks per head are not \
+             supported yet",
+            shape_str(&shape)
+        )));
     }
-    let codebook = tensors::matrix(path, &name, &v, k, d)?;
-    check_codebook(&codebook, path)?;
+    let codebook = file.required_matrix(&name, (k, d), &shape[..])?;
+    check_codebook(&codebook, file.path())?;
     let mut used = vec![name];
 
+    let book = format!("the codebook is 1×{k}×{d}");
     let cs_name = format!("{prefix}{VQ_CLUSTER}");
-    let cluster_size = match file.view(&cs_name) {
-        None => None,
-        Some(v) => {
-            if v.shape() != [1, k] && v.shape() != [k] {
-                return Err(err(
-                    path,
-                    format!(
-                        "`{cs_name}` is {} but the codebook is 1×{k}×{d}; expected 1×{k}",
-                        shape_str(v.shape())
-                    ),
-                ));
-            }
-            let n = tensors::floats(path, &cs_name, &v)?;
-            used.push(cs_name);
-            Some(n)
-        }
-    };
+    let cs_shape = Shape::of(&[1, k]).or(&[k]).but(&book);
+    let cluster_size = file.optional(&cs_name, &FLOAT, cs_shape)?;
     let avg_name = format!("{prefix}{VQ_AVG}");
-    let embed_avg = match file.view(&avg_name) {
-        None => None,
-        Some(v) => {
-            if v.shape() != [1, k, d] && v.shape() != [k, d] {
-                return Err(err(
-                    path,
-                    format!(
-                        "`{avg_name}` is {} but the codebook is 1×{k}×{d}",
-                        shape_str(v.shape())
-                    ),
-                ));
-            }
-            let m = tensors::matrix(path, &avg_name, &v, k, d)?;
-            used.push(avg_name);
-            Some(m)
-        }
-    };
+    let avg_shape = Shape::of(&[1, k, d]).or(&[k, d]).but(&book);
+    let embed_avg = file.optional_matrix(&avg_name, (k, d), avg_shape)?;
     let init_name = format!("{prefix}{VQ_INITTED}");
-    let initted = file.view(&init_name).map(|v| tensors::flag(&v));
-    if initted.is_some() {
-        used.push(init_name);
+    let initted = file.tensor(&init_name).map(|t| tensors::flag(&t));
+    for (found, key) in [
+        (cluster_size.is_some(), cs_name),
+        (embed_avg.is_some(), avg_name),
+        (initted.is_some(), init_name),
+    ] {
+        if found {
+            used.push(key);
+        }
     }
     Ok(LoadedCodebook {
-        codebook,
         cluster_size,
         embed_avg,
-        usage_total: None,
-        step: None,
         initted,
-        format: CodebookFormat::VqPytorch,
         prefix: prefix.to_string(),
         keys: used,
+        ..LoadedCodebook::new(codebook, CodebookFormat::VqPytorch)
     })
 }
 
-fn load_esm3(file: &tensors::File, path: &Path, prefix: &str) -> Result<LoadedCodebook> {
+fn load_esm3(file: &TensorFile, prefix: &str) -> Result<LoadedCodebook> {
     let name = format!("{prefix}{ESM_EMBED}");
-    let v = file.view(&name).expect("found among the keys");
-    let &[k, d] = v.shape() else {
-        return Err(err(
-            path,
-            format!("`{name}` is {}; expected K×D", shape_str(v.shape())),
-        ));
-    };
-    let codebook = tensors::matrix(path, &name, &v, k, d)?;
-    check_codebook(&codebook, path)?;
+    let [k, d] = file.dims(&name, "K×D")?;
+    let codebook = file.required_matrix(&name, (k, d), [k, d])?;
+    check_codebook(&codebook, file.path())?;
+    let book = format!("`{name}` is {k}×{d}");
     let n_name = format!("{prefix}{ESM_N}");
-    let v = file.view(&n_name).expect("found among the keys");
-    if v.shape() != [k] {
-        return Err(err(
-            path,
-            format!(
-                "`{n_name}` is {} but `{name}` is {k}×{d}; expected {k}",
-                shape_str(v.shape())
-            ),
-        ));
-    }
-    let n = tensors::floats(path, &n_name, &v)?;
-    let mut used = vec![name.clone(), n_name];
+    let n = file.required(&n_name, &FLOAT, Shape::of(&[k]).but(&book))?;
     let avg_name = format!("{prefix}{ESM_AVG}");
-    let embed_avg = match file.view(&avg_name) {
-        None => None,
-        Some(v) => {
-            if v.shape() != [k, d] {
-                return Err(err(
-                    path,
-                    format!(
-                        "`{avg_name}` is {} but `{name}` is {k}×{d}",
-                        shape_str(v.shape())
-                    ),
-                ));
-            }
-            let m = tensors::matrix(path, &avg_name, &v, k, d)?;
-            used.push(avg_name);
-            Some(m)
-        }
-    };
+    let embed_avg = file.optional_matrix(&avg_name, (k, d), Shape::of(&[k, d]).but(&book))?;
+    let mut used = vec![name, n_name];
+    if embed_avg.is_some() {
+        used.push(avg_name);
+    }
     Ok(LoadedCodebook {
-        codebook,
         cluster_size: Some(n),
         embed_avg,
-        usage_total: None,
-        step: None,
-        initted: None,
-        format: CodebookFormat::Esm3,
         prefix: prefix.to_string(),
         keys: used,
+        ..LoadedCodebook::new(codebook, CodebookFormat::Esm3)
     })
 }

@@ -44,21 +44,20 @@
 //! ```
 
 mod formats;
-mod tensors;
+pub(crate) mod tensors;
 
 pub use formats::{CodebookFormat, LoadedCodebook, load_codebook};
 
 use crate::error::{Error, Result};
 use crate::matrix::Matrix;
-use safetensors::tensor::{Dtype, TensorView};
-use std::collections::HashMap;
+use std::fmt::Display;
 use std::path::Path;
-use tensors::{err, shape_str};
+use tensors::{COUNT, FLOAT, QUANTIZER, Shape, TensorFile, TensorWriter};
 
 /// `format` metadata value of a vqx checkpoint.
-pub const FORMAT: &str = "vqx-checkpoint";
+pub const FORMAT: &str = QUANTIZER.format;
 /// The checkpoint layout version this vqx writes and reads.
-pub const VERSION: &str = "1";
+pub const VERSION: &str = QUANTIZER.version;
 /// Tensor names.
 pub const CODEBOOK: &str = "codebook";
 pub const CLUSTER_SIZE: &str = "ema.cluster_size";
@@ -98,6 +97,22 @@ fn shape_err(what: &str, expected: String, got: String) -> Error {
     }
 }
 
+/// Says which value of `counts` (tensor `name`) is not a finite, non-negative number.
+fn check_counts<T>(name: &str, counts: &[T]) -> std::result::Result<(), String>
+where
+    T: Copy + Into<f64> + Display,
+{
+    match counts.iter().enumerate().find(|(_, c)| {
+        let c: f64 = (**c).into();
+        !c.is_finite() || c < 0.0
+    }) {
+        Some((i, c)) => Err(format!(
+            "{name} holds {c} at code {i}; counts must be finite and non-negative"
+        )),
+        None => Ok(()),
+    }
+}
+
 impl Checkpoint {
     /// A checkpoint holding only `codebook`, at step 0, with a null config.
     pub fn new(codebook: Matrix) -> Self {
@@ -121,6 +136,9 @@ impl Checkpoint {
     /// non-negative values.
     pub fn validate(&self) -> Result<()> {
         let (k, d) = (self.codebook.rows(), self.codebook.cols());
+        let counts = |r: std::result::Result<(), String>| {
+            r.map_err(|m| Error::InvalidArgument(format!("checkpoint {m}")))
+        };
         self.codebook
             .as_ref()
             .check_nonempty("checkpoint codebook")?;
@@ -149,16 +167,7 @@ impl Checkpoint {
                         format!("{}×{}", m.rows(), m.cols()),
                     ));
                 }
-                if let Some((i, v)) = n
-                    .iter()
-                    .enumerate()
-                    .find(|(_, v)| !v.is_finite() || **v < 0.0)
-                {
-                    return Err(Error::InvalidArgument(format!(
-                        "checkpoint ema.cluster_size holds {v} at code {i}; counts must be \
-                         finite and non-negative"
-                    )));
-                }
+                counts(check_counts(CLUSTER_SIZE, n))?;
                 m.as_ref().check_finite("checkpoint ema.embed_avg")?;
             }
         }
@@ -170,16 +179,7 @@ impl Checkpoint {
                     format!("{} values", u.len()),
                 ));
             }
-            if let Some((i, v)) = u
-                .iter()
-                .enumerate()
-                .find(|(_, v)| !v.is_finite() || **v < 0.0)
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "checkpoint usage.total holds {v} at code {i}; counts must be finite and \
-                     non-negative"
-                )));
-            }
+            counts(check_counts(USAGE_TOTAL, u))?;
         }
         Ok(())
     }
@@ -187,201 +187,94 @@ impl Checkpoint {
     /// The safetensors bytes of this checkpoint (validated first).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         self.validate()?;
+        let config = serde_json::to_string(&self.config)
+            .map_err(|e| Error::internal("encoding the checkpoint's config as JSON", e))?;
+        let mut w = TensorWriter::new(&QUANTIZER);
+        w.meta("step", self.step);
+        w.meta("config", config);
+        self.put_tensors(&mut w, "")?;
+        w.to_bytes()
+    }
+
+    /// Adds the tensors (codebook, EMA statistics, usage) to `w`, each name behind `prefix`:
+    /// the quantizer checkpoint's layout, and the quantizer's part of a training checkpoint.
+    pub(crate) fn put_tensors(&self, w: &mut TensorWriter, prefix: &str) -> Result<()> {
         let (k, d) = (self.codebook.rows(), self.codebook.cols());
-        let le32 = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let mut owned: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> =
-            vec![(CODEBOOK, Dtype::F32, vec![k, d], le32(self.codebook.data()))];
+        w.tensor(format!("{prefix}{CODEBOOK}"), &[k, d], self.codebook.data())?;
         if let (Some(n), Some(m)) = (&self.cluster_size, &self.embed_avg) {
-            owned.push((CLUSTER_SIZE, Dtype::F32, vec![k], le32(n)));
-            owned.push((EMBED_AVG, Dtype::F32, vec![k, d], le32(m.data())));
+            w.tensor(format!("{prefix}{CLUSTER_SIZE}"), &[k], n)?;
+            w.tensor(format!("{prefix}{EMBED_AVG}"), &[k, d], m.data())?;
         }
         if let Some(u) = &self.usage_total {
-            let bytes = u.iter().flat_map(|x| x.to_le_bytes()).collect();
-            owned.push((USAGE_TOTAL, Dtype::F64, vec![k], bytes));
+            w.tensor(format!("{prefix}{USAGE_TOTAL}"), &[k], u)?;
         }
-        let mut views = Vec::with_capacity(owned.len());
-        for (name, dtype, shape, bytes) in &owned {
-            let v = TensorView::new(*dtype, shape.clone(), bytes)
-                .map_err(|e| Error::InvalidArgument(format!("checkpoint {name}: {e}")))?;
-            views.push((*name, v));
-        }
-        let config = serde_json::to_string(&self.config)
-            .map_err(|e| Error::InvalidArgument(format!("checkpoint config: {e}")))?;
-        let metadata = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("version".to_string(), VERSION.to_string()),
-            ("step".to_string(), self.step.to_string()),
-            ("config".to_string(), config),
-            (
-                "writer".to_string(),
-                format!("vqx {}", env!("CARGO_PKG_VERSION")),
-            ),
-        ]);
-        safetensors::serialize(views, Some(metadata))
-            .map_err(|e| Error::InvalidArgument(format!("checkpoint: cannot serialize: {e}")))
+        Ok(())
     }
 
     /// Writes the checkpoint to `path` atomically (see the [module docs](self)); validates it
     /// first, so an invalid checkpoint writes nothing.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = self.to_bytes()?;
-        crate::atomic::write_atomic(path, &bytes)
+        crate::atomic::write_atomic(path.as_ref(), &self.to_bytes()?)
     }
 
     /// Reads a vqx checkpoint, checking its metadata, every tensor's dtype and shape against
     /// the codebook's, and saying exactly what is wrong.
     pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint> {
-        let path = path.as_ref();
-        let file = tensors::File::read(path)?;
-        Self::from_file(&file, path)
+        Self::from_file(&TensorFile::read(path.as_ref())?)
     }
 
-    fn from_file(file: &tensors::File, path: &Path) -> Result<Checkpoint> {
-        match file.metadata.get("format").map(String::as_str) {
-            Some(FORMAT) => {}
-            Some(other) => {
-                return Err(err(
-                    path,
-                    format!("metadata format is {other:?}, not {FORMAT:?}: not a vqx checkpoint"),
-                ));
-            }
-            None => {
-                return Err(err(
-                    path,
-                    format!(
-                        "no `format` metadata: not a vqx checkpoint (tensors: {})",
-                        formats::key_list(&file.keys())
-                    ),
-                ));
-            }
-        }
-        match file.metadata.get("version").map(String::as_str) {
-            Some(VERSION) => {}
-            Some(v) => {
-                return Err(err(
-                    path,
-                    format!(
-                        "vqx checkpoint version {v:?}; this vqx reads version {VERSION:?} \
-                         (written by {})",
-                        file.metadata
-                            .get("writer")
-                            .map(String::as_str)
-                            .unwrap_or("an unknown writer")
-                    ),
-                ));
-            }
-            None => return Err(err(path, "vqx checkpoint without `version` metadata")),
-        }
-        let step = match file.metadata.get("step") {
-            Some(s) => s.trim().parse::<u64>().map_err(|_| {
-                err(
-                    path,
-                    format!("metadata step is {s:?}, not a non-negative integer"),
-                )
-            })?,
-            None => return Err(err(path, "vqx checkpoint without `step` metadata")),
-        };
-        let config = match file.metadata.get("config") {
+    fn from_file(file: &TensorFile) -> Result<Checkpoint> {
+        file.check_layout(&QUANTIZER)?;
+        let step = file.parse_meta("step", "a non-negative integer")?;
+        let config = match file.meta("config") {
             Some(s) => serde_json::from_str(s)
-                .map_err(|e| err(path, format!("metadata config is not valid JSON: {e}")))?,
+                .map_err(|e| file.err(format!("metadata config is not valid JSON: {e}")))?,
             None => serde_json::Value::Null,
         };
+        Ok(Checkpoint {
+            step,
+            config,
+            ..Self::read_tensors(file, "")?
+        })
+    }
 
-        let cb = file.view(CODEBOOK).ok_or_else(|| {
-            err(
-                path,
-                format!(
-                    "vqx checkpoint without a `{CODEBOOK}` tensor (tensors: {})",
-                    formats::key_list(&file.keys())
-                ),
-            )
-        })?;
-        let &[k, d] = cb.shape() else {
-            return Err(err(
-                path,
-                format!("`{CODEBOOK}` is {}; expected K×D", shape_str(cb.shape())),
-            ));
-        };
-        let codebook = tensors::matrix(path, CODEBOOK, &cb, k, d)?;
-        let what = format!("codebook in {}", path.display());
+    /// The tensors [`Self::put_tensors`] wrote under `prefix` (step 0, null config), with
+    /// their shapes checked against the codebook's and their values against what
+    /// [`Self::validate`] asks.
+    pub(crate) fn read_tensors(file: &TensorFile, prefix: &str) -> Result<Checkpoint> {
+        let name = |t: &str| format!("{prefix}{t}");
+        let [k, d] = file.dims(&name(CODEBOOK), "K×D")?;
+        let codebook = file.required_matrix(&name(CODEBOOK), (k, d), [k, d])?;
+        let what = format!("{} in {}", name(CODEBOOK), file.path().display());
         codebook.as_ref().check_nonempty(&what)?;
         codebook.as_ref().check_finite(&what)?;
 
-        let cluster_size = match file.view(CLUSTER_SIZE) {
-            None => None,
-            Some(v) => {
-                if v.shape() != [k] {
-                    return Err(err(
-                        path,
-                        format!(
-                            "{CLUSTER_SIZE} is {} but the codebook has {k} codes",
-                            shape_str(v.shape())
-                        ),
-                    ));
-                }
-                let n = tensors::floats(path, CLUSTER_SIZE, &v)?;
-                if let Some((i, x)) = n
-                    .iter()
-                    .enumerate()
-                    .find(|(_, x)| !x.is_finite() || **x < 0.0)
-                {
-                    return Err(err(
-                        path,
-                        format!("{CLUSTER_SIZE} holds {x} at code {i}; counts must be ≥ 0"),
-                    ));
-                }
-                Some(n)
-            }
-        };
-        let embed_avg = match file.view(EMBED_AVG) {
-            None => None,
-            Some(v) => {
-                if v.shape() != [k, d] {
-                    return Err(err(
-                        path,
-                        format!(
-                            "{EMBED_AVG} is {} but codebook is {k}×{d}",
-                            shape_str(v.shape())
-                        ),
-                    ));
-                }
-                let m = tensors::matrix(path, EMBED_AVG, &v, k, d)?;
-                m.as_ref()
-                    .check_finite(&format!("{EMBED_AVG} in {}", path.display()))?;
-                Some(m)
-            }
-        };
-        if cluster_size.is_some() != embed_avg.is_some() {
-            let (has, lacks) = if cluster_size.is_some() {
-                (CLUSTER_SIZE, EMBED_AVG)
-            } else {
-                (EMBED_AVG, CLUSTER_SIZE)
-            };
-            return Err(err(path, format!("has {has} but not {lacks}")));
+        let codes = format!("the codebook has {k} codes");
+        let (cs, avg, usage) = (name(CLUSTER_SIZE), name(EMBED_AVG), name(USAGE_TOTAL));
+        let cluster_size = file.optional(&cs, &FLOAT, Shape::of(&[k]).but(&codes).unquoted())?;
+        if let Some(n) = &cluster_size {
+            check_counts(&cs, n).map_err(|m| file.err(m))?;
         }
-        let usage_total = match file.view(USAGE_TOTAL) {
-            None => None,
-            Some(v) => {
-                if v.shape() != [k] {
-                    return Err(err(
-                        path,
-                        format!(
-                            "{USAGE_TOTAL} is {} but the codebook has {k} codes",
-                            shape_str(v.shape())
-                        ),
-                    ));
-                }
-                Some(tensors::counts(path, USAGE_TOTAL, &v)?)
-            }
-        };
+        let shape = Shape::of(&[k, d]).but(format!("codebook is {k}×{d}"));
+        let embed_avg = file.optional_matrix(&avg, (k, d), shape.unquoted())?;
+        if let Some(m) = &embed_avg {
+            m.as_ref()
+                .check_finite(&format!("{avg} in {}", file.path().display()))?;
+        }
+        match (&cluster_size, &embed_avg) {
+            (Some(_), None) => return Err(file.err(format!("has {cs} but not {avg}"))),
+            (None, Some(_)) => return Err(file.err(format!("has {avg} but not {cs}"))),
+            _ => {}
+        }
+        let usage_total = file.optional(&usage, &COUNT, Shape::of(&[k]).but(&codes).unquoted())?;
+        if let Some(u) = &usage_total {
+            check_counts(&usage, u).map_err(|m| file.err(m))?;
+        }
         Ok(Checkpoint {
-            codebook,
             cluster_size,
             embed_avg,
             usage_total,
-            step,
-            config,
+            ..Checkpoint::new(codebook)
         })
     }
 }

@@ -9,289 +9,135 @@
 //! | `quantizer.usage.total` K | f64 |
 //! | `adam.m.{param}`, `adam.v.{param}` for every trained tensor | f32 |
 //!
+//! The `quantizer.` tensors are a quantizer checkpoint's ([`crate::checkpoint::Checkpoint`]),
+//! written and read by the same code.
+//!
 //! Metadata: `format = "vqx-train"`, `version = "1"`, `step`, `config` (the [`TrainConfig`] as
 //! JSON), `quantizer_step`, `quantizer_initialized`, `writer`.
 
 use super::{AdamW, Dataset, TrainConfig, Trainer, parameter_names};
 use crate::backend::Device;
+use crate::checkpoint::Checkpoint;
+use crate::checkpoint::tensors::{F32, TRAINING, TensorFile, TensorWriter, err};
 use crate::ema::EmaState;
 use crate::error::{Error, Result};
-use crate::matrix::Matrix;
 use crate::model::{Mlp, VqVae};
 use crate::quantizer::VectorQuantizer;
-use safetensors::SafeTensors;
-use safetensors::tensor::{Dtype, TensorView};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// The file name of a run's checkpoint inside its output directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
-const FORMAT: &str = "vqx-train";
-const VERSION: &str = "1";
-
-fn le32(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
 
 /// Writes the trainer's whole state to `path` atomically (brought from the device first when
 /// the step runs there).
 pub fn save_trainer(t: &mut Trainer, path: &Path) -> Result<()> {
     t.sync()?;
     let m = &t.model;
-    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut w = TensorWriter::new(&TRAINING);
     for (part, mlp) in [("encoder", &m.encoder), ("decoder", &m.decoder)] {
         for (name, shape, v) in mlp.tensors() {
-            owned.push((format!("{part}.{name}"), Dtype::F32, shape, le32(v)));
+            w.tensor(format!("{part}.{name}"), &shape, v)?;
         }
     }
     let q = &m.quantizer;
-    let (k, d) = (q.codebook().rows(), q.codebook().cols());
-    owned.push((
-        "quantizer.codebook".into(),
-        Dtype::F32,
-        vec![k, d],
-        le32(q.codebook().data()),
-    ));
-    if let Some(e) = q.ema() {
-        owned.push((
-            "quantizer.ema.cluster_size".into(),
-            Dtype::F32,
-            vec![k],
-            le32(e.cluster_size()),
-        ));
-        owned.push((
-            "quantizer.ema.embed_avg".into(),
-            Dtype::F32,
-            vec![k, d],
-            le32(e.embed_avg().data()),
-        ));
-    }
-    owned.push((
-        "quantizer.usage.total".into(),
-        Dtype::F64,
-        vec![k],
-        q.usage_total()
-            .iter()
-            .flat_map(|&c| (c as f64).to_le_bytes())
-            .collect(),
-    ));
+    q.to_checkpoint()?.put_tensors(&mut w, "quantizer.")?;
     for (i, (name, _, _)) in parameter_names(m).iter().enumerate() {
-        let n = t.optimizer.m[i].len();
-        owned.push((
-            format!("adam.m.{name}"),
-            Dtype::F32,
-            vec![n],
-            le32(&t.optimizer.m[i]),
-        ));
-        owned.push((
-            format!("adam.v.{name}"),
-            Dtype::F32,
-            vec![n],
-            le32(&t.optimizer.v[i]),
-        ));
-    }
-    let mut views = Vec::with_capacity(owned.len());
-    for (name, dtype, shape, bytes) in &owned {
-        let v = TensorView::new(*dtype, shape.clone(), bytes)
-            .map_err(|e| Error::InvalidArgument(format!("checkpoint tensor {name}: {e}")))?;
-        views.push((name.as_str(), v));
+        for (moment, values) in [("m", &t.optimizer.m[i]), ("v", &t.optimizer.v[i])] {
+            w.tensor(format!("adam.{moment}.{name}"), &[values.len()], values)?;
+        }
     }
     let config = serde_json::to_string(&t.config)
-        .map_err(|e| Error::InvalidArgument(format!("cannot encode the configuration: {e}")))?;
-    let metadata = HashMap::from([
-        ("format".to_string(), FORMAT.to_string()),
-        ("version".to_string(), VERSION.to_string()),
-        ("step".to_string(), t.step.to_string()),
-        ("config".to_string(), config),
-        ("quantizer_step".to_string(), q.step().to_string()),
-        (
-            "quantizer_initialized".to_string(),
-            q.initialized().to_string(),
-        ),
-        (
-            "writer".to_string(),
-            format!("vqx {}", env!("CARGO_PKG_VERSION")),
-        ),
-    ]);
-    let bytes = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| Error::InvalidArgument(format!("checkpoint: cannot serialize: {e}")))?;
-    crate::atomic::write_atomic(path, &bytes)
+        .map_err(|e| Error::internal("encoding the training configuration as JSON", e))?;
+    w.meta("step", t.step);
+    w.meta("config", config);
+    w.meta("quantizer_step", q.step());
+    w.meta("quantizer_initialized", q.initialized());
+    w.write(path)
 }
 
-fn err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg: msg.into(),
+/// Tensor `name` of `shape`, f32 and finite.
+fn finite(file: &TensorFile, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let v = file.required(name, &F32, shape)?;
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(file.err(format!("`{name}` holds {} at {i}", v[i]))),
+        None => Ok(v),
     }
 }
 
-/// Tensors and metadata of a training checkpoint.
-struct Reader<'a> {
-    path: &'a Path,
-    st: SafeTensors<'a>,
-    meta: HashMap<String, String>,
+fn mlp_into(file: &TensorFile, part: &str, mlp: &mut Mlp) -> Result<()> {
+    let shapes: Vec<(String, Vec<usize>)> =
+        mlp.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
+    for ((name, shape), dst) in shapes.iter().zip(mlp.tensors_mut()) {
+        dst.copy_from_slice(&finite(file, &format!("{part}.{name}"), shape)?);
+    }
+    Ok(())
 }
 
-impl<'a> Reader<'a> {
-    fn new(path: &'a Path, bytes: &'a [u8]) -> Result<Self> {
-        let (_, meta) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| err(path, format!("not a valid safetensors file: {e}")))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| err(path, format!("not a valid safetensors file: {e}")))?;
-        match meta.get("format").map(String::as_str) {
-            Some(FORMAT) => {}
-            Some("vqx-checkpoint") => {
-                return Err(err(
-                    path,
-                    "is a quantizer checkpoint (vqx fit), not a training checkpoint (vqx train)",
-                ));
-            }
-            other => {
-                return Err(err(
-                    path,
-                    format!(
-                        "format metadata is {other:?}, not {FORMAT:?}: not a vqx train checkpoint"
-                    ),
-                ));
-            }
-        }
-        if meta.get("version").map(String::as_str) != Some(VERSION) {
-            return Err(err(
-                path,
-                format!(
-                    "training checkpoint version {:?}; this vqx reads {VERSION:?}",
-                    meta.get("version")
-                ),
-            ));
-        }
-        Ok(Reader { path, st, meta })
+/// The quantizer of a checkpoint, configured as `qcfg`: its tensors (`quantizer.` and the
+/// quantizer checkpoint's names) when it was initialised, a fresh one otherwise.
+fn quantizer(
+    file: &TensorFile,
+    qcfg: crate::quantizer::QuantizerConfig,
+) -> Result<VectorQuantizer> {
+    if !file.parse_meta::<bool>("quantizer_initialized", "true or false")? {
+        return VectorQuantizer::new(qcfg);
     }
-
-    fn meta<T: std::str::FromStr>(&self, key: &str) -> Result<T> {
-        let s = self
-            .meta
-            .get(key)
-            .ok_or_else(|| err(self.path, format!("no `{key}` metadata")))?;
-        s.trim().parse().map_err(|_| {
-            err(
-                self.path,
-                format!("metadata {key} = {s:?} cannot be parsed"),
-            )
-        })
+    let step = file.parse_meta("quantizer_step", "a non-negative integer")?;
+    // The configuration's shape first: the other tensors are checked against the codebook's.
+    let (k, d) = (qcfg.codebook_size, qcfg.dim);
+    let [rows, cols] = file.dims("quantizer.codebook", "K×D")?;
+    if (rows, cols) != (k, d) {
+        return Err(file.err(format!(
+            "`quantizer.codebook` is {rows}×{cols} but the configuration has codebook_size \
+             {k}, dim {d}; expected {k}×{d}"
+        )));
     }
-
-    fn has(&self, name: &str) -> bool {
-        self.st.tensor(name).is_ok()
-    }
-
-    /// The values of tensor `name`, which must have `shape` and dtype f32 (or f64 when `f64`).
-    fn values(&self, name: &str, shape: &[usize], f64: bool) -> Result<Vec<f64>> {
-        let v = self
-            .st
-            .tensor(name)
-            .map_err(|_| err(self.path, format!("no tensor `{name}`")))?;
-        if v.shape() != shape {
-            return Err(err(
-                self.path,
-                format!("`{name}` has shape {:?}, expected {shape:?}", v.shape()),
-            ));
-        }
-        let want = if f64 { Dtype::F64 } else { Dtype::F32 };
-        if v.dtype() != want {
-            return Err(err(
-                self.path,
-                format!("`{name}` is {:?}, expected {want:?}", v.dtype()),
-            ));
-        }
-        Ok(if f64 {
-            v.data()
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect()
-        } else {
-            v.data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64)
-                .collect()
-        })
-    }
-
-    fn f32s(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let v = self.values(name, shape, false)?;
-        let out: Vec<f32> = v.into_iter().map(|x| x as f32).collect();
-        if let Some(i) = out.iter().position(|x| !x.is_finite()) {
-            return Err(err(self.path, format!("`{name}` holds {} at {i}", out[i])));
-        }
-        Ok(out)
-    }
-
-    fn mlp_into(&self, part: &str, mlp: &mut Mlp) -> Result<()> {
-        let shapes: Vec<(String, Vec<usize>)> =
-            mlp.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
-        for ((name, shape), dst) in shapes.iter().zip(mlp.tensors_mut()) {
-            dst.copy_from_slice(&self.f32s(&format!("{part}.{name}"), shape)?);
-        }
-        Ok(())
-    }
+    let c = Checkpoint::read_tensors(file, "quantizer.")?;
+    let ema = match (c.cluster_size, c.embed_avg) {
+        (Some(n), Some(m)) => Some(EmaState::from_parts(n, m)?),
+        _ => None,
+    };
+    let usage = c
+        .usage_total
+        .ok_or_else(|| file.missing("quantizer.usage.total"))?
+        .into_iter()
+        .map(|c| c.max(0.0) as u64)
+        .collect();
+    VectorQuantizer::from_state(qcfg, c.codebook, ema, step, Some(usage))
 }
 
 /// A checkpoint's configuration, step, model and optimiser, with the quantizer on `device`.
 pub(crate) fn read(path: &Path, device: Device) -> Result<(TrainConfig, u64, VqVae, AdamW)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let r = Reader::new(path, &bytes)?;
+    let file = TensorFile::read(path)?;
+    file.check_layout(&TRAINING)?;
     let config: TrainConfig = serde_json::from_str(
-        r.meta
-            .get("config")
-            .ok_or_else(|| err(path, "no `config` metadata"))?,
+        file.meta("config")
+            .ok_or_else(|| file.err("no `config` metadata"))?,
     )
     .map_err(|e| {
-        err(
-            path,
-            format!("config metadata is not a vqx training configuration: {e}"),
-        )
+        file.err(format!(
+            "config metadata is not a vqx training configuration: {e}"
+        ))
     })?;
     config
         .validate()
-        .map_err(|e| err(path, format!("stored configuration: {e}")))?;
-    let step: u64 = r.meta("step")?;
-    let qstep: u64 = r.meta("quantizer_step")?;
-    let initialized: bool = r.meta("quantizer_initialized")?;
+        .map_err(|e| file.err(format!("stored configuration: {e}")))?;
+    let step: u64 = file.parse_meta("step", "a non-negative integer")?;
     let qcfg = config.quantizer.clone().device(device);
     let fresh = VqVae::new(config.model.clone(), qcfg.clone())?;
     let (mut encoder, mut decoder) = (fresh.encoder, fresh.decoder);
-    r.mlp_into("encoder", &mut encoder)?;
-    r.mlp_into("decoder", &mut decoder)?;
-    let (k, d) = (qcfg.codebook_size, qcfg.dim);
-    let quantizer = if initialized {
-        let codebook = Matrix::new(r.f32s("quantizer.codebook", &[k, d])?, k, d)?;
-        let ema = if r.has("quantizer.ema.cluster_size") {
-            Some(EmaState::from_parts(
-                r.f32s("quantizer.ema.cluster_size", &[k])?,
-                Matrix::new(r.f32s("quantizer.ema.embed_avg", &[k, d])?, k, d)?,
-            )?)
-        } else {
-            None
-        };
-        let usage = r
-            .values("quantizer.usage.total", &[k], true)?
-            .into_iter()
-            .map(|c| c.max(0.0) as u64)
-            .collect();
-        VectorQuantizer::from_state(qcfg, codebook, ema, qstep, Some(usage))?
-    } else {
-        VectorQuantizer::new(qcfg)?
-    };
+    mlp_into(&file, "encoder", &mut encoder)?;
+    mlp_into(&file, "decoder", &mut decoder)?;
+    let quantizer = quantizer(&file, qcfg)?;
     let model = VqVae::from_parts(config.model.clone(), encoder, decoder, quantizer)?;
     let names = parameter_names(&model);
     let mut opt = AdamW::new(config.adam, &names.iter().map(|n| n.1).collect::<Vec<_>>());
     for (i, (name, len, _)) in names.iter().enumerate() {
-        opt.m[i] = r.f32s(&format!("adam.m.{name}"), &[*len])?;
-        opt.v[i] = r.f32s(&format!("adam.v.{name}"), &[*len])?;
+        opt.m[i] = finite(&file, &format!("adam.m.{name}"), &[*len])?;
+        opt.v[i] = finite(&file, &format!("adam.v.{name}"), &[*len])?;
     }
     Ok((config, step, model, opt))
 }
-
 /// Resumes a run from its checkpoint: reloads (or regenerates) its data and restores every
 /// tensor, the step and the quantizer state.
 pub fn load_trainer(path: &Path, device: Device) -> Result<Trainer> {
