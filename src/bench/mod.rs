@@ -25,6 +25,15 @@
 //! # Ok::<(), vqx::Error>(())
 //! ```
 
+mod date;
+pub mod floors;
+mod render;
+
+pub use date::{format_utc, utc_now};
+pub use floors::{
+    CPU_F32_GFLOPS_PER_2_THREADS, Floors, H100_F32_SIMT_TFLOPS, H100_HBM_TBS, H200_HBM_TBS,
+};
+
 use crate::backend::{Backend, Device, PrimitiveTimes, Transfers};
 use crate::ema::SumMode;
 use crate::error::Result;
@@ -32,8 +41,6 @@ use crate::matrix::Matrix;
 use crate::nearest::Metric;
 use rayon::prelude::*;
 use serde::Serialize;
-use std::fmt::Write as _;
-use std::time::Instant;
 
 /// One benchmark problem: N rows of width D against K codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -70,15 +77,6 @@ pub const DEFAULT_SHAPES: [BenchShape; 4] = [
 /// On the CPU, N is capped so one nearest call is at most this many flops (2·N·K·D), which
 /// keeps each shape to a few seconds on a small machine.
 pub const CPU_FLOP_CAP: f64 = 2e10;
-
-/// SPEC §8: an f32 GEMM (4096×4096×256) on 2 threads of this Zen 4 machine, ~180–190 GFLOP/s.
-pub const CPU_F32_GFLOPS_PER_2_THREADS: f64 = 185.0;
-/// H100 SXM datasheet: f32 on the SIMT cores (no tensor cores), TFLOP/s.
-pub const H100_F32_SIMT_TFLOPS: f64 = 67.0;
-/// H100 SXM datasheet HBM3 bandwidth, TB/s.
-pub const H100_HBM_TBS: f64 = 3.35;
-/// H200 datasheet HBM3e bandwidth, TB/s (same compute as the H100).
-pub const H200_HBM_TBS: f64 = 4.8;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -117,17 +115,6 @@ pub struct Machine {
     pub rayon_threads: usize,
     pub gpu: Option<String>,
     pub compute_capability: Option<(i32, i32)>,
-}
-
-/// The ceilings the fractions are taken against.
-#[derive(Clone, Debug, Serialize)]
-pub struct Floors {
-    /// f32 compute ceiling for nearest, GFLOP/s.
-    pub compute_gflops: f64,
-    pub compute_source: String,
-    /// Memory bandwidth ceiling for the other primitives, GB/s (read + write bytes).
-    pub bandwidth_gbs: f64,
-    pub bandwidth_source: String,
 }
 
 /// One primitive's numbers.
@@ -197,15 +184,15 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
     let machine = Machine {
         os: std::env::consts::OS,
         arch: std::env::consts::ARCH,
-        cpu_model: cpu_model(),
+        cpu_model: floors::cpu_model(),
         rayon_threads: rayon::current_num_threads(),
         gpu: status.as_ref().and_then(|s| s.device_name.clone()),
         compute_capability: status.as_ref().and_then(|s| s.compute_capability),
     };
     let floors = if cuda {
-        gpu_floors(machine.gpu.as_deref())
+        floors::gpu_floors(machine.gpu.as_deref())
     } else {
-        cpu_floors(machine.rayon_threads)
+        floors::cpu_floors(machine.rayon_threads)
     };
     let mut results = Vec::with_capacity(cfg.shapes.len());
     if let Some((x, codebook)) = &cfg.data {
@@ -397,70 +384,6 @@ fn primitive_results(s: BenchShape, t: &PrimitiveTimes, floors: &Floors) -> Vec<
     ]
 }
 
-fn cpu_floors(threads: usize) -> Floors {
-    let bw = measure_copy_bandwidth();
-    let (compute, compute_source) = match fma_peak::measure() {
-        Some((gflops, isa)) => (
-            gflops,
-            format!(
-                "peak f32 {isa} FMA throughput on {threads} threads, measured at start (SPEC §8's \
-                 ~{CPU_F32_GFLOPS_PER_2_THREADS} GFLOP/s is an AVX2 GEMM on 2 threads)"
-            ),
-        ),
-        None => (
-            CPU_F32_GFLOPS_PER_2_THREADS * threads as f64 / 2.0,
-            format!(
-                "SPEC §8: f32 GEMM ~{CPU_F32_GFLOPS_PER_2_THREADS} GFLOP/s on 2 threads, scaled \
-                 to {threads} threads"
-            ),
-        ),
-    };
-    Floors {
-        compute_gflops: compute,
-        compute_source,
-        bandwidth_gbs: bw,
-        bandwidth_source: format!(
-            "parallel memcpy of 256 MiB on {threads} threads, bytes read + written, measured at \
-             start; working sets that fit in cache can beat it"
-        ),
-    }
-}
-
-fn gpu_floors(name: Option<&str>) -> Floors {
-    let h200 = name.is_some_and(|n| n.contains("H200"));
-    let (bw, which) = if h200 {
-        (H200_HBM_TBS, "H200 HBM3e")
-    } else {
-        (H100_HBM_TBS, "H100 SXM HBM3")
-    };
-    Floors {
-        compute_gflops: H100_F32_SIMT_TFLOPS * 1e3,
-        compute_source: format!(
-            "H100/H200 datasheet: {H100_F32_SIMT_TFLOPS} TFLOP/s f32 SIMT (no tensor cores)"
-        ),
-        bandwidth_gbs: bw * 1e3,
-        bandwidth_source: format!("{which} datasheet: {bw} TB/s"),
-    }
-}
-
-/// Read + write bandwidth of a parallel memcpy, GB/s (best of a few runs).
-fn measure_copy_bandwidth() -> f64 {
-    const LEN: usize = 32 << 20; // 32 Mi u64 = 256 MiB
-    let src: Vec<u64> = (0..LEN as u64).into_par_iter().collect();
-    let mut dst = vec![0u64; LEN];
-    let chunk = (LEN / rayon::current_num_threads().max(1)).max(1 << 16);
-    let mut best = f64::INFINITY;
-    for _ in 0..4 {
-        let t = Instant::now();
-        dst.par_chunks_mut(chunk)
-            .zip(src.par_chunks(chunk))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    std::hint::black_box(&dst);
-    2.0 * (LEN * 8) as f64 / best / 1e9
-}
-
 /// Uniform values in [-1, 1), reproducible from `seed` whatever the thread count.
 ///
 /// A splitmix64 stream per row rather than the `rand` crate: `rand` is only a dev-dependency,
@@ -487,140 +410,9 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn cpu_model() -> Option<String> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    info.lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string())
-}
-
-/// Now, UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format_utc(secs)
-}
-
-/// Seconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian calendar).
-pub fn format_utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Days since 1970-01-01 to a civil date, counting in 400-year eras from 0000-03-01.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-impl BenchReport {
-    /// The report as an aligned text table.
-    pub fn render_text(&self) -> String {
-        let mut s = String::new();
-        let m = &self.machine;
-        let _ = writeln!(
-            s,
-            "vqx {} bench, {} ({} metric, median of {} runs, seed {:#x})",
-            self.vqx_version, self.date, self.metric, self.reps, self.seed
-        );
-        let _ = writeln!(s, "backend: {}", self.backend_description);
-        let _ = writeln!(
-            s,
-            "machine: {} {}, {}, {} rayon threads{}",
-            m.os,
-            m.arch,
-            m.cpu_model.as_deref().unwrap_or("unknown CPU"),
-            m.rayon_threads,
-            match (&m.gpu, m.compute_capability) {
-                (Some(g), Some((a, b))) => format!(", GPU {g} (sm_{a}{b})"),
-                (Some(g), None) => format!(", GPU {g}"),
-                _ => String::new(),
-            }
-        );
-        let f = &self.floors;
-        let _ = writeln!(
-            s,
-            "floors: nearest {:.0} GFLOP/s ({}); memory {:.1} GB/s ({})",
-            f.compute_gflops, f.compute_source, f.bandwidth_gbs, f.bandwidth_source
-        );
-        for r in &self.results {
-            let sh = r.shape;
-            let _ = writeln!(s);
-            let _ = write!(s, "N={} D={} K={}", sh.n, sh.dim, sh.codes);
-            if r.scaled {
-                let _ = write!(
-                    s,
-                    "  (N scaled down from {} for the CPU: 2·N·K·D ≤ {:.0e} flops)",
-                    r.requested.n, CPU_FLOP_CAP
-                );
-            }
-            let _ = writeln!(s, "  [{}]", r.timed_with);
-            let _ = writeln!(
-                s,
-                "  {:<24} {:>10} {:>12} {:>15} {:>10} {:>9}",
-                "primitive", "ms", "vectors/s", "rate", "floor ms", "of floor"
-            );
-            for p in &r.primitives {
-                let rate = match (p.gflops, p.gbs) {
-                    (Some(g), _) => format!("{g:.1} GFLOP/s"),
-                    (None, Some(b)) => format!("{b:.1} GB/s"),
-                    _ => String::new(),
-                };
-                let _ = writeln!(
-                    s,
-                    "  {:<24} {:>10.3} {:>12.3e} {:>15} {:>10.3} {:>8.1}%",
-                    p.name,
-                    p.ms,
-                    p.vectors_per_s,
-                    rate,
-                    p.floor_ms,
-                    100.0 * p.floor_fraction
-                );
-            }
-            if let (Some(ms), Some(rc)) = (r.nearest_end_to_end_ms, r.rechecked_rows) {
-                let _ = writeln!(
-                    s,
-                    "  nearest end to end (upload, kernel, download, recheck): {ms:.3} ms, \
-                     {rc} of {} rows rechecked ({:.2}%)",
-                    sh.n,
-                    100.0 * rc as f64 / sh.n.max(1) as f64
-                );
-            }
-            if let Some(t) = &r.transfers {
-                let per: Vec<String> = t
-                    .iter()
-                    .map(|(name, t)| format!("{name} {} in / {} out", t.h2d_bytes, t.d2h_bytes))
-                    .collect();
-                let _ = writeln!(s, "  bytes per call (host ↔ device): {}", per.join("; "));
-            }
-        }
-        s
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(format_utc(1_709_251_199), "2024-02-29T23:59:59Z");
-    }
 
     #[test]
     fn cpu_scaling_caps_flops() {
@@ -641,89 +433,5 @@ mod tests {
         assert_eq!(a, random_matrix(100, 7, 3));
         assert!(a.data().iter().all(|v| (-1.0..1.0).contains(v)));
         assert_ne!(a, random_matrix(100, 7, 4));
-    }
-}
-
-/// The CPU's peak f32 FMA rate: the true compute floor of `nearest`, which is FMA-bound.
-mod fma_peak {
-    use std::time::Instant;
-
-    /// Rounds of the FMA loop per timing (each round: ACC FMAs of a full vector per thread).
-    const ROUNDS: usize = 1 << 22;
-    /// Independent accumulators: more than FMA latency × FMA ports, so the pipes never wait.
-    const ACC: usize = 24;
-
-    /// (GFLOP/s on all rayon threads, instruction set), best of three; None off x86-64 or
-    /// without FMA.
-    pub fn measure() -> Option<(f64, &'static str)> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let (lanes, isa, f): (usize, &'static str, fn(usize) -> f32) =
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F (checked just above).
-                    (16, "AVX-512", |r| unsafe { x86::loop_avx512(r) })
-                } else if is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx") {
-                    // SAFETY: the CPU has AVX and FMA (checked just above).
-                    (8, "AVX2", |r| unsafe { x86::loop_avx2(r) })
-                } else {
-                    return None;
-                };
-            let threads = rayon::current_num_threads();
-            let mut best = 0f64;
-            for _ in 0..3 {
-                let t = Instant::now();
-                let sink: f32 = rayon::broadcast(|_| f(ROUNDS)).into_iter().sum();
-                let secs = t.elapsed().as_secs_f64();
-                std::hint::black_box(sink);
-                let flops = 2.0 * (ROUNDS * ACC * lanes * threads) as f64;
-                best = best.max(flops / secs / 1e9);
-            }
-            Some((best, isa))
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        None
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        use super::ACC;
-        use std::arch::x86_64::*;
-
-        #[target_feature(enable = "avx512f")]
-        pub unsafe fn loop_avx512(rounds: usize) -> f32 {
-            let a = _mm512_set1_ps(0.999_999);
-            let b = _mm512_set1_ps(1e-7);
-            let mut acc = [_mm512_set1_ps(1.0); ACC];
-            for _ in 0..rounds {
-                for v in acc.iter_mut() {
-                    *v = _mm512_fmadd_ps(*v, a, b);
-                }
-            }
-            let mut s = _mm512_setzero_ps();
-            for v in acc {
-                s = _mm512_add_ps(s, v);
-            }
-            _mm512_reduce_add_ps(s)
-        }
-
-        #[target_feature(enable = "avx,fma")]
-        pub unsafe fn loop_avx2(rounds: usize) -> f32 {
-            let a = _mm256_set1_ps(0.999_999);
-            let b = _mm256_set1_ps(1e-7);
-            let mut acc = [_mm256_set1_ps(1.0); ACC];
-            for _ in 0..rounds {
-                for v in acc.iter_mut() {
-                    *v = _mm256_fmadd_ps(*v, a, b);
-                }
-            }
-            let mut s = _mm256_setzero_ps();
-            for v in acc {
-                s = _mm256_add_ps(s, v);
-            }
-            let mut out = [0f32; 8];
-            // SAFETY: `out` has room for the 8 floats stored.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
-            out.iter().sum()
-        }
     }
 }
