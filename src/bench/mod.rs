@@ -5,11 +5,12 @@
 //! - for `nearest`: GFLOP/s counting 2·N·K·D flops, against the f32 compute ceiling;
 //! - for the others: GB/s counting the bytes that must move at least once (gather: N·D·4 read
 //!   plus N·D·4 written plus N·4 of indices; code sums: N·D·4 + N·4 + K·D·4; usage: N·4),
-//!   against the memory bandwidth.
+//!   against the memory bandwidth (on the CPU, at the primitive's working-set size).
 //!
-//! CPU ceilings: SPEC §8's ~185 GFLOP/s for an f32 GEMM on 2 threads, scaled by threads/2, and
-//! a memcpy bandwidth measured when the report starts. CUDA ceilings: the H100 SXM datasheet,
-//! 67 TFLOP/s f32 SIMT (33 ms for N=1M, D=256, K=4096) and 3.35 TB/s HBM3 (4.8 TB/s on an H200).
+//! CPU ceilings, measured when the report starts ([`floors`] says how): the peak f32 FMA rate
+//! of the instruction set the `nearest` kernel runs (AVX-512 or AVX2) on the same threads, and
+//! a memcpy bandwidth. CUDA ceilings: the H100 SXM datasheet, 67 TFLOP/s f32 SIMT (33 ms for
+//! N=1M, D=256, K=4096) and 3.35 TB/s HBM3 (4.8 TB/s on an H200).
 //!
 //! ```
 //! use vqx::bench::{run, BenchConfig, BenchShape};
@@ -34,7 +35,7 @@ pub use floors::{
     CPU_F32_GFLOPS_PER_2_THREADS, Floors, H100_F32_SIMT_TFLOPS, H100_HBM_TBS, H200_HBM_TBS,
 };
 
-use crate::backend::{Backend, Device, PrimitiveTimes, Transfers};
+use crate::backend::{Backend, Hardware, PrimitiveTimes, Transfers};
 use crate::ema::SumMode;
 use crate::error::Result;
 use crate::matrix::Matrix;
@@ -85,7 +86,8 @@ pub struct BenchConfig {
     pub metric: Metric,
     /// Timed runs per primitive, after one warm-up; the median is reported.
     pub reps: usize,
-    /// Cap N on the CPU so 2·N·K·D ≤ [`CPU_FLOP_CAP`] (the report says when it did).
+    /// Cap N on the CPU so 2·N·K·D ≤ [`CPU_FLOP_CAP`], and lower on the emulated device (the
+    /// report says when it did).
     pub scale_for_cpu: bool,
     /// Seed of the random inputs.
     pub seed: u64,
@@ -141,6 +143,9 @@ pub struct ShapeResult {
     /// The shape run (N smaller than asked when scaled for the CPU).
     pub shape: BenchShape,
     pub scaled: bool,
+    /// When scaled: the flops per nearest call N was capped to (2·N·K·D ≤ this).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flop_cap: Option<f64>,
     pub timed_with: &'static str,
     pub primitives: Vec<PrimitiveResult>,
     /// CUDA only: median wall-clock ms of the whole `nearest` call (upload, kernel, download,
@@ -175,12 +180,8 @@ pub struct BenchReport {
 
 /// Runs the benchmark of `cfg` on `backend`.
 pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
-    let cuda = backend.device() == Device::Cuda;
-    let status = if cuda {
-        Some(crate::backend::cuda::status())
-    } else {
-        None
-    };
+    let hardware = backend.hardware();
+    let status = (hardware == Hardware::Gpu).then(crate::backend::cuda::status);
     let machine = Machine {
         os: std::env::consts::OS,
         arch: std::env::consts::ARCH,
@@ -189,61 +190,37 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
         gpu: status.as_ref().and_then(|s| s.device_name.clone()),
         compute_capability: status.as_ref().and_then(|s| s.compute_capability),
     };
-    let floors = if cuda {
-        floors::gpu_floors(machine.gpu.as_deref())
-    } else {
-        floors::cpu_floors(machine.rayon_threads)
+    let floors = floors::floors_for(hardware, machine.gpu.as_deref(), machine.rayon_threads);
+    let results = match &cfg.data {
+        Some((x, codebook)) => {
+            let shape = BenchShape {
+                n: x.rows(),
+                dim: x.cols(),
+                codes: codebook.rows(),
+            };
+            vec![time_shape(backend, shape, None, x, codebook, cfg, &floors)?]
+        }
+        None => {
+            let cap = match hardware {
+                Hardware::Cpu(_) => Some(CPU_FLOP_CAP),
+                Hardware::Emulated => Some(EMU_FLOP_CAP),
+                Hardware::Gpu => None,
+            }
+            .filter(|_| cfg.scale_for_cpu);
+            let mut results = Vec::with_capacity(cfg.shapes.len());
+            for (i, &requested) in cfg.shapes.iter().enumerate() {
+                let shape = cap.map_or(requested, |flops| scale_to(requested, flops));
+                let cap = cap.filter(|_| shape != requested);
+                let seed = cfg.seed.wrapping_add(i as u64 * 0x9e37_79b9_7f4a_7c15);
+                let x = random_matrix(shape.n, shape.dim, seed);
+                let codebook = random_matrix(shape.codes, shape.dim, seed ^ 0xc0de_b00c);
+                results.push(time_shape(
+                    backend, requested, cap, &x, &codebook, cfg, &floors,
+                )?);
+            }
+            results
+        }
     };
-    let mut results = Vec::with_capacity(cfg.shapes.len());
-    if let Some((x, codebook)) = &cfg.data {
-        let shape = BenchShape {
-            n: x.rows(),
-            dim: x.cols(),
-            codes: codebook.rows(),
-        };
-        let times = backend.time_primitives(x.as_ref(), codebook.as_ref(), cfg.metric, cfg.reps)?;
-        let (e2e, rechecked) = end_to_end(backend, x, codebook, cfg)?;
-        results.push(ShapeResult {
-            requested: shape,
-            shape,
-            scaled: false,
-            timed_with: times.timed_with,
-            primitives: primitive_results(shape, &times, &floors),
-            nearest_end_to_end_ms: e2e,
-            rechecked_rows: rechecked,
-            transfers: transfers_per_call(backend, x, codebook, cfg)?,
-        });
-    }
-    let shapes = if cfg.data.is_some() {
-        &[][..]
-    } else {
-        &cfg.shapes[..]
-    };
-    for (i, &requested) in shapes.iter().enumerate() {
-        let shape = if backend.device() == Device::CudaEmu && cfg.scale_for_cpu {
-            scale_to(requested, EMU_FLOP_CAP)
-        } else if !cuda && cfg.scale_for_cpu {
-            scale_for_cpu(requested)
-        } else {
-            requested
-        };
-        let scaled = shape != requested;
-        let seed = cfg.seed.wrapping_add(i as u64 * 0x9e37_79b9_7f4a_7c15);
-        let x = random_matrix(shape.n, shape.dim, seed);
-        let codebook = random_matrix(shape.codes, shape.dim, seed ^ 0xc0de_b00c);
-        let times = backend.time_primitives(x.as_ref(), codebook.as_ref(), cfg.metric, cfg.reps)?;
-        let (e2e, rechecked) = end_to_end(backend, &x, &codebook, cfg)?;
-        results.push(ShapeResult {
-            requested,
-            shape,
-            scaled,
-            timed_with: times.timed_with,
-            primitives: primitive_results(shape, &times, &floors),
-            nearest_end_to_end_ms: e2e,
-            rechecked_rows: rechecked,
-            transfers: transfers_per_call(backend, &x, &codebook, cfg)?,
-        });
-    }
     Ok(BenchReport {
         vqx_version: env!("CARGO_PKG_VERSION"),
         date: utc_now(),
@@ -258,6 +235,37 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
     })
 }
 
+/// Times every primitive on `x` against `codebook` (`requested`: the shape asked for;
+/// `flop_cap`: the cap that scaled N down from it, if one did).
+fn time_shape(
+    backend: &dyn Backend,
+    requested: BenchShape,
+    flop_cap: Option<f64>,
+    x: &Matrix,
+    codebook: &Matrix,
+    cfg: &BenchConfig,
+    floors: &Floors,
+) -> Result<ShapeResult> {
+    let shape = BenchShape {
+        n: x.rows(),
+        dim: x.cols(),
+        codes: codebook.rows(),
+    };
+    let times = backend.time_primitives(x.as_ref(), codebook.as_ref(), cfg.metric, cfg.reps)?;
+    let (e2e, rechecked) = end_to_end(backend, x, codebook, cfg)?;
+    Ok(ShapeResult {
+        requested,
+        shape,
+        scaled: flop_cap.is_some(),
+        flop_cap,
+        timed_with: times.timed_with,
+        primitives: primitive_results(shape, &times, floors),
+        nearest_end_to_end_ms: e2e,
+        rechecked_rows: rechecked,
+        transfers: transfers_per_call(backend, x, codebook, cfg)?,
+    })
+}
+
 /// On CUDA: the whole `nearest` call timed with a wall clock (median of `cfg.reps` after a
 /// warm-up) and the rows it rechecked; `None` elsewhere (the CPU's `nearest` time already is
 /// the whole call).
@@ -267,7 +275,7 @@ fn end_to_end(
     codebook: &Matrix,
     cfg: &BenchConfig,
 ) -> Result<(Option<f64>, Option<usize>)> {
-    if backend.device() == Device::Cpu {
+    if matches!(backend.hardware(), Hardware::Cpu(_)) {
         return Ok((None, None));
     }
     let a = backend.nearest(x.as_ref(), codebook.as_ref(), cfg.metric)?;
@@ -287,7 +295,7 @@ fn transfers_per_call(
     codebook: &Matrix,
     cfg: &BenchConfig,
 ) -> Result<Option<Vec<(String, Transfers)>>> {
-    if backend.device() == Device::Cpu {
+    if matches!(backend.hardware(), Hardware::Cpu(_)) {
         return Ok(None);
     }
     let k = codebook.rows();
@@ -347,40 +355,48 @@ fn primitive_results(s: BenchShape, t: &PrimitiveTimes, floors: &Floors) -> Vec<
     let gather_bytes = 2.0 * n * d * 4.0 + n * 4.0;
     let sums_bytes = n * d * 4.0 + n * 4.0 + k * d * 4.0;
     let usage_bytes = n * 4.0;
-    let compute = |name, secs: f64| {
-        let floor_s = flops / (floors.compute_gflops * 1e9);
-        PrimitiveResult {
+    // A memcpy of `bytes`: half read, half written, in f32.
+    let halves = |bytes: f64| (bytes / 8.0) as usize;
+    let sums_floor = floors.memory_secs(sums_bytes, halves(sums_bytes), halves(sums_bytes));
+    let result =
+        |name, secs: f64, floor_s: f64, rate: (Option<f64>, Option<f64>)| PrimitiveResult {
             name,
             ms: secs * 1e3,
             vectors_per_s: n / secs,
-            gflops: Some(flops / secs / 1e9),
-            gbs: None,
+            gflops: rate.0,
+            gbs: rate.1,
             floor_fraction: floor_s / secs,
             floor_ms: floor_s * 1e3,
-        }
-    };
-    let memory = |name, secs: f64, bytes: f64| {
-        let floor_s = bytes / (floors.bandwidth_gbs * 1e9);
-        PrimitiveResult {
-            name,
-            ms: secs * 1e3,
-            vectors_per_s: n / secs,
-            gflops: None,
-            gbs: Some(bytes / secs / 1e9),
-            floor_fraction: floor_s / secs,
-            floor_ms: floor_s * 1e3,
-        }
+        };
+    let memory = |name, secs: f64, bytes: f64, floor_s| {
+        result(name, secs, floor_s, (None, Some(bytes / secs / 1e9)))
     };
     vec![
-        compute("nearest", t.nearest),
-        memory("gather", t.gather, gather_bytes),
-        memory("code_sums", t.code_sums, sums_bytes),
+        result(
+            "nearest",
+            t.nearest,
+            flops / (floors.compute_gflops * 1e9),
+            (Some(flops / t.nearest / 1e9), None),
+        ),
+        memory(
+            "gather",
+            t.gather,
+            gather_bytes,
+            floors.memory_secs(gather_bytes, s.codes * s.dim, s.n * s.dim),
+        ),
+        memory("code_sums", t.code_sums, sums_bytes, sums_floor),
         memory(
             "code_sums_deterministic",
             t.code_sums_deterministic,
             sums_bytes,
+            sums_floor,
         ),
-        memory("usage", t.usage, usage_bytes),
+        memory(
+            "usage",
+            t.usage,
+            usage_bytes,
+            floors.memory_secs(usage_bytes, halves(usage_bytes), halves(usage_bytes)),
+        ),
     ]
 }
 

@@ -1,6 +1,6 @@
 //! The text table of `vqx bench`.
 
-use super::{BenchReport, CPU_FLOP_CAP};
+use super::BenchReport;
 use std::fmt::Write as _;
 
 impl BenchReport {
@@ -37,11 +37,11 @@ impl BenchReport {
             let sh = r.shape;
             let _ = writeln!(s);
             let _ = write!(s, "N={} D={} K={}", sh.n, sh.dim, sh.codes);
-            if r.scaled {
+            if let Some(cap) = r.flop_cap {
                 let _ = write!(
                     s,
-                    "  (N scaled down from {} for the CPU: 2·N·K·D ≤ {:.0e} flops)",
-                    r.requested.n, CPU_FLOP_CAP
+                    "  (N scaled down from {} for the {} backend: 2·N·K·D ≤ {cap:.0e} flops)",
+                    r.requested.n, self.backend
                 );
             }
             let _ = writeln!(s, "  [{}]", r.timed_with);
