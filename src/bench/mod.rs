@@ -40,6 +40,8 @@ use crate::ema::SumMode;
 use crate::error::Result;
 use crate::matrix::Matrix;
 use crate::nearest::Metric;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -402,28 +404,23 @@ fn primitive_results(s: BenchShape, t: &PrimitiveTimes, floors: &Floors) -> Vec<
 
 /// Uniform values in [-1, 1), reproducible from `seed` whatever the thread count.
 ///
-/// A splitmix64 stream per row rather than the `rand` crate: `rand` is only a dev-dependency,
-/// and benchmark inputs need reproducibility and speed, not statistical quality.
+/// The crate's one RNG (ChaCha8, as the quantizer and the models use): the matrix is the first
+/// rows·cols draws of the stream seeded by `seed`, filled in parallel by seeking each chunk to
+/// its word position.
 pub fn random_matrix(rows: usize, cols: usize, seed: u64) -> Matrix {
+    const CHUNK: usize = 1 << 14;
     let mut data = vec![0f32; rows * cols];
-    if cols > 0 {
-        data.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
-            let mut state = seed ^ (r as u64).wrapping_mul(0xd1b5_4a32_d192_ed03);
-            for v in row {
-                let bits = splitmix64(&mut state) >> 40; // 24 random bits
-                *v = bits as f32 * (2.0 / 16_777_216.0) - 1.0;
+    data.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            // One 32-bit word per f32 draw.
+            rng.set_word_pos((i * CHUNK) as u128);
+            for v in chunk {
+                *v = rng.r#gen::<f32>() * 2.0 - 1.0;
             }
         });
-    }
     Matrix::new(data, rows, cols).expect("length is rows * cols")
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -449,5 +446,15 @@ mod tests {
         assert_eq!(a, random_matrix(100, 7, 3));
         assert!(a.data().iter().all(|v| (-1.0..1.0).contains(v)));
         assert_ne!(a, random_matrix(100, 7, 4));
+    }
+
+    #[test]
+    fn random_is_one_chacha_stream_across_chunks() {
+        let a = random_matrix(3, 20_000, 9); // 60,000 draws: several parallel chunks
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let b: Vec<f32> = (0..60_000)
+            .map(|_| rng.r#gen::<f32>() * 2.0 - 1.0)
+            .collect();
+        assert_eq!(a.data(), &b[..]);
     }
 }
