@@ -250,7 +250,7 @@ pub fn fma_peak(simd: Simd, min_secs: f64) -> Option<f64> {
     let time = |rounds: usize| {
         let t = Instant::now();
         rayon::broadcast(|_| probe::run(simd, rounds));
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64().max(1e-9)
     };
     // Calibrate (and warm up): grow the rounds until a timing is long enough to scale from.
     let mut rounds = 1usize << 12;

@@ -194,14 +194,7 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
     };
     let floors = floors::floors_for(hardware, machine.gpu.as_deref(), machine.rayon_threads);
     let results = match &cfg.data {
-        Some((x, codebook)) => {
-            let shape = BenchShape {
-                n: x.rows(),
-                dim: x.cols(),
-                codes: codebook.rows(),
-            };
-            vec![time_shape(backend, shape, None, x, codebook, cfg, &floors)?]
-        }
+        Some((x, codebook)) => vec![time_shape(backend, None, None, x, codebook, cfg, &floors)?],
         None => {
             let cap = match hardware {
                 Hardware::Cpu(_) => Some(CPU_FLOP_CAP),
@@ -217,7 +210,13 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
                 let x = random_matrix(shape.n, shape.dim, seed);
                 let codebook = random_matrix(shape.codes, shape.dim, seed ^ 0xc0de_b00c);
                 results.push(time_shape(
-                    backend, requested, cap, &x, &codebook, cfg, &floors,
+                    backend,
+                    Some(requested),
+                    cap,
+                    &x,
+                    &codebook,
+                    cfg,
+                    &floors,
                 )?);
             }
             results
@@ -237,11 +236,11 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
     })
 }
 
-/// Times every primitive on `x` against `codebook` (`requested`: the shape asked for;
-/// `flop_cap`: the cap that scaled N down from it, if one did).
+/// Times every primitive on `x` against `codebook` (`requested`: the shape asked for, when it
+/// is not theirs; `flop_cap`: the cap that scaled N down from it, if one did).
 fn time_shape(
     backend: &dyn Backend,
-    requested: BenchShape,
+    requested: Option<BenchShape>,
     flop_cap: Option<f64>,
     x: &Matrix,
     codebook: &Matrix,
@@ -256,7 +255,7 @@ fn time_shape(
     let times = backend.time_primitives(x.as_ref(), codebook.as_ref(), cfg.metric, cfg.reps)?;
     let (e2e, rechecked) = end_to_end(backend, x, codebook, cfg)?;
     Ok(ShapeResult {
-        requested,
+        requested: requested.unwrap_or(shape),
         shape,
         scaled: flop_cap.is_some(),
         flop_cap,
