@@ -1,25 +1,14 @@
 //! Criterion benchmarks of the four primitives on every backend this machine has.
 //!
 //! `cargo bench --bench primitives` (add `-- nearest` to filter). Shapes are SPEC §7's, with N
-//! scaled down on the CPU so a sample takes well under a second; CUDA runs them at full size.
+//! scaled down on the CPU as `vqx bench` does (`vqx::bench::scale_for_cpu`); CUDA runs them at
+//! full size.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use vqx::backend::{Backend, CpuBackend, CudaBackend};
+use vqx::Metric;
+use vqx::backend::{Backend, CpuBackend, CudaBackend, Hardware};
+use vqx::bench::{DEFAULT_SHAPES, random_matrix, scale_for_cpu};
 use vqx::ema::SumMode;
-use vqx::{MatRef, Metric};
-
-// The tests' seeded data, written once.
-#[path = "../tests/common/mod.rs"]
-mod common;
-use common::uniform;
-
-/// (N, D, K) from SPEC §7, with N for the CPU.
-const SHAPES: [(usize, usize, usize, usize); 4] = [
-    (1_048_576, 256, 4096, 8192),
-    (262_144, 128, 4096, 16_384),
-    (65_536, 64, 1024, 65_536),
-    (262_144, 8, 16_384, 65_536),
-];
 
 fn backends() -> Vec<Box<dyn Backend>> {
     let mut v: Vec<Box<dyn Backend>> = vec![Box::new(CpuBackend::new())];
@@ -32,13 +21,13 @@ fn backends() -> Vec<Box<dyn Backend>> {
 
 fn bench(c: &mut Criterion) {
     for backend in backends() {
-        let cpu = backend.name() == "cpu";
-        for &(n_full, d, k, n_cpu) in &SHAPES {
-            let n = if cpu { n_cpu } else { n_full };
-            let x = uniform(n, d, 1);
-            let cb = uniform(k, d, 2);
-            let xm = MatRef::new(&x, n, d).unwrap();
-            let cm = MatRef::new(&cb, k, d).unwrap();
+        let cpu = matches!(backend.hardware(), Hardware::Cpu(_));
+        for full in DEFAULT_SHAPES {
+            let s = if cpu { scale_for_cpu(full) } else { full };
+            let (n, d, k) = (s.n, s.dim, s.codes);
+            let x = random_matrix(n, d, 1);
+            let cb = random_matrix(k, d, 2);
+            let (xm, cm) = (x.as_ref(), cb.as_ref());
             let shape = format!("{}/N{n}_D{d}_K{k}", backend.name());
             let idx = backend.nearest(xm, cm, Metric::L2).unwrap().indices;
 

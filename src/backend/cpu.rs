@@ -1,6 +1,6 @@
 //! The CPU backend: rayon threads over row blocks, the reference every kernel is tested against.
 
-use super::{Backend, Device};
+use super::{Backend, Device, Hardware};
 use crate::ema::{self, CodeSums, SumMode};
 use crate::error::Result;
 use crate::matrix::{MatRef, Matrix};
@@ -35,6 +35,9 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     fn device(&self) -> Device {
         Device::Cpu
+    }
+    fn hardware(&self) -> Hardware {
+        Hardware::Cpu(self.kernel.resolve())
     }
     fn describe(&self) -> String {
         let kernel = match self.kernel.resolve() {

@@ -14,6 +14,7 @@ pub use cuda::{CudaBackend, CudaStatus, EmuBackend};
 use crate::ema::{CodeSums, SumMode};
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
+use crate::nearest::cpu::CpuKernel;
 use crate::nearest::{Assignment, Metric, Precision};
 use std::fmt;
 use std::str::FromStr;
@@ -32,6 +33,15 @@ pub trait Backend: Send + Sync {
     }
     /// One line on what runs: threads, GPU name and compute capability.
     fn describe(&self) -> String;
+    /// What executes the kernels, for setting their times against its floors (`vqx bench`).
+    /// The default follows [`Backend::device`]; the CPU backend names its `nearest` kernel.
+    fn hardware(&self) -> Hardware {
+        match self.device() {
+            Device::Cuda => Hardware::Gpu,
+            Device::CudaEmu => Hardware::Emulated,
+            Device::Cpu | Device::Auto => Hardware::Cpu(CpuKernel::Auto.resolve()),
+        }
+    }
     /// Nearest code per row of `x` (SPEC §1). Never materialises the N×K distance matrix.
     fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment>;
     /// Codebook rows named by `indices`, as an N×D matrix.
@@ -79,6 +89,24 @@ pub trait Backend: Send + Sync {
             timed_with: "wall clock around host calls",
         })
     }
+}
+
+/// What executes a backend's kernels: what bounds their speed.
+///
+/// ```
+/// use vqx::backend::{Backend, CpuBackend, Hardware};
+/// use vqx::nearest::cpu::CpuKernel;
+/// let portable = CpuBackend::with_kernel(CpuKernel::Portable);
+/// assert_eq!(portable.hardware(), Hardware::Cpu(CpuKernel::Portable));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hardware {
+    /// The CPU's cores; `nearest` runs this kernel (as resolved for this CPU: never `Auto`).
+    Cpu(CpuKernel),
+    /// A CUDA GPU.
+    Gpu,
+    /// The emulated device: the CUDA kernels run on the CPU's cores.
+    Emulated,
 }
 
 /// Bytes copied host → device and device → host, as counted by the device layer.
