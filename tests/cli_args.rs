@@ -2,33 +2,16 @@
 //! value is refused with them, aliases and any case are taken, and a count of 0 is refused
 //! naming the flag — all before any file is read.
 
-use std::process::Command;
-
-/// Runs `vqx args…`: its exit status, stdout and stderr. (tests/common/cli.rs on the wt-tests
-/// branch has the shared runner; this file can take it once both are merged.)
-fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
-        .args(args)
-        .output()
-        .expect("run vqx");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (o.status.code(), text(&o.stdout), text(&o.stderr))
-}
+mod common;
+use common::cli::{expect_error, ok, vqx};
 
 fn help(args: &[&str]) -> String {
-    let (code, out, err) = run(args);
-    assert_eq!(code, Some(0), "{args:?}: {err}");
-    out
+    ok(&vqx(args)).0
 }
 
 /// Fails unless vqx exited with 1 and said `error: ...` with every needle.
 fn refused(args: &[&str], needles: &[&str]) {
-    let (code, _, err) = run(args);
-    assert_eq!(code, Some(1), "{args:?}: {err}");
-    assert!(err.starts_with("error: "), "{args:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: {n:?} not in: {err}");
-    }
+    expect_error(&vqx(args), needles);
 }
 
 #[test]
