@@ -351,26 +351,17 @@ impl Trainer {
             .backend()
             .transfers()
             .since(moved_before);
-        Ok(StepMetrics {
-            step: self.step,
-            lr,
-            loss: out.loss,
+        let out = device::DeviceStepOut {
             reconstruction: out.reconstruction,
             commitment: out.commitment,
-            codebook_loss: out.codebook,
+            codebook: out.codebook,
             grad_norm,
-            perplexity: out.stats.perplexity,
-            used: out.stats.used,
-            dead: out.stats.dead,
-            replaced: out.stats.replaced,
-            step_seconds: start.elapsed().as_secs_f64(),
+            stats: out.stats,
             quantizer_seconds: out.quantizer_seconds,
-            h2d_bytes: moved.h2d_bytes,
-            d2h_bytes: moved.d2h_bytes,
-        })
+        };
+        Ok(self.metrics(lr, out, start, moved))
     }
 
-    /// Reconstruction MSE on the held-out rows (on the training rows when none are held out).
     /// One step with everything on the device: the batch's row ids go up, scalars come back.
     fn device_step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
@@ -393,9 +384,21 @@ impl Trainer {
         self.stale = true;
         self.step += 1;
         let moved = engine.transfers().since(moved_before);
-        Ok(StepMetrics {
+        Ok(self.metrics(lr, out, start, moved))
+    }
+
+    /// The metrics of the step just taken, whichever engine took it.
+    fn metrics(
+        &self,
+        lr: f64,
+        out: device::DeviceStepOut,
+        start: Instant,
+        moved: crate::backend::Transfers,
+    ) -> StepMetrics {
+        StepMetrics {
             step: self.step,
             lr,
+            // The sum in the order `VqVae::forward_backward` forms its loss.
             loss: out.reconstruction + out.commitment + out.codebook,
             reconstruction: out.reconstruction,
             commitment: out.commitment,
@@ -409,9 +412,10 @@ impl Trainer {
             quantizer_seconds: out.quantizer_seconds,
             h2d_bytes: moved.h2d_bytes,
             d2h_bytes: moved.d2h_bytes,
-        })
+        }
     }
 
+    /// Reconstruction MSE on the held-out rows (on the training rows when none are held out).
     pub fn evaluate(&mut self) -> Result<f64> {
         self.sync()?;
         let x = if self.data.eval.rows() > 0 {
