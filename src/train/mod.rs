@@ -438,28 +438,27 @@ fn device_engine(
     use crate::backend::cuda::{CudaBackend, EmuBackend};
     let decay: Vec<bool> = parameter_names(model).iter().map(|p| p.2).collect();
     let (train, batch) = (&data.train, config.batch_size);
-    Ok(match config.quantizer.device {
-        Device::Cpu => None,
-        Device::CudaEmu => Some(Box::new(device::DeviceTrainer::new(
-            EmuBackend::new()?,
-            model,
-            optimizer,
-            train,
-            batch,
-            &decay,
-        )?)),
-        Device::Cuda => Some(Box::new(device::DeviceTrainer::new(
-            CudaBackend::new(0)?,
-            model,
-            optimizer,
-            train,
-            batch,
-            &decay,
-        )?)),
+    fn engine<G: crate::backend::cuda::Gpu + 'static>(
+        backend: Result<crate::backend::cuda::GpuBackend<G>>,
+        model: &VqVae,
+        optimizer: &AdamW,
+        train: &crate::Matrix,
+        batch: usize,
+        decay: &[bool],
+    ) -> Result<Box<dyn device::DeviceEngine>> {
+        let t = device::DeviceTrainer::new(backend?, model, optimizer, train, batch, decay)?;
+        Ok(Box::new(t))
+    }
+    let built = match config.quantizer.device {
+        Device::Cpu => return Ok(None),
+        Device::CudaEmu => engine(EmuBackend::new(), model, optimizer, train, batch, &decay),
+        Device::Cuda | Device::Auto => {
+            engine(CudaBackend::new(0), model, optimizer, train, batch, &decay)
+        }
+    };
+    match (built, config.quantizer.device) {
         // `auto` never fails: without a GPU, the kernels or cuBLAS, the step runs on the CPU.
-        Device::Auto => CudaBackend::new(0)
-            .and_then(|b| device::DeviceTrainer::new(b, model, optimizer, train, batch, &decay))
-            .ok()
-            .map(|t| Box::new(t) as Box<dyn device::DeviceEngine>),
-    })
+        (Err(_), Device::Auto) => Ok(None),
+        (built, _) => built.map(Some),
+    }
 }
