@@ -30,7 +30,7 @@ use vqx::backend::cuda::mlp::{self, MlpScratch};
 use vqx::backend::cuda::step::{self, StepScratch};
 use vqx::model::matmul::matmul;
 use vqx::model::{Activation, LayerNorm, Linear, Mlp};
-use vqx::nearest::Precision;
+
 use vqx::{Error, MatRef, Matrix};
 
 const SEEDS: [u64; 3] = [1, 2, 3];
@@ -124,9 +124,7 @@ fn host_linear(y: &mut [f32], a: MatRef<'_>, l: &Linear) {
 
 on_devices! {
     /// bias_rows then the host GEMM equal Linear::forward.
-    fn bias_rows_then_gemm_is_linear_forward<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn bias_rows_then_gemm_is_linear_forward<G>(test, dev, gpu) {
         for (seed, n, o) in shapes() {
             let mut r = salted_rng(seed, n * 1000 + o);
             let inputs = [1, 7, 33][(seed as usize) % 3];
@@ -147,9 +145,7 @@ on_devices! {
     }
 
     /// activation_forward_f32 and activation_backward_f32 equal Activation::forward/backward.
-    fn activations_match_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn activations_match_cpu<G>(test, dev, gpu) {
         // Values where the branches and roundings are delicate: zeros of both signs, tiny and
         // subnormal values, tanh's saturation, x³ large.
         let special = [
@@ -184,9 +180,7 @@ on_devices! {
     }
 
     /// column_sums_add_f32 equals Linear::backward's bias gradient, added to a non-zero one.
-    fn column_sums_add_is_linear_bias_grad<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn column_sums_add_is_linear_bias_grad<G>(test, dev, gpu) {
         for (seed, n, o) in shapes() {
             let mut r = salted_rng(seed, n * 1000 + o + 13);
             let inputs = 3;
@@ -206,9 +200,7 @@ on_devices! {
     }
 
     /// layer_norm_forward_f32 equals LayerNorm::forward: y, x̂ and 1/σ.
-    fn layer_norm_forward_matches_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn layer_norm_forward_matches_cpu<G>(test, dev, gpu) {
         for (seed, n, d) in shapes() {
             let mut r = salted_rng(seed, n * 1000 + d + 21);
             let ln = random_layer_norm(d, &mut r);
@@ -235,9 +227,7 @@ on_devices! {
     }
 
     /// layer_norm_backward (dγ/dβ accumulation, then dx) equals LayerNorm::backward.
-    fn layer_norm_backward_matches_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn layer_norm_backward_matches_cpu<G>(test, dev, gpu) {
         for (seed, n, d) in shapes() {
             let mut r = salted_rng(seed, n * 1000 + d + 37);
             let ln = random_layer_norm(d, &mut r);
@@ -275,9 +265,7 @@ on_devices! {
 
     /// recon_loss: dy bit-identical to VqVae::forward_backward's, Σ(y − x)² within 1e-12 of
     /// the CPU's sum, equal to step::squared_error's and to itself on a second run.
-    fn recon_loss_matches_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn recon_loss_matches_cpu<G>(test, dev, gpu) {
         let mut scratch = MlpScratch::new(gpu).unwrap();
         let mut step_scratch = StepScratch::new(gpu).unwrap();
         for (seed, n, d) in shapes() {
@@ -323,9 +311,7 @@ on_devices! {
 
     /// A 2-hidden-layer MLP's forward and backward with the element-wise and row-wise parts on
     /// the device and the matrix products on the host equal Mlp::forward / Mlp::backward.
-    fn chained_mlp_matches_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn chained_mlp_matches_cpu<G>(test, dev, gpu) {
         for act in ACTS {
             for seed in SEEDS {
                 let (n, input, hidden, output) = (129, 7, [33, 256], 5);
@@ -344,9 +330,7 @@ on_devices! {
     }
 
     /// The launchers refuse too-small buffers and zero-width layer norms without launching.
-    fn launchers_check_shapes<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn launchers_check_shapes<G>(test, dev, gpu) {
         let small = gpu.alloc_zeros::<f32>("small", 5).unwrap();
         let big = gpu.alloc_zeros::<f32>("big", 12).unwrap();
         let mut out_small = gpu.alloc_zeros::<f32>("out small", 5).unwrap();

@@ -25,7 +25,7 @@ use vqx::backend::Device;
 use vqx::backend::cuda::step::{self, EmaDevice, StepScratch};
 use vqx::backend::cuda::{Gpu, launch};
 use vqx::ema::{CodeSums, EmaState, SumMode};
-use vqx::nearest::{Metric, Precision, normalize_row};
+use vqx::nearest::{Metric, normalize_row};
 use vqx::quantizer::{
     CodebookLearning, Estimator, QuantizerConfig, VectorQuantizer, rotate_gradient,
 };
@@ -161,9 +161,7 @@ fn mask_u32(mask: &[bool]) -> Vec<u32> {
 
 on_devices! {
     /// ema_update_f32 against EmaState::update, every (K, D), three decays.
-    fn ema_update_matches_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn ema_update_matches_cpu<G>(test, dev, gpu) {
         for (k, d, seed) in kds() {
             let mut r = salted_rng(seed, k * 1000 + d);
             let mut cpu = random_state(k, d, &mut r);
@@ -183,9 +181,7 @@ on_devices! {
 
     /// ema_total_f32 + ema_codebook_f32 against EmaState::codebook (+ normalize_rows for
     /// cosine), with zero and near-zero counts, a zero row of sums and several eps.
-    fn ema_codebook_matches_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn ema_codebook_matches_cpu<G>(test, dev, gpu) {
         for (k, d, seed) in kds() {
             let mut r = salted_rng(seed, k * 1000 + d + 7);
             let mut sums = uniform_in(k * d, 20.0, &mut r);
@@ -215,9 +211,7 @@ on_devices! {
 
     /// Five steps of update + codebook on the device equal five steps of EmaState, bit for bit,
     /// from a data-seeded state, with batch sums from real rows (ema::cpu).
-    fn ema_five_steps_match_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn ema_five_steps_match_cpu<G>(test, dev, gpu) {
         for (k, d, n) in [(1, 3, 255), (257, 129, 4096), (4096, 3, 257), (255, 64, 1)] {
             for metric in [Metric::L2, Metric::Cosine] {
                 for seed in SEEDS {
@@ -243,9 +237,7 @@ on_devices! {
 
     /// reseed_f32 against the quantizer's re-seeding (normalize_row for cosine, the codebook
     /// row copied, EmaState::reset), including a zero input row; pairs out of range are skipped.
-    fn reseed_matches_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn reseed_matches_cpu<G>(test, dev, gpu) {
         for (k, n) in [(1, 1), (255, 4096), (257, 257), (4096, 255)] {
             for &d in &DS {
                 for metric in [Metric::L2, Metric::Cosine] {
@@ -296,9 +288,7 @@ on_devices! {
     }
 
     /// usage_accumulate_u64: exact, with totals beyond u32.
-    fn usage_accumulate_is_exact<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn usage_accumulate_is_exact<G>(test, dev, gpu) {
         for &k in &KS {
             for seed in SEEDS {
                 let mut r = salted_rng(seed, k);
@@ -320,9 +310,7 @@ on_devices! {
 
     /// The squared error, with and without mask: within 1e-12 of mean_sq_diff's sum and the
     /// same bits on a second run.
-    fn squared_error_matches_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn squared_error_matches_cpu<G>(test, dev, gpu) {
         let mut scratch = StepScratch::new(gpu).unwrap();
         let mut out = gpu.alloc_zeros::<f64>("sq err", 1).unwrap();
         for &n in &NS {
@@ -353,9 +341,7 @@ on_devices! {
 
     /// Total, used count (exact) and entropy (1e-12 relative, perplexity likewise) of random
     /// histograms: sparse, dense, one code, all zero.
-    fn usage_stats_match_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn usage_stats_match_cpu<G>(test, dev, gpu) {
         let mut scratch = StepScratch::new(gpu).unwrap();
         let mut totals = gpu.alloc_zeros::<u64>("totals", 2).unwrap();
         let mut entropy = gpu.alloc_zeros::<f64>("entropy", 1).unwrap();
@@ -393,9 +379,7 @@ on_devices! {
     /// grad_rotation_f32 with coef 0 is rotate_gradient bit for bit, on random rows and on the
     /// rows where the rotation is undefined or degenerate (x = 0, q = 0, q = −x, q = x,
     /// tiny and huge magnitudes).
-    fn rotation_rows_match_rotate_gradient<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn rotation_rows_match_rotate_gradient<G>(test, dev, gpu) {
         let scratch = StepScratch::new(gpu).unwrap();
         for &n in &NS {
             for &d in &DS {
@@ -437,9 +421,7 @@ on_devices! {
     /// the x gradient (straight-through and rotation trick, commitment term on the kept rows)
     /// and the codebook gradient (grad_diff_f32 → ema_sums_sorted_f32 → scale_f32), bit for
     /// bit; the forward's commitment loss from the device's squared error within f32 rounding.
-    fn backward_matches_cpu<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn backward_matches_cpu<G>(test, dev, gpu) {
         let mut scratch = StepScratch::new(gpu).unwrap();
         let mut sq = gpu.alloc_zeros::<f64>("sq err", 1).unwrap();
         let k = 257;
@@ -526,9 +508,7 @@ on_devices! {
     }
 
     /// Launchers refuse buffers shorter than the kernel would touch, before launching.
-    fn launchers_reject_short_buffers<G>(test, dev) {
-        let backend = dev.backend(Precision::Exact);
-        let gpu = backend.gpu();
+    fn launchers_reject_short_buffers<G>(test, dev, gpu) {
         let mut scratch = StepScratch::new(gpu).unwrap();
         let (n, d, k) = (10, 4, 5);
         let x = gpu.alloc_zeros::<f32>("x", n * d).unwrap();

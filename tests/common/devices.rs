@@ -59,9 +59,25 @@ pub fn real_gpu(test: &str) -> Option<Dev<CudaGpu>> {
 }
 
 /// Each `fn name<G>(test, dev) { body }` becomes the tests `name::emu` and `name::gpu`.
+/// `fn name<G>(test, dev, gpu) { body }` also opens an exact backend on the device and binds
+/// its `&G` to `gpu` (what most kernel tests start with).
 #[macro_export]
 macro_rules! on_devices {
-    ($($(#[doc = $doc:literal])* fn $name:ident<$g:ident>($test:ident, $dev:ident) $body:block)*) => {$(
+    () => {};
+    ($(#[doc = $doc:literal])* fn $name:ident<$g:ident>($test:ident, $dev:ident, $gpu:ident)
+        $body:block $($rest:tt)*) => {
+        $crate::on_devices! {
+            $(#[doc = $doc])*
+            fn $name<$g>($test, $dev) {
+                let backend = $dev.backend(vqx::nearest::Precision::Exact);
+                let $gpu = backend.gpu();
+                $body
+            }
+        }
+        $crate::on_devices! { $($rest)* }
+    };
+    ($(#[doc = $doc:literal])* fn $name:ident<$g:ident>($test:ident, $dev:ident) $body:block
+        $($rest:tt)*) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -79,7 +95,8 @@ macro_rules! on_devices {
                 }
             }
         }
-    )*};
+        $crate::on_devices! { $($rest)* }
+    };
 }
 
 /// `got` and `want` equal bit for bit; the message names the first differing index and both.
