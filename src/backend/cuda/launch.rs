@@ -217,26 +217,25 @@ impl<G: Gpu> NearestOut<G> {
     }
 }
 
+impl<G: Gpu> NearestInputs<G> {
+    /// The operands as the kernels take them.
+    pub fn operands(&self) -> NearestOperands<'_, G> {
+        NearestOperands {
+            x: &self.x,
+            codebook: &self.codebook,
+            norms: &self.norms,
+            n: self.n,
+            k: self.k,
+            d: self.d,
+        }
+    }
+}
+
 launcher! {
     /// `nearest_f32`, `nearest_tf32` or `nearest_bf16` over the n rows of `input` against its k
     /// codes, into `out` (n rows).
     pub fn nearest(gpu, precision: Precision, input: &NearestInputs<G>, out: &mut NearestOut<G>) {
-        let operands = NearestOperands {
-            x: &input.x,
-            codebook: &input.codebook,
-            norms: &input.norms,
-            n: input.n,
-            k: input.k,
-            d: input.d,
-        };
-        nearest_into(
-            gpu,
-            precision,
-            &operands,
-            &mut out.best,
-            &mut out.best_score,
-            &mut out.second_score,
-        )
+        nearest_into(gpu, precision, &input.operands(), out)
     }
 }
 
@@ -271,10 +270,11 @@ pub(crate) fn check_len<G: Gpu, T: super::device::Elem>(
 
 launcher! {
     /// The nearest kernel for `precision` over `op`, writing per row the best index, its score and
-    /// the runner-up score (each output at least n elements).
+    /// the runner-up score into `out` (each output at least n elements).
     pub fn nearest_into(gpu, precision: Precision, op: &NearestOperands<'_, G>,
-        best: &mut G::Buf<u32>, best_score: &mut G::Buf<f32>, second_score: &mut G::Buf<f32>) {
+        out: &mut NearestOut<G>) {
         let (n, k, d) = (op.n, op.k, op.d);
+        let NearestOut { best, best_score, second_score } = out;
         let mut args = launch_args![gpu;
             F32(op.x; n * d, "x"), F32(op.codebook; k * d, "codebook"),
             F32(op.norms; k, "code norms"), U32Mut(best; n, "best indices"),
@@ -399,6 +399,31 @@ pub struct FlagPass<'a, G: Gpu> {
 pub struct RowList<'a, G: Gpu> {
     pub rows: &'a G::Buf<u32>,
     pub count: &'a G::Buf<u32>,
+}
+
+/// Room for a [`RowList`] of up to `n` ids, owned: the ids a kernel (a flag pass,
+/// [`super::sort::compact`]) writes and their count.
+pub struct DeviceList<G: Gpu> {
+    pub rows: G::Buf<u32>,
+    pub count: G::Buf<u32>,
+}
+
+impl<G: Gpu> DeviceList<G> {
+    /// Zeroed room for `n` ids (`what` names them in errors) and their count.
+    pub fn new(gpu: &G, n: usize, what: &str) -> Result<Self> {
+        Ok(DeviceList {
+            rows: gpu.alloc_zeros(what, n)?,
+            count: gpu.alloc_zeros(&format!("count of {what}"), 1)?,
+        })
+    }
+
+    /// The list as the kernels read it.
+    pub fn as_list(&self) -> RowList<'_, G> {
+        RowList {
+            rows: &self.rows,
+            count: &self.count,
+        }
+    }
 }
 
 launcher! {
