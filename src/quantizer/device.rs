@@ -30,7 +30,8 @@
 use super::grad::check_like_forward;
 use super::{
     CodebookLearning, Estimator, Init, QuantizerConfig, StepStats, check_codebook_dims,
-    check_codebook_shape, check_input_width, choose_reseeds, losses, seed_codebook, step_rng,
+    check_codebook_shape, check_input_width, choose_reseeds, losses, seed_codebook, start_step,
+    step_rng,
 };
 use crate::backend::cuda::launch::{self, DeviceList};
 use crate::backend::cuda::sort::{self, SortScratch};
@@ -320,22 +321,15 @@ impl<G: Gpu> DeviceQuantizer<G> {
         let xk: &G::Buf<f32> = if kept < n { &batch.kept_x } else { x.buf() };
 
         let mut initialized = false;
-        if train {
-            // Each step draws from a stream that depends only on (seed, step), as on the CPU.
-            self.rng = step_rng(self.config.seed, self.step);
-        }
-        if train && !self.initted {
-            if kept == 0 {
-                return Err(Error::Empty {
-                    what: "first training batch".into(),
-                    detail: "every row is masked: nothing to initialise the codebook from".into(),
-                });
+        // As on the CPU: the step's generator, and the first batch must keep a row.
+        if let Some(rng) = start_step(&self.config, self.step, train, self.initted, kept)? {
+            self.rng = rng;
+            if !self.initted {
+                // The one host copy: the seeding runs exactly as on the CPU.
+                let rows = g.read("first batch", xk, 0, kept * d)?;
+                self.initialize(&Matrix::new(rows, kept, d)?)?;
+                initialized = true;
             }
-            // The one host copy: the seeding runs exactly as on the CPU.
-            let rows = g.read("first batch", xk, 0, kept * d)?;
-            let xh = Matrix::new(rows, kept, d)?;
-            self.initialize(&xh)?;
-            initialized = true;
         }
         let g = self.backend.gpu();
         self.backend
