@@ -280,7 +280,7 @@ pub trait Gpu: Send + Sync + 'static {
     fn transfers(&self) -> Transfers;
 
     /// Launches `kernel` with `args` (asynchronously on a real GPU, in order on the device's
-    /// stream). `op` names the launch in errors.
+    /// stream); errors name the kernel.
     ///
     /// # Safety
     /// `args` must match the kernel's parameters in order and type, every buffer must hold at
@@ -289,7 +289,6 @@ pub trait Gpu: Send + Sync + 'static {
     unsafe fn launch(
         &self,
         kernel: KernelId,
-        op: &str,
         shape: LaunchShape,
         args: &mut [Arg<'_, Self>],
     ) -> Result<()>;

@@ -257,13 +257,12 @@ impl Gpu for EmuGpu {
     unsafe fn launch(
         &self,
         kernel: KernelId,
-        op: &str,
         shape: LaunchShape,
         args: &mut [Arg<'_, Self>],
     ) -> Result<()> {
         // SAFETY: self.kernels holds pointers into the static table; the rest is forwarded
         // from this method's contract.
-        unsafe { launch_raw(&*self.kernels[kernel.0], op, shape, args) }
+        unsafe { launch_raw(&*self.kernels[kernel.0], kernel.name(), shape, args) }
     }
 
     fn gemm(

@@ -66,7 +66,7 @@ pub(crate) unsafe fn run<G: Gpu>(
     args: &mut [Arg<'_, G>],
 ) -> Result<()> {
     // SAFETY: forwarded from this function's contract.
-    unsafe { gpu.launch(kernel, kernel.name(), shape, args) }
+    unsafe { gpu.launch(kernel, shape, args) }
 }
 
 /// One thread per row over `rows` rows, ROW_THREADS per block, grid-stride beyond 32 blocks
