@@ -12,8 +12,9 @@
 //! code of src/model/ (tanh excepted on a real GPU: CUDA's tanhf is within 2 ulp of the C
 //! library's), which tests/device_mlp.rs checks.
 
-use super::device::Gpu;
+use super::device::{Gpu, LaunchShape};
 use super::kernels;
+use super::kernels::KernelId;
 use super::kernels::tiles::{self, REDUCE_BLOCKS};
 use super::launch::{
     check_len, elems, grid_stride, launch_args, launcher, reduce_shape, reduce_stage2,
@@ -52,19 +53,37 @@ impl<G: Gpu> MlpScratch<G> {
     }
 }
 
+/// A buffer, the elements it must hold and its name in errors.
+type Need<'a, B> = (B, usize, &'a str);
+
+launcher! {
+    /// The two kernels between an n × o matrix and an o-vector, `(const float* src, long long n,
+    /// long long o, float* dst)`: `bias_rows_f32` (vector → every row) and `column_sums_add_f32`
+    /// (the columns' sums → vector); `src` and `dst` with the elements each must hold.
+    fn rows_and_vector(gpu, kernel: KernelId, shape: LaunchShape, src: Need<'_, &G::Buf<f32>>,
+        (n, o): (usize, usize), dst: Need<'_, &mut G::Buf<f32>>) {
+        let mut args = launch_args![gpu;
+            F32(src.0; src.1, src.2), Len(n, "rows"), Len(o, "columns"),
+            F32Mut(dst.0; dst.1, dst.2),
+        ];
+        // SAFETY: the arguments follow bias_rows_f32 and column_sums_add_f32 (const float* src,
+        // long long n, long long o, float* dst); the matrix holds ≥ n·o floats and the vector ≥ o
+        // (checked: the callers ask for those counts, n·o < 2^63 by their elems). bias_rows_f32's grid-stride loop writes
+        // dst[e] for e < n·o and reads src[e % o] (only when o ≥ 1, as n·o > e ≥ 0);
+        // column_sums_add_f32's thread j < o reads src[r·o + j] for r < n and writes dst[j] only.
+        unsafe { run(gpu, kernel, shape, &mut args) }
+    }
+}
+
 launcher! {
     /// `bias_rows_f32`: every row of `y` (n × o) ← `bias` (o values), as `Linear::forward` does
     /// before the GEMM accumulates x·Wᵀ into it.
     pub fn bias_rows(gpu, bias: &G::Buf<f32>, n: usize, o: usize, y: &mut G::Buf<f32>) {
         let total = elems(n, o, "linear output")?;
-        let mut args = launch_args![gpu;
-            F32(bias; o, "bias"), Len(n, "rows"), Len(o, "outputs"),
-            F32Mut(y; total, "linear output"),
-        ];
-        // SAFETY: the arguments follow bias_rows_f32(const float* bias, long long n, long long o,
-        // float* y). bias holds ≥ o floats and y ≥ n·o (checked, n·o < 2^63); the grid-stride
-        // loop writes y[e] for e < n·o and reads bias[e % o] (only when o ≥ 1, as n·o > e ≥ 0).
-        unsafe { run(gpu, kernels::BIAS_ROWS_F32, grid_stride(gpu, total), &mut args) }
+        let shape = grid_stride(gpu, total);
+        let src = (bias, o, "bias");
+        let dst = (y, total, "linear output");
+        rows_and_vector(gpu, kernels::BIAS_ROWS_F32, shape, src, (n, o), dst)
     }
 }
 
@@ -106,15 +125,9 @@ launcher! {
     /// columns of dy (n × o), rows summed in order from 0: `Linear::backward`'s bias gradient
     /// (equally `LayerNorm::backward`'s dβ).
     pub fn column_sums_add(gpu, dy: &G::Buf<f32>, n: usize, o: usize, grad: &mut G::Buf<f32>) {
-        let total = elems(n, o, "output gradient")?;
-        let mut args = launch_args![gpu;
-            F32(dy; total, "output gradient"), Len(n, "rows"), Len(o, "columns"),
-            F32Mut(grad; o, "bias gradient"),
-        ];
-        // SAFETY: the arguments follow column_sums_add_f32(const float* dy, long long n, long long
-        // o, float* grad). dy holds ≥ n·o floats, grad ≥ o (checked); thread j < o reads
-        // dy[r·o + j] for r < n and writes grad[j] only.
-        unsafe { run(gpu, kernels::COLUMN_SUMS_ADD_F32, grid_stride(gpu, o), &mut args) }
+        let src = (dy, elems(n, o, "output gradient")?, "output gradient");
+        let (kernel, shape) = (kernels::COLUMN_SUMS_ADD_F32, grid_stride(gpu, o));
+        rows_and_vector(gpu, kernel, shape, src, (n, o), (grad, o, "bias gradient"))
     }
 }
 
