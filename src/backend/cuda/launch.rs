@@ -379,9 +379,8 @@ pub struct FlagPass<'a, G: Gpu> {
     pub codebook: &'a G::Buf<f32>,
     /// Bits of the largest code norm in f64 (from [`row_norms`]; ignored under cosine).
     pub max_norm_bits: &'a G::Buf<u64>,
-    pub best: &'a G::Buf<u32>,
-    pub best_score: &'a G::Buf<f32>,
-    pub second_score: &'a G::Buf<f32>,
+    /// The nearest kernel's candidates per row.
+    pub found: &'a NearestOut<G>,
     pub n: usize,
     pub k: usize,
     pub d: usize,
@@ -443,13 +442,13 @@ launcher! {
                 check_len(gpu, c, 1, "count of rows to examine")?;
                 (*l, *c)
             }
-            None => (op.best, op.best),
+            None => (&op.found.best, &op.found.best),
         };
         let mut args = launch_args![gpu;
             F32(op.x; n * d, "x"), F32(op.codebook; k * d, "codebook"),
             U64(op.max_norm_bits; 1, "largest code norm"), U32(list_in), U32(count_in),
-            U32(op.best; n, "best indices"), F32(op.best_score; n, "best scores"),
-            F32(op.second_score; n, "runner-up scores"), F32Mut(dist; n, "distances"),
+            U32(&op.found.best; n, "best indices"), F32(&op.found.best_score; n, "best scores"),
+            F32(&op.found.second_score; n, "runner-up scores"), F32Mut(dist; n, "distances"),
             U32Mut(list_out; n, "flagged rows"), U32Mut(count_out), Len(n, "rows"),
             Int(d, "dimension"), I32(i32::from(op.metric == Metric::Cosine)),
             I32(i32::from(list.is_some())), I32(i32::from(op.exact_distance)), F64Val(gamma),
