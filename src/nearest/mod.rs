@@ -19,7 +19,8 @@ use crate::matrix::MatRef;
 /// ASCII case ignored. Anything else is an `Error::InvalidArgument` naming `what` and the names:
 /// `names!(Metric, "metric": L2 => ["l2", "euclidean"], Cosine => ["cosine", "cos"]);`.
 macro_rules! names {
-    ($ty:ident, $what:literal: $($variant:ident => [$name:literal $(, $alias:literal)*]),+ $(,)?) => {
+    ($ty:ident, $what:literal:
+        $($variant:ident => [$name:literal $(, $alias:literal)*]),+ $(,)?) => {
         impl $ty {
             /// The name `Display` writes and `FromStr` reads.
             pub fn name(self) -> &'static str {
