@@ -208,17 +208,17 @@ inline long long __double_as_longlong(double f) { long long v; memcpy(&v, &f, 8)
 // fmaf, fminf, fmaxf, sqrtf … are the C library's: the same IEEE single-precision results.
 // The round-to-nearest intrinsics kernels use where contraction into an fma must not happen
 // (nvcc contracts a*b+c by default; this build compiles with -ffp-contract=off): plain IEEE ops.
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fsqrt_rn(float a) { return sqrtf(a); }
+// __fadd_rn … __fsqrt_rn for float (p = f) and __dadd_rn … __dsqrt_rn for double (p = d).
+#define VQX_EMU_RN_OPS(T, p)                                          \
+    inline T __##p##add_rn(T a, T b) { return a + b; }                \
+    inline T __##p##sub_rn(T a, T b) { return a - b; }                \
+    inline T __##p##mul_rn(T a, T b) { return a * b; }                \
+    inline T __##p##div_rn(T a, T b) { return a / b; }                \
+    inline T __##p##sqrt_rn(T a) { return std::sqrt(a); }
+VQX_EMU_RN_OPS(float, f)
+VQX_EMU_RN_OPS(double, d)
+#undef VQX_EMU_RN_OPS
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dsub_rn(double a, double b) { return a - b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline double __dsqrt_rn(double a) { return sqrt(a); }
 inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
 
 // ---- host twins of the inline PTX in kernels/nearest_tc.cu ------------------------------------

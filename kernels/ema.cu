@@ -25,6 +25,7 @@
 // Limits: N·D < 2^63, K < 2^32, D < 2^31.
 
 #include "tiles.cuh"
+#include "grid.cuh"
 
 extern "C" __global__ void ema_sums_atomic_f32(const float* __restrict__ x,
                                                const unsigned int* __restrict__ idx,
@@ -34,8 +35,7 @@ extern "C" __global__ void ema_sums_atomic_f32(const float* __restrict__ x,
                                                long long d)
 {
     const long long total = n * d;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+    GRID_STRIDE_LOOP(e, total) {
         const long long row = e / d;
         const long long col = e - row * d;
         const unsigned int code = idx[row];

@@ -36,6 +36,7 @@
 
 #include "sums.cuh"
 #include "tiles.cuh"
+#include "grid.cuh"
 
 extern "C" __global__ void ema_update_f32(float* __restrict__ cluster_size,
                                           float* __restrict__ embed_avg,
@@ -46,8 +47,7 @@ extern "C" __global__ void ema_update_f32(float* __restrict__ cluster_size,
                                           long long d)
 {
     const long long total = k * d;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+    GRID_STRIDE_LOOP(e, total) {
         const float m = embed_avg[e];
         embed_avg[e] = fmaf(w, __fsub_rn(sums[e], m), m);
         if (e < k) {
@@ -135,8 +135,7 @@ extern "C" __global__ void usage_accumulate_u64(unsigned long long* __restrict__
                                                 const unsigned int* __restrict__ counts,
                                                 long long k)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < k; i += stride) {
+    GRID_STRIDE_LOOP(i, k) {
         total[i] += (unsigned long long)counts[i];
     }
 }

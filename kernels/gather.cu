@@ -17,6 +17,7 @@
 //   N·D < 2^63 elements; D ≥ 1; K < 2^32.
 
 #include "tiles.cuh"
+#include "grid.cuh"
 
 // One body for both widths: T is float (one element) or float4 (four).
 template <typename T>
@@ -27,8 +28,7 @@ __device__ __forceinline__ void gather_rows(const T* __restrict__ cb,
                                             long long d)
 {
     const long long total = n * d;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+    GRID_STRIDE_LOOP(e, total) {
         const long long row = e / d;
         const long long col = e - row * d;
         out[e] = cb[(long long)idx[row] * d + col];

@@ -29,6 +29,7 @@
 // Limits: N·D < 2^63, D < 2^31.
 
 #include "tiles.cuh"
+#include "grid.cuh"
 
 
 // grad.rs's commitment term on one element.
@@ -37,19 +38,16 @@ __device__ __forceinline__ float commit(float o, float a, float b, double coef)
     return (float)__dadd_rn((double)o, __dmul_rn(coef, __dsub_rn((double)a, (double)b)));
 }
 
-extern "C" __global__ void grad_st_f32(const float* __restrict__ g,
-                                       const float* __restrict__ x,
-                                       const float* __restrict__ q,
-                                       const unsigned int* __restrict__ mask,
-                                       int use_mask,
-                                       double coef,
-                                       long long n,
-                                       long long d,
-                                       float* __restrict__ gx)
+// The parameters of both x-gradient kernels (the launcher passes one argument list to either).
+#define GRAD_X_PARAMS                                                                      \
+    const float* __restrict__ g, const float* __restrict__ x, const float* __restrict__ q, \
+        const unsigned int* __restrict__ mask, int use_mask, double coef, long long n,     \
+        long long d, float* __restrict__ gx
+
+extern "C" __global__ void grad_st_f32(GRAD_X_PARAMS)
 {
     const long long total = n * d;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+    GRID_STRIDE_LOOP(e, total) {
         float o = g[e];
         if (coef != 0.0 && (!use_mask || mask[e / d] != 0u)) o = commit(o, x[e], q[e], coef);
         gx[e] = o;
@@ -57,18 +55,9 @@ extern "C" __global__ void grad_st_f32(const float* __restrict__ g,
 }
 
 extern "C" __global__ void __launch_bounds__(ROW_THREADS)
-grad_rotation_f32(const float* __restrict__ g,
-                  const float* __restrict__ x,
-                  const float* __restrict__ q,
-                  const unsigned int* __restrict__ mask,
-                  int use_mask,
-                  double coef,
-                  long long n,
-                  long long d,
-                  float* __restrict__ gx)
+grad_rotation_f32(GRAD_X_PARAMS)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < n; r += stride) {
+    GRID_STRIDE_LOOP(r, n) {
         const float* xr = x + r * d;
         const float* qr = q + r * d;
         const float* gr = g + r * d;
@@ -127,8 +116,7 @@ extern "C" __global__ void grad_diff_f32(const float* __restrict__ q,
                                          float* __restrict__ diff)
 {
     const long long total = m * d;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+    GRID_STRIDE_LOOP(e, total) {
         const long long j = e / d;
         const long long r = rows[j];
         if (r >= n) continue;
@@ -139,8 +127,7 @@ extern "C" __global__ void grad_diff_f32(const float* __restrict__ q,
 
 extern "C" __global__ void scale_f32(float* __restrict__ v, long long len, double scale)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
+    GRID_STRIDE_LOOP(i, len) {
         v[i] = (float)__dmul_rn((double)v[i], scale);
     }
 }

@@ -27,6 +27,7 @@
 
 #include "sums.cuh"
 #include "tiles.cuh"
+#include "grid.cuh"
 
 extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 sq_err_partial_f64(const float* __restrict__ x,
@@ -39,16 +40,13 @@ sq_err_partial_f64(const float* __restrict__ x,
 {
     __shared__ double sh[REDUCE_THREADS];
     const long long total = n * d;
-    const long long stride = (long long)gridDim.x * blockDim.x;
     double acc = 0.0;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+    GRID_STRIDE_LOOP(e, total) {
         if (use_mask && mask[e / d] == 0u) continue;
         const double t = __dsub_rn((double)x[e], (double)q[e]);
         acc = __dadd_rn(acc, __dmul_rn(t, t));
     }
-    sh[threadIdx.x] = acc;
-    tree_f64(sh);
-    if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+    block_partial_f64(acc, sh, partials);
 }
 
 extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
@@ -66,9 +64,8 @@ usage_count_partial_u64(const unsigned int* __restrict__ counts,
 {
     __shared__ unsigned long long tot[REDUCE_THREADS];
     __shared__ unsigned long long used[REDUCE_THREADS];
-    const long long stride = (long long)gridDim.x * blockDim.x;
     unsigned long long t = 0, u = 0;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < k; i += stride) {
+    GRID_STRIDE_LOOP(i, k) {
         t += counts[i];
         u += counts[i] > 0u ? 1u : 0u;
     }
@@ -113,13 +110,10 @@ usage_entropy_partial_f64(const unsigned int* __restrict__ counts,
     double acc = 0.0;
     if (total != 0) {
         const double td = (double)total;
-        const long long stride = (long long)gridDim.x * blockDim.x;
-        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < k; i += stride) {
+        GRID_STRIDE_LOOP(i, k) {
             const double p = (double)counts[i] / td;
             acc = __dadd_rn(acc, __dmul_rn(-p, log(__dadd_rn(p, 1e-10))));
         }
     }
-    sh[threadIdx.x] = acc;
-    tree_f64(sh);
-    if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+    block_partial_f64(acc, sh, partials);
 }

@@ -43,6 +43,7 @@
 
 #include "sums.cuh"
 #include "tiles.cuh"
+#include "grid.cuh"
 
 #define ACT_GELU 0  // act argument of the activation kernels: GELU (tanh form)
 #define ACT_RELU 1  // act argument of the activation kernels: ReLU
@@ -78,8 +79,7 @@ extern "C" __global__ void bias_rows_f32(const float* __restrict__ bias,
                                          float* __restrict__ y)
 {
     const long long total = n * o;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+    GRID_STRIDE_LOOP(e, total) {
         y[e] = bias[e % o];
     }
 }
@@ -89,8 +89,7 @@ extern "C" __global__ void activation_forward_f32(const float* __restrict__ x,
                                                   int act,
                                                   float* __restrict__ y)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += stride) {
+    GRID_STRIDE_LOOP(e, len) {
         const float v = x[e];
         y[e] = act == ACT_RELU ? (v > 0.0f ? v : 0.0f) : gelu(v);
     }
@@ -102,8 +101,7 @@ extern "C" __global__ void activation_backward_f32(const float* __restrict__ x,
                                                    int act,
                                                    float* __restrict__ dx)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += stride) {
+    GRID_STRIDE_LOOP(e, len) {
         const float v = x[e];
         const float f = act == ACT_RELU ? (v > 0.0f ? 1.0f : 0.0f) : gelu_derivative(v);
         dx[e] = __fmul_rn(dy[e], f);
@@ -115,8 +113,7 @@ extern "C" __global__ void column_sums_add_f32(const float* __restrict__ dy,
                                                long long o,
                                                float* __restrict__ grad)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < o; j += stride) {
+    GRID_STRIDE_LOOP(j, o) {
         double s = 0.0;
         for (long long r = 0; r < n; ++r) s = __dadd_rn(s, (double)dy[r * o + j]);
         grad[j] = (float)__dadd_rn((double)grad[j], s);
@@ -133,9 +130,8 @@ layer_norm_forward_f32(const float* __restrict__ x,
                        float* __restrict__ normalized,
                        float* __restrict__ inv_std)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
     const double dd = (double)d;
-    for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < n; r += stride) {
+    GRID_STRIDE_LOOP(r, n) {
         const float* xr = x + r * d;
         double sum = -0.0;
         for (long long i = 0; i < d; ++i) sum = __dadd_rn(sum, (double)xr[i]);
@@ -167,9 +163,8 @@ layer_norm_backward_f32(const float* __restrict__ dy,
                         long long d,
                         float* __restrict__ dx)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
     const double dd = (double)d;
-    for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < n; r += stride) {
+    GRID_STRIDE_LOOP(r, n) {
         const float* dyr = dy + r * d;
         const float* hr = normalized + r * d;
         double mean_g = 0.0, mean_gh = 0.0;
@@ -198,8 +193,7 @@ extern "C" __global__ void layer_norm_param_grad_f32(const float* __restrict__ d
                                                      float* __restrict__ grad_gamma,
                                                      float* __restrict__ grad_beta)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
+    GRID_STRIDE_LOOP(j, d) {
         double gw = 0.0, gb = 0.0;
         for (long long r = 0; r < n; ++r) {
             const double g = (double)dy[r * d + j];
@@ -220,14 +214,11 @@ recon_loss_f32(const float* __restrict__ y,
                double* __restrict__ partials)
 {
     __shared__ double sh[REDUCE_THREADS];
-    const long long stride = (long long)gridDim.x * blockDim.x;
     double acc = 0.0;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+    GRID_STRIDE_LOOP(e, total) {
         const double t = __dsub_rn((double)y[e], (double)x[e]);
         acc = __dadd_rn(acc, __dmul_rn(t, t));
         dy[e] = (float)__dmul_rn(scale, t);
     }
-    sh[threadIdx.x] = acc;
-    tree_f64(sh);
-    if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+    block_partial_f64(acc, sh, partials);
 }

@@ -98,12 +98,7 @@ nearest_f32(const float* __restrict__ x,
 
     unsigned int bi[8];
     float bs[8], ss[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        bi[i] = 0u;
-        bs[i] = __int_as_float(0x7f800000);  // +inf
-        ss[i] = __int_as_float(0x7f800000);
-    }
+    init_cands(bi, bs, ss);
 
     unsigned int tile = 0;
     int chunk = 0;
@@ -146,14 +141,8 @@ nearest_f32(const float* __restrict__ x,
                     const unsigned int kc = code0 + (unsigned int)local;
                     const float nrm = norms[kc];
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        const float s = fmaf(-2.0f, acc[i][j], nrm);
-                        // Codes reach this thread in increasing order: strict < keeps the first.
-                        const float hi = fmaxf(bs[i], s);
-                        bi[i] = (s < bs[i]) ? kc : bi[i];
-                        bs[i] = fminf(bs[i], s);
-                        ss[i] = fminf(ss[i], hi);
-                    }
+                    for (int i = 0; i < 8; ++i)
+                        fold_score(bi[i], bs[i], ss[i], fmaf(-2.0f, acc[i][j], nrm), kc);
                 }
             }
 #pragma unroll
@@ -172,13 +161,7 @@ nearest_f32(const float* __restrict__ x,
     for (int i = 0; i < 8; ++i) {
         Cand c = {bi[i], bs[i], ss[i]};
 #pragma unroll
-        for (int off = 8; off > 0; off >>= 1) {
-            Cand o;
-            o.idx = __shfl_xor_sync(0xffffffffu, c.idx, off);
-            o.best = __shfl_xor_sync(0xffffffffu, c.best, off);
-            o.second = __shfl_xor_sync(0xffffffffu, c.second, off);
-            c = merge_cand(c, o);
-        }
+        for (int off = 8; off > 0; off >>= 1) c = shfl_merge_cand(c, off);
         if (tx == 0) {
             const long long r = row0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
             if (r < n) {

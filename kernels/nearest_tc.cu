@@ -84,29 +84,27 @@ __device__ __forceinline__ unsigned int to_bf16x2(float lo, float hi) {
 #endif
 }
 
-__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned int (&a)[4],
-                                         unsigned int b0, unsigned int b1) {
-#ifdef VQX_EMU
-    vqx_emu::mma_m16n8k8_tf32(c, a, b0, b1);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
+// One warp-wide mma.sync into c (m16 × n8, f32): k = 8 tf32 or k = 16 bf16 per operand word
+// set, the fragments as the PTX ISA lays them out. One asm template for both shapes.
+#define VQX_MMA_SYNC(shape_types)                                                           \
+    asm volatile("mma.sync.aligned." shape_types                                           \
+                 " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"         \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                         \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned int (&a)[4],
-                                         unsigned int b0, unsigned int b1) {
+template <bool BF16>
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
+                                    unsigned int b1) {
 #ifdef VQX_EMU
-    vqx_emu::mma_m16n8k16_bf16(c, a, b0, b1);
+    if (BF16)
+        vqx_emu::mma_m16n8k16_bf16(c, a, b0, b1);
+    else
+        vqx_emu::mma_m16n8k8_tf32(c, a, b0, b1);
 #else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if (BF16)
+        VQX_MMA_SYNC("m16n8k16.row.col.f32.bf16.bf16.f32");
+    else
+        VQX_MMA_SYNC("m16n8k8.row.col.f32.tf32.tf32.f32");
 #endif
 }
 
@@ -202,12 +200,7 @@ __device__ __forceinline__ void nearest_tc_body(const float* __restrict__ x,
     // Running candidates of this thread's 8 rows: slot mi·2 + h is row wm·64 + mi·16 + g + 8h.
     unsigned int bi[8];
     float bs[8], ss[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        bi[i] = 0u;
-        bs[i] = __int_as_float(0x7f800000);
-        ss[i] = __int_as_float(0x7f800000);
-    }
+    init_cands(bi, bs, ss);
 
     unsigned int tile = 0;
     int chunk = 0;
@@ -240,12 +233,7 @@ __device__ __forceinline__ void nearest_tc_body(const float* __restrict__ x,
                 const unsigned int* r_hi = xs[buf][wm * 64 + mi * 16 + g + 8];
                 const unsigned int a[4] = {r_lo[w0], r_hi[w0], r_lo[w0 + 4], r_hi[w0 + 4]};
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    if (BF16)
-                        mma_bf16(acc[mi][ni], a, b[ni][0], b[ni][1]);
-                    else
-                        mma_tf32(acc[mi][ni], a, b[ni][0], b[ni][1]);
-                }
+                for (int ni = 0; ni < 4; ++ni) mma<BF16>(acc[mi][ni], a, b[ni][0], b[ni][1]);
             }
         }
 
@@ -266,10 +254,7 @@ __device__ __forceinline__ void nearest_tc_body(const float* __restrict__ x,
                             for (int h = 0; h < 2; ++h) {
                                 const int i = mi * 2 + h;
                                 const float s = fmaf(-2.0f, acc[mi][ni][h * 2 + e], nrm);
-                                const float hi = fmaxf(bs[i], s);
-                                bi[i] = (s < bs[i]) ? kc : bi[i];
-                                bs[i] = fminf(bs[i], s);
-                                ss[i] = fminf(ss[i], hi);
+                                fold_score(bi[i], bs[i], ss[i], s, kc);
                             }
                         }
                     }
@@ -293,13 +278,7 @@ __device__ __forceinline__ void nearest_tc_body(const float* __restrict__ x,
     for (int i = 0; i < 8; ++i) {
         Cand c = {bi[i], bs[i], ss[i]};
 #pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            Cand o;
-            o.idx = __shfl_xor_sync(0xffffffffu, c.idx, off);
-            o.best = __shfl_xor_sync(0xffffffffu, c.best, off);
-            o.second = __shfl_xor_sync(0xffffffffu, c.second, off);
-            c = merge_cand(c, o);
-        }
+        for (int off = 1; off < 4; off <<= 1) c = shfl_merge_cand(c, off);
         if (t4 == 0) {
             const int r = wm * 64 + (i >> 1) * 16 + g + (i & 1) * 8;
             m_idx[wn][r] = c.idx;

@@ -31,6 +31,7 @@
 
 #include "sums.cuh"
 #include "tiles.cuh"
+#include "grid.cuh"
 
 extern "C" __global__ void __launch_bounds__(GRID_STRIDE_THREADS)
 adamw_f32(float* __restrict__ params,
@@ -50,9 +51,7 @@ adamw_f32(float* __restrict__ params,
           double lr,
           double shrink)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = first + (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += stride) {
+    GRID_STRIDE_LOOP_FROM(e, first, n) {
         const double g = (double)grads[e];
         const double mj = __dadd_rn(__dmul_rn(beta1, (double)m[e]), __dmul_rn(omb1, g));
         const double vj =
@@ -73,16 +72,12 @@ sq_sum_partial_f64(const float* __restrict__ g,
                    double* __restrict__ partials)
 {
     __shared__ double sh[REDUCE_THREADS];
-    const long long stride = (long long)gridDim.x * blockDim.x;
     double acc = 0.0;
-    for (long long e = first + (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += stride) {
+    GRID_STRIDE_LOOP_FROM(e, first, n) {
         const double x = (double)g[e];
         acc = __dadd_rn(acc, __dmul_rn(x, x));
     }
-    sh[threadIdx.x] = acc;
-    tree_f64(sh);
-    if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+    block_partial_f64(acc, sh, partials);
 }
 
 extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
@@ -103,9 +98,7 @@ clip_by_norm_f32(float* __restrict__ g,
     const double nrm = norm[0];
     if (!(max_norm > 0.0 && nrm > max_norm)) return;
     const double s = __ddiv_rn(max_norm, __dadd_rn(nrm, 1e-12));
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = first + (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += stride) {
+    GRID_STRIDE_LOOP_FROM(e, first, n) {
         g[e] = (float)__dmul_rn((double)g[e], s);
     }
 }

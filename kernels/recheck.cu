@@ -34,8 +34,19 @@
 #include "candidates.cuh"
 #include "sums.cuh"
 #include "tiles.cuh"
+#include "grid.cuh"
 
 static_assert(RECHECK_THREADS == 256, "the tree merges below assume 256 threads");
+
+// One term of sum_lanes in f64: (x − c)² or x·c.
+template <bool SQUARED_DIFF>
+__device__ __forceinline__ double lane_term(double a, double b) {
+    if (SQUARED_DIFF) {
+        const double u = __dsub_rn(a, b);
+        return __dmul_rn(u, u);
+    }
+    return __dmul_rn(a, b);
+}
 
 // Σ_i f(x_i, c_i) in f64 like vqx::nearest::sum_lanes: 8 accumulators over whole chunks of 8,
 // summed in lane order, plus the tail summed in order.
@@ -48,27 +59,13 @@ __device__ __forceinline__ double sum_lanes(const float* __restrict__ x,
     for (int i = 0; i < whole; i += 8) {
         for (int l = 0; l < 8; ++l) {
             const double a = (double)x[i + l], b = (double)c[i + l];
-            double t;
-            if (SQUARED_DIFF) {
-                const double u = __dsub_rn(a, b);
-                t = __dmul_rn(u, u);
-            } else {
-                t = __dmul_rn(a, b);
-            }
-            acc[l] = __dadd_rn(acc[l], t);
+            acc[l] = __dadd_rn(acc[l], lane_term<SQUARED_DIFF>(a, b));
         }
     }
     double tail = 0.0;
     for (int i = whole; i < d; ++i) {
         const double a = (double)x[i], b = (double)c[i];
-        double t;
-        if (SQUARED_DIFF) {
-            const double u = __dsub_rn(a, b);
-            t = __dmul_rn(u, u);
-        } else {
-            t = __dmul_rn(a, b);
-        }
-        tail = __dadd_rn(tail, t);
+        tail = __dadd_rn(tail, lane_term<SQUARED_DIFF>(a, b));
     }
     double s = 0.0;
     for (int l = 0; l < 8; ++l) s = __dadd_rn(s, acc[l]);
@@ -105,8 +102,7 @@ extern "C" __global__ void recheck_flag_f32(const float* __restrict__ x,
 {
     const long long m = use_list ? (long long)*count_in : n;
     const double cm = cosine ? 1.0 : __longlong_as_double((long long)*max_norm_bits);
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < m; j += stride) {
+    GRID_STRIDE_LOOP(j, m) {
         const long long r = use_list ? (long long)list_in[j] : j;
         const float* xr = x + r * d;
         const double x_norm_sq = sum_sq_f64(xr, d);

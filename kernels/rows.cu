@@ -23,6 +23,7 @@
 
 #include "sums.cuh"
 #include "tiles.cuh"
+#include "grid.cuh"
 
 extern "C" __global__ void row_norms_f32(const float* __restrict__ m,
                                          float* __restrict__ norms,
@@ -30,8 +31,7 @@ extern "C" __global__ void row_norms_f32(const float* __restrict__ m,
                                          long long rows,
                                          int d)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += stride) {
+    GRID_STRIDE_LOOP(r, rows) {
         const double s = sum_sq_f64(m + r * d, d);
         norms[r] = (float)s;
         atomicMax(max_bits, (unsigned long long)__double_as_longlong(sqrt(s)));
@@ -43,8 +43,7 @@ extern "C" __global__ void normalize_rows_f32(const float* __restrict__ src,
                                               long long rows,
                                               int d)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += stride) {
+    GRID_STRIDE_LOOP(r, rows) {
         const float* v = src + r * d;
         const double inv = inv_norm_f64(v, d);
         float* o = dst + r * d;
@@ -57,9 +56,8 @@ extern "C" __global__ void check_values_f32(const float* __restrict__ v,
                                             unsigned long long* __restrict__ first_bad,
                                             unsigned int* __restrict__ max_abs_bits)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
     unsigned int local_max = 0u;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += stride) {
+    GRID_STRIDE_LOOP(e, len) {
         const unsigned int bits = __float_as_uint(v[e]) & 0x7fffffffu;
         if (bits >= 0x7f800000u) {
             atomicMin(first_bad, (unsigned long long)e);

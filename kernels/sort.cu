@@ -49,6 +49,7 @@
 //   most SORT_MAX_SEGMENTS segments), but a large K forces few segments and long walks.
 
 #include "tiles.cuh"
+#include "grid.cuh"
 
 static_assert(SORT_THREADS % 32 == 0 && SORT_THREADS <= 1024, "whole warps, one CUDA block");
 static_assert(SORT_ITEMS >= 1, "each thread takes at least one element");
@@ -86,8 +87,7 @@ __device__ __forceinline__ unsigned long long block_exclusive_scan(unsigned long
 
 extern "C" __global__ void fill_u32(unsigned int* __restrict__ p, unsigned int value, long long n)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    GRID_STRIDE_LOOP(i, n) {
         p[i] = value;
     }
 }
@@ -99,8 +99,7 @@ extern "C" __global__ void sort_histogram_u32(const unsigned int* __restrict__ i
                                               long long s,
                                               unsigned int* __restrict__ hist)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < n; r += stride) {
+    GRID_STRIDE_LOOP(r, n) {
         const long long code = idx[r];
         if (code < k) atomicAdd(&hist[code * s + r / seg_len], 1u);
     }
@@ -111,9 +110,7 @@ extern "C" __global__ void sort_scan_segments_u32(unsigned int* __restrict__ his
                                                   long long s,
                                                   unsigned long long* __restrict__ totals)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long code = (long long)blockIdx.x * blockDim.x + threadIdx.x; code < k;
-         code += stride) {
+    GRID_STRIDE_LOOP(code, k) {
         unsigned int* h = hist + code * s;
         unsigned int run = 0u;  // ≤ N < 2^32
         for (long long seg = 0; seg < s; ++seg) {
@@ -215,8 +212,7 @@ extern "C" __global__ void flags_below_f32(const float* __restrict__ v,
                                            long long n,
                                            unsigned int* __restrict__ flags)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    GRID_STRIDE_LOOP(i, n) {
         flags[i] = v[i] < threshold ? 1u : 0u;
     }
 }
@@ -229,8 +225,7 @@ extern "C" __global__ void gather_counted_u32(const unsigned int* __restrict__ s
                                               unsigned int* __restrict__ out)
 {
     const long long m = (long long)count[0] < cap ? (long long)count[0] : cap;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < m; j += stride) {
+    GRID_STRIDE_LOOP(j, m) {
         const long long i = idx[j];
         out[j] = i < n_src ? src[i] : 0xFFFFFFFFu;
     }

@@ -4,6 +4,8 @@
 //   inv_norm_f64 1/||v|| from that sum (0 for a zero row), as vqx::nearest::inv_norm_f64.
 //   tree_f64     a fixed-order tree over a block's REDUCE_THREADS values in shared memory
 //                (deterministic run to run); every thread of the block must call it.
+//   block_partial_f64 the end of stage 1 of the two-stage reductions: this thread's `acc` into
+//                the block's tree, the block's sum into partials[blockIdx.x].
 //   sum_partials_f64  stage 2 of the two-stage reductions: one block sums the m partials of
 //                stage 1 in a fixed order; the total is sh[0] after the call.
 // Every multiply and add is a round-to-nearest intrinsic: nvcc may not contract them into fma.
@@ -36,6 +38,14 @@ __device__ __forceinline__ void tree_f64(double* sh)
         if ((int)threadIdx.x < s) sh[threadIdx.x] = __dadd_rn(sh[threadIdx.x], sh[threadIdx.x + s]);
     }
     __syncthreads();
+}
+
+__device__ __forceinline__ void block_partial_f64(double acc, double* sh,
+                                                  double* __restrict__ partials)
+{
+    sh[threadIdx.x] = acc;
+    tree_f64(sh);
+    if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
 }
 
 __device__ __forceinline__ void sum_partials_f64(const double* __restrict__ partials, long long m,

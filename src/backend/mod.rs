@@ -16,8 +16,6 @@ use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::cpu::CpuKernel;
 use crate::nearest::{Assignment, Metric, Precision};
-use std::fmt;
-use std::str::FromStr;
 use std::time::Instant;
 
 /// The four primitives of vector quantization.
@@ -199,38 +197,9 @@ pub enum Device {
     CudaEmu,
 }
 
-impl Device {
-    /// The name `--device` takes: "auto", "cpu", "cuda" or "cuda-emu".
-    pub fn name(self) -> &'static str {
-        match self {
-            Device::Auto => "auto",
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-            Device::CudaEmu => "cuda-emu",
-        }
-    }
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Device {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Device::Auto),
-            "cpu" => Ok(Device::Cpu),
-            "cuda" | "gpu" => Ok(Device::Cuda),
-            "cuda-emu" | "cuda_emu" => Ok(Device::CudaEmu),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown device {s:?}: expected auto, cpu, cuda or cuda-emu"
-            ))),
-        }
-    }
-}
+// The names `--device` takes: "auto", "cpu", "cuda" or "cuda-emu".
+crate::nearest::names!(Device, "device":
+    Auto => ["auto"], Cpu => ["cpu"], Cuda => ["cuda", "gpu"], CudaEmu => ["cuda-emu", "cuda_emu"]);
 
 /// The backend for `device`. `Auto` never fails and never panics: it falls back to the CPU.
 /// `Cuda` fails with [`Error::CudaUnavailable`] saying why when CUDA cannot run.

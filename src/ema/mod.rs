@@ -7,8 +7,6 @@ pub use update::EmaState;
 use crate::error::{Error, Result};
 use crate::matrix::MatRef;
 use rayon::prelude::*;
-use std::fmt;
-use std::str::FromStr;
 
 /// How the per-code sums are accumulated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
@@ -20,27 +18,7 @@ pub enum SumMode {
     Deterministic,
 }
 
-impl fmt::Display for SumMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SumMode::Fast => "fast",
-            SumMode::Deterministic => "deterministic",
-        })
-    }
-}
-
-impl FromStr for SumMode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fast" => Ok(SumMode::Fast),
-            "deterministic" => Ok(SumMode::Deterministic),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown sum mode {s:?}: expected fast or deterministic"
-            ))),
-        }
-    }
-}
+crate::nearest::names!(SumMode, "sum mode": Fast => ["fast"], Deterministic => ["deterministic"]);
 
 /// Per-code statistics of one batch: s_k = Σ_{i(n)=k} x_n and n_k = #{n : i(n) = k}.
 ///

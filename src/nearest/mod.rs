@@ -13,8 +13,54 @@ pub mod emulate;
 
 use crate::error::{Error, Result};
 use crate::matrix::MatRef;
-use std::fmt;
-use std::str::FromStr;
+
+/// `name()`, `Display` and `FromStr` for a fieldless enum from one table: each variant's name
+/// (the first: what `Display` writes and an error lists) and the aliases `FromStr` also accepts,
+/// ASCII case ignored. Anything else is an `Error::InvalidArgument` naming `what` and the names:
+/// `names!(Metric, "metric": L2 => ["l2", "euclidean"], Cosine => ["cosine", "cos"]);`.
+macro_rules! names {
+    ($ty:ident, $what:literal:
+        $($variant:ident => [$name:literal $(, $alias:literal)*]),+ $(,)?) => {
+        impl $ty {
+            /// The name `Display` writes and `FromStr` reads.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.name())
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = $crate::error::Error;
+            fn from_str(s: &str) -> $crate::error::Result<Self> {
+                match s.to_ascii_lowercase().as_str() {
+                    $($name $(| $alias)* => Ok($ty::$variant),)+
+                    _ => Err($crate::error::Error::InvalidArgument(format!(
+                        "unknown {} {s:?}: expected {}",
+                        $what,
+                        $crate::nearest::one_of(&[$($name),+])
+                    ))),
+                }
+            }
+        }
+    };
+}
+pub(crate) use names;
+
+/// The names as a list to choose from: "a, b or c".
+pub(crate) fn one_of(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
 
 /// How distance between a row and a code is measured.
 #[derive(
@@ -31,27 +77,7 @@ pub enum Metric {
     Cosine,
 }
 
-impl fmt::Display for Metric {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Metric::L2 => "l2",
-            Metric::Cosine => "cosine",
-        })
-    }
-}
-
-impl FromStr for Metric {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "l2" | "euclidean" => Ok(Metric::L2),
-            "cosine" | "cos" => Ok(Metric::Cosine),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown metric {s:?}: expected l2 or cosine"
-            ))),
-        }
-    }
-}
+names!(Metric, "metric": L2 => ["l2", "euclidean"], Cosine => ["cosine", "cos"]);
 
 /// The answer of a nearest-code search.
 ///
@@ -189,29 +215,8 @@ impl Precision {
     }
 }
 
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Precision::Exact => "exact",
-            Precision::Tf32 => "tf32",
-            Precision::Bf16 => "bf16",
-        })
-    }
-}
-
-impl FromStr for Precision {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "exact" | "f32" | "fp32" => Ok(Precision::Exact),
-            "tf32" => Ok(Precision::Tf32),
-            "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown precision {s:?}: expected exact, tf32 or bf16"
-            ))),
-        }
-    }
-}
+names!(Precision, "precision":
+    Exact => ["exact", "f32", "fp32"], Tf32 => ["tf32"], Bf16 => ["bf16", "bfloat16"]);
 
 /// What a backend's fused kernel leaves per row, before [`finish`].
 #[derive(Clone, Debug, Default)]

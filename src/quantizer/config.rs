@@ -79,6 +79,17 @@ pub struct QuantizerConfig {
     pub device: Device,
 }
 
+/// Builder setters: `name(value)` returns the configuration with the field `name` set.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $t:ty,)*) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, value: $t) -> Self {
+            self.$name = value;
+            self
+        }
+    )*};
+}
+
 impl QuantizerConfig {
     /// K codes of dimension D with the defaults of the VQ-VAE paper and ESM3: L2, β = 0.25,
     /// EMA with decay 0.99 and eps 1e-5, data init, no dead-code threshold, straight-through.
@@ -101,44 +112,29 @@ impl QuantizerConfig {
             device: Device::Auto,
         }
     }
-    pub fn metric(mut self, m: Metric) -> Self {
-        self.metric = m;
-        self
+    setters! {
+        /// The distance codes are chosen by.
+        metric: Metric,
+        /// β, the weight of the commitment loss.
+        commitment_weight: f32,
+        /// How the codebook learns: EMA or gradient.
+        learning: CodebookLearning,
+        /// Codes whose EMA count falls below this are re-seeded (0: never).
+        dead_code_threshold: f32,
+        /// How the codebook is initialised from the first batch.
+        init: Init,
+        /// The gradient estimator through the quantizer.
+        estimator: Estimator,
+        /// Deterministic per-code sums (bit-identical run to run).
+        deterministic: bool,
+        /// Seed of the initialisation and re-seeding draws.
+        seed: u64,
+        /// The backend the quantizer runs on.
+        device: Device,
     }
-    pub fn commitment_weight(mut self, beta: f32) -> Self {
-        self.commitment_weight = beta;
-        self
-    }
-    pub fn learning(mut self, l: CodebookLearning) -> Self {
-        self.learning = l;
-        self
-    }
-    pub fn dead_code_threshold(mut self, t: f32) -> Self {
-        self.dead_code_threshold = t;
-        self
-    }
+    /// The count a re-seeded code restarts with (default: the dead-code threshold).
     pub fn reset_count(mut self, c: f32) -> Self {
         self.reset_count = Some(c);
-        self
-    }
-    pub fn init(mut self, i: Init) -> Self {
-        self.init = i;
-        self
-    }
-    pub fn estimator(mut self, e: Estimator) -> Self {
-        self.estimator = e;
-        self
-    }
-    pub fn deterministic(mut self, d: bool) -> Self {
-        self.deterministic = d;
-        self
-    }
-    pub fn seed(mut self, s: u64) -> Self {
-        self.seed = s;
-        self
-    }
-    pub fn device(mut self, d: Device) -> Self {
-        self.device = d;
         self
     }
 

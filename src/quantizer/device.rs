@@ -30,9 +30,10 @@
 use super::grad::check_like_forward;
 use super::{
     CodebookLearning, Estimator, Init, QuantizerConfig, StepStats, check_codebook_dims,
-    check_codebook_shape, check_input_width, choose_reseeds, losses, seed_codebook, step_rng,
+    check_codebook_shape, check_input_width, choose_reseeds, losses, seed_codebook, start_step,
+    step_rng,
 };
-use crate::backend::cuda::launch;
+use crate::backend::cuda::launch::{self, DeviceList};
 use crate::backend::cuda::sort::{self, SortScratch};
 use crate::backend::cuda::step::{self, EmaDevice, StepScratch};
 use crate::backend::cuda::{
@@ -77,8 +78,7 @@ pub struct DeviceQuantizer<G: Gpu> {
     entropy: G::Buf<f64>,
     /// Dead-code flags (K), their ids in increasing order and their count.
     dead_flags: G::Buf<u32>,
-    dead_list: G::Buf<u32>,
-    dead_count: G::Buf<u32>,
+    dead_list: DeviceList<G>,
     step_scratch: StepScratch<G>,
     sort_scratch: SortScratch<G>,
     batch: Option<Batch<G>>,
@@ -178,8 +178,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
             usage_totals: g.alloc_zeros("usage totals of the batch", 2)?,
             entropy: g.alloc_zeros("usage entropy", 1)?,
             dead_flags: g.alloc_zeros("dead-code flags", k)?,
-            dead_list: g.alloc_zeros("dead codes", k)?,
-            dead_count: g.alloc_zeros("dead-code count", 1)?,
+            dead_list: DeviceList::new(g, k, "dead codes")?,
             step_scratch: StepScratch::new(g)?,
             sort_scratch: SortScratch::new(),
             batch: None,
@@ -322,22 +321,15 @@ impl<G: Gpu> DeviceQuantizer<G> {
         let xk: &G::Buf<f32> = if kept < n { &batch.kept_x } else { x.buf() };
 
         let mut initialized = false;
-        if train {
-            // Each step draws from a stream that depends only on (seed, step), as on the CPU.
-            self.rng = step_rng(self.config.seed, self.step);
-        }
-        if train && !self.initted {
-            if kept == 0 {
-                return Err(Error::Empty {
-                    what: "first training batch".into(),
-                    detail: "every row is masked: nothing to initialise the codebook from".into(),
-                });
+        // As on the CPU: the step's generator, and the first batch must keep a row.
+        if let Some(rng) = start_step(&self.config, self.step, train, self.initted, kept)? {
+            self.rng = rng;
+            if !self.initted {
+                // The one host copy: the seeding runs exactly as on the CPU.
+                let rows = g.read("first batch", xk, 0, kept * d)?;
+                self.initialize(&Matrix::new(rows, kept, d)?)?;
+                initialized = true;
             }
-            // The one host copy: the seeding runs exactly as on the CPU.
-            let rows = g.read("first batch", xk, 0, kept * d)?;
-            let xh = Matrix::new(rows, kept, d)?;
-            self.initialize(&xh)?;
-            initialized = true;
         }
         let g = self.backend.gpu();
         self.backend
@@ -424,7 +416,6 @@ impl<G: Gpu> DeviceQuantizer<G> {
                     DeadScratch {
                         flags: &mut self.dead_flags,
                         list: &mut self.dead_list,
-                        count: &mut self.dead_count,
                         sort: &mut self.sort_scratch,
                     },
                 )?;
@@ -648,8 +639,7 @@ impl<G: Gpu> Batch<G> {
 /// The device buffers dead-code detection uses.
 struct DeadScratch<'a, G: Gpu> {
     flags: &'a mut G::Buf<u32>,
-    list: &'a mut G::Buf<u32>,
-    count: &'a mut G::Buf<u32>,
+    list: &'a mut DeviceList<G>,
     sort: &'a mut SortScratch<G>,
 }
 
@@ -672,12 +662,12 @@ fn reseed_dead_codes<G: Gpu>(
     }
     let k = config.codebook_size;
     sort::flags_below(g, &ema.cluster_size, threshold, k, s.flags)?;
-    sort::compact(g, s.flags, k, s.list, s.count, s.sort)?;
-    let n_dead = g.download("dead-code count", s.count)?[0] as usize;
+    sort::compact(g, s.flags, k, &mut s.list.rows, &mut s.list.count, s.sort)?;
+    let n_dead = g.download("dead-code count", &s.list.count)?[0] as usize;
     if n_dead == 0 || rows == 0 {
         return Ok((n_dead, 0));
     }
-    let dead = g.read("dead codes", s.list, 0, n_dead)?;
+    let dead = g.read("dead codes", &s.list.rows, 0, n_dead)?;
     let (dead, picked) = choose_reseeds(dead, rows, rng);
     let take = dead.len();
     let picked: Vec<u32> = picked.into_iter().map(|r| r as u32).collect();

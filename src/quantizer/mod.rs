@@ -282,20 +282,12 @@ impl VectorQuantizer {
         };
 
         let mut initialized = false;
-        if train {
-            // Each training step draws from a stream that depends only on (seed, step), so a
-            // quantizer resumed from a checkpoint samples exactly as an uninterrupted one.
-            self.rng = step_rng(self.config.seed, self.step);
-        }
-        if train && !self.initted {
-            if kept == 0 {
-                return Err(Error::Empty {
-                    what: "first training batch".into(),
-                    detail: "every row is masked: nothing to initialise the codebook from".into(),
-                });
+        if let Some(rng) = start_step(&self.config, self.step, train, self.initted, kept)? {
+            self.rng = rng;
+            if !self.initted {
+                self.initialize(xk)?;
+                initialized = true;
             }
-            self.initialize(xk)?;
-            initialized = true;
         }
 
         let assignment = self
@@ -434,6 +426,30 @@ impl std::fmt::Debug for VectorQuantizer {
 
 /// The random stream of training step `step` (0-based: steps taken before it): the seed
 /// itself for the first step, so the init draws what a fresh `seed_from_u64(seed)` would.
+/// The start of a forward pass, as the CPU and device quantizers share it: for a training step
+/// (`train`), the generator it draws from, and an error when the codebook is still to be
+/// initialised (`!initted`) from a batch with no kept row; `None` when not training.
+fn start_step(
+    config: &QuantizerConfig,
+    step: u64,
+    train: bool,
+    initted: bool,
+    kept: usize,
+) -> Result<Option<ChaCha8Rng>> {
+    if !train {
+        return Ok(None);
+    }
+    if !initted && kept == 0 {
+        return Err(Error::Empty {
+            what: "first training batch".into(),
+            detail: "every row is masked: nothing to initialise the codebook from".into(),
+        });
+    }
+    // Each training step draws from a stream that depends only on (seed, step), so a
+    // quantizer resumed from a checkpoint samples exactly as an uninterrupted one.
+    Ok(Some(step_rng(config.seed, step)))
+}
+
 fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }

@@ -209,13 +209,10 @@ impl<G: Gpu> DeviceMlp<G> {
             };
             let l = &mut rest[0];
             mlp::bias_rows(g, &l.bias, b, l.outputs, l.linear_out.buf_mut())?;
-            let shape = GemmShape {
-                a: (b, l.inputs),
-                ta: false,
-                b: (l.outputs, l.inputs),
-                tb: true,
-                accumulate: true,
-            };
+            // As Linear::forward: y += x·Wᵀ.
+            let shape = GemmShape::new((b, l.inputs), (l.outputs, l.inputs))
+                .transpose_b()
+                .accumulating();
             g.gemm(shape, l.linear_out.buf_mut(), input, &l.weight)?;
             if i == last {
                 break;
@@ -292,22 +289,12 @@ impl<G: Gpu> DeviceMlp<G> {
                 }
             };
             // As Linear::backward: dW += dyᵀ·x, db += Σ dy, dx = dy·W.
-            let dw = GemmShape {
-                a: (b, l.outputs),
-                ta: true,
-                b: (b, l.inputs),
-                tb: false,
-                accumulate: true,
-            };
+            let dw = GemmShape::new((b, l.outputs), (b, l.inputs))
+                .transpose_a()
+                .accumulating();
             g.gemm(dw, &mut l.grad_weight, d_out, input)?;
             mlp::column_sums_add(g, d_out, b, l.outputs, &mut l.grad_bias)?;
-            let dx = GemmShape {
-                a: (b, l.outputs),
-                ta: false,
-                b: (l.outputs, l.inputs),
-                tb: false,
-                accumulate: false,
-            };
+            let dx = GemmShape::new((b, l.outputs), (l.outputs, l.inputs));
             g.gemm(dx, l.grad_input.buf_mut(), d_out, &l.weight)?;
         }
         Ok(())
@@ -364,13 +351,7 @@ impl<G: Gpu> DeviceTrainer<G> {
         let g = backend.gpu();
         // A 1×1 product first: a GPU without a loadable cuBLAS fails here, with its reason,
         // rather than at the first step.
-        let probe = GemmShape {
-            a: (1, 1),
-            ta: false,
-            b: (1, 1),
-            tb: false,
-            accumulate: false,
-        };
+        let probe = GemmShape::new((1, 1), (1, 1));
         let one = g.upload("matrix product probe", &[1.0f32])?;
         let mut out = g.alloc_zeros("matrix product probe", 1)?;
         g.gemm(probe, &mut out, &one, &one)?;

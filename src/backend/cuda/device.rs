@@ -48,6 +48,35 @@ pub struct GemmShape {
 }
 
 impl GemmShape {
+    /// `out = a·b`: `a` and `b` as stored (rows, cols), neither transposed, `out` overwritten.
+    pub fn new(a: (usize, usize), b: (usize, usize)) -> Self {
+        GemmShape {
+            a,
+            ta: false,
+            b,
+            tb: false,
+            accumulate: false,
+        }
+    }
+
+    /// This product with `a` transposed.
+    pub fn transpose_a(self) -> Self {
+        GemmShape { ta: true, ..self }
+    }
+
+    /// This product with `b` transposed.
+    pub fn transpose_b(self) -> Self {
+        GemmShape { tb: true, ..self }
+    }
+
+    /// This product added to `out` instead of overwriting it.
+    pub fn accumulating(self) -> Self {
+        GemmShape {
+            accumulate: true,
+            ..self
+        }
+    }
+
     /// (m, n, k), or an error when op(a) and op(b) do not chain.
     pub fn mnk(&self) -> Result<(usize, usize, usize)> {
         let (m, k) = if self.ta {
@@ -251,7 +280,7 @@ pub trait Gpu: Send + Sync + 'static {
     fn transfers(&self) -> Transfers;
 
     /// Launches `kernel` with `args` (asynchronously on a real GPU, in order on the device's
-    /// stream). `op` names the launch in errors.
+    /// stream); errors name the kernel.
     ///
     /// # Safety
     /// `args` must match the kernel's parameters in order and type, every buffer must hold at
@@ -260,7 +289,6 @@ pub trait Gpu: Send + Sync + 'static {
     unsafe fn launch(
         &self,
         kernel: KernelId,
-        op: &str,
         shape: LaunchShape,
         args: &mut [Arg<'_, Self>],
     ) -> Result<()>;

@@ -310,7 +310,6 @@ impl Gpu for CudaGpu {
     unsafe fn launch(
         &self,
         kernel: KernelId,
-        op: &str,
         shape: LaunchShape,
         args: &mut [Arg<'_, Self>],
     ) -> Result<()> {
@@ -339,7 +338,7 @@ impl Gpu for CudaGpu {
         }
         // SAFETY: the caller guarantees (this method's contract) that `args` match the
         // kernel's parameters and that every buffer covers what the kernel touches for them.
-        unsafe { b.launch(cfg) }.op(op)?;
+        unsafe { b.launch(cfg) }.op(kernel.name())?;
         Ok(())
     }
 

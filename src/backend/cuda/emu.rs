@@ -257,13 +257,12 @@ impl Gpu for EmuGpu {
     unsafe fn launch(
         &self,
         kernel: KernelId,
-        op: &str,
         shape: LaunchShape,
         args: &mut [Arg<'_, Self>],
     ) -> Result<()> {
         // SAFETY: self.kernels holds pointers into the static table; the rest is forwarded
         // from this method's contract.
-        unsafe { launch_raw(&*self.kernels[kernel.0], op, shape, args) }
+        unsafe { launch_raw(&*self.kernels[kernel.0], kernel.name(), shape, args) }
     }
 
     fn gemm(
@@ -295,6 +294,25 @@ impl Gpu for EmuGpu {
     }
 }
 
+/// A read-only buffer argument: its data pointer, the size of a pointer parameter, by pointer.
+fn shared<T>(b: &EmuBuf<T>) -> (*mut c_void, usize, bool) {
+    (b.data.as_ptr() as *mut c_void, size_of::<*const T>(), true)
+}
+
+/// A written buffer argument, as [`shared`].
+fn exclusive<T>(b: &mut EmuBuf<T>) -> (*mut c_void, usize, bool) {
+    (
+        b.data.as_mut_ptr() as *mut c_void,
+        size_of::<*mut T>(),
+        true,
+    )
+}
+
+/// A scalar argument: a pointer to its value and its size.
+fn scalar<T>(v: &mut T) -> (*mut c_void, usize, bool) {
+    (v as *mut T as *mut c_void, size_of::<T>(), false)
+}
+
 /// Runs `kernel` on the emulator with `args` and waits for it.
 ///
 /// # Safety
@@ -312,51 +330,19 @@ unsafe fn launch_raw(
     let mut by_pointer = Vec::with_capacity(args.len());
     for a in args.iter_mut() {
         let (p, size, buffer) = match a {
-            Arg::F32(b) => (
-                b.data.as_ptr() as *mut c_void,
-                size_of::<*const f32>(),
-                true,
-            ),
-            Arg::F32Mut(b) => (
-                b.data.as_mut_ptr() as *mut c_void,
-                size_of::<*mut f32>(),
-                true,
-            ),
-            Arg::U32(b) => (
-                b.data.as_ptr() as *mut c_void,
-                size_of::<*const u32>(),
-                true,
-            ),
-            Arg::U32Mut(b) => (
-                b.data.as_mut_ptr() as *mut c_void,
-                size_of::<*mut u32>(),
-                true,
-            ),
-            Arg::U64(b) => (
-                b.data.as_ptr() as *mut c_void,
-                size_of::<*const u64>(),
-                true,
-            ),
-            Arg::U64Mut(b) => (
-                b.data.as_mut_ptr() as *mut c_void,
-                size_of::<*mut u64>(),
-                true,
-            ),
-            Arg::F64(b) => (
-                b.data.as_ptr() as *mut c_void,
-                size_of::<*const f64>(),
-                true,
-            ),
-            Arg::F64Mut(b) => (
-                b.data.as_mut_ptr() as *mut c_void,
-                size_of::<*mut f64>(),
-                true,
-            ),
-            Arg::I64(v) => (v as *mut i64 as *mut c_void, size_of::<i64>(), false),
-            Arg::I32(v) => (v as *mut i32 as *mut c_void, size_of::<i32>(), false),
-            Arg::U32Val(v) => (v as *mut u32 as *mut c_void, size_of::<u32>(), false),
-            Arg::F32Val(v) => (v as *mut f32 as *mut c_void, size_of::<f32>(), false),
-            Arg::F64Val(v) => (v as *mut f64 as *mut c_void, size_of::<f64>(), false),
+            Arg::F32(b) => shared(b),
+            Arg::F32Mut(b) => exclusive(b),
+            Arg::U32(b) => shared(b),
+            Arg::U32Mut(b) => exclusive(b),
+            Arg::U64(b) => shared(b),
+            Arg::U64Mut(b) => exclusive(b),
+            Arg::F64(b) => shared(b),
+            Arg::F64Mut(b) => exclusive(b),
+            Arg::I64(v) => scalar(v),
+            Arg::I32(v) => scalar(v),
+            Arg::U32Val(v) => scalar(v),
+            Arg::F32Val(v) => scalar(v),
+            Arg::F64Val(v) => scalar(v),
         };
         values.push(p);
         sizes.push(size);

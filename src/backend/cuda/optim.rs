@@ -11,9 +11,11 @@
 //!
 //! tests/device_optim.rs checks both against the CPU.
 
-use super::device::{Arg, Gpu, LaunchShape};
+use super::device::Gpu;
 use super::kernels::{self, tiles};
-use super::launch::{check_len, grid_stride, i64_of};
+use super::launch::{
+    check_len, grid_stride, launch_args, launcher, reduce_shape, reduce_stage2, run,
+};
 use crate::error::{Error, Result};
 use crate::train::{AdamW, AdamWConfig};
 
@@ -172,113 +174,74 @@ impl<G: Gpu> DeviceAdamW<G> {
             )));
         }
         let (first, total) = (self.offsets[first_tensor], self.len());
-        check_len(gpu, params, total, "parameters")?;
-        check_len(gpu, grads, total, "gradients")?;
-        check_len(gpu, &self.m, total, "AdamW first moments")?;
-        check_len(gpu, &self.v, total, "AdamW second moments")?;
-        check_len(gpu, &self.decay, total, "AdamW decay flags")?;
+        let c = self.config;
+        let (bc1, bc2) = c.bias_corrections(t);
+        let mut args = launch_args![gpu;
+            F32Mut(params; total, "parameters"), F32(grads; total, "gradients"),
+            F32Mut(&mut self.m; total, "AdamW first moments"),
+            F32Mut(&mut self.v; total, "AdamW second moments"),
+            U32(&self.decay; total, "AdamW decay flags"), Len(first, "first parameter"),
+            Len(total, "parameters"), F64Val(c.beta1), F64Val(1.0 - c.beta1), F64Val(c.beta2),
+            F64Val(1.0 - c.beta2), F64Val(bc1), F64Val(bc2), F64Val(c.eps), F64Val(lr),
+            F64Val(c.shrink(lr)),
+        ];
         if first == total {
             return Ok(());
         }
-        let c = self.config;
-        let (bc1, bc2) = c.bias_corrections(t);
-        let kernel = kernels::ADAMW_F32;
-        let shape = grid_stride(gpu, total - first);
-        let mut args = [
-            Arg::F32Mut(params),
-            Arg::F32(grads),
-            Arg::F32Mut(&mut self.m),
-            Arg::F32Mut(&mut self.v),
-            Arg::U32(&self.decay),
-            Arg::I64(i64_of(first, "first parameter")?),
-            Arg::I64(i64_of(total, "parameters")?),
-            Arg::F64Val(c.beta1),
-            Arg::F64Val(1.0 - c.beta1),
-            Arg::F64Val(c.beta2),
-            Arg::F64Val(1.0 - c.beta2),
-            Arg::F64Val(bc1),
-            Arg::F64Val(bc2),
-            Arg::F64Val(c.eps),
-            Arg::F64Val(lr),
-            Arg::F64Val(c.shrink(lr)),
-        ];
         // SAFETY: the arguments follow adamw_f32(float* params, const float* grads, float* m,
         // float* v, const u32* decay, long long first, long long n, double beta1, double omb1,
         // double beta2, double omb2, double bc1, double bc2, double eps, double lr,
         // double shrink). params, grads, m, v and decay hold ≥ n = total values (checked
         // above); the grid-stride loop touches only [first, n) with first < n.
-        unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }
+        unsafe {
+            run(
+                gpu,
+                kernels::ADAMW_F32,
+                grid_stride(gpu, total - first),
+                &mut args,
+            )
+        }
     }
 }
 
-/// ‖g‖ = sqrt(Σ g[e]², e in first_elem..len) into `norm_out[0]` (f64), then, when
-/// `max_norm > 0` and ‖g‖ > max_norm, every g[e] of that range ← (f32)(g[e]·s) with
-/// s = max_norm/(‖g‖ + 1e-12), as [`crate::train::clip_global_norm`] clips; the scale is taken
-/// from the norm on the device. `len` is the end of the range (P, not a count); `scratch` holds
-/// at least [`CLIP_SCRATCH_LEN`] f64 partials.
-pub fn clip_global_norm<G: Gpu>(
-    gpu: &G,
-    grads: &mut G::Buf<f32>,
-    first_elem: usize,
-    len: usize,
-    max_norm: f64,
-    scratch: &mut G::Buf<f64>,
-    norm_out: &mut G::Buf<f64>,
-) -> Result<()> {
-    if first_elem > len {
-        return Err(Error::InvalidArgument(format!(
-            "clip_global_norm: first element {first_elem} beyond the end {len}"
-        )));
+launcher! {
+    /// ‖g‖ = sqrt(Σ g[e]², e in first_elem..len) into `norm_out[0]` (f64), then, when
+    /// `max_norm > 0` and ‖g‖ > max_norm, every g[e] of that range ← (f32)(g[e]·s) with
+    /// s = max_norm/(‖g‖ + 1e-12), as [`crate::train::clip_global_norm`] clips; the scale is taken
+    /// from the norm on the device. `len` is the end of the range (P, not a count); `scratch` holds
+    /// at least [`CLIP_SCRATCH_LEN`] f64 partials.
+    pub fn clip_global_norm(gpu, grads: &mut G::Buf<f32>, first_elem: usize, len: usize,
+        max_norm: f64, scratch: &mut G::Buf<f64>, norm_out: &mut G::Buf<f64>) {
+        if first_elem > len {
+            return Err(Error::InvalidArgument(format!(
+                "clip_global_norm: first element {first_elem} beyond the end {len}"
+            )));
+        }
+        check_len(gpu, norm_out, 1, "global norm")?;
+        let m = CLIP_SCRATCH_LEN;
+        let mut args = launch_args![gpu;
+            F32(&*grads; len, "gradients"), Len(first_elem, "first element"), Len(len, "gradients"),
+            F64Mut(scratch; m, "norm partials"),
+        ];
+        // SAFETY: sq_sum_partial_f64(const float* g, long long first, long long n,
+        // double* partials): g holds ≥ n values and is read only in [first, n); the fixed grid of
+        // REDUCE_BLOCKS × REDUCE_THREADS (the kernel's shape) writes partials[0..REDUCE_BLOCKS),
+        // which scratch holds (checked above).
+        unsafe { run(gpu, kernels::SQ_SUM_PARTIAL_F64, reduce_shape(m), &mut args)? };
+        reduce_stage2(gpu, kernels::GLOBAL_NORM_F64, scratch, norm_out)?;
+
+        // NaN or ≤ 0: no clipping (the kernel checks again, with the norm).
+        if max_norm.is_nan() || max_norm <= 0.0 || first_elem == len {
+            return Ok(());
+        }
+        let shape = grid_stride(gpu, len - first_elem);
+        let mut args = launch_args![gpu;
+            F32Mut(grads), Len(first_elem, "first element"), Len(len, "gradients"), F64(&*norm_out),
+            F64Val(max_norm),
+        ];
+        // SAFETY: clip_by_norm_f32(float* g, long long first, long long n, const double* norm,
+        // double max_norm): g holds ≥ n values, the grid-stride loop touches only [first, n);
+        // norm_out holds ≥ 1 value.
+        unsafe { run(gpu, kernels::CLIP_BY_NORM_F32, shape, &mut args) }
     }
-    check_len(gpu, grads, len, "gradients")?;
-    check_len(gpu, scratch, CLIP_SCRATCH_LEN, "norm partials")?;
-    check_len(gpu, norm_out, 1, "global norm")?;
-    let (first, n) = (
-        i64_of(first_elem, "first element")?,
-        i64_of(len, "gradients")?,
-    );
-
-    let kernel = kernels::SQ_SUM_PARTIAL_F64;
-    let shape = LaunchShape::linear(tiles::REDUCE_BLOCKS as u32, tiles::REDUCE_THREADS as u32);
-    let mut args = [
-        Arg::F32(&*grads),
-        Arg::I64(first),
-        Arg::I64(n),
-        Arg::F64Mut(scratch),
-    ];
-    // SAFETY: sq_sum_partial_f64(const float* g, long long first, long long n,
-    // double* partials): g holds ≥ n values and is read only in [first, n); the fixed grid of
-    // REDUCE_BLOCKS × REDUCE_THREADS (the kernel's shape) writes partials[0..REDUCE_BLOCKS),
-    // which scratch holds (checked above).
-    unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args)? };
-
-    let kernel = kernels::GLOBAL_NORM_F64;
-    let shape = LaunchShape::linear(1, tiles::REDUCE_THREADS as u32);
-    let mut args = [
-        Arg::F64(&*scratch),
-        Arg::I64(tiles::REDUCE_BLOCKS as i64),
-        Arg::F64Mut(norm_out),
-    ];
-    // SAFETY: global_norm_f64(const double* partials, long long m, double* norm): one block of
-    // REDUCE_THREADS threads reads partials[0..m) (m = REDUCE_BLOCKS ≤ its length) and writes
-    // norm[0] (norm_out holds ≥ 1 value).
-    unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args)? };
-
-    // NaN or ≤ 0: no clipping (the kernel checks again, with the norm).
-    if max_norm.is_nan() || max_norm <= 0.0 || first_elem == len {
-        return Ok(());
-    }
-    let kernel = kernels::CLIP_BY_NORM_F32;
-    let shape = grid_stride(gpu, len - first_elem);
-    let mut args = [
-        Arg::F32Mut(grads),
-        Arg::I64(first),
-        Arg::I64(n),
-        Arg::F64(&*norm_out),
-        Arg::F64Val(max_norm),
-    ];
-    // SAFETY: clip_by_norm_f32(float* g, long long first, long long n, const double* norm,
-    // double max_norm): g holds ≥ n values, the grid-stride loop touches only [first, n);
-    // norm_out holds ≥ 1 value.
-    unsafe { gpu.launch(kernel, kernel.name(), shape, &mut args) }
 }

@@ -22,7 +22,7 @@
 //! ```
 
 use super::device::Gpu;
-use super::launch::{self, FlagPass, NearestOperands, RowList};
+use super::launch::{self, DeviceList, FlagPass, NearestOperands, NearestOut};
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::{Assignment, MAX_CODES, Metric, Precision};
@@ -357,18 +357,15 @@ impl<G: Gpu> DeviceCodebook<G> {
 /// fixed number of rows: reuse it across calls.
 pub struct DeviceAssignment<G: Gpu> {
     n: usize,
-    indices: G::Buf<u32>,
+    /// The winning code per row (`best`: the indices), its score and the runner-up's.
+    found: NearestOut<G>,
     distances: G::Buf<f32>,
-    best_score: G::Buf<f32>,
-    second_score: G::Buf<f32>,
     /// Rows flagged by the first flag pass, and their count.
-    list_a: G::Buf<u32>,
-    count_a: G::Buf<u32>,
+    list_a: DeviceList<G>,
     /// Rows flagged again after the f32 rescore of a low-precision search.
-    list_b: G::Buf<u32>,
-    count_b: G::Buf<u32>,
-    /// Whether the rows recomputed in f64 are counted in `count_b` (low precision) or
-    /// `count_a`.
+    list_b: DeviceList<G>,
+    /// Whether the rows recomputed in f64 are counted in `list_b` (low precision) or
+    /// `list_a`.
     final_b: bool,
     /// Cosine only: x normalised.
     x_normalized: Option<G::Buf<f32>>,
@@ -379,14 +376,10 @@ impl<G: Gpu> DeviceAssignment<G> {
     pub fn new(gpu: &G, n: usize) -> Result<Self> {
         Ok(DeviceAssignment {
             n,
-            indices: gpu.alloc_zeros("indices", n)?,
+            found: NearestOut::new(gpu, n)?,
             distances: gpu.alloc_zeros("distances", n)?,
-            best_score: gpu.alloc_zeros("best scores", n)?,
-            second_score: gpu.alloc_zeros("runner-up scores", n)?,
-            list_a: gpu.alloc_zeros("flagged rows", n)?,
-            count_a: gpu.alloc_zeros("flagged count", 1)?,
-            list_b: gpu.alloc_zeros("flagged rows", n)?,
-            count_b: gpu.alloc_zeros("flagged count", 1)?,
+            list_a: DeviceList::new(gpu, n, "flagged rows")?,
+            list_b: DeviceList::new(gpu, n, "flagged rows")?,
             final_b: false,
             x_normalized: None,
         })
@@ -398,7 +391,7 @@ impl<G: Gpu> DeviceAssignment<G> {
     }
     /// The winning code per row (n values on the device).
     pub fn indices(&self) -> &G::Buf<u32> {
-        &self.indices
+        &self.found.best
     }
     /// The winning distance per row (n values on the device).
     pub fn distances(&self) -> &G::Buf<f32> {
@@ -406,20 +399,43 @@ impl<G: Gpu> DeviceAssignment<G> {
     }
     /// Rows the last search recomputed in f64 (reads 4 bytes back).
     pub fn rechecked(&self, gpu: &G) -> Result<usize> {
-        let count = if self.final_b {
-            &self.count_b
+        let list = if self.final_b {
+            &self.list_b
         } else {
-            &self.count_a
+            &self.list_a
         };
-        Ok(gpu.download("recheck count", count)?[0] as usize)
+        Ok(gpu.download("recheck count", &list.count)?[0] as usize)
     }
     /// Copies indices, distances and the recheck count to the host.
     pub fn fetch(&self, gpu: &G) -> Result<Assignment> {
         Ok(Assignment {
-            indices: gpu.download("indices", &self.indices)?,
+            indices: gpu.download("indices", &self.found.best)?,
             distances: gpu.download("distances", &self.distances)?,
             rechecked: self.rechecked(gpu)?,
         })
+    }
+}
+
+/// The flag pass over the rows of `x` against `codebook`'s rows with the candidates `found`,
+/// scored at `precision`.
+fn flag_pass<'a, G: Gpu>(
+    x: &'a DeviceMatrix<G>,
+    codebook: &'a DeviceCodebook<G>,
+    found: &'a NearestOut<G>,
+    precision: Precision,
+    exact_distance: bool,
+) -> FlagPass<'a, G> {
+    FlagPass {
+        x: x.buf(),
+        codebook: codebook.rows().buf(),
+        max_norm_bits: &codebook.max_norm_bits,
+        found,
+        n: x.rows(),
+        k: codebook.codes(),
+        d: x.cols(),
+        metric: codebook.metric(),
+        precision,
+        exact_distance,
     }
 }
 
@@ -479,86 +495,51 @@ pub fn nearest<G: Gpu>(
         k,
         d,
     };
-    launch::nearest_into(
-        gpu,
-        precision,
-        &operands,
-        &mut out.indices,
-        &mut out.best_score,
-        &mut out.second_score,
-    )?;
-    let pass = FlagPass {
-        x: x.buf(),
-        codebook: codebook.rows().buf(),
-        max_norm_bits: &codebook.max_norm_bits,
-        best: &out.indices,
-        best_score: &out.best_score,
-        second_score: &out.second_score,
-        n,
-        k,
-        d,
-        metric,
-        precision,
-        exact_distance: precision != Precision::Exact,
-    };
+    launch::nearest_into(gpu, precision, &operands, &mut out.found)?;
+    let low_precision = precision != Precision::Exact;
+    let pass = flag_pass(x, codebook, &out.found, precision, low_precision);
+    let a = &mut out.list_a;
     launch::recheck_flag(
         gpu,
         &pass,
         None,
         &mut out.distances,
-        &mut out.list_a,
-        &mut out.count_a,
+        &mut a.rows,
+        &mut a.count,
     )?;
-    out.final_b = precision != Precision::Exact;
-    if out.final_b {
+    out.final_b = low_precision;
+    if low_precision {
         // The flagged rows' low-precision scores are replaced by exact-f32 ones, which have
         // the (much) tighter f32 bound: most leave the list before the f64 pass.
+        let (a, f) = (&out.list_a, &mut out.found);
+        let (best, best_score, second_score) =
+            (&mut f.best, &mut f.best_score, &mut f.second_score);
         launch::nearest_rows(
             gpu,
             &operands,
-            &out.list_a,
-            &out.count_a,
-            &mut out.indices,
-            &mut out.best_score,
-            &mut out.second_score,
+            &a.rows,
+            &a.count,
+            best,
+            best_score,
+            second_score,
         )?;
-        launch::recheck_flag(
-            gpu,
-            &FlagPass {
-                x: x.buf(),
-                codebook: codebook.rows().buf(),
-                max_norm_bits: &codebook.max_norm_bits,
-                best: &out.indices,
-                best_score: &out.best_score,
-                second_score: &out.second_score,
-                n,
-                k,
-                d,
-                metric,
-                precision: Precision::Exact,
-                exact_distance: true,
-            },
-            Some(RowList {
-                rows: &out.list_a,
-                count: &out.count_a,
-            }),
-            &mut out.distances,
-            &mut out.list_b,
-            &mut out.count_b,
-        )?;
+        let pass = flag_pass(x, codebook, &out.found, Precision::Exact, true);
+        let b = &mut out.list_b;
+        let (a, dist) = (Some(out.list_a.as_list()), &mut out.distances);
+        launch::recheck_flag(gpu, &pass, a, dist, &mut b.rows, &mut b.count)?;
     }
-    let (list, count) = if out.final_b {
-        (&out.list_b, &out.count_b)
+    let list = if out.final_b {
+        &out.list_b
     } else {
-        (&out.list_a, &out.count_a)
+        &out.list_a
     };
     launch::nearest_exact(
         gpu,
         x.buf(),
         codebook.rows().buf(),
-        list,
-        count,
-        &mut out.indices,
+        &list.rows,
+        &list.count,
+        &mut out.found.best,
         &mut out.distances,
         (n, k, d),
         metric,
