@@ -76,6 +76,24 @@ impl Error {
         }
     }
 
+    /// Two shapes that must agree do not: `what` is compared, `expected` against `got`.
+    ///
+    /// ```
+    /// let e = vqx::Error::shape("indices vs input rows", "3 indices", "2 indices");
+    /// assert!(e.to_string().contains("expected 3 indices, got 2 indices"));
+    /// ```
+    pub fn shape(
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
+        Error::Shape {
+            what: what.into(),
+            expected: expected.into(),
+            got: got.into(),
+        }
+    }
+
     /// A failure of `what` (say "encoding the summary as JSON") that is not the input's fault.
     ///
     /// ```

@@ -25,11 +25,11 @@ impl<'a> MatRef<'a> {
             .checked_mul(cols)
             .ok_or_else(|| Error::InvalidArgument(format!("{rows} × {cols} overflows usize")))?;
         if data.len() != want {
-            return Err(Error::Shape {
-                what: "matrix data".into(),
-                expected: format!("{rows} × {cols} = {want} values"),
-                got: format!("{} values", data.len()),
-            });
+            return Err(Error::shape(
+                "matrix data",
+                format!("{rows} × {cols} = {want} values"),
+                format!("{} values", data.len()),
+            ));
         }
         Ok(MatRef { data, rows, cols })
     }

@@ -89,14 +89,6 @@ pub struct Checkpoint {
     pub config: serde_json::Value,
 }
 
-fn shape_err(what: &str, expected: String, got: String) -> Error {
-    Error::Shape {
-        what: what.into(),
-        expected,
-        got,
-    }
-}
-
 /// Says which value of `counts` (tensor `name`) is not a finite, non-negative number.
 fn check_counts<T>(name: &str, counts: &[T]) -> std::result::Result<(), String>
 where
@@ -154,14 +146,14 @@ impl Checkpoint {
             }
             (Some(n), Some(m)) => {
                 if n.len() != k {
-                    return Err(shape_err(
+                    return Err(Error::shape(
                         "checkpoint ema.cluster_size",
                         format!("{k} values (one per code)"),
                         format!("{} values", n.len()),
                     ));
                 }
                 if (m.rows(), m.cols()) != (k, d) {
-                    return Err(shape_err(
+                    return Err(Error::shape(
                         "checkpoint ema.embed_avg",
                         format!("{k}×{d} (the codebook's shape)"),
                         format!("{}×{}", m.rows(), m.cols()),
@@ -173,7 +165,7 @@ impl Checkpoint {
         }
         if let Some(u) = &self.usage_total {
             if u.len() != k {
-                return Err(shape_err(
+                return Err(Error::shape(
                     "checkpoint usage.total",
                     format!("{k} values (one per code)"),
                     format!("{} values", u.len()),

@@ -60,11 +60,11 @@ pub fn run(args: Args) -> Result<()> {
         let codebook = super::load_codebook(codebook)?;
         let x = vqx::npy::read_matrix(input)?;
         if x.cols() != codebook.cols() {
-            return Err(Error::Shape {
-                what: format!("{} vs codebook width", input.display()),
-                expected: format!("{} columns", codebook.cols()),
-                got: format!("{} columns", x.cols()),
-            });
+            return Err(Error::shape(
+                format!("{} vs codebook width", input.display()),
+                format!("{} columns", codebook.cols()),
+                format!("{} columns", x.cols()),
+            ));
         }
         cfg.data = Some((x, codebook));
     }

@@ -45,11 +45,11 @@ pub fn encode(args: Args) -> Result<()> {
     let model = args.load()?;
     let mut reader = NpyMatrixReader::open(&args.input)?;
     if reader.cols() != model.config().data_dim {
-        return Err(Error::Shape {
-            what: format!("{} vs the model's data dimension", args.input.display()),
-            expected: format!("{} columns", model.config().data_dim),
-            got: format!("{} columns", reader.cols()),
-        });
+        return Err(Error::shape(
+            format!("{} vs the model's data dimension", args.input.display()),
+            format!("{} columns", model.config().data_dim),
+            format!("{} columns", reader.cols()),
+        ));
     }
     let n = reader.rows();
     if n == 0 {

@@ -88,14 +88,14 @@ pub fn run(args: Args) -> Result<()> {
         });
     }
     if input_d != d {
-        return Err(Error::Shape {
-            what: "input vs codebook".into(),
-            expected: format!(
+        return Err(Error::shape(
+            "input vs codebook",
+            format!(
                 "input rows of width {d}, the width of codebook {} ({k} × {d})",
                 args.codebook.display()
             ),
-            got: format!("input {} of shape {n} × {input_d}", args.input.display()),
-        });
+            format!("input {} of shape {n} × {input_d}", args.input.display()),
+        ));
     }
     let backend = select_with_precision(args.scoring.device(), args.scoring.precision())?;
     let chunk_rows = args

@@ -44,11 +44,11 @@ pub struct CodeSums {
 pub fn validate(x: MatRef<'_>, indices: &[u32], codes: usize) -> Result<()> {
     x.check_nonempty("input")?;
     if indices.len() != x.rows() {
-        return Err(Error::Shape {
-            what: "indices vs input rows".into(),
-            expected: format!("{} indices (one per input row)", x.rows()),
-            got: format!("{} indices", indices.len()),
-        });
+        return Err(Error::shape(
+            "indices vs input rows",
+            format!("{} indices (one per input row)", x.rows()),
+            format!("{} indices", indices.len()),
+        ));
     }
     crate::usage::validate(indices, codes)?;
     x.check_finite("input")

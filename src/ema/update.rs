@@ -46,11 +46,11 @@ impl EmaState {
     /// State from stored counts (K) and sums (K × D), e.g. a checkpoint.
     pub fn from_parts(cluster_size: Vec<f32>, embed_avg: Matrix) -> Result<Self> {
         if cluster_size.len() != embed_avg.rows() {
-            return Err(Error::Shape {
-                what: "EMA counts vs EMA sums".into(),
-                expected: format!("{} counts (one per row of the sums)", embed_avg.rows()),
-                got: format!("{} counts", cluster_size.len()),
-            });
+            return Err(Error::shape(
+                "EMA counts vs EMA sums",
+                format!("{} counts (one per row of the sums)", embed_avg.rows()),
+                format!("{} counts", cluster_size.len()),
+            ));
         }
         let what = "EMA state";
         embed_avg.as_ref().check_finite(what)?;
@@ -86,15 +86,15 @@ impl EmaState {
     /// N_k ← N_k + (1 − γ)(n_k − N_k), m_k ← m_k + (1 − γ)(s_k − m_k).
     pub fn update(&mut self, batch: &CodeSums, decay: f32) -> Result<()> {
         if batch.counts.len() != self.codes() || batch.sums.len() != self.embed_avg.len() {
-            return Err(Error::Shape {
-                what: "batch statistics vs EMA state".into(),
-                expected: format!("{} codes × {}", self.codes(), self.dim),
-                got: format!(
+            return Err(Error::shape(
+                "batch statistics vs EMA state",
+                format!("{} codes × {}", self.codes(), self.dim),
+                format!(
                     "{} counts and {} sums",
                     batch.counts.len(),
                     batch.sums.len()
                 ),
-            });
+            ));
         }
         // torch computes the weight as a Python double, then uses it as f32.
         let w = (1.0 - decay as f64) as f32;

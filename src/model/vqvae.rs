@@ -163,19 +163,19 @@ impl VqVae {
         ];
         for (what, got, want) in checks {
             if got != want {
-                return Err(Error::Shape {
-                    what: format!("{what} vs the VQ-VAE configuration"),
-                    expected: format!("{} → {:?} → {}", want.0, want.1, want.2),
-                    got: format!("{} → {:?} → {}", got.0, got.1, got.2),
-                });
+                return Err(Error::shape(
+                    format!("{what} vs the VQ-VAE configuration"),
+                    format!("{} → {:?} → {}", want.0, want.1, want.2),
+                    format!("{} → {:?} → {}", got.0, got.1, got.2),
+                ));
             }
         }
         if quantizer.config().dim != config.code_dim {
-            return Err(Error::Shape {
-                what: "quantizer dimension vs code dimension".into(),
-                expected: config.code_dim.to_string(),
-                got: quantizer.config().dim.to_string(),
-            });
+            return Err(Error::shape(
+                "quantizer dimension vs code dimension",
+                config.code_dim.to_string(),
+                quantizer.config().dim.to_string(),
+            ));
         }
         Ok(VqVae {
             config,
@@ -191,11 +191,11 @@ impl VqVae {
 
     fn check_input(&self, x: MatRef<'_>) -> Result<()> {
         if x.cols() != self.config.data_dim {
-            return Err(Error::Shape {
-                what: "data width vs the model's data dimension".into(),
-                expected: format!("{} columns", self.config.data_dim),
-                got: format!("{} columns", x.cols()),
-            });
+            return Err(Error::shape(
+                "data width vs the model's data dimension",
+                format!("{} columns", self.config.data_dim),
+                format!("{} columns", x.cols()),
+            ));
         }
         x.check_nonempty("data batch")?;
         x.check_finite("data batch")

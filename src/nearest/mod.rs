@@ -109,11 +109,11 @@ pub fn validate(x: MatRef<'_>, codebook: MatRef<'_>) -> Result<()> {
     codebook.check_nonempty("codebook")?;
     x.check_nonempty("input")?;
     if x.cols() != codebook.cols() {
-        return Err(Error::Shape {
-            what: "input width vs codebook width".into(),
-            expected: format!("{} columns (the codebook's dimension)", codebook.cols()),
-            got: format!("{} columns", x.cols()),
-        });
+        return Err(Error::shape(
+            "input width vs codebook width",
+            format!("{} columns (the codebook's dimension)", codebook.cols()),
+            format!("{} columns", x.cols()),
+        ));
     }
     if codebook.rows() > MAX_CODES {
         return Err(Error::InvalidArgument(format!(

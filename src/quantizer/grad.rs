@@ -91,11 +91,11 @@ pub(super) fn check_like_forward(
     (n, d): (usize, usize),
 ) -> Result<()> {
     if got != (n, d) {
-        return Err(Error::Shape {
-            what: format!("{what} vs the forward pass"),
-            expected: format!("{n} × {d}"),
-            got: format!("{} × {}", got.0, got.1),
-        });
+        return Err(Error::shape(
+            format!("{what} vs the forward pass"),
+            format!("{n} × {d}"),
+            format!("{} × {}", got.0, got.1),
+        ));
     }
     Ok(())
 }

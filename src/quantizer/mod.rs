@@ -144,11 +144,11 @@ impl VectorQuantizer {
         let mut vq = Self::build(config, codebook, true)?;
         if let Some(e) = ema {
             if (e.codes(), e.dim()) != (vq.config.codebook_size, vq.config.dim) {
-                return Err(Error::Shape {
-                    what: "EMA state vs codebook".into(),
-                    expected: format!("{} × {}", vq.config.codebook_size, vq.config.dim),
-                    got: format!("{} × {}", e.codes(), e.dim()),
-                });
+                return Err(Error::shape(
+                    "EMA state vs codebook",
+                    format!("{} × {}", vq.config.codebook_size, vq.config.dim),
+                    format!("{} × {}", e.codes(), e.dim()),
+                ));
             }
             if vq.ema.is_some() {
                 vq.ema = Some(e);
@@ -156,11 +156,11 @@ impl VectorQuantizer {
         }
         if let Some(u) = usage_total {
             if u.len() != vq.config.codebook_size {
-                return Err(Error::Shape {
-                    what: "cumulative usage vs codebook".into(),
-                    expected: format!("{} counts", vq.config.codebook_size),
-                    got: format!("{} counts", u.len()),
-                });
+                return Err(Error::shape(
+                    "cumulative usage vs codebook",
+                    format!("{} counts", vq.config.codebook_size),
+                    format!("{} counts", u.len()),
+                ));
             }
             vq.usage_total = u;
         }
@@ -262,11 +262,11 @@ impl VectorQuantizer {
         if let Some(m) = mask
             && m.len() != x.rows()
         {
-            return Err(Error::Shape {
-                what: "mask vs input rows".into(),
-                expected: format!("{} flags (one per row)", x.rows()),
-                got: format!("{} flags", m.len()),
-            });
+            return Err(Error::shape(
+                "mask vs input rows",
+                format!("{} flags (one per row)", x.rows()),
+                format!("{} flags", m.len()),
+            ));
         }
         x.check_finite("input")?;
         let kept_rows: Option<Vec<usize>> = mask.map(|m| (0..m.len()).filter(|&i| m[i]).collect());
@@ -461,11 +461,11 @@ fn check_codebook_shape(config: &QuantizerConfig, codebook: &Matrix) -> Result<(
 /// A codebook of `rows` × `cols` fits the configuration (K × D).
 fn check_codebook_dims(config: &QuantizerConfig, rows: usize, cols: usize) -> Result<()> {
     if (rows, cols) != (config.codebook_size, config.dim) {
-        return Err(Error::Shape {
-            what: "codebook vs quantizer configuration".into(),
-            expected: format!("{} × {}", config.codebook_size, config.dim),
-            got: format!("{rows} × {cols}"),
-        });
+        return Err(Error::shape(
+            "codebook vs quantizer configuration",
+            format!("{} × {}", config.codebook_size, config.dim),
+            format!("{rows} × {cols}"),
+        ));
     }
     Ok(())
 }
@@ -474,11 +474,11 @@ fn check_codebook_dims(config: &QuantizerConfig, rows: usize, cols: usize) -> Re
 fn check_input_width(config: &QuantizerConfig, cols: usize) -> Result<()> {
     let d = config.dim;
     if cols != d {
-        return Err(Error::Shape {
-            what: "input width vs quantizer dimension".into(),
-            expected: format!("{d} columns"),
-            got: format!("{cols} columns"),
-        });
+        return Err(Error::shape(
+            "input width vs quantizer dimension",
+            format!("{d} columns"),
+            format!("{cols} columns"),
+        ));
     }
     Ok(())
 }

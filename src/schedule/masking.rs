@@ -235,11 +235,11 @@ pub fn mask_tokens(
         });
     }
     if !tokens.len().is_multiple_of(seq_len) {
-        return Err(Error::Shape {
-            what: "tokens".into(),
-            expected: format!("a multiple of the sequence length {seq_len}"),
-            got: format!("{} ids", tokens.len()),
-        });
+        return Err(Error::shape(
+            "tokens",
+            format!("a multiple of the sequence length {seq_len}"),
+            format!("{} ids", tokens.len()),
+        ));
     }
     config.validate()?;
 

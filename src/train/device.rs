@@ -34,18 +34,22 @@ pub(crate) struct DeviceStepOut {
     pub quantizer_seconds: f64,
 }
 
+/// What one step does besides its batch: the optimiser's settings for it.
+pub(crate) struct StepPlan {
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// AdamW's step count, this step included.
+    pub t: u64,
+    /// Global-norm clipping threshold.
+    pub clip: f64,
+    /// The encoder's parameters stay as they are (and its gradient is left out of the norm).
+    pub freeze_encoder: bool,
+}
+
 /// The device side of a [`super::Trainer`], whatever the device.
 pub(crate) trait DeviceEngine: Send {
-    /// One training step on the batch of training rows `rows` at learning rate `lr` (AdamW
-    /// step `t`), the encoder frozen when `freeze_encoder`.
-    fn step(
-        &mut self,
-        rows: &[u32],
-        lr: f64,
-        t: u64,
-        clip: f64,
-        freeze_encoder: bool,
-    ) -> Result<DeviceStepOut>;
+    /// One training step on the batch of training rows `rows`.
+    fn step(&mut self, rows: &[u32], plan: &StepPlan) -> Result<DeviceStepOut>;
     /// Writes the parameters, the optimiser's moments and the quantizer's state into the host
     /// model and optimiser (for checkpoints and evaluation).
     fn sync_to_host(&self, model: &mut VqVae, optimizer: &mut AdamW) -> Result<()>;
@@ -338,6 +342,25 @@ pub(crate) struct DeviceTrainer<G: Gpu> {
 }
 
 impl<G: Gpu> DeviceTrainer<G> {
+    /// Copies between the layers and their slots (`layout[i]` = (offset, len)) of the flat
+    /// buffers the optimiser runs over; returns how many slots the layers use.
+    fn copy_flat(&mut self, way: Flat) -> Result<usize> {
+        let g = self.backend.gpu();
+        let (enc, dec) = match way {
+            Flat::Into => (self.encoder.grads_mut(), self.decoder.grads_mut()),
+            Flat::From => (self.encoder.tensors_mut(), self.decoder.tensors_mut()),
+        };
+        let layers: Vec<_> = enc.into_iter().chain(dec).collect();
+        let used = layers.len();
+        for (tensor, &(at, len)) in layers.into_iter().zip(&self.layout) {
+            match way {
+                Flat::Into => g.copy_range("gradient", tensor, 0, &mut self.grads, at, len)?,
+                Flat::From => g.copy_range("parameter", &self.params, at, tensor, 0, len)?,
+            }
+        }
+        Ok(used)
+    }
+
     /// Copies the model, the optimiser's state and the training rows to the device.
     pub fn new(
         backend: GpuBackend<G>,
@@ -410,23 +433,33 @@ impl<G: Gpu> DeviceTrainer<G> {
     }
 }
 
+/// Which way [`DeviceTrainer::copy_flat`] copies.
+#[derive(Clone, Copy)]
+enum Flat {
+    /// The layers' gradients into their slots of the flat gradient buffer.
+    Into,
+    /// The flat parameter buffer's slots back into the layers' parameters.
+    From,
+}
+
 impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
-    fn step(
-        &mut self,
-        rows: &[u32],
-        lr: f64,
-        t: u64,
-        clip: f64,
-        freeze_encoder: bool,
-    ) -> Result<DeviceStepOut> {
-        let g = self.backend.gpu();
+    fn step(&mut self, rows: &[u32], plan: &StepPlan) -> Result<DeviceStepOut> {
+        let &StepPlan {
+            lr,
+            t,
+            clip,
+            freeze_encoder,
+        } = plan;
+        // A handle of its own: `self` is borrowed mutably below while `g` is in use.
+        let backend = Arc::clone(&self.backend);
+        let g = backend.gpu();
         let (b, d) = (self.batch, self.x.cols());
         if rows.len() != b {
-            return Err(Error::Shape {
-                what: "batch rows vs the device trainer's batch".into(),
-                expected: format!("{b} rows"),
-                got: format!("{} rows", rows.len()),
-            });
+            return Err(Error::shape(
+                "batch rows vs the device trainer's batch",
+                format!("{b} rows"),
+                format!("{} rows", rows.len()),
+            ));
         }
         // The one upload per step: which training rows form this batch.
         g.write("batch rows", &mut self.rows, rows)?;
@@ -460,17 +493,7 @@ impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
 
         // Gradients end to end in the optimiser's order, then clipping and AdamW on the
         // device; the updated parameters go back to the layers.
-        let mut i = 0;
-        for src in self
-            .encoder
-            .grads_mut()
-            .into_iter()
-            .chain(self.decoder.grads_mut())
-        {
-            let (at, len) = self.layout[i];
-            g.copy_range("gradient", src, 0, &mut self.grads, at, len)?;
-            i += 1;
-        }
+        let i = self.copy_flat(Flat::Into)?;
         if self.learn_codebook {
             // The optimiser steps the quantizer's current codebook (initialised by the first
             // batch, as on the CPU, which clones it every step).
@@ -504,17 +527,7 @@ impl<G: Gpu> DeviceEngine for DeviceTrainer<G> {
         )?;
         self.optimizer
             .step(g, &mut self.params, &self.grads, first_tensor, lr, t)?;
-        let mut i = 0;
-        for dst in self
-            .encoder
-            .tensors_mut()
-            .into_iter()
-            .chain(self.decoder.tensors_mut())
-        {
-            let (at, len) = self.layout[i];
-            g.copy_range("parameter", &self.params, at, dst, 0, len)?;
-            i += 1;
-        }
+        let i = self.copy_flat(Flat::From)?;
         if self.learn_codebook {
             let (at, len) = self.layout[i];
             g.copy_range(

@@ -251,11 +251,11 @@ impl Trainer {
         data: Dataset,
     ) -> Result<Self> {
         if data.train.cols() != config.model.data_dim {
-            return Err(Error::Shape {
-                what: "data width vs the model's data dimension".into(),
-                expected: format!("{} columns", config.model.data_dim),
-                got: format!("{} columns", data.train.cols()),
-            });
+            return Err(Error::shape(
+                "data width vs the model's data dimension",
+                format!("{} columns", config.model.data_dim),
+                format!("{} columns", data.train.cols()),
+            ));
         }
         data.train.as_ref().check_nonempty("training data")?;
         data.check_batch(&config.data, config.batch_size)?;
@@ -376,10 +376,12 @@ impl Trainer {
         let lr = self.config.schedule().lr(self.step);
         let out = engine.step(
             &rows,
-            lr,
-            self.step + 1,
-            self.config.clip,
-            self.config.freeze_encoder,
+            &device::StepPlan {
+                lr,
+                t: self.step + 1,
+                clip: self.config.clip,
+                freeze_encoder: self.config.freeze_encoder,
+            },
         )?;
         self.stale = true;
         self.step += 1;

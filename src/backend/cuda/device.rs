@@ -90,11 +90,11 @@ impl GemmShape {
             self.b
         };
         if k != kb {
-            return Err(crate::Error::Shape {
-                what: "matrix product: inner dimensions".into(),
-                expected: format!("op(b) with {k} rows"),
-                got: format!("{kb} rows"),
-            });
+            return Err(crate::Error::shape(
+                "matrix product: inner dimensions",
+                format!("op(b) with {k} rows"),
+                format!("{kb} rows"),
+            ));
         }
         Ok((m, n, k))
     }
@@ -114,11 +114,11 @@ impl GemmShape {
             ("matrix product: out", gpu.len(out), m * n),
         ] {
             if len != need {
-                return Err(crate::Error::Shape {
-                    what: what.into(),
-                    expected: format!("{need} values"),
-                    got: format!("{len} values"),
-                });
+                return Err(crate::Error::shape(
+                    what,
+                    format!("{need} values"),
+                    format!("{len} values"),
+                ));
             }
         }
         Ok((m, n, k))

@@ -259,11 +259,11 @@ pub(crate) fn check_len<G: Gpu, T: super::device::Elem>(
 ) -> Result<()> {
     let len = gpu.len(buf);
     if len < need {
-        return Err(Error::Shape {
-            what: what.into(),
-            expected: format!("at least {need} elements"),
-            got: format!("{len} elements"),
-        });
+        return Err(Error::shape(
+            what,
+            format!("at least {need} elements"),
+            format!("{len} elements"),
+        ));
     }
     Ok(())
 }

@@ -231,11 +231,11 @@ impl<G: Gpu> GpuBackend<G> {
 /// Fails with [`crate::Error::Shape`] unless two sizes agree.
 fn device_shape(what: &str, got: usize, expected: usize, unit: &str) -> Result<()> {
     if got != expected {
-        return Err(crate::Error::Shape {
-            what: what.into(),
-            expected: format!("{expected} {unit}"),
-            got: format!("{got} {unit}"),
-        });
+        return Err(crate::Error::shape(
+            what,
+            format!("{expected} {unit}"),
+            format!("{got} {unit}"),
+        ));
     }
     Ok(())
 }

@@ -70,19 +70,19 @@ impl<G: Gpu> DeviceAdamW<G> {
         decay: &[bool],
     ) -> Result<Self> {
         if m.len() != decay.len() || v.len() != decay.len() {
-            return Err(Error::Shape {
-                what: "optimiser decay flags vs tensors".into(),
-                expected: format!("{} flags (m) and {} (v)", m.len(), v.len()),
-                got: format!("{} flags", decay.len()),
-            });
+            return Err(Error::shape(
+                "optimiser decay flags vs tensors",
+                format!("{} flags (m) and {} (v)", m.len(), v.len()),
+                format!("{} flags", decay.len()),
+            ));
         }
         for (i, (mi, vi)) in m.iter().zip(v).enumerate() {
             if mi.len() != vi.len() {
-                return Err(Error::Shape {
-                    what: format!("optimiser tensor {i}: second moment vs first"),
-                    expected: format!("{} values", mi.len()),
-                    got: format!("{} values", vi.len()),
-                });
+                return Err(Error::shape(
+                    format!("optimiser tensor {i}: second moment vs first"),
+                    format!("{} values", mi.len()),
+                    format!("{} values", vi.len()),
+                ));
             }
         }
         let sizes: Vec<usize> = m.iter().map(Vec::len).collect();

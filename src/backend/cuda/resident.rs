@@ -65,11 +65,11 @@ impl<G: Gpu> DeviceMatrix<G> {
     pub fn from_buf(gpu: &G, buf: G::Buf<f32>, rows: usize, cols: usize) -> Result<Self> {
         let len = gpu.len(&buf);
         if Some(len) != rows.checked_mul(cols) {
-            return Err(Error::Shape {
-                what: "device buffer vs matrix shape".into(),
-                expected: format!("{rows} × {cols} values"),
-                got: format!("{len} values"),
-            });
+            return Err(Error::shape(
+                "device buffer vs matrix shape",
+                format!("{rows} × {cols} values"),
+                format!("{len} values"),
+            ));
         }
         Ok(Self::owned(buf, rows, cols))
     }
@@ -130,11 +130,11 @@ impl<G: Gpu> DeviceMatrix<G> {
     /// Overwrites the matrix with `m` (same shape), reusing the allocation.
     pub fn write(&mut self, gpu: &G, what: &str, m: MatRef<'_>) -> Result<()> {
         if (m.rows(), m.cols()) != (self.rows, self.cols) {
-            return Err(Error::Shape {
-                what: format!("{what} vs its device matrix"),
-                expected: format!("{} × {}", self.rows, self.cols),
-                got: format!("{} × {}", m.rows(), m.cols()),
-            });
+            return Err(Error::shape(
+                format!("{what} vs its device matrix"),
+                format!("{} × {}", self.rows, self.cols),
+                format!("{} × {}", m.rows(), m.cols()),
+            ));
         }
         gpu.write(what, &mut self.buf, m.data())
     }
@@ -456,11 +456,11 @@ pub fn nearest<G: Gpu>(
 ) -> Result<()> {
     let (n, d, k) = (x.rows(), x.cols(), codebook.codes());
     if d != codebook.dim() {
-        return Err(Error::Shape {
-            what: "input width vs codebook width".into(),
-            expected: format!("{} columns (the codebook's dimension)", codebook.dim()),
-            got: format!("{d} columns"),
-        });
+        return Err(Error::shape(
+            "input width vs codebook width",
+            format!("{} columns (the codebook's dimension)", codebook.dim()),
+            format!("{d} columns"),
+        ));
     }
     if n == 0 {
         return Err(Error::Empty {
@@ -469,11 +469,11 @@ pub fn nearest<G: Gpu>(
         });
     }
     if out.rows() != n {
-        return Err(Error::Shape {
-            what: "device assignment vs input rows".into(),
-            expected: format!("room for {n} rows"),
-            got: format!("room for {} rows", out.rows()),
-        });
+        return Err(Error::shape(
+            "device assignment vs input rows",
+            format!("room for {n} rows"),
+            format!("room for {} rows", out.rows()),
+        ));
     }
     let metric = codebook.metric();
     let xs = match metric {

@@ -101,11 +101,11 @@ impl<G: Gpu> EmaDevice<G> {
         let (k, d) = (state.codes(), state.dim());
         check_dims(k, d)?;
         if (codebook.rows(), codebook.cols()) != (k, d) {
-            return Err(Error::Shape {
-                what: "codebook vs EMA state".into(),
-                expected: format!("{k} × {d}"),
-                got: format!("{} × {}", codebook.rows(), codebook.cols()),
-            });
+            return Err(Error::shape(
+                "codebook vs EMA state",
+                format!("{k} × {d}"),
+                format!("{} × {}", codebook.rows(), codebook.cols()),
+            ));
         }
         Ok(EmaDevice {
             cluster_size: gpu.upload("EMA counts", state.cluster_size())?,
