@@ -125,3 +125,64 @@ impl<T> IoContext<T> for std::io::Result<T> {
         self.map_err(|e| Error::io(path, e))
     }
 }
+
+/// Range checks of settings, written once for every configuration: each error names the
+/// setting and the value it got.
+pub(crate) mod setting {
+    use super::{Error, Result};
+    use std::fmt::Display;
+
+    /// `value` ≥ 1.
+    pub fn at_least_one(what: &str, value: u64) -> Result<()> {
+        if value == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{what} must be at least 1, got 0"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `value` finite and ≥ 0 (f32 or f64, said as given).
+    pub fn non_negative<T: Into<f64> + Copy + Display>(what: &str, value: T) -> Result<()> {
+        let v: f64 = value.into();
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "{what} must be finite and ≥ 0, got {value}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `value` finite and > 0 (f32 or f64, said as given).
+    pub fn positive<T: Into<f64> + Copy + Display>(what: &str, value: T) -> Result<()> {
+        let v: f64 = value.into();
+        if !(v.is_finite() && v > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "{what} must be finite and > 0, got {value}"
+            )));
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn each_check_names_the_setting_and_the_value() {
+            let e = super::at_least_one("steps", 0).unwrap_err().to_string();
+            assert!(e.contains("steps must be at least 1, got 0"), "{e}");
+            assert!(super::at_least_one("steps", 1).is_ok());
+            let e = super::non_negative("clip", f64::NAN)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("clip must be finite and ≥ 0, got NaN"), "{e}");
+            assert!(super::non_negative("clip", 0.0).is_ok());
+            let e = super::positive("EMA eps", 0.0f32).unwrap_err().to_string();
+            assert!(e.contains("EMA eps must be finite and > 0, got 0"), "{e}");
+            assert!(super::positive("EMA eps", f64::INFINITY).is_err());
+            let e = super::non_negative("decay", -0.1f32)
+                .unwrap_err()
+                .to_string();
+            assert!(e.ends_with("got -0.1"), "f32 said as given: {e}");
+        }
+    }
+}

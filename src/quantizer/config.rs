@@ -1,7 +1,7 @@
 //! Configuration of a [`super::VectorQuantizer`], built step by step and validated once.
 
 use crate::backend::Device;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, setting};
 use crate::nearest::Metric;
 use serde::{Deserialize, Serialize};
 
@@ -153,33 +153,17 @@ impl QuantizerConfig {
                 self.codebook_size
             ));
         }
-        if self.dim == 0 {
-            return bad("dimension must be at least 1, got 0".into());
-        }
-        if !(self.commitment_weight.is_finite() && self.commitment_weight >= 0.0) {
-            return bad(format!(
-                "commitment weight must be finite and ≥ 0, got {}",
-                self.commitment_weight
-            ));
-        }
+        setting::at_least_one("dimension", self.dim as u64)?;
+        setting::non_negative("commitment weight", self.commitment_weight)?;
         if let CodebookLearning::Ema { decay, eps } = self.learning {
             if !(0.0..1.0).contains(&decay) {
                 return bad(format!("EMA decay must be in [0, 1), got {decay}"));
             }
-            if !(eps.is_finite() && eps > 0.0) {
-                return bad(format!("EMA eps must be finite and > 0, got {eps}"));
-            }
+            setting::positive("EMA eps", eps)?;
         }
-        if !(self.dead_code_threshold.is_finite() && self.dead_code_threshold >= 0.0) {
-            return bad(format!(
-                "dead-code threshold must be finite and ≥ 0, got {}",
-                self.dead_code_threshold
-            ));
-        }
-        if let Some(c) = self.reset_count
-            && !(c.is_finite() && c > 0.0)
-        {
-            return bad(format!("reset count must be finite and > 0, got {c}"));
+        setting::non_negative("dead-code threshold", self.dead_code_threshold)?;
+        if let Some(c) = self.reset_count {
+            setting::positive("reset count", c)?;
         }
         if self.dead_code_threshold > 0.0 && self.learning == CodebookLearning::Gradient {
             return bad(

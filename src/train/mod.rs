@@ -17,7 +17,7 @@ pub use data::{
 };
 pub use optim::{AdamW, AdamWConfig, WarmupCosine, clip_global_norm};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, setting};
 use crate::matrix::MatRef;
 use crate::model::{VqVae, VqVaeConfig};
 use crate::quantizer::{CodebookLearning, QuantizerConfig};
@@ -102,18 +102,9 @@ impl TrainConfig {
                 self.quantizer.dim, self.model.code_dim
             ));
         }
-        if self.steps == 0 {
-            return bad("steps must be at least 1".into());
-        }
-        if self.batch_size == 0 {
-            return bad("batch size must be at least 1".into());
-        }
-        if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return bad(format!(
-                "learning rate must be finite and ≥ 0, got {}",
-                self.lr
-            ));
-        }
+        setting::at_least_one("steps", self.steps)?;
+        setting::at_least_one("batch size", self.batch_size as u64)?;
+        setting::non_negative("learning rate", self.lr)?;
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return bad(format!(
                 "min-lr ratio must be in [0, 1], got {}",
@@ -130,9 +121,7 @@ impl TrainConfig {
         if !(a.eps > 0.0 && a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
             return bad("AdamW eps must be > 0 and weight decay finite and ≥ 0".into());
         }
-        if !(self.clip.is_finite() && self.clip >= 0.0) {
-            return bad(format!("clip must be finite and ≥ 0, got {}", self.clip));
-        }
+        setting::non_negative("clip", self.clip)?;
         Ok(())
     }
 }
