@@ -192,9 +192,10 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
         gpu: status.as_ref().and_then(|s| s.device_name.clone()),
         compute_capability: status.as_ref().and_then(|s| s.compute_capability),
     };
-    let floors = floors::floors_for(hardware, machine.gpu.as_deref(), machine.rayon_threads);
-    let results = match &cfg.data {
-        Some((x, codebook)) => vec![time_shape(backend, None, None, x, codebook, cfg, &floors)?],
+    let probe = || floors::floors_for(hardware, machine.gpu.as_deref(), machine.rayon_threads);
+    let floors = probe();
+    let timed = match &cfg.data {
+        Some((x, codebook)) => vec![time_shape(backend, None, None, x, codebook, cfg)?],
         None => {
             let cap = match hardware {
                 Hardware::Cpu(_) => Some(CPU_FLOP_CAP),
@@ -216,12 +217,20 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
                     &x,
                     &codebook,
                     cfg,
-                    &floors,
                 )?);
             }
             results
         }
     };
+    // The probes again after the timings; every fraction is taken against the higher.
+    let floors = floors.best_of(probe());
+    let results = timed
+        .into_iter()
+        .map(|(mut r, times)| {
+            r.primitives = primitive_results(r.shape, &times, &floors);
+            r
+        })
+        .collect();
     Ok(BenchReport {
         vqx_version: env!("CARGO_PKG_VERSION"),
         date: utc_now(),
@@ -237,7 +246,8 @@ pub fn run(backend: &dyn Backend, cfg: &BenchConfig) -> Result<BenchReport> {
 }
 
 /// Times every primitive on `x` against `codebook` (`requested`: the shape asked for, when it
-/// is not theirs; `flop_cap`: the cap that scaled N down from it, if one did).
+/// is not theirs; `flop_cap`: the cap that scaled N down from it, if one did); the fractions of
+/// the floors come later, from the times returned beside the result.
 fn time_shape(
     backend: &dyn Backend,
     requested: Option<BenchShape>,
@@ -245,8 +255,7 @@ fn time_shape(
     x: &Matrix,
     codebook: &Matrix,
     cfg: &BenchConfig,
-    floors: &Floors,
-) -> Result<ShapeResult> {
+) -> Result<(ShapeResult, PrimitiveTimes)> {
     let shape = BenchShape {
         n: x.rows(),
         dim: x.cols(),
@@ -254,17 +263,19 @@ fn time_shape(
     };
     let times = backend.time_primitives(x.as_ref(), codebook.as_ref(), cfg.metric, cfg.reps)?;
     let (e2e, rechecked) = end_to_end(backend, x, codebook, cfg)?;
-    Ok(ShapeResult {
+    let result = ShapeResult {
         requested: requested.unwrap_or(shape),
         shape,
         scaled: flop_cap.is_some(),
         flop_cap,
         timed_with: times.timed_with,
-        primitives: primitive_results(shape, &times, floors),
+        // Filled by `run` once the floors are final.
+        primitives: Vec::new(),
         nearest_end_to_end_ms: e2e,
         rechecked_rows: rechecked,
         transfers: transfers_per_call(backend, x, codebook, cfg)?,
-    })
+    };
+    Ok((result, times))
 }
 
 /// On CUDA: the whole `nearest` call timed with a wall clock (median of `cfg.reps` after a
