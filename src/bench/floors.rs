@@ -374,6 +374,19 @@ mod tests {
     }
 
     #[test]
+    fn best_of_keeps_the_higher_of_each_probe() {
+        let floors = |compute, bandwidth| Floors {
+            compute_gflops: compute,
+            compute_source: String::new(),
+            bandwidth_gbs: bandwidth,
+            bandwidth_source: String::new(),
+            probe_working_sets: true,
+        };
+        let best = floors(183.0, 35.0).best_of(floors(306.0, 33.0));
+        assert_eq!((best.compute_gflops, best.bandwidth_gbs), (306.0, 35.0));
+    }
+
+    #[test]
     fn copy_probe_covers_every_size() {
         for (src, dst) in [(0, 0), (1, 100_000), (3, 5), (100_000, 7), (70_000, 70_000)] {
             let t = copy_secs(src, dst);
