@@ -53,6 +53,9 @@ pub enum Error {
     /// missing or misshapen tensor, unknown keys, bad metadata.
     #[error("{path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
+    /// A data-parallel job ended because one of its ranks failed.
+    #[error("rank {rank} failed: {cause}")]
+    Aborted { rank: usize, cause: String },
     /// A failure that is not the input's fault: encoding JSON, drawing a plot, a library
     /// vqx calls reporting an error of its own.
     #[error("{what} failed: {msg}")]

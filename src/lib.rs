@@ -22,6 +22,7 @@ pub mod atomic;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
+pub mod collective;
 pub mod ema;
 pub mod error;
 pub mod gather;

@@ -1,0 +1,152 @@
+//! Collectives for data-parallel jobs: the few operations a VQ fit or training step needs across
+//! ranks (processes or threads that each hold a shard of the data), behind one small trait.
+//!
+//! - [`Single`]: one rank, no dependency; every collective is the identity.
+//! - [`in_process::run`]: N ranks as threads of this process, so every multi-rank code path runs
+//!   in a plain `cargo test`.
+//! - MPI and NCCL (issue 12) are to come behind cargo features, on the `mpi` crate and cudarc.
+//!
+//! **Determinism.** The f64 all-reduce does not use a transport's own summation (MPI's and
+//! NCCL's orders change with the algorithm and the message size, so the last bits of a sum
+//! differ between runs and rank counts): every rank gathers all ranks' partial sums and adds
+//! them in rank order, so every rank gets the same bits, and S ranks give the bits a single
+//! process gets when it adds S shards' partial sums in shard order. Integer sums are exact in
+//! any order; an overflow is an error, never a wrapped count.
+//!
+//! **Faults.** A rank that fails calls [`Collective::abort`]: every other rank's current or next
+//! collective returns [`Error::Aborted`] naming the failed rank and its cause, instead of
+//! waiting forever for it.
+//!
+//! ```
+//! use vqx::collective::{Collective, in_process};
+//! // Three ranks, each with a partial sum; every rank gets the same total.
+//! let totals = in_process::run(3, |c| {
+//!     let mut v = [c.rank() as f64 + 0.5, 1.0];
+//!     c.all_reduce_sum_f64(&mut v)?;
+//!     Ok(v)
+//! })?;
+//! assert_eq!(totals, vec![[4.5, 3.0]; 3]);
+//! # Ok::<(), vqx::Error>(())
+//! ```
+
+pub mod in_process;
+
+use crate::error::{Error, Result};
+
+/// The operations a data-parallel job needs across its ranks. Every rank must call the same
+/// collectives in the same order (as with MPI); a rank that cannot must [`Collective::abort`].
+pub trait Collective: Send + Sync {
+    /// This rank, in `0..size()`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn size(&self) -> usize;
+    /// Every rank's `local` bytes, in rank order: the same vector on every rank.
+    fn all_gather_bytes(&self, local: &[u8]) -> Result<Vec<Vec<u8>>>;
+    /// `data` as `root` holds it, delivered to every rank (the other ranks' `data` is replaced).
+    fn broadcast_bytes(&self, root: usize, data: &mut Vec<u8>) -> Result<()>;
+    /// Ends the job: every rank's current or next collective fails with [`Error::Aborted`]
+    /// naming this rank and `cause`.
+    fn abort(&self, cause: &str);
+
+    /// Element-wise sum over ranks, added in rank order on every rank (see the module docs).
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+        let parts = self.gather_same_len(bytemuck::cast_slice(buf), "f64 all-reduce")?;
+        for (i, v) in buf.iter_mut().enumerate() {
+            *v = parts.iter().map(|p| read_f64(p, i)).fold(0.0, |a, b| a + b);
+        }
+        Ok(())
+    }
+
+    /// Element-wise exact sum over ranks; an overflow is an error on every rank.
+    fn all_reduce_sum_u64(&self, buf: &mut [u64]) -> Result<()> {
+        let parts = self.gather_same_len(bytemuck::cast_slice(buf), "u64 all-reduce")?;
+        for (i, v) in buf.iter_mut().enumerate() {
+            *v = parts
+                .iter()
+                .try_fold(0u64, |a, p| a.checked_add(read_u64(p, i)))
+                .ok_or_else(|| overflow("u64", i))?;
+        }
+        Ok(())
+    }
+
+    /// Element-wise exact sum over ranks; an overflow is an error on every rank.
+    fn all_reduce_sum_u32(&self, buf: &mut [u32]) -> Result<()> {
+        let parts = self.gather_same_len(bytemuck::cast_slice(buf), "u32 all-reduce")?;
+        for (i, v) in buf.iter_mut().enumerate() {
+            *v = parts
+                .iter()
+                .try_fold(0u32, |a, p| a.checked_add(read_u32(p, i)))
+                .ok_or_else(|| overflow("u32", i))?;
+        }
+        Ok(())
+    }
+
+    /// [`Collective::all_gather_bytes`], refusing (on every rank alike) ranks whose buffers
+    /// differ in length: a sign that they are not in the same collective.
+    fn gather_same_len(&self, local: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
+        let parts = self.all_gather_bytes(local)?;
+        if let Some((r, p)) = parts
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.len() != parts[0].len())
+        {
+            return Err(Error::shape(
+                format!("{what} across ranks"),
+                format!("{} bytes (rank 0)", parts[0].len()),
+                format!("{} bytes on rank {r}", p.len()),
+            ));
+        }
+        Ok(parts)
+    }
+}
+
+// Unaligned reads: gathered byte vectors carry no alignment guarantee.
+fn read_f64(p: &[u8], i: usize) -> f64 {
+    bytemuck::pod_read_unaligned(&p[8 * i..8 * i + 8])
+}
+fn read_u64(p: &[u8], i: usize) -> u64 {
+    bytemuck::pod_read_unaligned(&p[8 * i..8 * i + 8])
+}
+fn read_u32(p: &[u8], i: usize) -> u32 {
+    bytemuck::pod_read_unaligned(&p[4 * i..4 * i + 4])
+}
+
+fn overflow(ty: &str, i: usize) -> Error {
+    Error::InvalidArgument(format!(
+        "{ty} all-reduce overflows at element {i}: the sum over ranks does not fit"
+    ))
+}
+
+/// One rank: the job as it runs without a launcher. Every collective returns its input.
+///
+/// ```
+/// use vqx::collective::{Collective, Single};
+/// let mut v = [1.5f64, 2.0];
+/// Single.all_reduce_sum_f64(&mut v)?;
+/// assert_eq!((Single.rank(), Single.size(), v), (0, 1, [1.5, 2.0]));
+/// # Ok::<(), vqx::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_gather_bytes(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![local.to_vec()])
+    }
+    fn broadcast_bytes(&self, root: usize, _data: &mut Vec<u8>) -> Result<()> {
+        if root != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "broadcast from rank {root} in a job of 1 rank"
+            )));
+        }
+        Ok(())
+    }
+    // Nothing else waits on a single rank: its caller reports the cause itself.
+    fn abort(&self, _cause: &str) {}
+}
