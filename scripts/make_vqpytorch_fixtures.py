@@ -187,6 +187,56 @@ def main():
     print("state dict keys:", sorted(state(vq)))
     print("usage per step:", [np.bincount(fx[f"indices.{i}"].numpy(), minlength=K).tolist() for i in range(STEPS)])
     print("versions:", versions())
+    cosine()
+
+
+COSINE_STEPS = 5
+COSINE_KWARGS = dict(KWARGS, use_cosine_sim=True)
+
+
+def cosine():
+    """The cosine fixture: the same layer with `use_cosine_sim=True`, 5 training steps.
+
+    tests/data/vqpytorch_cosine.safetensors has the layout of vqpytorch_ema.safetensors (before.*,
+    batch.{i}, indices.{i}, quantize.{i}, loss.{i}, upstream.{i}, grad.{i}, after.{i}.*; no eval
+    keys). The rows' norms vary (0.02 to 2), so that summing raw rows into the EMA statistics
+    (vqx before it followed the library) and summing the normalised rows (the library, spherical
+    k-means) give different codebooks.
+    """
+    torch.manual_seed(0)
+    vq = VectorQuantize(**COSINE_KWARGS)
+    vq.train()
+    gen = torch.Generator().manual_seed(4321)
+    # Clustered directions (8 centres in 16-D) so that codes are shared by several rows.
+    centres = torch.randn(8, DIM, generator=gen)
+    fx = state(vq, "before.")
+    for i in range(COSINE_STEPS):
+        pick = torch.randint(0, 8, (ROWS,), generator=gen)
+        rows = centres[pick] + 0.6 * torch.randn(ROWS, DIM, generator=gen)
+        scale = torch.exp(torch.empty(ROWS, 1).uniform_(np.log(0.02), np.log(2.0), generator=gen))
+        b = (rows * scale).contiguous()
+        g = torch.randn(ROWS, DIM, generator=gen)
+        x = b.clone().unsqueeze(0).requires_grad_(True)
+        quantize, indices, loss = vq(x)
+        (quantize * g.unsqueeze(0)).sum().add(loss).backward()
+        fx[f"batch.{i}"] = b
+        fx[f"indices.{i}"] = indices[0].to(torch.int64).contiguous()
+        fx[f"quantize.{i}"] = quantize[0].detach().contiguous()
+        fx[f"loss.{i}"] = loss.detach().reshape(()).contiguous()
+        fx[f"upstream.{i}"] = g.contiguous()
+        fx[f"grad.{i}"] = x.grad[0].contiguous()
+        fx.update(state(vq, f"after.{i}."))
+    meta = {
+        "generator": "scripts/make_vqpytorch_fixtures.py (cosine)",
+        "versions": json.dumps(versions()),
+        "vector_quantize_kwargs": json.dumps(COSINE_KWARGS),
+        "torch_seed": "0",
+        "data_seed": "4321",
+    }
+    p = os.path.join(OUT, "vqpytorch_cosine.safetensors")
+    save_file(fx, p, metadata=meta)
+    print(f"{p}: {os.path.getsize(p)} bytes")
+    print("cosine usage per step:", [np.bincount(fx[f"indices.{i}"].numpy(), minlength=K).tolist() for i in range(COSINE_STEPS)])
 
 
 if __name__ == "__main__":

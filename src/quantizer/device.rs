@@ -42,7 +42,7 @@ use crate::backend::cuda::{
 use crate::ema::EmaState;
 use crate::error::{Error, Result};
 use crate::matrix::Matrix;
-use crate::nearest::check_max_abs;
+use crate::nearest::{Metric, check_max_abs};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
@@ -101,6 +101,8 @@ struct Batch<G: Gpu> {
     /// Gradient learning: (q − x) of the kept rows, and the codebook gradient (K × D).
     diff: G::Buf<f32>,
     grad_codebook: Option<DeviceMatrix<G>>,
+    /// Cosine: the kept rows L2-normalised (n × D, made on first use).
+    unit: Option<G::Buf<f32>>,
     /// The mask of the last forward pass, when there was one (n flags).
     mask: Option<G::Buf<u32>>,
 }
@@ -379,10 +381,22 @@ impl<G: Gpu> DeviceQuantizer<G> {
                 (self.ema.as_mut(), self.config.learning)
                 && kept > 0
             {
+                // Under cosine the sums and re-seeded rows are of the normalised rows, as on the
+                // CPU (the same kernel arithmetic as `normalize_rows`).
+                let xs: &G::Buf<f32> = if self.config.metric == Metric::Cosine {
+                    let unit = match &mut batch.unit {
+                        Some(u) => u,
+                        none => none.insert(g.alloc_zeros("normalised rows", n * d)?),
+                    };
+                    launch::normalize_rows(g, xk, unit, kept, d)?;
+                    unit
+                } else {
+                    xk
+                };
                 if self.config.deterministic {
                     sort::code_sums_deterministic(
                         g,
-                        xk,
+                        xs,
                         kept_idx,
                         kept,
                         d,
@@ -396,7 +410,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
                     g.zero("batch usage", &mut self.counts)?;
                     launch::sums_atomic(
                         g,
-                        xk,
+                        xs,
                         kept_idx,
                         &mut self.sums,
                         &mut self.counts,
@@ -410,7 +424,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
                     g,
                     &self.config,
                     ema,
-                    xk,
+                    xs,
                     kept,
                     &mut self.rng,
                     DeadScratch {
@@ -631,6 +645,7 @@ impl<G: Gpu> Batch<G> {
             grad_x: DeviceMatrix::zeros(g, "input gradient", n, d)?,
             diff: g.alloc_zeros("differences", n * d)?,
             grad_codebook: None,
+            unit: None,
             mask: None,
         })
     }
@@ -646,7 +661,8 @@ struct DeadScratch<'a, G: Gpu> {
 /// `VectorQuantizer::reseed_dead_codes` on the device: the dead codes are found and compacted
 /// on the device, their count (and, when there are any, their ids) read back, the choice of
 /// codes and rows drawn on the host from the same generator as the CPU's, and the (code, row)
-/// pairs sent back to the re-seeding kernel. Returns (dead, replaced).
+/// pairs sent back to the re-seeding kernel. `x` holds the kept rows (normalised under
+/// cosine). Returns (dead, replaced).
 fn reseed_dead_codes<G: Gpu>(
     g: &G,
     config: &QuantizerConfig,
@@ -682,7 +698,8 @@ fn reseed_dead_codes<G: Gpu>(
         &from,
         take,
         config.effective_reset_count(),
-        config.metric,
+        // The rows are normalised already under cosine: copied as they are.
+        Metric::L2,
     )?;
     Ok((n_dead, take))
 }

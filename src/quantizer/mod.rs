@@ -322,15 +322,24 @@ impl VectorQuantizer {
                 } else {
                     SumMode::Fast
                 };
+                // Under cosine the EMA sums (and re-seeded rows) are of the L2-normalised rows,
+                // as vector-quantize-pytorch's `use_cosine_sim`: the spherical k-means update.
+                let unit;
+                let xs = if self.config.metric == Metric::Cosine {
+                    unit = normalize_rows(xk);
+                    unit.as_ref()
+                } else {
+                    xk
+                };
                 let sums =
                     self.backend
-                        .code_sums(xk, &kept_idx, self.config.codebook_size, mode)?;
+                        .code_sums(xs, &kept_idx, self.config.codebook_size, mode)?;
                 ema.update(&sums, decay)?;
                 self.codebook = ema.codebook(eps);
                 if self.config.metric == Metric::Cosine {
                     self.codebook = normalize_rows(self.codebook.as_ref());
                 }
-                (dead, replaced) = self.reseed_dead_codes(xk);
+                (dead, replaced) = self.reseed_dead_codes(xs);
             }
             self.step += 1;
         }
@@ -358,7 +367,7 @@ impl VectorQuantizer {
     }
 
     /// Re-seeds codes whose EMA count is below the threshold from distinct rows of `x`
-    /// (masked replace: live codes stay bit-identical). With more dead codes than rows, a
+    /// (normalised already under cosine; masked replace: live codes stay bit-identical). With more dead codes than rows, a
     /// random subset is re-seeded now and the rest on later steps. Returns (dead, replaced).
     fn reseed_dead_codes(&mut self, x: MatRef<'_>) -> (usize, usize) {
         let threshold = self.config.dead_code_threshold;
@@ -378,15 +387,11 @@ impl VectorQuantizer {
             return (n_dead, 0);
         }
         let count = self.config.effective_reset_count();
-        let cosine = self.config.metric == Metric::Cosine;
         let d = self.config.dim;
         for (&k, &r) in dead.iter().zip(&rows) {
-            let mut row = x.row(r).to_vec();
-            if cosine {
-                crate::nearest::normalize_row(&mut row);
-            }
-            self.codebook.data_mut()[k * d..(k + 1) * d].copy_from_slice(&row);
-            ema.reset(k, &row, count);
+            let row = x.row(r);
+            self.codebook.data_mut()[k * d..(k + 1) * d].copy_from_slice(row);
+            ema.reset(k, row, count);
         }
         (n_dead, take)
     }
