@@ -26,6 +26,8 @@ tests/data/vqpytorch_ema.safetensors
     grad.{i}           the resulting gradient with respect to batch.{i}, (64,16) f32
     after.{i}.<key>    the state dict after step i
     eval.x, eval.indices   as in the state file below
+tests/data/vqpytorch_cosine.safetensors
+    the same keys (no eval.*) for 5 steps of the layer with use_cosine_sim=True (see `cosine`)
 tests/data/vqpytorch_state.safetensors
     the final state dict alone (what users have: the `_codebook.*` keys), plus
     eval.x (40,16) f32 and eval.indices (40,) int64: the eval-mode quantization of a test
@@ -121,6 +123,33 @@ def numpy_ema_step(embed, cluster_size, embed_avg, x, decay, eps):
     return idx, out, embed, cluster_size, embed_avg
 
 
+def metadata(generator, kwargs, data_seed):
+    """A fixture's safetensors metadata: versions, constructor arguments and seeds."""
+    return {
+        "generator": generator,
+        "versions": json.dumps(versions()),
+        "vector_quantize_kwargs": json.dumps(kwargs),
+        "torch_seed": "0",
+        "data_seed": str(data_seed),
+    }
+
+
+def train_step(vq, fx, i, b, g):
+    """Training step i of `vq` on batch b, backward on sum(output · g) + loss; records the
+    step's keys in fx and returns (output, indices)."""
+    x = b.clone().unsqueeze(0).requires_grad_(True)
+    quantize, indices, loss = vq(x)
+    (quantize * g.unsqueeze(0)).sum().add(loss).backward()
+    fx[f"batch.{i}"] = b.contiguous()
+    fx[f"indices.{i}"] = indices[0].to(torch.int64).contiguous()
+    fx[f"quantize.{i}"] = quantize[0].detach().contiguous()
+    fx[f"loss.{i}"] = loss.detach().reshape(()).contiguous()
+    fx[f"upstream.{i}"] = g.contiguous()
+    fx[f"grad.{i}"] = x.grad[0].contiguous()
+    fx.update(state(vq, f"after.{i}."))
+    return quantize, indices
+
+
 def main():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
@@ -137,16 +166,7 @@ def main():
     worst = 0.0
     for i, (b, g) in enumerate(zip(batches, upstreams)):
         before = {k: v.numpy()[0] if v.ndim > 1 else v.numpy() for k, v in state(vq).items()}
-        x = b.clone().unsqueeze(0).requires_grad_(True)
-        quantize, indices, loss = vq(x)
-        (quantize * g.unsqueeze(0)).sum().add(loss).backward()
-        fx[f"batch.{i}"] = b.contiguous()
-        fx[f"indices.{i}"] = indices[0].to(torch.int64).contiguous()
-        fx[f"quantize.{i}"] = quantize[0].detach().contiguous()
-        fx[f"loss.{i}"] = loss.detach().reshape(()).contiguous()
-        fx[f"upstream.{i}"] = g.contiguous()
-        fx[f"grad.{i}"] = x.grad[0].contiguous()
-        fx.update(state(vq, f"after.{i}."))
+        quantize, indices = train_step(vq, fx, i, b, g)
 
         # the numpy re-implementation, from the state before this step
         idx, q, emb, cs, ea = numpy_ema_step(
@@ -168,13 +188,7 @@ def main():
     fx["eval.x"] = eval_x.contiguous()
     fx["eval.indices"] = eval_idx[0].to(torch.int64).contiguous()
 
-    meta = {
-        "generator": "scripts/make_vqpytorch_fixtures.py",
-        "versions": json.dumps(versions()),
-        "vector_quantize_kwargs": json.dumps(KWARGS),
-        "torch_seed": "0",
-        "data_seed": "1234",
-    }
+    meta = metadata("scripts/make_vqpytorch_fixtures.py", KWARGS, 1234)
     os.makedirs(OUT, exist_ok=True)
     save_file(fx, os.path.join(OUT, "vqpytorch_ema.safetensors"), metadata=meta)
     final = state(vq)
@@ -216,23 +230,8 @@ def cosine():
         scale = torch.exp(torch.empty(ROWS, 1).uniform_(np.log(0.02), np.log(2.0), generator=gen))
         b = (rows * scale).contiguous()
         g = torch.randn(ROWS, DIM, generator=gen)
-        x = b.clone().unsqueeze(0).requires_grad_(True)
-        quantize, indices, loss = vq(x)
-        (quantize * g.unsqueeze(0)).sum().add(loss).backward()
-        fx[f"batch.{i}"] = b
-        fx[f"indices.{i}"] = indices[0].to(torch.int64).contiguous()
-        fx[f"quantize.{i}"] = quantize[0].detach().contiguous()
-        fx[f"loss.{i}"] = loss.detach().reshape(()).contiguous()
-        fx[f"upstream.{i}"] = g.contiguous()
-        fx[f"grad.{i}"] = x.grad[0].contiguous()
-        fx.update(state(vq, f"after.{i}."))
-    meta = {
-        "generator": "scripts/make_vqpytorch_fixtures.py (cosine)",
-        "versions": json.dumps(versions()),
-        "vector_quantize_kwargs": json.dumps(COSINE_KWARGS),
-        "torch_seed": "0",
-        "data_seed": "4321",
-    }
+        train_step(vq, fx, i, b, g)
+    meta = metadata("scripts/make_vqpytorch_fixtures.py (cosine)", COSINE_KWARGS, 4321)
     p = os.path.join(OUT, "vqpytorch_cosine.safetensors")
     save_file(fx, p, metadata=meta)
     print(f"{p}: {os.path.getsize(p)} bytes")

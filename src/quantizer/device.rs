@@ -101,8 +101,10 @@ struct Batch<G: Gpu> {
     /// Gradient learning: (q − x) of the kept rows, and the codebook gradient (K × D).
     diff: G::Buf<f32>,
     grad_codebook: Option<DeviceMatrix<G>>,
-    /// Cosine: the kept rows L2-normalised (n × D, made on first use).
+    /// Cosine: the kept rows L2-normalised under a mask (made on first use).
     unit: Option<G::Buf<f32>>,
+    /// Cosine: every row of the input L2-normalised, x̂ (n × D, made on first use).
+    x_unit: Option<G::Buf<f32>>,
     /// The mask of the last forward pass, when there was one (n flags).
     mask: Option<G::Buf<u32>>,
 }
@@ -341,9 +343,12 @@ impl<G: Gpu> DeviceQuantizer<G> {
             batch.assign.indices(),
             &mut batch.quantized,
         )?;
+        // Under cosine the losses, sums and re-seeded rows use x̂ = x/‖x‖, as on the CPU.
+        let cosine = self.config.metric == Metric::Cosine;
+        let xt = transformed(g, cosine, x.buf(), &mut batch.x_unit, n, d)?;
         step::squared_error(
             g,
-            x.buf(),
+            xt,
             batch.quantized.buf(),
             batch.mask.as_ref(),
             n,
@@ -381,15 +386,13 @@ impl<G: Gpu> DeviceQuantizer<G> {
                 (self.ema.as_mut(), self.config.learning)
                 && kept > 0
             {
-                // Under cosine the sums and re-seeded rows are of the normalised rows, as on the
-                // CPU (the same kernel arithmetic as `normalize_rows`).
-                let xs: &G::Buf<f32> = if self.config.metric == Metric::Cosine {
-                    let unit = match &mut batch.unit {
-                        Some(u) => u,
-                        none => none.insert(g.alloc_zeros("normalised rows", n * d)?),
-                    };
+                // The kept rows of x̂ under cosine (normalised after compaction: the same bits).
+                let xs: &G::Buf<f32> = if cosine && kept < n {
+                    let unit = scratch(g, &mut batch.unit, n * d)?;
                     launch::normalize_rows(g, xk, unit, kept, d)?;
                     unit
+                } else if cosine {
+                    xt
                 } else {
                     xk
                 };
@@ -514,10 +517,14 @@ impl<G: Gpu> DeviceQuantizer<G> {
             Estimator::StraightThrough => step::grad_straight_through,
             Estimator::RotationTrick => step::grad_rotation,
         };
+        // Under cosine the estimator and the losses see x̂, and the gradient goes back through
+        // the normalisation, as on the CPU.
+        let cosine = self.config.metric == Metric::Cosine;
+        let xt = transformed(g, cosine, x.buf(), &mut batch.x_unit, n, d)?;
         grad(
             g,
             grad_output.buf(),
-            x.buf(),
+            xt,
             batch.quantized.buf(),
             batch.mask.as_ref(),
             coef,
@@ -526,6 +533,9 @@ impl<G: Gpu> DeviceQuantizer<G> {
             &self.step_scratch,
             batch.grad_x.buf_mut(),
         )?;
+        if cosine {
+            step::grad_normalize(g, x.buf(), n, d, batch.grad_x.buf_mut())?;
+        }
         if self.config.learning == CodebookLearning::Gradient {
             let gc = match &mut batch.grad_codebook {
                 Some(gc) => gc,
@@ -546,7 +556,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
             step::grad_diff(
                 g,
                 batch.quantized.buf(),
-                x.buf(),
+                xt,
                 n,
                 rows,
                 kept,
@@ -646,9 +656,40 @@ impl<G: Gpu> Batch<G> {
             diff: g.alloc_zeros("differences", n * d)?,
             grad_codebook: None,
             unit: None,
+            x_unit: None,
             mask: None,
         })
     }
+}
+
+/// The scratch buffer in `slot` (`len` floats), allocated on first use.
+fn scratch<'a, G: Gpu>(
+    g: &G,
+    slot: &'a mut Option<G::Buf<f32>>,
+    len: usize,
+) -> Result<&'a mut G::Buf<f32>> {
+    Ok(match slot {
+        Some(b) => b,
+        none => none.insert(g.alloc_zeros("normalised rows", len)?),
+    })
+}
+
+/// The layer's input as the losses and estimators see it: under cosine x̂, every row of `x`
+/// (n × d) normalised into `slot`; otherwise `x` itself.
+fn transformed<'a, G: Gpu>(
+    g: &G,
+    cosine: bool,
+    x: &'a G::Buf<f32>,
+    slot: &'a mut Option<G::Buf<f32>>,
+    n: usize,
+    d: usize,
+) -> Result<&'a G::Buf<f32>> {
+    if !cosine {
+        return Ok(x);
+    }
+    let unit = scratch(g, slot, n * d)?;
+    launch::normalize_rows(g, x, unit, n, d)?;
+    Ok(unit)
 }
 
 /// The device buffers dead-code detection uses.

@@ -14,7 +14,7 @@ mod persist;
 
 pub use config::{CodebookLearning, Estimator, Init, QuantizerConfig};
 pub use device::{DeviceLosses, DeviceQuantizer};
-pub use grad::{Gradients, rotate_gradient, rotation_trick_value};
+pub use grad::{Gradients, normalize_backward, rotate_gradient, rotation_trick_value};
 
 use crate::backend::{self, Backend};
 use crate::ema::{EmaState, SumMode};
@@ -73,9 +73,9 @@ pub struct Forward {
     pub quantized: Matrix,
     /// Winning distance per row.
     pub distances: Vec<f32>,
-    /// β·mean((x − sg(q))²) over the kept rows.
+    /// β·mean((x − sg(q))²) over the kept rows (x̂ = x/‖x‖ in place of x under cosine).
     pub commitment_loss: f32,
-    /// mean((sg(x) − q)²) over the kept rows in gradient mode; 0 under EMA.
+    /// mean((sg(x) − q)²) over the kept rows in gradient mode (x̂ under cosine); 0 under EMA.
     pub codebook_loss: f32,
     pub stats: StepStats,
     mask: Option<Vec<bool>>,
@@ -301,9 +301,13 @@ impl VectorQuantizer {
             Some(rows) => rows.iter().map(|&r| assignment.indices[r]).collect(),
             None => assignment.indices.clone(),
         };
+        // Under cosine the library compares q with x̂ = x/‖x‖ (its input after `l2norm`) in
+        // the losses, the EMA sums and the re-seeded rows: the spherical k-means update.
+        let unit = (self.config.metric == Metric::Cosine).then(|| normalize_rows(x));
+        let xt = unit.as_ref().map_or(x, Matrix::as_ref);
         let mse = match &kept_rows {
-            Some(rows) => mean_sq_diff(x, quantized.as_ref(), rows.iter().copied(), kept),
-            None => mean_sq_diff(x, quantized.as_ref(), 0..x.rows(), kept),
+            Some(rows) => mean_sq_diff(xt, quantized.as_ref(), rows.iter().copied(), kept),
+            None => mean_sq_diff(xt, quantized.as_ref(), 0..x.rows(), kept),
         };
         let counts = self.backend.usage(&kept_idx, self.config.codebook_size)?;
         let summary = UsageSummary::from_counts(&counts);
@@ -322,14 +326,16 @@ impl VectorQuantizer {
                 } else {
                     SumMode::Fast
                 };
-                // Under cosine the EMA sums (and re-seeded rows) are of the L2-normalised rows,
-                // as vector-quantize-pytorch's `use_cosine_sim`: the spherical k-means update.
-                let unit;
-                let xs = if self.config.metric == Metric::Cosine {
-                    unit = normalize_rows(xk);
-                    unit.as_ref()
-                } else {
-                    xk
+                // The kept rows of x̂ under cosine (normalising is row-wise: the same bits
+                // before or after compaction).
+                let unit_kept;
+                let xs = match (&unit, &kept_rows) {
+                    (None, _) => xk,
+                    (Some(_), Some(rows)) if rows.len() < x.rows() => {
+                        unit_kept = gather_rows(xt, rows);
+                        unit_kept.as_ref()
+                    }
+                    (Some(_), _) => xt,
                 };
                 let sums =
                     self.backend
