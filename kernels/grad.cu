@@ -23,11 +23,17 @@
 //   (grad.rs uses the same deterministic scatter-add) and scale_f32. A row id ≥ N is skipped
 //   (diff row left as it was), so no launch reads outside x and q. Grid-stride over m·D.
 //
+// grad_normalize_f32 — the gradient through x̂ = x/‖x‖ (grad.rs normalize_backward), in place
+//   on gx: inv = 1/‖x_r‖ (inv_norm_f64, 0 for a zero row), s = Σ_i x_i·gx_i (f64, sequential in
+//   increasing i from 0), t = (s·inv)·inv, gx_i = (float)((gx_i − x_i·t)·inv). One thread per
+//   row, grid-stride over rows, block = ROW_THREADS, grid = min(ceil(N / ROW_THREADS), 32 × SMs).
+//
 // scale_f32 — v ← (float)((double)v · scale) in place, scale =
 //   2/(kept·D). Grid-stride over len.
 //
 // Limits: N·D < 2^63, D < 2^31.
 
+#include "sums.cuh"
 #include "tiles.cuh"
 #include "grid.cuh"
 
@@ -122,6 +128,21 @@ extern "C" __global__ void grad_diff_f32(const float* __restrict__ q,
         if (r >= n) continue;
         const long long src = r * d + (e - j * d);
         diff[e] = __fsub_rn(q[src], x[src]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+grad_normalize_f32(const float* __restrict__ x, long long n, long long d, float* __restrict__ gx)
+{
+    GRID_STRIDE_LOOP(r, n) {
+        const float* xr = x + r * d;
+        float* o = gx + r * d;
+        const double inv = inv_norm_f64(xr, d);
+        double s = 0.0;
+        for (long long i = 0; i < d; ++i) s = __dadd_rn(s, __dmul_rn((double)xr[i], (double)o[i]));
+        const double t = __dmul_rn(__dmul_rn(s, inv), inv);
+        for (long long i = 0; i < d; ++i)
+            o[i] = (float)__dmul_rn(__dsub_rn((double)o[i], __dmul_rn((double)xr[i], t)), inv);
     }
 }
 

@@ -26,6 +26,8 @@ tests/data/vqpytorch_ema.safetensors
     grad.{i}           the resulting gradient with respect to batch.{i}, (64,16) f32
     after.{i}.<key>    the state dict after step i
     eval.x, eval.indices   as in the state file below
+tests/data/vqpytorch_cosine.safetensors
+    the same keys (no eval.*) for 5 steps of the layer with use_cosine_sim=True (see `cosine`)
 tests/data/vqpytorch_state.safetensors
     the final state dict alone (what users have: the `_codebook.*` keys), plus
     eval.x (40,16) f32 and eval.indices (40,) int64: the eval-mode quantization of a test
@@ -121,6 +123,33 @@ def numpy_ema_step(embed, cluster_size, embed_avg, x, decay, eps):
     return idx, out, embed, cluster_size, embed_avg
 
 
+def metadata(generator, kwargs, data_seed):
+    """A fixture's safetensors metadata: versions, constructor arguments and seeds."""
+    return {
+        "generator": generator,
+        "versions": json.dumps(versions()),
+        "vector_quantize_kwargs": json.dumps(kwargs),
+        "torch_seed": "0",
+        "data_seed": str(data_seed),
+    }
+
+
+def train_step(vq, fx, i, b, g):
+    """Training step i of `vq` on batch b, backward on sum(output · g) + loss; records the
+    step's keys in fx and returns (output, indices)."""
+    x = b.clone().unsqueeze(0).requires_grad_(True)
+    quantize, indices, loss = vq(x)
+    (quantize * g.unsqueeze(0)).sum().add(loss).backward()
+    fx[f"batch.{i}"] = b.contiguous()
+    fx[f"indices.{i}"] = indices[0].to(torch.int64).contiguous()
+    fx[f"quantize.{i}"] = quantize[0].detach().contiguous()
+    fx[f"loss.{i}"] = loss.detach().reshape(()).contiguous()
+    fx[f"upstream.{i}"] = g.contiguous()
+    fx[f"grad.{i}"] = x.grad[0].contiguous()
+    fx.update(state(vq, f"after.{i}."))
+    return quantize, indices
+
+
 def main():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
@@ -137,16 +166,7 @@ def main():
     worst = 0.0
     for i, (b, g) in enumerate(zip(batches, upstreams)):
         before = {k: v.numpy()[0] if v.ndim > 1 else v.numpy() for k, v in state(vq).items()}
-        x = b.clone().unsqueeze(0).requires_grad_(True)
-        quantize, indices, loss = vq(x)
-        (quantize * g.unsqueeze(0)).sum().add(loss).backward()
-        fx[f"batch.{i}"] = b.contiguous()
-        fx[f"indices.{i}"] = indices[0].to(torch.int64).contiguous()
-        fx[f"quantize.{i}"] = quantize[0].detach().contiguous()
-        fx[f"loss.{i}"] = loss.detach().reshape(()).contiguous()
-        fx[f"upstream.{i}"] = g.contiguous()
-        fx[f"grad.{i}"] = x.grad[0].contiguous()
-        fx.update(state(vq, f"after.{i}."))
+        quantize, indices = train_step(vq, fx, i, b, g)
 
         # the numpy re-implementation, from the state before this step
         idx, q, emb, cs, ea = numpy_ema_step(
@@ -168,13 +188,7 @@ def main():
     fx["eval.x"] = eval_x.contiguous()
     fx["eval.indices"] = eval_idx[0].to(torch.int64).contiguous()
 
-    meta = {
-        "generator": "scripts/make_vqpytorch_fixtures.py",
-        "versions": json.dumps(versions()),
-        "vector_quantize_kwargs": json.dumps(KWARGS),
-        "torch_seed": "0",
-        "data_seed": "1234",
-    }
+    meta = metadata("scripts/make_vqpytorch_fixtures.py", KWARGS, 1234)
     os.makedirs(OUT, exist_ok=True)
     save_file(fx, os.path.join(OUT, "vqpytorch_ema.safetensors"), metadata=meta)
     final = state(vq)
@@ -187,6 +201,41 @@ def main():
     print("state dict keys:", sorted(state(vq)))
     print("usage per step:", [np.bincount(fx[f"indices.{i}"].numpy(), minlength=K).tolist() for i in range(STEPS)])
     print("versions:", versions())
+    cosine()
+
+
+COSINE_STEPS = 5
+COSINE_KWARGS = dict(KWARGS, use_cosine_sim=True)
+
+
+def cosine():
+    """The cosine fixture: the same layer with `use_cosine_sim=True`, 5 training steps.
+
+    tests/data/vqpytorch_cosine.safetensors has the layout of vqpytorch_ema.safetensors (before.*,
+    batch.{i}, indices.{i}, quantize.{i}, loss.{i}, upstream.{i}, grad.{i}, after.{i}.*; no eval
+    keys). The rows' norms vary (0.02 to 2), so that summing raw rows into the EMA statistics
+    (vqx before it followed the library) and summing the normalised rows (the library, spherical
+    k-means) give different codebooks.
+    """
+    torch.manual_seed(0)
+    vq = VectorQuantize(**COSINE_KWARGS)
+    vq.train()
+    gen = torch.Generator().manual_seed(4321)
+    # Clustered directions (8 centres in 16-D) so that codes are shared by several rows.
+    centres = torch.randn(8, DIM, generator=gen)
+    fx = state(vq, "before.")
+    for i in range(COSINE_STEPS):
+        pick = torch.randint(0, 8, (ROWS,), generator=gen)
+        rows = centres[pick] + 0.6 * torch.randn(ROWS, DIM, generator=gen)
+        scale = torch.exp(torch.empty(ROWS, 1).uniform_(np.log(0.02), np.log(2.0), generator=gen))
+        b = (rows * scale).contiguous()
+        g = torch.randn(ROWS, DIM, generator=gen)
+        train_step(vq, fx, i, b, g)
+    meta = metadata("scripts/make_vqpytorch_fixtures.py (cosine)", COSINE_KWARGS, 4321)
+    p = os.path.join(OUT, "vqpytorch_cosine.safetensors")
+    save_file(fx, p, metadata=meta)
+    print(f"{p}: {os.path.getsize(p)} bytes")
+    print("cosine usage per step:", [np.bincount(fx[f"indices.{i}"].numpy(), minlength=K).tolist() for i in range(COSINE_STEPS)])
 
 
 if __name__ == "__main__":

@@ -208,6 +208,9 @@ on_devices! {
             }
         }
         compare(test, dev, ema(40, 9, 4).init(Init::KMeans { iters: 3 }), false, 3);
+        // Spherical k-means init, then the cosine step.
+        let kmeans = ema(40, 9, 4).init(Init::KMeans { iters: 3 });
+        compare(test, dev, kmeans.metric(Metric::Cosine), false, 3);
     }
 }
 
@@ -232,6 +235,8 @@ on_devices! {
         };
         compare(test, dev, cfg(7), false, 3);
         compare(test, dev, cfg(8).estimator(Estimator::RotationTrick), true, 3);
+        // Cosine: the losses and both gradients against x̂, dL/dx back through the normalisation.
+        compare(test, dev, cfg(9).metric(Metric::Cosine), true, 3);
     }
 }
 

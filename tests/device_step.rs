@@ -27,7 +27,8 @@ use vqx::backend::cuda::{Gpu, launch};
 use vqx::ema::{CodeSums, EmaState, SumMode};
 use vqx::nearest::{Metric, normalize_row};
 use vqx::quantizer::{
-    CodebookLearning, Estimator, QuantizerConfig, VectorQuantizer, rotate_gradient,
+    CodebookLearning, Estimator, QuantizerConfig, VectorQuantizer, normalize_backward,
+    rotate_gradient,
 };
 use vqx::usage::UsageSummary;
 use vqx::{MatRef, Matrix};
@@ -413,6 +414,31 @@ on_devices! {
                     }
                     assert_bits(&got, &want, &format!("{test}: N {n} D {d} seed {seed}"));
                 }
+            }
+        }
+    }
+
+    /// grad_normalize_f32 is normalize_backward (the cosine layer's gradient through x̂) bit for
+    /// bit, zero, tiny and huge rows included.
+    fn normalize_gradient_matches_cpu<G>(test, dev, gpu) {
+        for &n in &NS {
+            for &d in &DS {
+                let mut r = salted_rng(5, n * 29 + d);
+                let mut x = uniform_in(n * d, 2.0, &mut r);
+                let g = uniform_in(n * d, 3.0, &mut r);
+                for (row, xr) in x.chunks_mut(d).enumerate() {
+                    let factor = [1.0, 0.0, 1e-30, 1e30][row % 4];
+                    xr.iter_mut().for_each(|v| *v *= factor);
+                }
+                let xd = gpu.upload("x", &x).unwrap();
+                let mut gx = gpu.upload("gx", &g).unwrap();
+                step::grad_normalize(gpu, &xd, n, d, &mut gx).unwrap();
+                let mut want = g.clone();
+                for (xr, wr) in x.chunks(d).zip(want.chunks_mut(d)) {
+                    normalize_backward(xr, wr);
+                }
+                let got = gpu.download("gx", &gx).unwrap();
+                assert_bits(&got, &want, &format!("{test}: N {n} D {d}"));
             }
         }
     }

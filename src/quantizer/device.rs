@@ -42,7 +42,7 @@ use crate::backend::cuda::{
 use crate::ema::EmaState;
 use crate::error::{Error, Result};
 use crate::matrix::Matrix;
-use crate::nearest::check_max_abs;
+use crate::nearest::{Metric, check_max_abs};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
@@ -101,6 +101,10 @@ struct Batch<G: Gpu> {
     /// Gradient learning: (q − x) of the kept rows, and the codebook gradient (K × D).
     diff: G::Buf<f32>,
     grad_codebook: Option<DeviceMatrix<G>>,
+    /// Cosine: the kept rows L2-normalised under a mask (made on first use).
+    unit: Option<G::Buf<f32>>,
+    /// Cosine: every row of the input L2-normalised, x̂ (n × D, made on first use).
+    x_unit: Option<G::Buf<f32>>,
     /// The mask of the last forward pass, when there was one (n flags).
     mask: Option<G::Buf<u32>>,
 }
@@ -339,9 +343,12 @@ impl<G: Gpu> DeviceQuantizer<G> {
             batch.assign.indices(),
             &mut batch.quantized,
         )?;
+        // Under cosine the losses, sums and re-seeded rows use x̂ = x/‖x‖, as on the CPU.
+        let cosine = self.config.metric == Metric::Cosine;
+        let xt = transformed(g, cosine, x.buf(), &mut batch.x_unit, n, d)?;
         step::squared_error(
             g,
-            x.buf(),
+            xt,
             batch.quantized.buf(),
             batch.mask.as_ref(),
             n,
@@ -379,10 +386,20 @@ impl<G: Gpu> DeviceQuantizer<G> {
                 (self.ema.as_mut(), self.config.learning)
                 && kept > 0
             {
+                // The kept rows of x̂ under cosine (normalised after compaction: the same bits).
+                let xs: &G::Buf<f32> = if cosine && kept < n {
+                    let unit = scratch(g, &mut batch.unit, n * d)?;
+                    launch::normalize_rows(g, xk, unit, kept, d)?;
+                    unit
+                } else if cosine {
+                    xt
+                } else {
+                    xk
+                };
                 if self.config.deterministic {
                     sort::code_sums_deterministic(
                         g,
-                        xk,
+                        xs,
                         kept_idx,
                         kept,
                         d,
@@ -396,7 +413,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
                     g.zero("batch usage", &mut self.counts)?;
                     launch::sums_atomic(
                         g,
-                        xk,
+                        xs,
                         kept_idx,
                         &mut self.sums,
                         &mut self.counts,
@@ -410,7 +427,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
                     g,
                     &self.config,
                     ema,
-                    xk,
+                    xs,
                     kept,
                     &mut self.rng,
                     DeadScratch {
@@ -500,10 +517,14 @@ impl<G: Gpu> DeviceQuantizer<G> {
             Estimator::StraightThrough => step::grad_straight_through,
             Estimator::RotationTrick => step::grad_rotation,
         };
+        // Under cosine the estimator and the losses see x̂, and the gradient goes back through
+        // the normalisation, as on the CPU.
+        let cosine = self.config.metric == Metric::Cosine;
+        let xt = transformed(g, cosine, x.buf(), &mut batch.x_unit, n, d)?;
         grad(
             g,
             grad_output.buf(),
-            x.buf(),
+            xt,
             batch.quantized.buf(),
             batch.mask.as_ref(),
             coef,
@@ -512,6 +533,9 @@ impl<G: Gpu> DeviceQuantizer<G> {
             &self.step_scratch,
             batch.grad_x.buf_mut(),
         )?;
+        if cosine {
+            step::grad_normalize(g, x.buf(), n, d, batch.grad_x.buf_mut())?;
+        }
         if self.config.learning == CodebookLearning::Gradient {
             let gc = match &mut batch.grad_codebook {
                 Some(gc) => gc,
@@ -532,7 +556,7 @@ impl<G: Gpu> DeviceQuantizer<G> {
             step::grad_diff(
                 g,
                 batch.quantized.buf(),
-                x.buf(),
+                xt,
                 n,
                 rows,
                 kept,
@@ -631,9 +655,41 @@ impl<G: Gpu> Batch<G> {
             grad_x: DeviceMatrix::zeros(g, "input gradient", n, d)?,
             diff: g.alloc_zeros("differences", n * d)?,
             grad_codebook: None,
+            unit: None,
+            x_unit: None,
             mask: None,
         })
     }
+}
+
+/// The scratch buffer in `slot` (`len` floats), allocated on first use.
+fn scratch<'a, G: Gpu>(
+    g: &G,
+    slot: &'a mut Option<G::Buf<f32>>,
+    len: usize,
+) -> Result<&'a mut G::Buf<f32>> {
+    Ok(match slot {
+        Some(b) => b,
+        none => none.insert(g.alloc_zeros("normalised rows", len)?),
+    })
+}
+
+/// The layer's input as the losses and estimators see it: under cosine x̂, every row of `x`
+/// (n × d) normalised into `slot`; otherwise `x` itself.
+fn transformed<'a, G: Gpu>(
+    g: &G,
+    cosine: bool,
+    x: &'a G::Buf<f32>,
+    slot: &'a mut Option<G::Buf<f32>>,
+    n: usize,
+    d: usize,
+) -> Result<&'a G::Buf<f32>> {
+    if !cosine {
+        return Ok(x);
+    }
+    let unit = scratch(g, slot, n * d)?;
+    launch::normalize_rows(g, x, unit, n, d)?;
+    Ok(unit)
 }
 
 /// The device buffers dead-code detection uses.
@@ -646,7 +702,8 @@ struct DeadScratch<'a, G: Gpu> {
 /// `VectorQuantizer::reseed_dead_codes` on the device: the dead codes are found and compacted
 /// on the device, their count (and, when there are any, their ids) read back, the choice of
 /// codes and rows drawn on the host from the same generator as the CPU's, and the (code, row)
-/// pairs sent back to the re-seeding kernel. Returns (dead, replaced).
+/// pairs sent back to the re-seeding kernel. `x` holds the kept rows (normalised under
+/// cosine). Returns (dead, replaced).
 fn reseed_dead_codes<G: Gpu>(
     g: &G,
     config: &QuantizerConfig,
@@ -682,7 +739,8 @@ fn reseed_dead_codes<G: Gpu>(
         &from,
         take,
         config.effective_reset_count(),
-        config.metric,
+        // The rows are normalised already under cosine: copied as they are.
+        Metric::L2,
     )?;
     Ok((n_dead, take))
 }

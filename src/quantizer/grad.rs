@@ -1,6 +1,8 @@
 //! Autograd-lite: the backward pass of the quantizer layer (SPEC §2, §3).
 //!
 //! Output z = x + sg(q − x) (straight-through) or the rotation trick; both equal q in value.
+//! Under cosine x̂ = x/‖x‖ takes x's place everywhere, and the gradient goes back through the
+//! normalisation (vector-quantize-pytorch's `use_cosine_sim`).
 //! Losses: commitment β·mean((x − sg(q))²) (gradient to x only) and, in gradient mode, the
 //! codebook loss mean((sg(x) − q)²) (gradient to the codes only). Means run over the kept
 //! (unmasked) rows × D.
@@ -9,6 +11,7 @@ use super::{CodebookLearning, Estimator, Forward, VectorQuantizer};
 use crate::ema::SumMode;
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
+use crate::nearest::{Metric, inv_norm_f64, normalize_rows};
 
 /// Gradients of L = L_decoder(z) + commitment + codebook loss.
 #[derive(Clone, Debug)]
@@ -40,9 +43,13 @@ pub(super) fn backward(
     };
     let beta = vq.config.commitment_weight as f64;
 
+    // Under cosine the layer's input is x̂ = x/‖x‖ (vector-quantize-pytorch's `l2norm`): the
+    // estimator and the losses see x̂, and the gradient goes back through the normalisation.
+    let unit = (vq.config.metric == Metric::Cosine).then(|| normalize_rows(x));
+    let xt = unit.as_ref().map_or(x, Matrix::as_ref);
     let mut gx = Matrix::zeros(n, d);
     for (r, out) in gx.data_mut().chunks_mut(d).enumerate() {
-        let (xr, qr, gr) = (x.row(r), q.row(r), grad_output.row(r));
+        let (xr, qr, gr) = (xt.row(r), q.row(r), grad_output.row(r));
         match vq.config.estimator {
             Estimator::StraightThrough => out.copy_from_slice(gr),
             Estimator::RotationTrick => rotate_gradient(xr, qr, gr, out),
@@ -51,6 +58,9 @@ pub(super) fn backward(
             for ((o, &a), &b) in out.iter_mut().zip(xr).zip(qr) {
                 *o = (*o as f64 + beta * scale * (a as f64 - b as f64)) as f32;
             }
+        }
+        if unit.is_some() {
+            normalize_backward(x.row(r), out);
         }
     }
 
@@ -65,7 +75,7 @@ pub(super) fn backward(
             } else {
                 let mut diff = Vec::with_capacity(rows.len() * d);
                 for &r in &rows {
-                    diff.extend(q.row(r).iter().zip(x.row(r)).map(|(&a, &b)| a - b));
+                    diff.extend(q.row(r).iter().zip(xt.row(r)).map(|(&a, &b)| a - b));
                 }
                 let diff = Matrix::new(diff, rows.len(), d)?;
                 let idx: Vec<u32> = rows.iter().map(|&r| fwd.indices[r]).collect();
@@ -82,6 +92,24 @@ pub(super) fn backward(
         }
     };
     Ok(Gradients { x: gx, codebook })
+}
+
+/// The gradient through x̂ = x/‖x‖ for one row, in place: g ← (g − x̂(x̂·g))/‖x‖, computed in
+/// f64 as (g_i − x_i·((x·g)·inv·inv))·inv with inv = 1/‖x‖ and x·g summed in increasing i from
+/// 0, rounded once. A zero row gets a zero gradient (its x̂ is 0 whatever x does nearby).
+///
+/// Public so that the device kernel (kernels/grad.cu `grad_normalize_f32`) can be checked
+/// against it bit for bit. `x` and `g` must have the same length.
+pub fn normalize_backward(x: &[f32], g: &mut [f32]) {
+    let inv = inv_norm_f64(x);
+    let mut s = 0.0f64;
+    for (&a, &b) in x.iter().zip(g.iter()) {
+        s += a as f64 * b as f64;
+    }
+    let t = s * inv * inv;
+    for (o, &a) in g.iter_mut().zip(x) {
+        *o = ((*o as f64 - a as f64 * t) * inv) as f32;
+    }
 }
 
 /// Fails unless `what`, of shape `got`, has the forward pass's shape (n × D).

@@ -78,7 +78,8 @@ pub fn kmeans_plus_plus(x: MatRef<'_>, k: usize, rng: &mut ChaCha8Rng) -> Matrix
     Matrix::new(centers, k, d).expect("k × d values")
 }
 
-/// Lloyd's k-means on `x`, seeded by [`kmeans_plus_plus`] (vector-quantize-pytorch seeds
+/// Lloyd's k-means on `x` (spherical under cosine: on the normalised rows), seeded by
+/// [`kmeans_plus_plus`] (vector-quantize-pytorch seeds
 /// with a plain random sample, which more often leaves two codes in one cluster): `iters` rounds of assign (the
 /// backend's exact nearest) and mean update; an empty cluster keeps its centre. As in
 /// vector-quantize-pytorch, the counts are the cluster sizes of the last assignment and the
@@ -94,6 +95,15 @@ pub fn kmeans(
     rng: &mut ChaCha8Rng,
 ) -> Result<(Matrix, EmaState)> {
     let d = x.cols();
+    // Spherical k-means under cosine (vector-quantize-pytorch's `use_cosine_sim`): the rows are
+    // normalised once, and each centre is the normalised mean of its normalised rows.
+    let unit;
+    let x = if metric == Metric::Cosine {
+        unit = normalize_rows(x);
+        unit.as_ref()
+    } else {
+        x
+    };
     let mut centers = kmeans_plus_plus(x, k, rng);
     if metric == Metric::Cosine {
         centers = normalize_rows(centers.as_ref());

@@ -14,7 +14,7 @@ mod persist;
 
 pub use config::{CodebookLearning, Estimator, Init, QuantizerConfig};
 pub use device::{DeviceLosses, DeviceQuantizer};
-pub use grad::{Gradients, rotate_gradient, rotation_trick_value};
+pub use grad::{Gradients, normalize_backward, rotate_gradient, rotation_trick_value};
 
 use crate::backend::{self, Backend};
 use crate::ema::{EmaState, SumMode};
@@ -73,9 +73,9 @@ pub struct Forward {
     pub quantized: Matrix,
     /// Winning distance per row.
     pub distances: Vec<f32>,
-    /// β·mean((x − sg(q))²) over the kept rows.
+    /// β·mean((x − sg(q))²) over the kept rows (x̂ = x/‖x‖ in place of x under cosine).
     pub commitment_loss: f32,
-    /// mean((sg(x) − q)²) over the kept rows in gradient mode; 0 under EMA.
+    /// mean((sg(x) − q)²) over the kept rows in gradient mode (x̂ under cosine); 0 under EMA.
     pub codebook_loss: f32,
     pub stats: StepStats,
     mask: Option<Vec<bool>>,
@@ -301,9 +301,13 @@ impl VectorQuantizer {
             Some(rows) => rows.iter().map(|&r| assignment.indices[r]).collect(),
             None => assignment.indices.clone(),
         };
+        // Under cosine the library compares q with x̂ = x/‖x‖ (its input after `l2norm`) in
+        // the losses, the EMA sums and the re-seeded rows: the spherical k-means update.
+        let unit = (self.config.metric == Metric::Cosine).then(|| normalize_rows(x));
+        let xt = unit.as_ref().map_or(x, Matrix::as_ref);
         let mse = match &kept_rows {
-            Some(rows) => mean_sq_diff(x, quantized.as_ref(), rows.iter().copied(), kept),
-            None => mean_sq_diff(x, quantized.as_ref(), 0..x.rows(), kept),
+            Some(rows) => mean_sq_diff(xt, quantized.as_ref(), rows.iter().copied(), kept),
+            None => mean_sq_diff(xt, quantized.as_ref(), 0..x.rows(), kept),
         };
         let counts = self.backend.usage(&kept_idx, self.config.codebook_size)?;
         let summary = UsageSummary::from_counts(&counts);
@@ -322,15 +326,26 @@ impl VectorQuantizer {
                 } else {
                     SumMode::Fast
                 };
+                // The kept rows of x̂ under cosine (normalising is row-wise: the same bits
+                // before or after compaction).
+                let unit_kept;
+                let xs = match (&unit, &kept_rows) {
+                    (None, _) => xk,
+                    (Some(_), Some(rows)) if rows.len() < x.rows() => {
+                        unit_kept = gather_rows(xt, rows);
+                        unit_kept.as_ref()
+                    }
+                    (Some(_), _) => xt,
+                };
                 let sums =
                     self.backend
-                        .code_sums(xk, &kept_idx, self.config.codebook_size, mode)?;
+                        .code_sums(xs, &kept_idx, self.config.codebook_size, mode)?;
                 ema.update(&sums, decay)?;
                 self.codebook = ema.codebook(eps);
                 if self.config.metric == Metric::Cosine {
                     self.codebook = normalize_rows(self.codebook.as_ref());
                 }
-                (dead, replaced) = self.reseed_dead_codes(xk);
+                (dead, replaced) = self.reseed_dead_codes(xs);
             }
             self.step += 1;
         }
@@ -358,7 +373,7 @@ impl VectorQuantizer {
     }
 
     /// Re-seeds codes whose EMA count is below the threshold from distinct rows of `x`
-    /// (masked replace: live codes stay bit-identical). With more dead codes than rows, a
+    /// (normalised already under cosine; masked replace: live codes stay bit-identical). With more dead codes than rows, a
     /// random subset is re-seeded now and the rest on later steps. Returns (dead, replaced).
     fn reseed_dead_codes(&mut self, x: MatRef<'_>) -> (usize, usize) {
         let threshold = self.config.dead_code_threshold;
@@ -378,15 +393,11 @@ impl VectorQuantizer {
             return (n_dead, 0);
         }
         let count = self.config.effective_reset_count();
-        let cosine = self.config.metric == Metric::Cosine;
         let d = self.config.dim;
         for (&k, &r) in dead.iter().zip(&rows) {
-            let mut row = x.row(r).to_vec();
-            if cosine {
-                crate::nearest::normalize_row(&mut row);
-            }
-            self.codebook.data_mut()[k * d..(k + 1) * d].copy_from_slice(&row);
-            ema.reset(k, &row, count);
+            let row = x.row(r);
+            self.codebook.data_mut()[k * d..(k + 1) * d].copy_from_slice(row);
+            ema.reset(k, row, count);
         }
         (n_dead, take)
     }

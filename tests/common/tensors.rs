@@ -19,6 +19,12 @@ pub const VQPYTORCH_EMA: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/data/vqpytorch_ema.safetensors"
 );
+/// Five cosine (`use_cosine_sim=True`) EMA training steps of vector-quantize-pytorch, laid out
+/// as [`VQPYTORCH_EMA`] (no eval keys).
+pub const VQPYTORCH_COSINE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/vqpytorch_cosine.safetensors"
+);
 
 /// A safetensors file read whole; its tensors by name, a missing one or another dtype failing
 /// the test with the name.

@@ -374,6 +374,23 @@ launcher! {
     }
 }
 
+launcher! {
+    /// `grad_normalize_f32`: gx (n × d) ← the gradient through x̂ = x/‖x‖ of each row, in place
+    /// (grad.rs `normalize_backward`, bit for bit): the quantizer's backward under cosine.
+    pub fn grad_normalize(gpu, x: &G::Buf<f32>, n: usize, d: usize, gx: &mut G::Buf<f32>) {
+        let nd = elems(n, d, "rows")?;
+        let mut args = launch_args![gpu;
+            F32(x; nd, "input rows"), Len(n, "rows"), Len(d, "dimension"),
+            F32Mut(gx; nd, "input gradient"),
+        ];
+        // SAFETY: the arguments follow grad_normalize_f32(const float* x, long long n, long long
+        // d, float* gx); x and gx hold ≥ n·d floats (checked) and are distinct buffers (one shared
+        // and one exclusive borrow); thread r touches row r < n only (ROW_THREADS per block, its
+        // launch bounds).
+        unsafe { run(gpu, kernels::GRAD_NORMALIZE_F32, rows_grid_stride(gpu, n), &mut args) }
+    }
+}
+
 /// `scale_f32`: v[i] ← (v[i] as f64 · factor) as f32 for i < len (grad.rs's scaling of the
 /// codebook gradient's sums by 2/(kept·D)).
 pub fn scale<G: Gpu>(gpu: &G, v: &mut G::Buf<f32>, len: usize, factor: f64) -> Result<()> {
