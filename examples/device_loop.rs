@@ -57,10 +57,7 @@ fn train<G: Gpu>(backend: GpuBackend<G>) -> Result<()> {
     )?;
 
     let config = QuantizerConfig::new(codes, dim)
-        .learning(CodebookLearning::Ema {
-            decay: 0.9,
-            eps: 1e-5,
-        })
+        .learning(CodebookLearning::ema(0.9))
         .dead_code_threshold(0.05)
         .deterministic(true)
         .seed(1);

@@ -455,7 +455,7 @@ on_devices! {
         let x = random_matrix(n, d, &mut rng);
         let config = |device| {
             QuantizerConfig::new(k, d)
-                .learning(CodebookLearning::Ema { decay: 0.9, eps: 1e-5 })
+                .learning(CodebookLearning::ema(0.9))
                 .dead_code_threshold(0.05)
                 .deterministic(true)
                 .seed(5)

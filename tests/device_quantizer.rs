@@ -185,10 +185,7 @@ fn compare<G: Gpu>(
 
 fn ema(k: usize, d: usize, seed: u64) -> QuantizerConfig {
     QuantizerConfig::new(k, d)
-        .learning(CodebookLearning::Ema {
-            decay: 0.8,
-            eps: 1e-5,
-        })
+        .learning(CodebookLearning::ema(0.8))
         .dead_code_threshold(0.9)
         .commitment_weight(0.25)
         .deterministic(true)

@@ -288,12 +288,12 @@ fn fits_well_separated_clusters() {
     let (k, d) = (16, 8);
     let (centers, x) = clusters(k, d, 4096, 51);
     for init in [Init::Data, Init::KMeans { iters: 10 }] {
-        let mut vq = VectorQuantizer::new(cfg(k, d).init(init).dead_code_threshold(1.0).learning(
-            CodebookLearning::Ema {
-                decay: 0.8,
-                eps: 1e-5,
-            },
-        ))
+        let mut vq = VectorQuantizer::new(
+            cfg(k, d)
+                .init(init)
+                .dead_code_threshold(1.0)
+                .learning(CodebookLearning::ema(0.8)),
+        )
         .unwrap();
         let mut last = None;
         for step in 0..60 {
@@ -345,10 +345,7 @@ fn bad_init_is_revived_by_dead_code_reseeding() {
         let mut vq = VectorQuantizer::with_codebook(
             cfg(k, d)
                 .dead_code_threshold(threshold)
-                .learning(CodebookLearning::Ema {
-                    decay: 0.8,
-                    eps: 1e-5,
-                }),
+                .learning(CodebookLearning::ema(0.8)),
             far.clone(),
         )
         .unwrap();
@@ -407,10 +404,7 @@ fn reseeding_touches_only_dead_codes() {
         VectorQuantizer::with_codebook(
             cfg(k, d)
                 .dead_code_threshold(threshold)
-                .learning(CodebookLearning::Ema {
-                    decay: 0.5,
-                    eps: 1e-5,
-                }),
+                .learning(CodebookLearning::ema(0.5)),
             mat(c.clone(), k, d),
         )
         .unwrap()
@@ -463,10 +457,7 @@ fn more_dead_codes_than_rows_are_reseeded_over_several_steps() {
     let mut vq = VectorQuantizer::with_codebook(
         cfg(k, d)
             .dead_code_threshold(0.5)
-            .learning(CodebookLearning::Ema {
-                decay: 0.1,
-                eps: 1e-5,
-            }),
+            .learning(CodebookLearning::ema(0.1)),
         c,
     )
     .unwrap();
@@ -604,10 +595,7 @@ fn bad_input_and_config_are_typed_errors() {
         cfg(0, 3),
         cfg(4, 0),
         cfg(4, 3).commitment_weight(-1.0),
-        cfg(4, 3).learning(CodebookLearning::Ema {
-            decay: 1.0,
-            eps: 1e-5,
-        }),
+        cfg(4, 3).learning(CodebookLearning::ema(1.0)),
         cfg(4, 3).learning(CodebookLearning::Ema {
             decay: 0.9,
             eps: 0.0,

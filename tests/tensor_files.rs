@@ -22,10 +22,7 @@ fn train_config() -> TrainConfig {
         seed: 3,
     };
     let q = QuantizerConfig::new(8, 4)
-        .learning(CodebookLearning::Ema {
-            decay: 0.9,
-            eps: 1e-5,
-        })
+        .learning(CodebookLearning::ema(0.9))
         .device(Device::Cpu)
         .seed(4);
     let mut c = TrainConfig::new(VqVaeConfig::new(8, 4, vec![16]), q, data);

@@ -56,10 +56,7 @@ fn resume_is_bitwise(learning: CodebookLearning) {
 
 #[test]
 fn resume_gives_the_uninterrupted_run_ema() {
-    resume_is_bitwise(CodebookLearning::Ema {
-        decay: 0.8,
-        eps: 1e-5,
-    });
+    resume_is_bitwise(CodebookLearning::ema(0.8));
 }
 
 #[test]
@@ -71,14 +68,7 @@ fn resume_gives_the_uninterrupted_run_gradient_codebook() {
 fn checkpoint_round_trip_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.safetensors");
-    let mut t = Trainer::new(config(
-        CodebookLearning::Ema {
-            decay: 0.9,
-            eps: 1e-5,
-        },
-        3,
-    ))
-    .unwrap();
+    let mut t = Trainer::new(config(CodebookLearning::ema(0.9), 3)).unwrap();
     t.step().unwrap();
     train::save_trainer(&mut t, &path).unwrap();
     let (m, mut cfg) = train::load_model(&path, Device::Cpu).unwrap();
@@ -123,13 +113,7 @@ fn encoder_experiment(mut c: TrainConfig) -> (f64, f64) {
 
 #[test]
 fn the_encoder_learns_through_the_straight_through_estimator() {
-    let mut c = config(
-        CodebookLearning::Ema {
-            decay: 0.9,
-            eps: 1e-5,
-        },
-        1000,
-    );
+    let mut c = config(CodebookLearning::ema(0.9), 1000);
     // 16 clusters in 32-D, codes of dimension 2: a random encoder's 2-D image mixes clusters
     // that a trained one separates.
     c.data = DataSource::Synthetic {

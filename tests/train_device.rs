@@ -96,39 +96,18 @@ fn compare(learning: CodebookLearning, layer_norm: bool, frozen: bool) {
 
 #[test]
 fn ema_step_on_the_device_equals_the_cpu_step() {
-    compare(
-        CodebookLearning::Ema {
-            decay: 0.9,
-            eps: 1e-5,
-        },
-        true,
-        false,
-    );
+    compare(CodebookLearning::ema(0.9), true, false);
 }
 
 #[test]
 fn gradient_learning_and_frozen_encoder_on_the_device() {
     compare(CodebookLearning::Gradient, false, false);
-    compare(
-        CodebookLearning::Ema {
-            decay: 0.9,
-            eps: 1e-5,
-        },
-        false,
-        true,
-    );
+    compare(CodebookLearning::ema(0.9), false, true);
 }
 
 #[test]
 fn relu_without_layer_norm_on_the_device() {
-    let mut c = config(
-        CodebookLearning::Ema {
-            decay: 0.8,
-            eps: 1e-5,
-        },
-        false,
-        Device::CudaEmu,
-    );
+    let mut c = config(CodebookLearning::ema(0.8), false, Device::CudaEmu);
     c.model.activation = Activation::Relu;
     let mut cpu_c = c.clone();
     cpu_c.quantizer.device = Device::Cpu;
@@ -149,10 +128,7 @@ fn training_on_a_gpu_matches_the_cpu_run() {
     if common::devices::real_gpu(test).is_none() {
         return;
     }
-    let learning = CodebookLearning::Ema {
-        decay: 0.9,
-        eps: 1e-5,
-    };
+    let learning = CodebookLearning::ema(0.9);
     let mut cpu = Trainer::new(config(learning, true, Device::Cpu)).unwrap();
     let mut gpu = Trainer::new(config(learning, true, Device::Cuda)).unwrap();
     assert_eq!(gpu.runs_on(), "cuda");

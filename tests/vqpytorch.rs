@@ -55,10 +55,7 @@ fn quantizer_from(st: &Tensors, metric: Metric) -> VectorQuantizer {
     )
     .unwrap();
     let config = QuantizerConfig::new(K, D)
-        .learning(CodebookLearning::Ema {
-            decay: 0.9,
-            eps: 1e-5,
-        })
+        .learning(CodebookLearning::ema(0.9))
         .commitment_weight(0.25)
         .metric(metric)
         .device(Device::Cpu);

@@ -264,10 +264,7 @@ fn gelu_layer_norm_ema_codebook() {
         Activation::Gelu,
         true,
         vec![4, 4],
-        CodebookLearning::Ema {
-            decay: 0.99,
-            eps: 1e-5,
-        },
+        CodebookLearning::ema(0.99),
     );
 }
 

@@ -257,7 +257,7 @@ impl LearningChoice {
     /// The library's rule; `decay` is the EMA decay.
     pub fn learning(self, decay: f32) -> CodebookLearning {
         match self {
-            LearningChoice::Ema => CodebookLearning::Ema { decay, eps: 1e-5 },
+            LearningChoice::Ema => CodebookLearning::ema(decay),
             LearningChoice::Gradient => CodebookLearning::Gradient,
         }
     }

@@ -50,35 +50,17 @@ pub trait Collective: Send + Sync {
 
     /// Element-wise sum over ranks, added in rank order on every rank (see the module docs).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let parts = self.gather_same_len(bytemuck::cast_slice(buf), "f64 all-reduce")?;
-        for (i, v) in buf.iter_mut().enumerate() {
-            *v = parts.iter().map(|p| read_f64(p, i)).fold(0.0, |a, b| a + b);
-        }
-        Ok(())
+        sum_over_ranks(self, buf, "f64", 0.0, |a, b| Some(a + b))
     }
 
     /// Element-wise exact sum over ranks; an overflow is an error on every rank.
     fn all_reduce_sum_u64(&self, buf: &mut [u64]) -> Result<()> {
-        let parts = self.gather_same_len(bytemuck::cast_slice(buf), "u64 all-reduce")?;
-        for (i, v) in buf.iter_mut().enumerate() {
-            *v = parts
-                .iter()
-                .try_fold(0u64, |a, p| a.checked_add(read_u64(p, i)))
-                .ok_or_else(|| overflow("u64", i))?;
-        }
-        Ok(())
+        sum_over_ranks(self, buf, "u64", 0, u64::checked_add)
     }
 
     /// Element-wise exact sum over ranks; an overflow is an error on every rank.
     fn all_reduce_sum_u32(&self, buf: &mut [u32]) -> Result<()> {
-        let parts = self.gather_same_len(bytemuck::cast_slice(buf), "u32 all-reduce")?;
-        for (i, v) in buf.iter_mut().enumerate() {
-            *v = parts
-                .iter()
-                .try_fold(0u32, |a, p| a.checked_add(read_u32(p, i)))
-                .ok_or_else(|| overflow("u32", i))?;
-        }
-        Ok(())
+        sum_over_ranks(self, buf, "u32", 0, u32::checked_add)
     }
 
     /// [`Collective::all_gather_bytes`], refusing (on every rank alike) ranks whose buffers
@@ -100,21 +82,30 @@ pub trait Collective: Send + Sync {
     }
 }
 
-// Unaligned reads: gathered byte vectors carry no alignment guarantee.
-fn read_f64(p: &[u8], i: usize) -> f64 {
-    bytemuck::pod_read_unaligned(&p[8 * i..8 * i + 8])
-}
-fn read_u64(p: &[u8], i: usize) -> u64 {
-    bytemuck::pod_read_unaligned(&p[8 * i..8 * i + 8])
-}
-fn read_u32(p: &[u8], i: usize) -> u32 {
-    bytemuck::pod_read_unaligned(&p[4 * i..4 * i + 4])
-}
-
-fn overflow(ty: &str, i: usize) -> Error {
-    Error::InvalidArgument(format!(
-        "{ty} all-reduce overflows at element {i}: the sum over ranks does not fit"
-    ))
+/// `buf` summed element-wise over ranks: every rank's values gathered, then folded from `zero`
+/// with `add` in rank order (`None` from `add` is an overflow), the same on every rank.
+fn sum_over_ranks<C: Collective + ?Sized, T: bytemuck::Pod>(
+    c: &C,
+    buf: &mut [T],
+    ty: &str,
+    zero: T,
+    add: impl Fn(T, T) -> Option<T>,
+) -> Result<()> {
+    let parts = c.gather_same_len(bytemuck::cast_slice(buf), &format!("{ty} all-reduce"))?;
+    let width = std::mem::size_of::<T>();
+    for (i, v) in buf.iter_mut().enumerate() {
+        // Unaligned reads: gathered byte vectors carry no alignment guarantee.
+        let at = |p: &Vec<u8>| bytemuck::pod_read_unaligned(&p[width * i..width * (i + 1)]);
+        *v = parts
+            .iter()
+            .try_fold(zero, |a, p| add(a, at(p)))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{ty} all-reduce overflows at element {i}: the sum over ranks does not fit"
+                ))
+            })?;
+    }
+    Ok(())
 }
 
 /// One rank: the job as it runs without a launcher. Every collective returns its input.

@@ -17,6 +17,25 @@ pub enum CodebookLearning {
     Gradient,
 }
 
+impl CodebookLearning {
+    /// The EMA's ε (Laplace smoothing of the counts) unless told otherwise: the VQ-VAE paper's,
+    /// ESM3's and vector-quantize-pytorch's.
+    pub const DEFAULT_EPS: f32 = 1e-5;
+
+    /// EMA learning with `decay` and the default ε.
+    ///
+    /// ```
+    /// use vqx::quantizer::CodebookLearning;
+    /// assert_eq!(CodebookLearning::ema(0.9), CodebookLearning::Ema { decay: 0.9, eps: 1e-5 });
+    /// ```
+    pub fn ema(decay: f32) -> Self {
+        CodebookLearning::Ema {
+            decay,
+            eps: Self::DEFAULT_EPS,
+        }
+    }
+}
+
 /// How the codebook is initialised on the first training batch (unless given).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -48,7 +67,7 @@ pub enum Estimator {
 /// use vqx::quantizer::{CodebookLearning, QuantizerConfig};
 /// let cfg = QuantizerConfig::new(512, 64)
 ///     .commitment_weight(0.25)
-///     .learning(CodebookLearning::Ema { decay: 0.99, eps: 1e-5 })
+///     .learning(CodebookLearning::ema(0.99))
 ///     .dead_code_threshold(1e-3)
 ///     .seed(7);
 /// assert!(cfg.validate().is_ok());
@@ -99,10 +118,7 @@ impl QuantizerConfig {
             dim,
             metric: Metric::L2,
             commitment_weight: 0.25,
-            learning: CodebookLearning::Ema {
-                decay: 0.99,
-                eps: 1e-5,
-            },
+            learning: CodebookLearning::ema(0.99),
             dead_code_threshold: 0.0,
             reset_count: None,
             init: Init::Data,
