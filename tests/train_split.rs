@@ -137,6 +137,15 @@ fn an_existing_run_is_not_overwritten_without_overwrite() {
         "a refused run must leave the old checkpoint as it was"
     );
 
+    // An --overwrite run that cannot start leaves the old run as it was.
+    let o = train(&data, &run, &["--batch-size", "4096", "--overwrite"]);
+    expect_error(&o, &["fewer than one batch of 4096"]);
+    assert_eq!(
+        std::fs::read(run.join("checkpoint.safetensors")).unwrap(),
+        before,
+        "a refused --overwrite must not delete the old run"
+    );
+
     ok(&train(
         &data,
         &run,

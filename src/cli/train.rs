@@ -206,30 +206,29 @@ const RUN_FILES: [&str; 4] = [
     "summary.json",
 ];
 
-/// Creates the output directory, refusing one that already holds a run unless `overwrite`
-/// (then the old run's files go first, so a new run stopped early never sits beside the old
-/// run's checkpoint).
-fn claim_output(dir: &std::path::Path, overwrite: bool) -> Result<()> {
-    let existing: Vec<&str> = RUN_FILES
+/// The files of a run already in `dir`, refused unless `overwrite`: checked before the data is
+/// loaded, so a repeated command fails at once.
+fn existing_run(dir: &std::path::Path, overwrite: bool) -> Result<Vec<PathBuf>> {
+    let existing: Vec<PathBuf> = RUN_FILES
         .into_iter()
-        .filter(|f| dir.join(f).exists())
+        .map(|f| dir.join(f))
+        .filter(|p| p.exists())
         .collect();
-    if !existing.is_empty() {
-        if !overwrite {
-            return Err(Error::InvalidArgument(format!(
-                "{} already holds a run ({}): continue it with `vqx train --resume {}`, or \
-                 pass --overwrite to replace it",
-                dir.display(),
-                existing.join(", "),
-                dir.display()
-            )));
-        }
-        for f in existing {
-            let path = dir.join(f);
-            std::fs::remove_file(&path).at(&path)?;
-        }
+    if !existing.is_empty() && !overwrite {
+        let names: Vec<String> = existing
+            .iter()
+            .filter_map(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        return Err(Error::InvalidArgument(format!(
+            "{} already holds a run ({}): continue it with `vqx train --resume {}`, or \
+             pass --overwrite to replace it",
+            dir.display(),
+            names.join(", "),
+            dir.display()
+        )));
     }
-    std::fs::create_dir_all(dir).at(dir)
+    Ok(existing)
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -254,8 +253,14 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => {
             let (config, dir) = fresh_config(&args)?;
-            claim_output(&dir, args.overwrite)?;
+            let old_run = existing_run(&dir, args.overwrite)?;
             let trainer = Trainer::new(config)?;
+            // Only a run that starts replaces the old one: its files go, so a new run stopped
+            // early never sits beside the old run's checkpoint.
+            for path in old_run {
+                std::fs::remove_file(&path).at(&path)?;
+            }
+            std::fs::create_dir_all(&dir).at(&dir)?;
             eprintln!(
                 "data: {} rows for training, {} held out for evaluation",
                 trainer.data.train.rows(),
