@@ -79,9 +79,9 @@ pub fn kmeans_plus_plus(x: MatRef<'_>, k: usize, rng: &mut ChaCha8Rng) -> Matrix
 }
 
 /// Lloyd's k-means on `x` (spherical under cosine: on the normalised rows), seeded by
-/// [`kmeans_plus_plus`] (vector-quantize-pytorch seeds
-/// with a plain random sample, which more often leaves two codes in one cluster): `iters` rounds of assign (the
-/// backend's exact nearest) and mean update; an empty cluster keeps its centre. As in
+/// [`kmeans_plus_plus`] (vector-quantize-pytorch seeds with a plain random sample, which more
+/// often leaves two codes in one cluster): `iters` rounds of assign (the backend's exact
+/// nearest) and mean update; an empty cluster keeps its centre. As in
 /// vector-quantize-pytorch, the counts are the cluster sizes of the last assignment and the
 /// EMA sums are centre × count, so the returned codebook is the Laplace-smoothed one the EMA
 /// state implies (an empty cluster's code is then 0 and soon re-seeded as dead).

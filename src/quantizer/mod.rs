@@ -271,15 +271,13 @@ impl VectorQuantizer {
         x.check_finite("input")?;
         let kept_rows: Option<Vec<usize>> = mask.map(|m| (0..m.len()).filter(|&i| m[i]).collect());
         let kept = kept_rows.as_ref().map_or(x.rows(), Vec::len);
-        // The rows that count, compacted when a mask drops some.
-        let compact;
-        let xk = match &kept_rows {
-            Some(rows) if rows.len() < x.rows() => {
-                compact = gather_rows(x, rows);
-                compact.as_ref()
-            }
-            _ => x,
+        // The rows that count, compacted when a mask drops some (None: all rows count).
+        let kept_of = |m: MatRef<'_>| match &kept_rows {
+            Some(rows) if rows.len() < m.rows() => Some(gather_rows(m, rows)),
+            _ => None,
         };
+        let compact = kept_of(x);
+        let xk = compact.as_ref().map_or(x, Matrix::as_ref);
 
         let mut initialized = false;
         if let Some(rng) = start_step(&self.config, self.step, train, self.initted, kept)? {
@@ -328,15 +326,11 @@ impl VectorQuantizer {
                 };
                 // The kept rows of x̂ under cosine (normalising is row-wise: the same bits
                 // before or after compaction).
-                let unit_kept;
-                let xs = match (&unit, &kept_rows) {
-                    (None, _) => xk,
-                    (Some(_), Some(rows)) if rows.len() < x.rows() => {
-                        unit_kept = gather_rows(xt, rows);
-                        unit_kept.as_ref()
-                    }
-                    (Some(_), _) => xt,
-                };
+                let unit_kept = unit.as_ref().and_then(|u| kept_of(u.as_ref()));
+                let xs = unit_kept
+                    .as_ref()
+                    .or(unit.as_ref())
+                    .map_or(xk, Matrix::as_ref);
                 let sums =
                     self.backend
                         .code_sums(xs, &kept_idx, self.config.codebook_size, mode)?;
@@ -373,8 +367,9 @@ impl VectorQuantizer {
     }
 
     /// Re-seeds codes whose EMA count is below the threshold from distinct rows of `x`
-    /// (normalised already under cosine; masked replace: live codes stay bit-identical). With more dead codes than rows, a
-    /// random subset is re-seeded now and the rest on later steps. Returns (dead, replaced).
+    /// (normalised already under cosine; masked replace: live codes stay bit-identical). With
+    /// more dead codes than rows, a random subset is re-seeded now and the rest on later steps.
+    /// Returns (dead, replaced).
     fn reseed_dead_codes(&mut self, x: MatRef<'_>) -> (usize, usize) {
         let threshold = self.config.dead_code_threshold;
         let Some(ema) = self.ema.as_mut() else {

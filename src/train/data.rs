@@ -313,10 +313,9 @@ impl Dataset {
                 path.display()
             )));
         }
-        let held = eval_rows;
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0xe7a1));
-        let (ev, tr) = order.split_at(held);
+        let (ev, tr) = order.split_at(eval_rows);
         let mut tr = tr.to_vec();
         tr.sort_unstable();
         let mut ev = ev.to_vec();
