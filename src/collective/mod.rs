@@ -62,24 +62,6 @@ pub trait Collective: Send + Sync {
     fn all_reduce_sum_u32(&self, buf: &mut [u32]) -> Result<()> {
         sum_over_ranks(self, buf, "u32", 0, u32::checked_add)
     }
-
-    /// [`Collective::all_gather_bytes`], refusing (on every rank alike) ranks whose buffers
-    /// differ in length: a sign that they are not in the same collective.
-    fn gather_same_len(&self, local: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
-        let parts = self.all_gather_bytes(local)?;
-        if let Some((r, p)) = parts
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.len() != parts[0].len())
-        {
-            return Err(Error::shape(
-                format!("{what} across ranks"),
-                format!("{} bytes (rank 0)", parts[0].len()),
-                format!("{} bytes on rank {r}", p.len()),
-            ));
-        }
-        Ok(parts)
-    }
 }
 
 /// `buf` summed element-wise over ranks: every rank's values gathered, then folded from `zero`
@@ -91,7 +73,20 @@ fn sum_over_ranks<C: Collective + ?Sized, T: bytemuck::Pod>(
     zero: T,
     add: impl Fn(T, T) -> Option<T>,
 ) -> Result<()> {
-    let parts = c.gather_same_len(bytemuck::cast_slice(buf), &format!("{ty} all-reduce"))?;
+    let parts = c.all_gather_bytes(bytemuck::cast_slice(buf))?;
+    // Ranks whose buffers differ in length are not in the same collective: refused alike on
+    // every rank, since every rank sees the same parts.
+    if let Some((r, p)) = parts
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.len() != parts[0].len())
+    {
+        return Err(Error::shape(
+            format!("{ty} all-reduce across ranks"),
+            format!("{} bytes (rank 0)", parts[0].len()),
+            format!("{} bytes on rank {r}", p.len()),
+        ));
+    }
     let width = std::mem::size_of::<T>();
     for (i, v) in buf.iter_mut().enumerate() {
         // Unaligned reads: gathered byte vectors carry no alignment guarantee.
