@@ -26,6 +26,7 @@ pub mod collective;
 pub mod ema;
 pub mod error;
 pub mod gather;
+pub mod kmeans;
 pub mod matrix;
 pub mod model;
 pub mod nearest;

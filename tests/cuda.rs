@@ -590,6 +590,8 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
         }
         ok(&vqx(&[
             "fit",
+            "--mode",
+            "ema",
             "--input",
             &p("x.npy"),
             "--codebook-size",

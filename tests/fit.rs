@@ -26,6 +26,8 @@ fn fit_learns_clusters_and_is_deterministic() {
     let run = |out: &str, metrics: &str| {
         let o = vqx(&[
             "fit",
+            "--mode",
+            "ema",
             "--input",
             &p("x.npy"),
             "--codebook-size",
@@ -110,7 +112,7 @@ fn fit_refuses_bad_arguments() {
     ];
     let (xp, op) = (p("x.npy"), p("o.safetensors"));
     for (extra, needle) in cases {
-        let mut args = vec!["fit", "--input", &xp, "--quiet", "--output", &op];
+        let mut args = vec!["fit", "--mode", "ema", "--input", &xp, "--quiet", "--output", &op];
         let c5 = p("c5.npy");
         args.extend(
             extra

@@ -5,7 +5,7 @@ use crate::ema::{self, CodeSums, SumMode};
 use crate::error::Result;
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::cpu::CpuKernel;
-use crate::nearest::{self, Assignment, Metric};
+use crate::nearest::{self, Assignment, Metric, Precision};
 use crate::{gather, usage};
 
 /// Runs every primitive on the CPU with rayon's global thread pool.
@@ -51,6 +51,21 @@ impl Backend for CpuBackend {
     }
     fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment> {
         nearest::search(x, codebook, metric, |prepared| {
+            Ok(nearest::cpu::candidates_with(
+                self.kernel,
+                x,
+                codebook,
+                prepared,
+            ))
+        })
+    }
+    fn nearest_with_runner_up(
+        &self,
+        x: MatRef<'_>,
+        codebook: MatRef<'_>,
+        metric: Metric,
+    ) -> Result<(Assignment, Vec<f64>)> {
+        nearest::search_with_runner_up(x, codebook, metric, Precision::Exact, |prepared| {
             Ok(nearest::cpu::candidates_with(
                 self.kernel,
                 x,

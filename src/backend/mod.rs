@@ -42,6 +42,15 @@ pub trait Backend: Send + Sync {
     }
     /// Nearest code per row of `x` (SPEC §1). Never materialises the N×K distance matrix.
     fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment>;
+    /// [`Backend::nearest`] and, per row, a lower bound on the squared distance to every code
+    /// but the winner ([`crate::nearest::search_with_runner_up`]): the exact k-means bounds start
+    /// from it.
+    fn nearest_with_runner_up(
+        &self,
+        x: MatRef<'_>,
+        codebook: MatRef<'_>,
+        metric: Metric,
+    ) -> Result<(Assignment, Vec<f64>)>;
     /// Codebook rows named by `indices`, as an N×D matrix.
     fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix>;
     /// Per-code sums and counts of the rows of `x` assigned by `indices` (SPEC §4).

@@ -1,4 +1,6 @@
-//! `vqx fit`: learn a codebook for a fixed set of vectors with the EMA rule.
+//! `vqx fit`: learn a codebook for a fixed set of vectors, by Lloyd's k-means over the whole
+//! set (the default) or by the EMA rule over batches (`--mode ema`, vector-quantize-pytorch's
+//! update, for parity with a training run).
 
 use super::args::{Backend, InitChoice, RunArgs, count};
 use super::report::{MetricsLog, progress_bar};
@@ -7,8 +9,22 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use vqx::collective::{Collective, in_process};
+use vqx::ema::EmaState;
+use vqx::kmeans::{self, KMeans, KMeansConfig, Pass, Seeding, Shard};
 use vqx::quantizer::{CodebookLearning, QuantizerConfig, VectorQuantizer};
-use vqx::{MatRef, Result};
+use vqx::{Error, MatRef, Matrix, Result};
+
+/// `--mode`: how the codebook learns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Lloyd's k-means over every row each pass, exact bounds skipping searches that cannot
+    /// change a row's code, stopping at convergence.
+    Lloyd,
+    /// The EMA rule on batches (vector-quantize-pytorch's update; for streams and parity).
+    Ema,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -18,13 +34,38 @@ pub struct Args {
     /// K, the number of codes.
     #[arg(long)]
     pub codebook_size: usize,
-    /// Training steps (one batch each).
-    #[arg(long, default_value_t = 1000, value_parser = count::<u64>)]
-    pub steps: u64,
-    /// Rows per batch (capped at N).
-    #[arg(long, default_value_t = 1024, value_parser = count::<usize>)]
-    pub batch_size: usize,
-    /// EMA decay γ (vector-quantize-pytorch's default is 0.8; ours, the VQ-VAE paper's, 0.99).
+    /// lloyd: k-means over all rows each pass; ema: the EMA rule on batches.
+    #[arg(long, value_enum, default_value = "lloyd")]
+    pub mode: Mode,
+    /// lloyd: exactly this many passes (still ending early at a fixed point, where no row
+    /// changes code); default: until a pass gains less than --tol. ema: training steps
+    /// (default 1000).
+    #[arg(long, value_parser = count::<u64>)]
+    pub steps: Option<u64>,
+    /// lloyd: stop once a pass lowers the mean squared error by less than this fraction.
+    #[arg(long, default_value_t = 1e-4)]
+    pub tol: f64,
+    /// lloyd: most passes when --steps is not given.
+    #[arg(long, default_value_t = 300, value_parser = count::<usize>)]
+    pub max_passes: usize,
+    /// lloyd: search every row every pass (plain Lloyd; same result, slower).
+    #[arg(long)]
+    pub no_bounds: bool,
+    /// lloyd: k-means|| sampling rounds of --init kmeans.
+    #[arg(long, default_value_t = 3)]
+    pub seed_rounds: usize,
+    /// lloyd: rows k-means|| draws per round, as a multiple of K.
+    #[arg(long, default_value_t = 1.0)]
+    pub oversampling: f64,
+    /// lloyd: split the rows into this many shards, one in-process rank each: the codebook
+    /// `mpirun -np S` gives, bit for bit.
+    #[arg(long, default_value_t = 1, value_parser = count::<usize>)]
+    pub shards: usize,
+    /// ema: rows per batch (capped at N; default 1024).
+    #[arg(long, value_parser = count::<usize>)]
+    pub batch_size: Option<usize>,
+    /// EMA decay γ of the written EMA state and of --mode ema (vector-quantize-pytorch's
+    /// default is 0.8; ours, the VQ-VAE paper's, 0.99).
     #[arg(long, default_value_t = 0.99)]
     pub decay: f32,
     /// EMA Laplace smoothing ε.
@@ -33,27 +74,29 @@ pub struct Args {
     /// β of the commitment loss (reported; nothing is trained through it here).
     #[arg(long, default_value_t = 0.25)]
     pub commitment_weight: f32,
-    /// Re-seed codes whose EMA count falls below this; 0 = off.
-    #[arg(long, default_value_t = 0.0)]
-    pub dead_code_threshold: f32,
-    /// Count a re-seeded code restarts with (default: the threshold, as vector-quantize-pytorch).
+    /// ema: re-seed codes whose EMA count falls below this; 0 = off.
+    #[arg(long)]
+    pub dead_code_threshold: Option<f32>,
+    /// ema: count a re-seeded code restarts with (default: the threshold, as
+    /// vector-quantize-pytorch).
     #[arg(long)]
     pub reset_count: Option<f32>,
-    /// data (random rows of the first batch), kmeans, or a codebook file (.npy, vqx checkpoint,
-    /// vector-quantize-pytorch or ESM3 state dict).
-    #[arg(long, default_value = "data", value_name = "data|kmeans|FILE", value_parser = init_from)]
-    pub init: InitFrom,
-    /// Lloyd iterations for --init kmeans.
-    #[arg(long, default_value_t = 10, value_parser = count::<usize>)]
-    pub kmeans_iters: usize,
+    /// kmeans (lloyd: k-means|| seeding; ema: Lloyd iterations on the first batch), data
+    /// (random rows), or a codebook file (.npy, vqx checkpoint, vector-quantize-pytorch or ESM3
+    /// state dict). Default: kmeans for lloyd, data for ema.
+    #[arg(long, value_name = "data|kmeans|FILE", value_parser = init_from)]
+    pub init: Option<InitFrom>,
+    /// ema: Lloyd iterations for --init kmeans (default 10).
+    #[arg(long, value_parser = count::<usize>)]
+    pub kmeans_iters: Option<usize>,
     #[command(flatten)]
     pub backend: Backend,
-    /// Take batches in file order instead of a seeded shuffle.
+    /// ema: take batches in file order instead of a seeded shuffle.
     #[arg(long)]
     pub no_shuffle: bool,
     #[command(flatten)]
     pub run: RunArgs,
-    /// Per-step metrics as JSON lines.
+    /// Per-pass (lloyd) or per-step (ema) metrics as JSON lines.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
     /// Checkpoint to write (.safetensors), atomically.
@@ -73,33 +116,97 @@ fn init_from(s: &str) -> std::result::Result<InitFrom, std::convert::Infallible>
 }
 
 pub fn run(args: Args) -> Result<()> {
+    check_mode_flags(&args)?;
     let x = vqx::npy::read_matrix(&args.input)?;
     x.as_ref()
         .check_nonempty(&format!("input {}", args.input.display()))?;
-    let (n, d) = (x.rows(), x.cols());
-    let run = &args.run;
-    let mut config = QuantizerConfig::new(args.codebook_size, d)
+    match args.mode {
+        Mode::Lloyd => run_lloyd(&args, x),
+        Mode::Ema => run_ema(&args, x),
+    }
+}
+
+/// Flags of one mode given to the other are refused, not ignored.
+fn check_mode_flags(args: &Args) -> Result<()> {
+    let (mode, other, given): (&str, &str, Vec<&str>) = match args.mode {
+        Mode::Lloyd => (
+            "lloyd",
+            "ema",
+            [
+                ("--batch-size", args.batch_size.is_some()),
+                ("--dead-code-threshold", args.dead_code_threshold.is_some()),
+                ("--reset-count", args.reset_count.is_some()),
+                ("--kmeans-iters", args.kmeans_iters.is_some()),
+                ("--no-shuffle", args.no_shuffle),
+            ]
+            .iter()
+            .filter(|(_, g)| *g)
+            .map(|(f, _)| *f)
+            .collect(),
+        ),
+        Mode::Ema => (
+            "ema",
+            "lloyd",
+            [
+                ("--no-bounds", args.no_bounds),
+                ("--shards", args.shards != 1),
+            ]
+            .iter()
+            .filter(|(_, g)| *g)
+            .map(|(f, _)| *f)
+            .collect(),
+        ),
+    };
+    if let Some(flag) = given.first() {
+        return Err(Error::InvalidArgument(format!(
+            "{flag} applies to --mode {other}, not to --mode {mode}"
+        )));
+    }
+    if !(args.tol >= 0.0 && args.tol.is_finite()) {
+        return Err(Error::InvalidArgument(format!(
+            "--tol must be a non-negative number; got {}",
+            args.tol
+        )));
+    }
+    Ok(())
+}
+
+fn quantizer_config(args: &Args, d: usize) -> QuantizerConfig {
+    QuantizerConfig::new(args.codebook_size, d)
         .metric(args.backend.metric())
         .commitment_weight(args.commitment_weight)
         .learning(CodebookLearning::Ema {
             decay: args.decay,
             eps: args.eps,
         })
-        .dead_code_threshold(args.dead_code_threshold)
-        .deterministic(run.deterministic)
-        .seed(run.seed)
-        .device(args.backend.device());
+        .deterministic(args.run.deterministic)
+        .seed(args.run.seed)
+        .device(args.backend.device())
+}
+
+fn run_ema(args: &Args, x: Matrix) -> Result<()> {
+    let (n, d) = (x.rows(), x.cols());
+    let steps = args.steps.unwrap_or(1000);
+    let run = &args.run;
+    let mut config =
+        quantizer_config(args, d).dead_code_threshold(args.dead_code_threshold.unwrap_or(0.0));
     if let Some(c) = args.reset_count {
         config = config.reset_count(c);
     }
-    let mut vq = match &args.init {
-        InitFrom::Builtin(init) => VectorQuantizer::new(config.init(init.init(args.kmeans_iters)))?,
+    let init = args
+        .init
+        .clone()
+        .unwrap_or(InitFrom::Builtin(InitChoice::Data));
+    let mut vq = match &init {
+        InitFrom::Builtin(init) => {
+            VectorQuantizer::new(config.init(init.init(args.kmeans_iters.unwrap_or(10))))?
+        }
         InitFrom::File(file) => {
             VectorQuantizer::with_codebook(config, super::load_codebook(file)?)?
         }
     };
 
-    let batch = args.batch_size.min(n);
+    let batch = args.batch_size.unwrap_or(1024).min(n);
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(run.seed ^ 0x5eed_5eed);
     let mut cursor = n; // forces a (re)shuffle before the first batch
@@ -108,11 +215,11 @@ pub fn run(args: Args) -> Result<()> {
         .as_deref()
         .map(MetricsLog::create)
         .transpose()?;
-    let bar = progress_bar(args.steps, run.quiet);
+    let bar = progress_bar(steps, run.quiet);
     let start = std::time::Instant::now();
     let mut buf = Vec::with_capacity(batch * d);
     let mut last = None;
-    for _ in 0..args.steps {
+    for _ in 0..steps {
         buf.clear();
         for _ in 0..batch {
             if cursor == n {
@@ -157,7 +264,7 @@ pub fn run(args: Args) -> Result<()> {
         "fit {} codes × {d} on {n} rows: {} steps of {batch} on {} in {:.2} s; last step: \
          commitment {commit:.5}, perplexity {:.1}, used {}/{}, dead {}; wrote {}",
         args.codebook_size,
-        args.steps,
+        steps,
         vq.backend().name(),
         start.elapsed().as_secs_f64(),
         s.perplexity,
@@ -167,4 +274,143 @@ pub fn run(args: Args) -> Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+fn run_lloyd(args: &Args, x: Matrix) -> Result<()> {
+    let (n, d) = (x.rows(), x.cols());
+    let run = &args.run;
+    let seeding = match args
+        .init
+        .clone()
+        .unwrap_or(InitFrom::Builtin(InitChoice::KMeans))
+    {
+        InitFrom::Builtin(InitChoice::KMeans) => Seeding::Parallel {
+            rounds: args.seed_rounds,
+            oversampling: args.oversampling,
+        },
+        InitFrom::Builtin(InitChoice::Data) => Seeding::RandomRows,
+        InitFrom::File(file) => Seeding::Given(super::load_codebook(&file)?),
+    };
+    let config = KMeansConfig {
+        codes: args.codebook_size,
+        metric: args.backend.metric(),
+        max_passes: args.steps.map_or(args.max_passes, |s| s as usize),
+        // A given pass count runs in full (a fixed point still ends it: nothing would change).
+        tolerance: if args.steps.is_some() { 0.0 } else { args.tol },
+        bounds: !args.no_bounds,
+        seeding,
+        seed: run.seed,
+    };
+    // Validated before any work, as the EMA mode's quantizer does.
+    let qconfig = quantizer_config(args, d);
+    qconfig.validate()?;
+    let backend = vqx::backend::select(args.backend.device())?;
+    let metrics = Mutex::new(
+        args.metrics
+            .as_deref()
+            .map(MetricsLog::create)
+            .transpose()?,
+    );
+    let k = args.codebook_size;
+    let quiet = run.quiet;
+    // Rank 0 reports; every rank runs the same passes.
+    let report = |comm: &dyn Collective, p: &Pass| -> Result<()> {
+        if comm.rank() != 0 {
+            return Ok(());
+        }
+        if !quiet {
+            eprintln!(
+                "pass {:>3}  error {:.6e}  used {}/{k}  reassigned {}  skipped {:.1}%{}  {:.2} s",
+                p.pass,
+                p.error,
+                p.used,
+                p.reassigned,
+                100.0 * p.skipped,
+                if p.reseeded > 0 {
+                    format!("  re-seeded {}", p.reseeded)
+                } else {
+                    String::new()
+                },
+                p.elapsed_s
+            );
+        }
+        if let Some(w) = metrics.lock().expect("metrics lock").as_mut() {
+            w.write(&serde_json::to_value(p).map_err(|e| Error::internal("metrics", e))?)?;
+        }
+        Ok(())
+    };
+    let x = x.as_ref();
+    let fit: KMeans = if args.shards == 1 {
+        let comm = vqx::collective::Single;
+        kmeans::fit(&*backend, &comm, Shard::whole(x), &config, |p| {
+            report(&comm, p)
+        })?
+    } else {
+        if args.shards > n {
+            return Err(Error::InvalidArgument(format!(
+                "--shards {} exceeds the input's {n} rows",
+                args.shards
+            )));
+        }
+        let mut all = in_process::run(args.shards, |rank| {
+            let shard = Shard::split(x, args.shards, rank.rank());
+            kmeans::fit(&*backend, rank, shard, &config, |p| report(rank, p))
+        })?;
+        all.swap_remove(0)
+    };
+    if let Some(w) = metrics.lock().expect("metrics lock").as_mut() {
+        w.flush()?;
+    }
+    let passes = fit.passes.len();
+    let last = fit.passes.last().expect("at least one pass");
+    save_fit(args, &fit, d)?;
+    eprintln!(
+        "fit {k} codes × {d} on {n} rows: {} seeding ({} candidates) in {:.2} s, {passes} \
+         Lloyd passes on {} ({}), {:.2} s in all; last pass: error {:.6e}, used {}/{k}, \
+         skipped {:.1}% of distances ({:.1}% over all passes); wrote {}",
+        fit.seeding.method,
+        fit.seeding.candidates,
+        fit.seeding.seconds,
+        backend.name(),
+        match fit.stop {
+            kmeans::Stop::Converged => "converged: no row changed code",
+            kmeans::Stop::Tolerance => "stopped: the error gain fell below --tol",
+            kmeans::Stop::MaxPasses => "the pass limit",
+        },
+        last.elapsed_s,
+        last.error,
+        last.used,
+        100.0 * last.skipped,
+        100.0
+            * (1.0
+                - fit.passes.iter().map(|p| p.distances as f64).sum::<f64>()
+                    / (passes as f64 * n as f64 * k as f64)),
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// The fitted codebook as a vqx checkpoint. Its EMA state is what the last assignment implies
+/// (counts N_k, sums N_k·c_k), so an EMA run resumed from it starts where k-means ended; a
+/// code that had no rows (re-seeded on the last pass) starts at count 1, as a given codebook.
+fn save_fit(args: &Args, fit: &KMeans, d: usize) -> Result<()> {
+    let sizes: Vec<f32> = fit
+        .counts
+        .iter()
+        .map(|&c| if c == 0 { 1.0 } else { c as f32 })
+        .collect();
+    let mut sums = fit.codebook.clone();
+    for (row, &c) in sums.data_mut().chunks_mut(d).zip(&sizes) {
+        row.iter_mut().for_each(|v| *v *= c);
+    }
+    let ema = EmaState::from_parts(sizes, sums)?;
+    let config = quantizer_config(args, d).init(vqx::quantizer::Init::Given);
+    let vq = VectorQuantizer::from_state(
+        config,
+        fit.codebook.clone(),
+        Some(ema),
+        fit.passes.len() as u64,
+        Some(fit.counts.clone()),
+    )?;
+    vq.to_checkpoint()?.save(&args.output)
 }

@@ -82,18 +82,25 @@ pub fn group_by_code(indices: &[u32], codes: usize) -> (Vec<usize>, Vec<u32>) {
 /// and accumulates only the rows of its own codes. x is read once in all, no sort is needed,
 /// and no two tasks write the same sum.
 pub fn cpu(x: MatRef<'_>, indices: &[u32], codes: usize, mode: SumMode) -> CodeSums {
+    let (sums, counts) = sums_f64(x, indices, codes);
+    let sums = sums.into_par_iter().map(|a| a as f32).collect();
+    CodeSums { sums, counts, mode }
+}
+
+/// [`cpu`]'s sums before their rounding to f32: each code's rows added in increasing row
+/// order in f64 (K·D sums, K counts). k-means adds these per shard, then over shards.
+pub fn sums_f64(x: MatRef<'_>, indices: &[u32], codes: usize) -> (Vec<f64>, Vec<u32>) {
     let d = x.cols();
     // Several ranges per thread keep the tasks balanced when usage is skewed.
     let parts = (rayon::current_num_threads() * 4).clamp(1, codes.max(1));
     let per = codes.div_ceil(parts).max(1);
-    let mut sums = vec![0f32; codes * d];
+    let mut sums = vec![0f64; codes * d];
     let mut counts = vec![0u32; codes];
     sums.par_chunks_mut(per * d)
         .zip(counts.par_chunks_mut(per))
         .enumerate()
-        .for_each(|(p, (sums, counts))| {
+        .for_each(|(p, (acc, counts))| {
             let k0 = p * per;
-            let mut acc = vec![0f64; sums.len()];
             for (n, &k) in indices.iter().enumerate() {
                 let local = (k as usize).wrapping_sub(k0);
                 if local < counts.len() {
@@ -104,9 +111,6 @@ pub fn cpu(x: MatRef<'_>, indices: &[u32], codes: usize, mode: SumMode) -> CodeS
                     }
                 }
             }
-            for (o, a) in sums.iter_mut().zip(&acc) {
-                *o = *a as f32;
-            }
         });
-    CodeSums { sums, counts, mode }
+    (sums, counts)
 }

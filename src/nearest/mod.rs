@@ -442,6 +442,52 @@ pub fn finish(
     }
 }
 
+/// [`search`], also returning for every row a lower bound on its squared distance to every
+/// code other than its winner: what the exact k-means bounds ([`crate::kmeans`]) start from.
+/// Under cosine the "squared distance" is 2·(1 − cos), which for a non-zero row is
+/// ||x̂ − ĉ||².
+pub fn search_with_runner_up(
+    x: MatRef<'_>,
+    codebook: MatRef<'_>,
+    metric: Metric,
+    precision: Precision,
+    candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
+) -> Result<(Assignment, Vec<f64>)> {
+    validate(x, codebook)?;
+    let prepared = Prepared::new(codebook, metric);
+    let c = candidates(&prepared)?;
+    let model = precision.model();
+    let best = c.best.clone();
+    let (best_score, second_score) = (c.best_score.clone(), c.second_score.clone());
+    let a = finish(x, codebook, &prepared, model, c);
+    use rayon::prelude::*;
+    let bounds = (0..x.rows())
+        .into_par_iter()
+        .with_min_len(1024)
+        .map(|row| {
+            let (x_sq, x_norm) = match metric {
+                Metric::L2 => {
+                    let sq = norm_sq_f64(x.row(row));
+                    (sq, sq.sqrt())
+                }
+                // s = 1 − 2 x̂·ĉ, so 2·(1 − cos) = s + 1.
+                Metric::Cosine => (1.0, 1.0),
+            };
+            // Every code but the computed best scored at least the runner-up's score, and every
+            // score is within `score_error` of its exact value. When the recheck moved the
+            // winner off the computed best, the computed best is among the others.
+            let other = if a.indices[row] == best[row] {
+                second_score[row]
+            } else {
+                best_score[row]
+            };
+            let lower = x_sq + other as f64 - prepared.score_error(x_norm, model);
+            if lower.is_nan() { 0.0 } else { lower.max(0.0) }
+        })
+        .collect();
+    Ok((a, bounds))
+}
+
 /// Exact nearest code of one row: distances in f64, the first minimum wins.
 ///
 /// Products of two f32 values are exact in f64, so the only rounding is in the sums (relative

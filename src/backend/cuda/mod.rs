@@ -271,6 +271,17 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         out.fetch(g)
     }
 
+    fn nearest_with_runner_up(
+        &self,
+        x: MatRef<'_>,
+        codebook: MatRef<'_>,
+        metric: Metric,
+    ) -> Result<(Assignment, Vec<f64>)> {
+        nearest::search_with_runner_up(x, codebook, metric, self.precision, |prepared| {
+            self.candidates_with_precision(x, codebook, prepared, self.precision)
+        })
+    }
+
     fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix> {
         gather::validate(codebook, indices)?;
         let g = &self.gpu;

@@ -1,0 +1,214 @@
+//! Exact pruning for Lloyd's passes: grouped lower bounds (Ding et al., "Yinyang K-means",
+//! ICML 2015), searched a group at a time with the backend's blocked `nearest`.
+//!
+//! The codes are split once into G groups (k-means of the initial codes). Each row keeps, per
+//! group, a lower bound on its distance to every code of the group other than its own code.
+//! After a pass moves the codes, each group's bounds drop by the largest move in the group
+//! (triangle inequality). Next pass, a row's exact distance u to its own moved code is computed;
+//! a group whose bound is above u cannot hold a code nearer than the row's own, so only the
+//! other groups are searched, all rows needing a group in one blocked call. Candidates from
+//! different groups are compared by their exact f64 distances, smaller index first on a tie:
+//! the choice plain Lloyd's exact search makes (`super` has the argument).
+
+use super::MARGIN;
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::matrix::{MatRef, Matrix};
+use crate::nearest::{Metric, exact_distance};
+use rayon::prelude::*;
+
+/// Codes per group: groups large enough for the blocked kernel to run near its speed, and
+/// enough of them to prune.
+const GROUP_CODES: usize = 64;
+/// At most this many groups (the bounds take N·G f32).
+const MAX_GROUPS: usize = 64;
+
+pub(crate) struct Bounds {
+    groups: usize,
+    /// Group of each code.
+    group_of: Vec<u32>,
+    /// Codes of each group, in increasing index order.
+    members: Vec<Vec<u32>>,
+    /// N × G lower bounds (distances, not squared), rounded down to f32.
+    lower: Vec<f32>,
+}
+
+impl Bounds {
+    /// Groups of the initial `codes` (a few Lloyd passes over the codes themselves, the same
+    /// on every rank) and no bounds yet (`search` on the first pass sets them).
+    pub(crate) fn new(
+        backend: &dyn Backend,
+        codes: MatRef<'_>,
+        rows: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let k = codes.rows();
+        let groups = k.div_ceil(GROUP_CODES).clamp(1, MAX_GROUPS);
+        let group_of = if groups == 1 {
+            vec![0; k]
+        } else {
+            let config = super::KMeansConfig {
+                codes: groups,
+                metric: Metric::L2,
+                max_passes: 5,
+                tolerance: 0.0,
+                bounds: false,
+                seeding: super::Seeding::RandomRows,
+                seed,
+            };
+            let single = crate::collective::Single;
+            super::fit(
+                backend,
+                &single,
+                super::Shard::whole(codes),
+                &config,
+                |_| Ok(()),
+            )?
+            .indices
+        };
+        let mut members = vec![Vec::new(); groups];
+        for (j, &g) in group_of.iter().enumerate() {
+            members[g as usize].push(j as u32);
+        }
+        // A group k-means left empty is dropped (its codes all went elsewhere).
+        members.retain(|m| !m.is_empty());
+        let groups = members.len();
+        let mut group_of = vec![0u32; k];
+        for (g, m) in members.iter().enumerate() {
+            for &j in m {
+                group_of[j as usize] = g as u32;
+            }
+        }
+        Ok(Bounds {
+            groups,
+            group_of,
+            members,
+            lower: vec![0.0; rows * groups],
+        })
+    }
+
+    /// Lowers every row's bound of each group by the largest move of the group's codes.
+    pub(crate) fn loosen(&mut self, old: MatRef<'_>, new: MatRef<'_>) {
+        let moved: Vec<f64> = (0..old.rows())
+            .into_par_iter()
+            .map(|j| exact_distance(old.row(j), new.row(j), Metric::L2).sqrt())
+            .collect();
+        let mut most = vec![0f64; self.groups];
+        for (j, &m) in moved.iter().enumerate() {
+            let g = self.group_of[j] as usize;
+            most[g] = most[g].max(m);
+        }
+        self.lower
+            .par_chunks_mut(self.groups)
+            .with_min_len(256)
+            .for_each(|row| {
+                for (l, &m) in row.iter_mut().zip(&most) {
+                    let v = *l as f64;
+                    *l = down((v - m) - MARGIN * (v.abs() + m));
+                }
+            });
+    }
+
+    /// Assigns every row (the first pass: `all`) or the rows the bounds cannot settle;
+    /// `dist_sq` holds each row's exact squared distance to its code before and after.
+    /// Returns (distances computed, rows whose code changed).
+    pub(crate) fn assign(
+        &mut self,
+        backend: &dyn Backend,
+        x: MatRef<'_>,
+        codes: MatRef<'_>,
+        indices: &mut [u32],
+        dist_sq: &mut [f64],
+        all: bool,
+    ) -> Result<(u64, usize)> {
+        let (n, d, g_n) = (x.rows(), x.cols(), self.groups);
+        if n == 0 {
+            return Ok((0, 0));
+        }
+        let mut searched = 0u64;
+        // Which groups each row must search.
+        let mut wanted: Vec<Vec<u32>> = vec![Vec::new(); g_n];
+        if all {
+            // No code yet: every group, and a best so far that any candidate beats.
+            dist_sq.iter_mut().for_each(|v| *v = f64::INFINITY);
+            indices.iter_mut().for_each(|i| *i = u32::MAX);
+        } else {
+            super::exact_sq(x, codes, indices, dist_sq);
+            searched += n as u64;
+            for i in 0..n {
+                let u = dist_sq[i].sqrt() * (1.0 + MARGIN);
+                for (g, &l) in self.lower[i * g_n..(i + 1) * g_n].iter().enumerate() {
+                    if (l as f64) <= u {
+                        wanted[g].push(i as u32);
+                    }
+                }
+            }
+        }
+        let before: Vec<u32> = indices.to_vec();
+        let mut rows_buf: Vec<f32> = Vec::new();
+        for g in 0..g_n {
+            let rows: Vec<u32> = if all {
+                (0..n as u32).collect()
+            } else {
+                std::mem::take(&mut wanted[g])
+            };
+            if rows.is_empty() {
+                continue;
+            }
+            let members = &self.members[g];
+            let mut group_codes = Vec::with_capacity(members.len() * d);
+            for &j in members {
+                group_codes.extend_from_slice(codes.row(j as usize));
+            }
+            let group_codes = Matrix::new(group_codes, members.len(), d)?;
+            let sub = if all {
+                x
+            } else {
+                rows_buf.clear();
+                for &i in &rows {
+                    rows_buf.extend_from_slice(x.row(i as usize));
+                }
+                MatRef::new(&rows_buf, rows.len(), d)?
+            };
+            let (a, second) =
+                backend.nearest_with_runner_up(sub, group_codes.as_ref(), Metric::L2)?;
+            searched += (rows.len() * members.len()) as u64;
+            for (t, &i) in rows.iter().enumerate() {
+                let i = i as usize;
+                let b = members[a.indices[t] as usize];
+                let db = exact_distance(x.row(i), codes.row(b as usize), Metric::L2);
+                let lower = &mut self.lower[i * g_n..(i + 1) * g_n];
+                if (db, b) < (dist_sq[i], indices[i]) {
+                    // The previous best joins its group's others.
+                    if indices[i] != u32::MAX {
+                        let pg = self.group_of[indices[i] as usize] as usize;
+                        lower[pg] = lower[pg].min(down(dist_sq[i].sqrt() * (1.0 - MARGIN)));
+                    }
+                    indices[i] = b;
+                    dist_sq[i] = db;
+                    lower[g] = down(second[t].sqrt() * (1.0 - MARGIN));
+                } else if b == indices[i] {
+                    lower[g] = down(second[t].sqrt() * (1.0 - MARGIN));
+                } else {
+                    lower[g] = down(db.sqrt() * (1.0 - MARGIN));
+                }
+            }
+        }
+        let changed = if all {
+            n
+        } else {
+            before
+                .iter()
+                .zip(indices.iter())
+                .filter(|(a, b)| a != b)
+                .count()
+        };
+        Ok((searched, changed))
+    }
+}
+
+/// The largest f32 not above `v` (a bound stays a bound when stored in f32).
+fn down(v: f64) -> f32 {
+    let f = v as f32;
+    if f as f64 > v { f.next_down() } else { f }
+}

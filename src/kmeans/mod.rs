@@ -1,0 +1,357 @@
+//! k-means on a fixed set of rows: `vqx fit`'s full-pass mode.
+//!
+//! Lloyd's algorithm: every pass assigns each row to its exact nearest code (the backend's
+//! `nearest`, exact on every row that is not a true tie) and moves each code to the mean of its
+//! rows; a code left with no rows is re-seeded with a random row. Under cosine the rows are
+//! normalised once and each code is the normalised mean of its rows (spherical k-means).
+//!
+//! **Bounds** ([`KMeansConfig::bounds`], Hamerly 2010, "Making k-means even faster"): each row
+//! keeps a lower bound on its distance to every code other than its own. After a pass moves the
+//! codes by δ_j, the bound drops by the largest δ of the other codes (triangle inequality); a
+//! row whose exact distance to its own, moved code is still below its bound cannot change code,
+//! and is not searched. The bounds are kept with a margin for their own f64 rounding, so a row
+//! is skipped only when plain Lloyd would give it the same code: both give the same indices on
+//! every pass and, since the means are then computed from the same rows in the same order, the
+//! same codebook bit for bit (`tests/kmeans.rs`).
+//!
+//! **Seeding**: k-means|| by default ([`Seeding`]).
+//!
+//! **Ranks.** [`fit`] runs on one shard of the rows per rank of a [`Collective`]: per-code sums
+//! are added per shard in f64 in row order, then over shards in rank order, so a job of S ranks
+//! gives the same bits as one process running S in-process ranks (`vqx fit --shards S`).
+//!
+//! ```
+//! use vqx::backend::CpuBackend;
+//! use vqx::collective::Single;
+//! use vqx::kmeans::{self, KMeansConfig, Shard};
+//! use vqx::MatRef;
+//! // Two tight groups in 1-D: the codes land on their means.
+//! let x = [0.0f32, 0.2, 0.1, 10.0, 10.2, 10.1];
+//! let cfg = KMeansConfig::new(2);
+//! let fit = kmeans::fit(&CpuBackend::new(), &Single, Shard::whole(MatRef::new(&x, 6, 1)?), &cfg, |_| Ok(()))?;
+//! let mut codes = fit.codebook.data().to_vec();
+//! codes.sort_by(f32::total_cmp);
+//! assert!((codes[0] - 0.1).abs() < 1e-6 && (codes[1] - 10.1).abs() < 1e-6);
+//! # Ok::<(), vqx::Error>(())
+//! ```
+
+mod bounds;
+mod seed;
+mod shard;
+
+pub use seed::{SeedReport, Seeding, seed};
+pub use shard::Shard;
+
+use crate::backend::Backend;
+use crate::collective::Collective;
+use crate::ema;
+use crate::error::{Error, Result};
+use crate::matrix::{MatRef, Matrix};
+use crate::nearest::{Metric, exact_distance, normalize_rows};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// What [`fit`] runs.
+#[derive(Clone, Debug)]
+pub struct KMeansConfig {
+    /// K, the number of codes.
+    pub codes: usize,
+    /// L2, or cosine (spherical k-means on the normalised rows).
+    pub metric: Metric,
+    /// Most passes.
+    pub max_passes: usize,
+    /// Stop once a pass lowers the error by less than this fraction of it (0: only at a fixed
+    /// point, where no row changes code).
+    pub tolerance: f64,
+    /// Skip the searches the bounds prove useless (same result as without).
+    pub bounds: bool,
+    pub seeding: Seeding,
+    pub seed: u64,
+}
+
+impl KMeansConfig {
+    /// K codes, L2, k-means|| seeding, bounds on, at most 300 passes, tolerance 1e-4, seed 0.
+    pub fn new(codes: usize) -> Self {
+        KMeansConfig {
+            codes,
+            metric: Metric::L2,
+            max_passes: 300,
+            tolerance: 1e-4,
+            bounds: true,
+            seeding: Seeding::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// One Lloyd pass, over all ranks.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Pass {
+    /// 1 for the first.
+    pub pass: usize,
+    /// Mean squared distance of the rows to the codes they were assigned this pass (before the
+    /// codes moved to their means). Under cosine, ||x̂ − ĉ||² = 2(1 − cos).
+    pub error: f64,
+    /// Codes with at least one row.
+    pub used: usize,
+    /// Rows whose code changed (every row on the first pass).
+    pub reassigned: u64,
+    /// Row–code distances computed by the search (N·K on a pass without bounds).
+    pub distances: u64,
+    /// Fraction of the N·K distances the bounds skipped.
+    pub skipped: f64,
+    /// Codes left without rows and re-seeded with a random row.
+    pub reseeded: usize,
+    /// Seconds since the fit started (seeding included).
+    pub elapsed_s: f64,
+}
+
+/// Why [`fit`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stop {
+    /// No row changed code and no code was empty: further passes change nothing.
+    Converged,
+    /// A pass lowered the error by less than the tolerance.
+    Tolerance,
+    /// The pass limit.
+    MaxPasses,
+}
+
+/// The result of [`fit`].
+#[derive(Clone, Debug)]
+pub struct KMeans {
+    /// K × D (unit rows under cosine).
+    pub codebook: Matrix,
+    /// Rows per code in the last pass's assignment, over all ranks.
+    pub counts: Vec<u64>,
+    /// This shard's rows' codes in the last pass's assignment.
+    pub indices: Vec<u32>,
+    pub seeding: SeedReport,
+    pub passes: Vec<Pass>,
+    pub stop: Stop,
+}
+
+/// Relative margin that covers the f64 rounding of the bounds and distances (≤ (D + 2)·2^-53
+/// per quantity, far below this for any D an f32 index can reach).
+const MARGIN: f64 = 1e-10;
+
+/// k-means of the rows of `shard` (every rank of `comm` calls it with its own shard and the same
+/// `config`; all get the same codebook). `on_pass` sees each pass as it ends (every rank calls
+/// it; the caller decides which rank prints).
+pub fn fit(
+    backend: &dyn Backend,
+    comm: &dyn Collective,
+    shard: Shard<'_>,
+    config: &KMeansConfig,
+    mut on_pass: impl FnMut(&Pass) -> Result<()>,
+) -> Result<KMeans> {
+    let start = Instant::now();
+    let k = config.codes;
+    let total = shard.total();
+    if k == 0 {
+        return Err(Error::InvalidArgument(
+            "k-means needs at least 1 code".into(),
+        ));
+    }
+    if total < k {
+        return Err(Error::InvalidArgument(format!(
+            "k-means of {k} codes needs at least {k} rows; the input has {total}"
+        )));
+    }
+    if config.max_passes == 0 {
+        return Err(Error::InvalidArgument(
+            "k-means needs at least 1 pass".into(),
+        ));
+    }
+    let first = shard.first();
+    shard.rows().check_finite(&format!(
+        "input rows {first}..{}",
+        first + shard.rows().rows()
+    ))?;
+    let unit;
+    let shard = if config.metric == Metric::Cosine {
+        unit = normalize_rows(shard.rows());
+        shard.with_rows(unit.as_ref())
+    } else {
+        shard
+    };
+    let x = shard.rows();
+    let (n, d) = (x.rows(), x.cols());
+
+    let (mut codes, seeding) = seed(backend, comm, &shard, k, &config.seeding, config.seed)?;
+    if config.metric == Metric::Cosine {
+        codes = normalize_rows(codes.as_ref());
+    }
+
+    let mut indices = vec![0u32; n];
+    let mut dist_sq = vec![0f64; n];
+    let mut bounds = if config.bounds {
+        Some(bounds::Bounds::new(
+            backend,
+            codes.as_ref(),
+            n,
+            config.seed,
+        )?)
+    } else {
+        None
+    };
+    let mut passes: Vec<Pass> = Vec::new();
+    let mut counts = vec![0u64; k];
+    let mut stop = Stop::MaxPasses;
+    for pass in 1..=config.max_passes {
+        let (searched, reassigned) = match bounds.as_mut() {
+            Some(b) => b.assign(
+                backend,
+                x,
+                codes.as_ref(),
+                &mut indices,
+                &mut dist_sq,
+                pass == 1,
+            )?,
+            None => assign_all(
+                backend,
+                x,
+                codes.as_ref(),
+                &mut indices,
+                &mut dist_sq,
+                pass == 1,
+            )?,
+        };
+        let (sums, local_counts) = ema::sums_f64(x, &indices, k);
+        let mut sums = sums;
+        comm.all_reduce_sum_f64(&mut sums)?;
+        counts = local_counts.iter().map(|&c| c as u64).collect();
+        let mut ints = [reassigned as u64, searched];
+        counts.extend_from_slice(&ints);
+        comm.all_reduce_sum_u64(&mut counts)?;
+        ints.copy_from_slice(&counts[k..]);
+        counts.truncate(k);
+        let mut err = [dist_sq.iter().sum::<f64>()];
+        comm.all_reduce_sum_f64(&mut err)?;
+        let error = err[0] / total as f64;
+        let used = counts.iter().filter(|&&c| c > 0).count();
+        let [reassigned, searched] = ints;
+        let converged = pass > 1 && reassigned == 0 && used == k;
+        let previous = passes.last().map(|p| p.error);
+
+        let mut reseeded = 0;
+        if !converged {
+            let empty: Vec<usize> = (0..k).filter(|&j| counts[j] == 0).collect();
+            reseeded = empty.len();
+            let mut next = means(&sums, &counts, codes.as_ref(), config.metric);
+            if !empty.is_empty() {
+                let mut rng = ChaCha8Rng::seed_from_u64(
+                    config.seed ^ (pass as u64).rotate_left(32) ^ 0x7265_7365_6564,
+                );
+                let rows = rand::seq::index::sample(&mut rng, total, empty.len()).into_vec();
+                let fresh = shard::fetch_rows(comm, &shard, &rows)?;
+                for (e, &j) in empty.iter().enumerate() {
+                    next.data_mut()[j * d..(j + 1) * d].copy_from_slice(fresh.row(e));
+                }
+            }
+            if let Some(b) = bounds.as_mut() {
+                b.loosen(codes.as_ref(), next.as_ref());
+            }
+            codes = next;
+        }
+        let report = Pass {
+            pass,
+            error,
+            used,
+            reassigned,
+            distances: searched,
+            skipped: 1.0 - searched as f64 / (total as f64 * k as f64),
+            reseeded,
+            elapsed_s: start.elapsed().as_secs_f64(),
+        };
+        on_pass(&report)?;
+        passes.push(report);
+        if converged {
+            stop = Stop::Converged;
+            break;
+        }
+        if let Some(prev) = previous {
+            let gain = prev - error;
+            if reseeded == 0 && gain >= 0.0 && gain <= config.tolerance * prev {
+                stop = Stop::Tolerance;
+                break;
+            }
+        }
+    }
+    Ok(KMeans {
+        codebook: codes,
+        counts,
+        indices,
+        seeding,
+        passes,
+        stop,
+    })
+}
+
+/// Every row searched (plain Lloyd); returns (distances computed over this shard, rows whose
+/// code changed).
+fn assign_all(
+    backend: &dyn Backend,
+    x: MatRef<'_>,
+    codes: MatRef<'_>,
+    indices: &mut [u32],
+    dist_sq: &mut [f64],
+    first: bool,
+) -> Result<(u64, usize)> {
+    let n = x.rows();
+    if n == 0 {
+        return Ok((0, 0));
+    }
+    let a = backend.nearest(x, codes, Metric::L2)?;
+    let changed = if first {
+        n
+    } else {
+        indices
+            .iter()
+            .zip(&a.indices)
+            .filter(|(o, n)| o != n)
+            .count()
+    };
+    indices.copy_from_slice(&a.indices);
+    exact_sq(x, codes, indices, dist_sq);
+    Ok(((n * codes.rows()) as u64, changed))
+}
+
+/// Exact squared distance of each row to its code, in f64.
+fn exact_sq(x: MatRef<'_>, codes: MatRef<'_>, indices: &[u32], out: &mut [f64]) {
+    out.par_iter_mut()
+        .enumerate()
+        .with_min_len(256)
+        .for_each(|(i, o)| {
+            *o = exact_distance(x.row(i), codes.row(indices[i] as usize), Metric::L2)
+        });
+}
+
+/// Each code with rows moved to their mean (normalised under cosine), computed in f64 and
+/// rounded once; codes without rows keep their place (the caller re-seeds them).
+fn means(sums: &[f64], counts: &[u64], codes: MatRef<'_>, metric: Metric) -> Matrix {
+    let d = codes.cols();
+    let mut out = codes.to_owned();
+    out.data_mut()
+        .par_chunks_mut(d.max(1))
+        .enumerate()
+        .filter(|(j, _)| counts[*j] > 0)
+        .for_each(|(j, row)| {
+            let c = counts[j] as f64;
+            let mean: Vec<f64> = sums[j * d..(j + 1) * d].iter().map(|s| s / c).collect();
+            let scale = match metric {
+                Metric::L2 => 1.0,
+                Metric::Cosine => {
+                    let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+                    if norm > 0.0 { 1.0 / norm } else { 1.0 }
+                }
+            };
+            for (o, m) in row.iter_mut().zip(mean) {
+                *o = (m * scale) as f32;
+            }
+        });
+    out
+}

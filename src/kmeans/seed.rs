@@ -1,0 +1,320 @@
+//! Seeding: the K codes k-means starts from.
+//!
+//! k-means|| (Bahmani, Moseley, Vattani, Kumar, Vassilvitskii, "Scalable K-Means++", VLDB 2012)
+//! replaces k-means++'s K sequential passes over the data by a few rounds that each sample
+//! about ℓ rows at once with probability ∝ ℓ·d²(x)/φ, then reduces the few·K candidates to K by
+//! weighted k-means++ (each candidate weighted by the rows nearest to it). A round costs one
+//! nearest search of every row against that round's new candidates (blocked, on the backend),
+//! so the whole seeding costs about `rounds·oversampling` passes of K codes.
+
+use super::shard::{Shard, fetch_rows, gather_rows};
+use crate::backend::Backend;
+use crate::collective::Collective;
+use crate::error::{Error, Result};
+use crate::matrix::{MatRef, Matrix};
+use crate::nearest::Metric;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Where k-means starts.
+#[derive(Clone, Debug)]
+pub enum Seeding {
+    /// k-means||: `rounds` sampling rounds of about `oversampling`·K rows each, reduced to K by
+    /// weighted k-means++.
+    Parallel { rounds: usize, oversampling: f64 },
+    /// K distinct rows drawn uniformly (FAISS's and vector-quantize-pytorch's init).
+    RandomRows,
+    /// These K codes (a codebook file).
+    Given(Matrix),
+}
+
+impl Default for Seeding {
+    fn default() -> Self {
+        Seeding::Parallel {
+            rounds: 3,
+            oversampling: 1.0,
+        }
+    }
+}
+
+/// What the seeding did and cost.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SeedReport {
+    /// "k-means||", "random rows" or "given".
+    pub method: &'static str,
+    /// Candidate rows k-means|| sampled before the reduction to K (K for the others).
+    pub candidates: usize,
+    /// Row-code distances computed, over all ranks.
+    pub distances: u64,
+    pub seconds: f64,
+}
+
+/// K codes for the rows of `shard` (all ranks get the same codes). `metric` only says whether
+/// the rows are already unit vectors (cosine); distances are L2 either way.
+pub fn seed(
+    backend: &dyn Backend,
+    comm: &dyn Collective,
+    shard: &Shard<'_>,
+    k: usize,
+    seeding: &Seeding,
+    seed: u64,
+) -> Result<(Matrix, SeedReport)> {
+    let start = Instant::now();
+    let d = shard.rows().cols();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6b6d_6561_6e73_7c7c);
+    let (codes, method, candidates, distances) = match seeding {
+        Seeding::Given(m) => {
+            if (m.rows(), m.cols()) != (k, d) {
+                return Err(Error::shape(
+                    "initial codebook",
+                    format!("{k} × {d}"),
+                    format!("{} × {}", m.rows(), m.cols()),
+                ));
+            }
+            m.as_ref().check_finite("initial codebook")?;
+            (m.clone(), "given", k, 0)
+        }
+        Seeding::RandomRows => {
+            let picks = rand::seq::index::sample(&mut rng, shard.total(), k).into_vec();
+            (fetch_rows(comm, shard, &picks)?, "random rows", k, 0)
+        }
+        &Seeding::Parallel {
+            rounds,
+            oversampling,
+        } => {
+            if !(oversampling > 0.0 && oversampling.is_finite()) {
+                return Err(Error::InvalidArgument(format!(
+                    "k-means|| oversampling must be a positive number; got {oversampling}"
+                )));
+            }
+            let (c, n, dist) = parallel(
+                backend,
+                comm,
+                shard,
+                k,
+                rounds,
+                oversampling,
+                seed,
+                &mut rng,
+            )?;
+            (c, "k-means||", n, dist)
+        }
+    };
+    let report = SeedReport {
+        method,
+        candidates,
+        distances,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok((codes, report))
+}
+
+/// k-means||; returns the codes, the number of candidates and the distances computed.
+#[allow(clippy::too_many_arguments)]
+fn parallel(
+    backend: &dyn Backend,
+    comm: &dyn Collective,
+    shard: &Shard<'_>,
+    k: usize,
+    rounds: usize,
+    oversampling: f64,
+    seed: u64,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Matrix, usize, u64)> {
+    let x = shard.rows();
+    let (n, d) = (x.rows(), x.cols());
+    let first = rng.gen_range(0..shard.total());
+    let mut cands = fetch_rows(comm, shard, &[first])?.into_vec();
+    let mut newest = 0; // the first candidate of the latest round
+    let mut d2 = vec![f64::INFINITY; n];
+    let mut owner = vec![0u32; n];
+    let mut distances = 0u64;
+    let ell = oversampling * k as f64;
+    for round in 0..=rounds {
+        // Fold the latest round's candidates into each row's nearest candidate so far.
+        let fresh = MatRef::new(&cands[newest * d..], cands.len() / d - newest, d)?;
+        if n > 0 {
+            let a = backend.nearest(x, fresh, Metric::L2)?;
+            for (i, (&j, &v)) in a.indices.iter().zip(&a.distances).enumerate() {
+                if (v as f64) < d2[i] {
+                    d2[i] = v as f64;
+                    owner[i] = (newest + j as usize) as u32;
+                }
+            }
+        }
+        distances += (shard.total() * fresh.rows()) as u64;
+        if round == rounds {
+            break;
+        }
+        let mut phi = [d2.iter().sum::<f64>()];
+        comm.all_reduce_sum_f64(&mut phi)?;
+        if phi[0] <= 0.0 {
+            break; // every row sits on a candidate
+        }
+        // Each row's draw depends on (seed, round, global row) alone, so the sample is the same
+        // however the rows are sharded.
+        let mut picked: Vec<f32> = Vec::new();
+        for (i, &v) in d2.iter().enumerate() {
+            if unit_hash(seed, round as u64, (shard.first() + i) as u64) * phi[0] < ell * v {
+                picked.extend_from_slice(x.row(i));
+            }
+        }
+        newest = cands.len() / d;
+        cands.extend(gather_rows(comm, &picked, d)?.into_vec());
+        if cands.len() / d == newest {
+            break; // nothing drawn this round
+        }
+    }
+    let c = cands.len() / d;
+    let mut weights = vec![0u64; c];
+    for &o in &owner[..n] {
+        weights[o as usize] += 1;
+    }
+    comm.all_reduce_sum_u64(&mut weights)?;
+    let cands = Matrix::new(cands, c, d)?;
+    let codes = if c <= k {
+        // Too few candidates: all of them, and random rows for the rest.
+        let extra = rand::seq::index::sample(rng, shard.total(), k - c).into_vec();
+        let mut all = cands.into_vec();
+        all.extend(fetch_rows(comm, shard, &extra)?.into_vec());
+        Matrix::new(all, k, d)?
+    } else {
+        weighted_plus_plus(cands.as_ref(), &weights, k, rng)
+    };
+    Ok((codes, c, distances))
+}
+
+/// Weighted k-means++ over `points`: each next centre drawn ∝ weight × squared distance to the
+/// nearest centre so far. Every rank runs it on the same inputs and draws.
+fn weighted_plus_plus(
+    points: MatRef<'_>,
+    weights: &[u64],
+    k: usize,
+    rng: &mut ChaCha8Rng,
+) -> Matrix {
+    let (c, d) = (points.rows(), points.cols());
+    let w: Vec<f64> = weights.iter().map(|&w| w as f64).collect();
+    let mut nearest = vec![f32::INFINITY; c];
+    let mut chosen = Vec::with_capacity(k);
+    let mut pick = draw(&w, rng).unwrap_or(0);
+    let mut taken = vec![false; c];
+    while chosen.len() < k {
+        chosen.push(pick);
+        taken[pick] = true;
+        let centre = points.row(pick);
+        nearest
+            .par_iter_mut()
+            .enumerate()
+            .with_min_len(64)
+            .for_each(|(i, m)| *m = m.min(sq_dist_f32(points.row(i), centre)));
+        let mass: Vec<f64> = w
+            .iter()
+            .zip(&nearest)
+            .zip(&taken)
+            .map(|((&w, &m), &t)| if t { 0.0 } else { w * m as f64 })
+            .collect();
+        pick = match draw(&mass, rng) {
+            Some(p) => p,
+            // Every remaining candidate coincides with a centre or weighs nothing: the
+            // untaken ones in order (duplicates become empty clusters, re-seeded by Lloyd).
+            None => match taken.iter().position(|t| !t) {
+                Some(p) => p,
+                None => break,
+            },
+        };
+    }
+    let mut out = Vec::with_capacity(k * d);
+    for &i in &chosen {
+        out.extend_from_slice(points.row(i));
+    }
+    // Fewer candidates than K only when all were taken: repeat them (re-seeded as empty).
+    let mut i = 0;
+    while out.len() < k * d {
+        out.extend_from_slice(points.row(chosen[i % chosen.len()]));
+        i += 1;
+    }
+    Matrix::new(out, k, d).expect("k × d values")
+}
+
+/// An index drawn with probability ∝ `mass` (None when the mass is all zero).
+fn draw(mass: &[f64], rng: &mut ChaCha8Rng) -> Option<usize> {
+    let total: f64 = mass.iter().sum();
+    if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !total.is_finite() {
+        return None;
+    }
+    let mut target = rng.r#gen::<f64>() * total;
+    let mut last = None;
+    for (i, &m) in mass.iter().enumerate() {
+        if m > 0.0 {
+            last = Some(i);
+            target -= m;
+            if target < 0.0 {
+                return Some(i);
+            }
+        }
+    }
+    last
+}
+
+/// ||a − b||² in f32 with 16 independent accumulators (vectorised; a fixed order).
+fn sq_dist_f32(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..L {
+            let t = x[i] - y[i];
+            acc[i] += t * t;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A uniform draw in [0, 1) from (seed, round, row): SplitMix64's finaliser over the three.
+fn unit_hash(seed: u64, round: u64, row: u64) -> f64 {
+    let mut z = seed;
+    for v in [round, row] {
+        z = mix(z ^ mix(v.wrapping_add(0x9e37_79b9_7f4a_7c15)));
+    }
+    (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_hash_is_uniform_enough() {
+        let n = 100_000;
+        let mean: f64 = (0..n).map(|i| unit_hash(7, 1, i)).sum::<f64>() / n as f64;
+        assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
+        assert!((0..n).all(|i| (0.0..1.0).contains(&unit_hash(7, 1, i))));
+    }
+
+    #[test]
+    fn draw_follows_the_mass() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(draw(&[0.0, 0.0], &mut rng), None);
+        let mut hits = [0usize; 3];
+        for _ in 0..30_000 {
+            hits[draw(&[1.0, 0.0, 2.0], &mut rng).unwrap()] += 1;
+        }
+        assert_eq!(hits[1], 0);
+        let ratio = hits[2] as f64 / hits[0] as f64;
+        assert!((ratio - 2.0).abs() < 0.15, "ratio {ratio}");
+    }
+}
