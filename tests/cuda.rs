@@ -554,9 +554,9 @@ fn cuda_emu_is_selectable_and_never_auto() {
     assert!(tf32.describe().contains("tf32"), "{}", tf32.describe());
 }
 
-/// `vqx quantize` and `vqx fit --deterministic` on `--device cuda-emu` give the same indices,
-/// distances and checkpoint tensors as on `--device cpu`: the CLI's path through the CUDA
-/// backend (uploads, launches, downloads, recheck) end to end.
+/// `vqx quantize`, `vqx fit --mode ema --deterministic` and `vqx fit` (Lloyd) on `--device
+/// cuda-emu` give the same indices, distances and checkpoint tensors as on `--device cpu`: the
+/// CLI's path through the CUDA backend (uploads, launches, downloads, recheck) end to end.
 #[test]
 fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
     use vqx::checkpoint::Checkpoint;
@@ -613,6 +613,31 @@ fn cli_quantize_and_fit_on_cuda_emu_match_cpu() {
             "--output",
             &p(&format!("fit-{device}.safetensors")),
         ]));
+        // Lloyd with its bounds: the device's runner-up scores decide which rows are searched
+        // again, never the result.
+        for metric in ["l2", "cosine"] {
+            ok(&vqx(&[
+                "fit",
+                "--input",
+                &p("x.npy"),
+                "--codebook-size",
+                "129",
+                "--steps",
+                "6",
+                "--metric",
+                metric,
+                "--quiet",
+                "--device",
+                device,
+                "--output",
+                &p(&format!("lloyd-{device}-{metric}.safetensors")),
+            ]));
+        }
+    }
+    for metric in ["l2", "cosine"] {
+        let a = Checkpoint::load(p(&format!("lloyd-cpu-{metric}.safetensors"))).unwrap();
+        let b = Checkpoint::load(p(&format!("lloyd-cuda-emu-{metric}.safetensors"))).unwrap();
+        assert!(a == b, "{metric}: lloyd checkpoints cuda-emu vs cpu differ");
     }
     for metric in ["l2", "cosine"] {
         let read = |dev: &str| {

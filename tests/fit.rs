@@ -112,7 +112,9 @@ fn fit_refuses_bad_arguments() {
     ];
     let (xp, op) = (p("x.npy"), p("o.safetensors"));
     for (extra, needle) in cases {
-        let mut args = vec!["fit", "--mode", "ema", "--input", &xp, "--quiet", "--output", &op];
+        let mut args = vec![
+            "fit", "--mode", "ema", "--input", &xp, "--quiet", "--output", &op,
+        ];
         let c5 = p("c5.npy");
         args.extend(
             extra

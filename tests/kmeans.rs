@@ -1,0 +1,444 @@
+//! k-means (`vqx::kmeans`, `vqx fit --mode lloyd`): plain Lloyd against a naive f64 Lloyd; the
+//! bounded passes against plain Lloyd (same indices every pass, same codebook bit for bit);
+//! shards; seeding; the runner-up bounds the pruning starts from; bad input.
+
+mod common;
+use common::cli::{expect_error, ok, stderr, vqx};
+use common::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use vqx::backend::{Backend, CpuBackend};
+use vqx::collective::{Collective, Single, in_process};
+use vqx::kmeans::{self, KMeans, KMeansConfig, Seeding, Shard, Stop};
+use vqx::nearest::cpu::CpuKernel;
+use vqx::{MatRef, Matrix, Metric};
+
+const SEEDS: [u64; 3] = [1, 2, 3];
+
+fn config(k: usize, metric: Metric, passes: usize, bounds: bool, seeding: Seeding) -> KMeansConfig {
+    KMeansConfig {
+        codes: k,
+        metric,
+        max_passes: passes,
+        tolerance: 0.0,
+        bounds,
+        seeding,
+        seed: 5,
+    }
+}
+
+fn fit_whole(x: MatRef<'_>, cfg: &KMeansConfig) -> KMeans {
+    kmeans::fit(
+        &CpuBackend::new(),
+        &Single,
+        Shard::whole(x),
+        cfg,
+        |_| Ok(()),
+    )
+    .unwrap()
+}
+
+/// Naive Lloyd in f64: argmin of Σ(x − c)² over codes (the first minimum), means rounded once.
+fn naive_lloyd(x: MatRef<'_>, init: &Matrix, passes: usize) -> (Vec<u32>, Vec<f32>) {
+    let (n, d, k) = (x.rows(), x.cols(), init.rows());
+    let mut codes = init.data().to_vec();
+    let mut idx = vec![0u32; n];
+    for _ in 0..passes {
+        for i in 0..n {
+            let mut best = (f64::INFINITY, 0u32);
+            for j in 0..k {
+                let s: f64 = (0..d)
+                    .map(|t| {
+                        let v = x.row(i)[t] as f64 - codes[j * d + t] as f64;
+                        v * v
+                    })
+                    .sum();
+                if s < best.0 {
+                    best = (s, j as u32);
+                }
+            }
+            idx[i] = best.1;
+        }
+        let mut sums = vec![0f64; k * d];
+        let mut counts = vec![0usize; k];
+        for i in 0..n {
+            let j = idx[i] as usize;
+            counts[j] += 1;
+            for t in 0..d {
+                sums[j * d + t] += x.row(i)[t] as f64;
+            }
+        }
+        for j in 0..k {
+            assert!(
+                counts[j] > 0,
+                "the reference test data must leave no code empty"
+            );
+            for t in 0..d {
+                codes[j * d + t] = (sums[j * d + t] / counts[j] as f64) as f32;
+            }
+        }
+    }
+    (idx, codes)
+}
+
+/// Clustered rows and, as init, one row of each cluster (so no code is ever empty).
+fn clustered_case(n: usize, d: usize, k: usize, seed: u64) -> (Matrix, Matrix) {
+    let centers = normal(k, d, seed, 4.0, 0.0);
+    let (x, label) = clustered(&centers, k, d, n, 1.5, seed + 100);
+    let init: Vec<f32> = (0..k as u32)
+        .flat_map(|c| {
+            let r = label
+                .iter()
+                .position(|&l| l == c)
+                .expect("every cluster drawn");
+            x[r * d..(r + 1) * d].to_vec()
+        })
+        .collect();
+    (
+        Matrix::new(x, n, d).unwrap(),
+        Matrix::new(init, k, d).unwrap(),
+    )
+}
+
+#[test]
+fn lloyd_matches_a_naive_f64_lloyd_every_pass() {
+    for seed in SEEDS {
+        let (x, init) = clustered_case(700, 7, 20, seed);
+        for passes in 1..=4 {
+            let (want_idx, want_codes) = naive_lloyd(x.as_ref(), &init, passes);
+            for bounds in [false, true] {
+                let cfg = config(20, Metric::L2, passes, bounds, Seeding::Given(init.clone()));
+                let got = fit_whole(x.as_ref(), &cfg);
+                let ctx = format!("seed {seed}, pass {passes}, bounds {bounds}");
+                if got.stop == Stop::Converged {
+                    continue; // stopped before this pass: compared at the earlier count
+                }
+                for (i, (g, w)) in got.indices.iter().zip(&want_idx).enumerate() {
+                    assert_eq!(g, w, "{ctx}: row {i}: index {g}, reference {w}");
+                }
+                assert_close(
+                    got.codebook.data(),
+                    &want_codes.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                    1e-6,
+                    1e-6,
+                    &ctx,
+                );
+            }
+        }
+    }
+}
+
+/// Data with many exact ties: small integer coordinates, repeated rows, duplicate codes.
+fn tie_heavy(n: usize, d: usize, seed: u64) -> Matrix {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    Matrix::new(
+        (0..n * d).map(|_| r.gen_range(-3..=3) as f32).collect(),
+        n,
+        d,
+    )
+    .unwrap()
+}
+
+#[test]
+fn bounded_and_plain_lloyd_agree_on_every_pass_bit_for_bit() {
+    // (rows, dim, K): K below, at and above the 64-code groups, tie-heavy data included.
+    let shapes = [
+        (37, 5, 7, false),
+        (900, 3, 64, true),
+        (2000, 24, 130, false),
+        (3000, 16, 300, false),
+        (1200, 4, 65, true),
+    ];
+    let mut skipped_somewhere = false;
+    for &(n, d, k, ties) in &shapes {
+        for seed in SEEDS {
+            let x = if ties {
+                tie_heavy(n, d, seed)
+            } else {
+                let centers = normal(k / 2 + 1, d, seed, 3.0, 0.0);
+                Matrix::new(clustered(&centers, k / 2 + 1, d, n, 1.0, seed).0, n, d).unwrap()
+            };
+            for metric in [Metric::L2, Metric::Cosine] {
+                for seeding in [Seeding::default(), Seeding::RandomRows] {
+                    for passes in [1, 2, 3, 5, 8] {
+                        let plain = fit_whole(
+                            x.as_ref(),
+                            &config(k, metric, passes, false, seeding.clone()),
+                        );
+                        let bounded = fit_whole(
+                            x.as_ref(),
+                            &config(k, metric, passes, true, seeding.clone()),
+                        );
+                        let ctx = format!(
+                            "{n}×{d}, K {k}, seed {seed}, {metric:?}, {seeding:?}, {passes} passes"
+                        );
+                        assert_eq!(
+                            plain.passes.len(),
+                            bounded.passes.len(),
+                            "{ctx}: pass count"
+                        );
+                        for (i, (b, p)) in bounded.indices.iter().zip(&plain.indices).enumerate() {
+                            assert_eq!(b, p, "{ctx}: row {i}: bounded {b}, plain {p}");
+                        }
+                        devices::assert_bits(bounded.codebook.data(), plain.codebook.data(), &ctx);
+                        assert_eq!(bounded.counts, plain.counts, "{ctx}: counts");
+                        for (pb, pp) in bounded.passes.iter().zip(&plain.passes) {
+                            assert_eq!(
+                                pb.error.to_bits(),
+                                pp.error.to_bits(),
+                                "{ctx}: pass {} error",
+                                pb.pass
+                            );
+                            assert_eq!(
+                                pb.reassigned, pp.reassigned,
+                                "{ctx}: pass {} reassigned",
+                                pb.pass
+                            );
+                            skipped_somewhere |= pb.skipped > 0.5;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        skipped_somewhere,
+        "the bounds never skipped half a pass: the comparison proves nothing"
+    );
+}
+
+#[test]
+fn shards_give_the_same_codebook_on_every_rank_and_run() {
+    let (x, _) = clustered_case(1000, 9, 40, 4);
+    for metric in [Metric::L2, Metric::Cosine] {
+        for shards in [1usize, 2, 3] {
+            let cfg = KMeansConfig {
+                metric,
+                ..KMeansConfig::new(40)
+            };
+            let run = || {
+                in_process::run(shards, |rank| {
+                    let shard = Shard::split(x.as_ref(), shards, rank.rank());
+                    kmeans::fit(&CpuBackend::new(), rank, shard, &cfg, |_| Ok(()))
+                })
+                .unwrap()
+            };
+            let (a, b) = (run(), run());
+            for r in 0..shards {
+                let ctx = format!("{metric:?}, {shards} shards, rank {r}");
+                devices::assert_bits(a[r].codebook.data(), a[0].codebook.data(), &ctx);
+                devices::assert_bits(
+                    b[r].codebook.data(),
+                    a[0].codebook.data(),
+                    &format!("{ctx}, second run"),
+                );
+                assert_eq!(a[r].counts, a[0].counts, "{ctx}: counts");
+            }
+            let total: u64 = a[0].counts.iter().sum();
+            assert_eq!(
+                total, 1000,
+                "{metric:?}, {shards} shards: every row counted once"
+            );
+            if shards == 1 {
+                let single = fit_whole(x.as_ref(), &cfg);
+                devices::assert_bits(
+                    single.codebook.data(),
+                    a[0].codebook.data(),
+                    "1 in-process rank vs Single",
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn seeding_is_deterministic_and_k_means_parallel_beats_random_rows() {
+    // 60 well-separated clusters, K = 60: k-means|| should find nearly every one.
+    let (x, _) = clustered_case(6000, 8, 60, 9);
+    let first_error = |seeding: Seeding| {
+        let f = fit_whole(x.as_ref(), &config(60, Metric::L2, 1, true, seeding));
+        (f.passes[0].error, f.codebook)
+    };
+    let (par, c1) = first_error(Seeding::default());
+    let (_, c2) = first_error(Seeding::default());
+    devices::assert_bits(c1.data(), c2.data(), "same seed, same k-means|| codes");
+    let (random, _) = first_error(Seeding::RandomRows);
+    assert!(
+        par < 0.5 * random,
+        "k-means|| error {par} vs random rows {random}"
+    );
+}
+
+#[test]
+fn runner_up_bounds_are_lower_bounds_and_the_assignment_is_nearest() {
+    for kernel in [CpuKernel::Auto, CpuKernel::Portable] {
+        let backend = CpuBackend::with_kernel(kernel);
+        for seed in SEEDS {
+            let mut r = rng(seed);
+            for (n, d, k) in [(1, 3, 1), (31, 7, 33), (257, 17, 95)] {
+                let x = random_matrix(n, d, &mut r);
+                let mut c = random_matrix(k, d, &mut r);
+                if k > 2 {
+                    let dup = c.row(1).to_vec();
+                    c.data_mut()[2 * d..3 * d].copy_from_slice(&dup); // a duplicate code
+                }
+                for metric in [Metric::L2, Metric::Cosine] {
+                    let plain = backend.nearest(x.as_ref(), c.as_ref(), metric).unwrap();
+                    let (a, lb) = backend
+                        .nearest_with_runner_up(x.as_ref(), c.as_ref(), metric)
+                        .unwrap();
+                    assert_eq!(a.indices, plain.indices, "{kernel:?} {metric:?}: indices");
+                    for i in 0..n {
+                        let second = (0..k)
+                            .filter(|&j| j as u32 != a.indices[i])
+                            .map(|j| {
+                                let e = vqx::nearest::exact_distance(x.row(i), c.row(j), metric);
+                                if metric == Metric::Cosine { 2.0 * e } else { e }
+                            })
+                            .fold(f64::INFINITY, f64::min);
+                        assert!(
+                            lb[i] <= second * (1.0 + 1e-12),
+                            "{kernel:?} {metric:?} {n}×{d} K {k}: row {i}: bound {} above the runner-up {second}",
+                            lb[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_refused_on_every_rank() {
+    let (x, _) = clustered_case(300, 4, 10, 2);
+    let mut with_nan = x.clone();
+    with_nan.data_mut()[250 * 4 + 1] = f32::NAN;
+    let err = in_process::run(2, |rank| {
+        let shard = Shard::split(with_nan.as_ref(), 2, rank.rank());
+        kmeans::fit(
+            &CpuBackend::new(),
+            rank,
+            shard,
+            &KMeansConfig::new(10),
+            |_| Ok(()),
+        )
+    })
+    .unwrap_err()
+    .to_string();
+    assert_mentions(&err, &["150..300", "NaN"]);
+    let e = kmeans::fit(
+        &CpuBackend::new(),
+        &Single,
+        Shard::whole(x.as_ref().slice_rows(0, 5)),
+        &KMeansConfig::new(10),
+        |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert_mentions(&e, &["10 codes", "5"]);
+    let wrong = Seeding::Given(Matrix::zeros(10, 3));
+    let e = kmeans::fit(
+        &CpuBackend::new(),
+        &Single,
+        Shard::whole(x.as_ref()),
+        &config(10, Metric::L2, 3, true, wrong),
+        |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert_mentions(&e, &["10 × 4", "10 × 3"]);
+}
+
+#[test]
+fn cli_fit_lloyd_reports_passes_stops_and_shards_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    let (x, _) = clustered_case(3000, 6, 24, 7);
+    vqx::npy::write_matrix(p("x.npy"), x.as_ref()).unwrap();
+    let fit = |out: &str, extra: &[&str]| {
+        let (xp, op, mp) = (
+            p("x.npy"),
+            p(&format!("{out}.safetensors")),
+            p(&format!("{out}.jsonl")),
+        );
+        let mut args = vec![
+            "fit",
+            "--input",
+            &xp,
+            "--codebook-size",
+            "24",
+            "--output",
+            &op,
+            "--metrics",
+            &mp,
+        ];
+        args.extend_from_slice(extra);
+        let (_, err) = ok(&vqx(&args));
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&mp)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (vqx::checkpoint::Checkpoint::load(&op).unwrap(), lines, err)
+    };
+    let (a, lines, err) = fit("a", &[]);
+    assert!(err.contains("pass   1") && err.contains("skipped"), "{err}");
+    assert!(lines.len() >= 2, "{err}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["pass"], lines.len());
+    assert!(last["skipped"].as_f64().unwrap() > 0.0, "{last}");
+    assert_eq!(a.usage_total.as_ref().unwrap().iter().sum::<f64>(), 3000.0);
+    let (plain, _, _) = fit("plain", &["--no-bounds", "--quiet"]);
+    assert_eq!(
+        plain.codebook.data(),
+        a.codebook.data(),
+        "--no-bounds changes nothing but time"
+    );
+    let (s1, _, _) = fit("s1", &["--shards", "3", "--quiet"]);
+    let (s2, _, _) = fit("s2", &["--shards", "3", "--quiet"]);
+    assert!(s1 == s2, "two --shards 3 runs differ");
+    let (three, l3, _) = fit("three", &["--steps", "3", "--init", "data", "--quiet"]);
+    assert_eq!(l3.len(), 3, "--steps 3 runs 3 passes unless converged");
+    assert_eq!(three.step, 3);
+    let o = vqx(&[
+        "fit",
+        "--input",
+        &p("x.npy"),
+        "--codebook-size",
+        "24",
+        "-o",
+        &p("x.st"),
+        "--batch-size",
+        "64",
+    ]);
+    expect_error(&o, &["--batch-size", "--mode ema"]);
+    let o = vqx(&[
+        "fit",
+        "--mode",
+        "ema",
+        "--input",
+        &p("x.npy"),
+        "--codebook-size",
+        "24",
+        "-o",
+        &p("x.st"),
+        "--shards",
+        "2",
+    ]);
+    expect_error(&o, &["--shards", "--mode lloyd"]);
+    let o = vqx(&[
+        "fit",
+        "--input",
+        &p("x.npy"),
+        "--codebook-size",
+        "5000",
+        "-o",
+        &p("x.st"),
+    ]);
+    let e = expect_error(&o, &["5000 codes", "3000"]);
+    assert!(
+        !dir.path().join("x.st").exists(),
+        "{e}: no checkpoint on failure; {}",
+        stderr(&o)
+    );
+}
