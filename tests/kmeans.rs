@@ -22,6 +22,8 @@ fn config(k: usize, metric: Metric, passes: usize, bounds: bool, seeding: Seedin
         max_passes: passes,
         tolerance: 0.0,
         bounds,
+        // Small groups, so that every test shape has several.
+        group_codes: 16,
         seeding,
         seed: 5,
     }
@@ -285,22 +287,39 @@ fn runner_up_bounds_are_lower_bounds_and_the_assignment_is_nearest() {
                 for metric in [Metric::L2, Metric::Cosine] {
                     let plain = backend.nearest(x.as_ref(), c.as_ref(), metric).unwrap();
                     let (a, lb) = backend
-                        .nearest_with_runner_up(x.as_ref(), c.as_ref(), metric)
+                        .nearest_with_bounds(x.as_ref(), c.as_ref(), metric)
                         .unwrap();
                     assert_eq!(a.indices, plain.indices, "{kernel:?} {metric:?}: indices");
+                    let sq = |i: usize, j: usize| {
+                        let e = vqx::nearest::exact_distance(x.row(i), c.row(j), metric);
+                        if metric == Metric::Cosine { 2.0 * e } else { e }
+                    };
                     for i in 0..n {
+                        let won = sq(i, a.indices[i] as usize);
                         let second = (0..k)
                             .filter(|&j| j as u32 != a.indices[i])
-                            .map(|j| {
-                                let e = vqx::nearest::exact_distance(x.row(i), c.row(j), metric);
-                                if metric == Metric::Cosine { 2.0 * e } else { e }
-                            })
+                            .map(|j| sq(i, j))
                             .fold(f64::INFINITY, f64::min);
+                        let ctx = format!("{kernel:?} {metric:?} {n}×{d} K {k}: row {i}");
                         assert!(
-                            lb[i] <= second * (1.0 + 1e-12),
-                            "{kernel:?} {metric:?} {n}×{d} K {k}: row {i}: bound {} above the runner-up {second}",
-                            lb[i]
+                            lb.winner[i] <= won * (1.0 + 1e-12),
+                            "{ctx}: winner bound {} above its distance {won}",
+                            lb.winner[i]
                         );
+                        assert!(
+                            lb.others[i] <= second * (1.0 + 1e-12),
+                            "{ctx}: bound {} above the runner-up {second}",
+                            lb.others[i]
+                        );
+                        // Bounds that prove nothing would pass the above: they must be tight
+                        // where the row is clear of rounding (a relative 1e-3 here).
+                        if second.is_finite() && won > 1e-3 {
+                            assert!(
+                                lb.others[i] >= second * 0.999 - 1e-3,
+                                "{ctx}: loose bound {} for {second}",
+                                lb.others[i]
+                            );
+                        }
                     }
                 }
             }

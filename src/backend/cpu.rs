@@ -5,7 +5,7 @@ use crate::ema::{self, CodeSums, SumMode};
 use crate::error::Result;
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::cpu::CpuKernel;
-use crate::nearest::{self, Assignment, Metric, Precision};
+use crate::nearest::{self, Assignment, LowerBounds, Metric, Precision};
 use crate::{gather, usage};
 
 /// Runs every primitive on the CPU with rayon's global thread pool.
@@ -59,13 +59,13 @@ impl Backend for CpuBackend {
             ))
         })
     }
-    fn nearest_with_runner_up(
+    fn nearest_with_bounds(
         &self,
         x: MatRef<'_>,
         codebook: MatRef<'_>,
         metric: Metric,
-    ) -> Result<(Assignment, Vec<f64>)> {
-        nearest::search_with_runner_up(x, codebook, metric, Precision::Exact, |prepared| {
+    ) -> Result<(Assignment, LowerBounds)> {
+        nearest::search_with_bounds(x, codebook, metric, Precision::Exact, |prepared| {
             Ok(nearest::cpu::candidates_with(
                 self.kernel,
                 x,

@@ -15,7 +15,7 @@ use crate::ema::{CodeSums, SumMode};
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::cpu::CpuKernel;
-use crate::nearest::{Assignment, Metric, Precision};
+use crate::nearest::{Assignment, LowerBounds, Metric, Precision};
 use std::time::Instant;
 
 /// The four primitives of vector quantization.
@@ -42,15 +42,14 @@ pub trait Backend: Send + Sync {
     }
     /// Nearest code per row of `x` (SPEC §1). Never materialises the N×K distance matrix.
     fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment>;
-    /// [`Backend::nearest`] and, per row, a lower bound on the squared distance to every code
-    /// but the winner ([`crate::nearest::search_with_runner_up`]): the exact k-means bounds start
-    /// from it.
-    fn nearest_with_runner_up(
+    /// [`Backend::nearest`] and, per row, lower bounds on the squared distances to the winner
+    /// and to every other code ([`LowerBounds`]): what the exact k-means bounds start from.
+    fn nearest_with_bounds(
         &self,
         x: MatRef<'_>,
         codebook: MatRef<'_>,
         metric: Metric,
-    ) -> Result<(Assignment, Vec<f64>)>;
+    ) -> Result<(Assignment, LowerBounds)>;
     /// Codebook rows named by `indices`, as an N×D matrix.
     fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix>;
     /// Per-code sums and counts of the rows of `x` assigned by `indices` (SPEC §4).

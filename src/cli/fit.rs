@@ -298,6 +298,7 @@ fn run_lloyd(args: &Args, x: Matrix) -> Result<()> {
         // A given pass count runs in full (a fixed point still ends it: nothing would change).
         tolerance: if args.steps.is_some() { 0.0 } else { args.tol },
         bounds: !args.no_bounds,
+        group_codes: KMeansConfig::new(1).group_codes,
         seeding,
         seed: run.seed,
     };

@@ -17,9 +17,6 @@ use crate::matrix::{MatRef, Matrix};
 use crate::nearest::{Metric, exact_distance};
 use rayon::prelude::*;
 
-/// Codes per group: groups large enough for the blocked kernel to run near its speed, and
-/// enough of them to prune.
-const GROUP_CODES: usize = 64;
 /// At most this many groups (the bounds take N·G f32).
 const MAX_GROUPS: usize = 64;
 
@@ -40,10 +37,11 @@ impl Bounds {
         backend: &dyn Backend,
         codes: MatRef<'_>,
         rows: usize,
+        group_codes: usize,
         seed: u64,
     ) -> Result<Self> {
         let k = codes.rows();
-        let groups = k.div_ceil(GROUP_CODES).clamp(1, MAX_GROUPS);
+        let groups = k.div_ceil(group_codes.max(1)).clamp(1, MAX_GROUPS);
         let group_of = if groups == 1 {
             vec![0; k]
         } else {
@@ -53,6 +51,7 @@ impl Bounds {
                 max_passes: 5,
                 tolerance: 0.0,
                 bounds: false,
+                group_codes: 0,
                 seeding: super::Seeding::RandomRows,
                 seed,
             };
@@ -125,33 +124,35 @@ impl Bounds {
         if n == 0 {
             return Ok((0, 0));
         }
-        let mut searched = 0u64;
-        // Which groups each row must search.
-        let mut wanted: Vec<Vec<u32>> = vec![Vec::new(); g_n];
         if all {
-            // No code yet: every group, and a best so far that any candidate beats.
-            dist_sq.iter_mut().for_each(|v| *v = f64::INFINITY);
-            indices.iter_mut().for_each(|i| *i = u32::MAX);
-        } else {
+            // One search over every code: its runner-up bound stands for every group (weaker
+            // than per-group bounds, which searched rows then sharpen, but one blocked call).
+            let (a, lb) = backend.nearest_with_bounds(x, codes, Metric::L2)?;
+            indices.copy_from_slice(&a.indices);
             super::exact_sq(x, codes, indices, dist_sq);
-            searched += n as u64;
-            for i in 0..n {
-                let u = dist_sq[i].sqrt() * (1.0 + MARGIN);
-                for (g, &l) in self.lower[i * g_n..(i + 1) * g_n].iter().enumerate() {
-                    if (l as f64) <= u {
-                        wanted[g].push(i as u32);
-                    }
+            self.lower
+                .par_chunks_mut(g_n)
+                .zip(lb.others.par_iter())
+                .for_each(|(row, &s)| row.fill(down(s.sqrt() * (1.0 - MARGIN))));
+            return Ok(((n * codes.rows()) as u64, n));
+        }
+        super::exact_sq(x, codes, indices, dist_sq);
+        // Rows plus one distance each for the tightened upper bound.
+        let mut searched = n as u64;
+        // Which rows must search each group.
+        let mut wanted: Vec<Vec<u32>> = vec![Vec::new(); g_n];
+        for i in 0..n {
+            let u = dist_sq[i].sqrt() * (1.0 + MARGIN);
+            for (g, &l) in self.lower[i * g_n..(i + 1) * g_n].iter().enumerate() {
+                if (l as f64) <= u {
+                    wanted[g].push(i as u32);
                 }
             }
         }
         let before: Vec<u32> = indices.to_vec();
         let mut rows_buf: Vec<f32> = Vec::new();
         for g in 0..g_n {
-            let rows: Vec<u32> = if all {
-                (0..n as u32).collect()
-            } else {
-                std::mem::take(&mut wanted[g])
-            };
+            let rows = std::mem::take(&mut wanted[g]);
             if rows.is_empty() {
                 continue;
             }
@@ -161,34 +162,32 @@ impl Bounds {
                 group_codes.extend_from_slice(codes.row(j as usize));
             }
             let group_codes = Matrix::new(group_codes, members.len(), d)?;
-            let sub = if all {
-                x
-            } else {
-                rows_buf.clear();
-                for &i in &rows {
-                    rows_buf.extend_from_slice(x.row(i as usize));
-                }
-                MatRef::new(&rows_buf, rows.len(), d)?
-            };
-            let (a, second) =
-                backend.nearest_with_runner_up(sub, group_codes.as_ref(), Metric::L2)?;
+            rows_buf.clear();
+            for &i in &rows {
+                rows_buf.extend_from_slice(x.row(i as usize));
+            }
+            let sub = MatRef::new(&rows_buf, rows.len(), d)?;
+            let (a, lb) = backend.nearest_with_bounds(sub, group_codes.as_ref(), Metric::L2)?;
             searched += (rows.len() * members.len()) as u64;
             for (t, &i) in rows.iter().enumerate() {
                 let i = i as usize;
+                let lower = &mut self.lower[i * g_n..(i + 1) * g_n];
+                if lb.winner[t] > dist_sq[i] * (1.0 + MARGIN) {
+                    // No code of the group comes near the best so far: only its bound moves.
+                    lower[g] = down(lb.winner[t].sqrt() * (1.0 - MARGIN));
+                    continue;
+                }
                 let b = members[a.indices[t] as usize];
                 let db = exact_distance(x.row(i), codes.row(b as usize), Metric::L2);
-                let lower = &mut self.lower[i * g_n..(i + 1) * g_n];
                 if (db, b) < (dist_sq[i], indices[i]) {
                     // The previous best joins its group's others.
-                    if indices[i] != u32::MAX {
-                        let pg = self.group_of[indices[i] as usize] as usize;
-                        lower[pg] = lower[pg].min(down(dist_sq[i].sqrt() * (1.0 - MARGIN)));
-                    }
+                    let pg = self.group_of[indices[i] as usize] as usize;
+                    lower[pg] = lower[pg].min(down(dist_sq[i].sqrt() * (1.0 - MARGIN)));
                     indices[i] = b;
                     dist_sq[i] = db;
-                    lower[g] = down(second[t].sqrt() * (1.0 - MARGIN));
+                    lower[g] = down(lb.others[t].sqrt() * (1.0 - MARGIN));
                 } else if b == indices[i] {
-                    lower[g] = down(second[t].sqrt() * (1.0 - MARGIN));
+                    lower[g] = down(lb.others[t].sqrt() * (1.0 - MARGIN));
                 } else {
                     lower[g] = down(db.sqrt() * (1.0 - MARGIN));
                 }

@@ -389,6 +389,47 @@ pub fn finish(
     model: RoundingModel,
     candidates: Candidates,
 ) -> Assignment {
+    finish_rows(x, codebook, prepared, model, candidates, false).0
+}
+
+/// Lower bounds a search leaves per row, for pruning later searches (the exact k-means bounds,
+/// [`crate::kmeans`]). Distances are squared; under cosine the "squared distance" is
+/// 2·(1 − cos), which for a non-zero row is ||x̂ − ĉ||².
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LowerBounds {
+    /// ≤ the row's squared distance to its winning code.
+    pub winner: Vec<f64>,
+    /// ≤ the row's squared distance to every other code.
+    pub others: Vec<f64>,
+}
+
+/// [`search`] at `precision`, also returning the [`LowerBounds`] its scores imply.
+pub fn search_with_bounds(
+    x: MatRef<'_>,
+    codebook: MatRef<'_>,
+    metric: Metric,
+    precision: Precision,
+    candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
+) -> Result<(Assignment, LowerBounds)> {
+    validate(x, codebook)?;
+    let prepared = Prepared::new(codebook, metric);
+    let c = candidates(&prepared)?;
+    let (a, bounds) = finish_rows(x, codebook, &prepared, precision.model(), c, true);
+    Ok((a, bounds.expect("bounds asked for")))
+}
+
+/// [`finish`], and with `bounds` the [`LowerBounds`]: every score is within `score_error` of
+/// its exact value, the winner's exact score is at least the smallest computed score, and every
+/// code but the computed best scored at least the runner-up (when the recheck moved the winner
+/// off the computed best, that best is among the others).
+fn finish_rows(
+    x: MatRef<'_>,
+    codebook: MatRef<'_>,
+    prepared: &Prepared,
+    model: RoundingModel,
+    candidates: Candidates,
+    bounds: bool,
+) -> (Assignment, Option<LowerBounds>) {
     use rayon::prelude::*;
     let Candidates {
         best,
@@ -396,8 +437,16 @@ pub fn finish(
         second_score,
     } = candidates;
     let n = x.rows();
-    let mut indices = best;
+    let mut indices = best.clone();
     let mut distances = vec![0f32; n];
+    // With bounds, each row's norm is computed once for both passes below.
+    let norms: Option<Vec<f64>> = bounds.then(|| {
+        (0..n)
+            .into_par_iter()
+            .with_min_len(1024)
+            .map(|r| norm_sq_f64(x.row(r)))
+            .collect()
+    });
     let rechecked: usize = indices
         .par_iter_mut()
         .zip(distances.par_iter_mut())
@@ -405,7 +454,7 @@ pub fn finish(
         .with_min_len(1024)
         .map(|(row, (index, dist))| {
             let xr = x.row(row);
-            let x_norm_sq = norm_sq_f64(xr);
+            let x_norm_sq = norms.as_ref().map_or_else(|| norm_sq_f64(xr), |v| v[row]);
             let x_norm = match prepared.metric {
                 Metric::L2 => x_norm_sq.sqrt(),
                 Metric::Cosine => 1.0,
@@ -435,57 +484,37 @@ pub fn finish(
             }
         })
         .sum();
-    Assignment {
+    let bounds = norms.map(|norms| {
+        let lower = |v: f64| if v.is_nan() { 0.0 } else { v.max(0.0) };
+        let (winner, others) = (0..n)
+            .into_par_iter()
+            .with_min_len(1024)
+            .map(|row| {
+                let (x_sq, x_norm) = match prepared.metric {
+                    Metric::L2 => (norms[row], norms[row].sqrt()),
+                    // s = 1 − 2 x̂·ĉ, so 2·(1 − cos) = s + 1.
+                    Metric::Cosine => (1.0, 1.0),
+                };
+                let err = prepared.score_error(x_norm, model);
+                let other = if indices[row] == best[row] {
+                    second_score[row]
+                } else {
+                    best_score[row]
+                };
+                (
+                    lower(x_sq + best_score[row] as f64 - err),
+                    lower(x_sq + other as f64 - err),
+                )
+            })
+            .unzip();
+        LowerBounds { winner, others }
+    });
+    let a = Assignment {
         indices,
         distances,
         rechecked,
-    }
-}
-
-/// [`search`], also returning for every row a lower bound on its squared distance to every
-/// code other than its winner: what the exact k-means bounds ([`crate::kmeans`]) start from.
-/// Under cosine the "squared distance" is 2·(1 − cos), which for a non-zero row is
-/// ||x̂ − ĉ||².
-pub fn search_with_runner_up(
-    x: MatRef<'_>,
-    codebook: MatRef<'_>,
-    metric: Metric,
-    precision: Precision,
-    candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
-) -> Result<(Assignment, Vec<f64>)> {
-    validate(x, codebook)?;
-    let prepared = Prepared::new(codebook, metric);
-    let c = candidates(&prepared)?;
-    let model = precision.model();
-    let best = c.best.clone();
-    let (best_score, second_score) = (c.best_score.clone(), c.second_score.clone());
-    let a = finish(x, codebook, &prepared, model, c);
-    use rayon::prelude::*;
-    let bounds = (0..x.rows())
-        .into_par_iter()
-        .with_min_len(1024)
-        .map(|row| {
-            let (x_sq, x_norm) = match metric {
-                Metric::L2 => {
-                    let sq = norm_sq_f64(x.row(row));
-                    (sq, sq.sqrt())
-                }
-                // s = 1 − 2 x̂·ĉ, so 2·(1 − cos) = s + 1.
-                Metric::Cosine => (1.0, 1.0),
-            };
-            // Every code but the computed best scored at least the runner-up's score, and every
-            // score is within `score_error` of its exact value. When the recheck moved the
-            // winner off the computed best, the computed best is among the others.
-            let other = if a.indices[row] == best[row] {
-                second_score[row]
-            } else {
-                best_score[row]
-            };
-            let lower = x_sq + other as f64 - prepared.score_error(x_norm, model);
-            if lower.is_nan() { 0.0 } else { lower.max(0.0) }
-        })
-        .collect();
-    Ok((a, bounds))
+    };
+    (a, bounds)
 }
 
 /// Exact nearest code of one row: distances in f64, the first minimum wins.

@@ -44,7 +44,7 @@ use super::{Backend, Device, PrimitiveTimes, Transfers};
 use crate::ema::{self, CodeSums, SumMode};
 use crate::error::Result;
 use crate::matrix::{MatRef, Matrix};
-use crate::nearest::{self, Assignment, Candidates, Metric, Precision, Prepared};
+use crate::nearest::{self, Assignment, Candidates, LowerBounds, Metric, Precision, Prepared};
 use crate::{gather, usage};
 use launch::{NearestInputs, NearestOut};
 
@@ -271,13 +271,13 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         out.fetch(g)
     }
 
-    fn nearest_with_runner_up(
+    fn nearest_with_bounds(
         &self,
         x: MatRef<'_>,
         codebook: MatRef<'_>,
         metric: Metric,
-    ) -> Result<(Assignment, Vec<f64>)> {
-        nearest::search_with_runner_up(x, codebook, metric, self.precision, |prepared| {
+    ) -> Result<(Assignment, LowerBounds)> {
+        nearest::search_with_bounds(x, codebook, metric, self.precision, |prepared| {
             self.candidates_with_precision(x, codebook, prepared, self.precision)
         })
     }
