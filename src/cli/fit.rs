@@ -51,11 +51,15 @@ pub struct Args {
     /// lloyd: search every row every pass (plain Lloyd; same result, slower).
     #[arg(long)]
     pub no_bounds: bool,
+    /// lloyd: codes per bound group (smaller: more distances skipped, each searched one
+    /// costing more).
+    #[arg(long, default_value_t = KMeansConfig::new(1).group_codes, value_parser = count::<usize>)]
+    pub group_codes: usize,
     /// lloyd: k-means|| sampling rounds of --init kmeans.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = Seeding::ROUNDS)]
     pub seed_rounds: usize,
     /// lloyd: rows k-means|| draws per round, as a multiple of K.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = Seeding::OVERSAMPLING)]
     pub oversampling: f64,
     /// lloyd: split the rows into this many shards, one in-process rank each: the codebook
     /// `mpirun -np S` gives, bit for bit.
@@ -149,6 +153,7 @@ fn check_mode_flags(args: &Args) -> Result<()> {
             "lloyd",
             [
                 ("--no-bounds", args.no_bounds),
+                ("--group-codes", args.group_codes != KMeansConfig::new(1).group_codes),
                 ("--shards", args.shards != 1),
             ]
             .iter()
@@ -298,7 +303,7 @@ fn run_lloyd(args: &Args, x: Matrix) -> Result<()> {
         // A given pass count runs in full (a fixed point still ends it: nothing would change).
         tolerance: if args.steps.is_some() { 0.0 } else { args.tol },
         bounds: !args.no_bounds,
-        group_codes: KMeansConfig::new(1).group_codes,
+        group_codes: args.group_codes,
         seeding,
         seed: run.seed,
     };

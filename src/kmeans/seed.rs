@@ -30,11 +30,20 @@ pub enum Seeding {
     Given(Matrix),
 }
 
+impl Seeding {
+    /// k-means|| rounds by default: 5 rounds of 0.3·K rows (about 1.5·K candidates, the cost
+    /// of 1.5 passes) gave lower errors after Lloyd than 3 of K or 3 of 0.5·K on 20,000 real
+    /// 256-D embeddings at K = 1,024, seeds 1–3 (docs/fit.md).
+    pub const ROUNDS: usize = 5;
+    /// Rows drawn per k-means|| round, as a multiple of K, by default.
+    pub const OVERSAMPLING: f64 = 0.3;
+}
+
 impl Default for Seeding {
     fn default() -> Self {
         Seeding::Parallel {
-            rounds: 3,
-            oversampling: 1.0,
+            rounds: Seeding::ROUNDS,
+            oversampling: Seeding::OVERSAMPLING,
         }
     }
 }
