@@ -138,6 +138,8 @@ pub struct NpyMatrixReader {
     cols: usize,
     dtype: NpyDtype,
     next_row: usize,
+    /// Byte offset of row 0.
+    data_start: u64,
     buf: Vec<u8>,
 }
 
@@ -251,8 +253,27 @@ impl NpyMatrixReader {
             cols,
             dtype,
             next_row: 0,
+            data_start,
             buf: Vec::new(),
         })
+    }
+
+    /// Moves to row `row` (at most [`Self::rows`]): the next chunk starts there, and the rows
+    /// before it are never read (a rank of a sharded job reads only its own rows' bytes).
+    pub fn seek_row(&mut self, row: usize) -> Result<()> {
+        if row > self.rows {
+            return Err(Error::InvalidArgument(format!(
+                "{}: row {row} is past the file's {} rows",
+                self.path.display(),
+                self.rows
+            )));
+        }
+        let at = self.data_start + (row as u64) * (self.cols * self.dtype.size()) as u64;
+        self.file
+            .seek(io::SeekFrom::Start(at))
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.next_row = row;
+        Ok(())
     }
     pub fn path(&self) -> &Path {
         &self.path
@@ -326,6 +347,37 @@ impl NpyMatrixReader {
 /// Reads a whole 2-D float32/float16 `.npy` file as an f32 matrix.
 pub fn read_matrix(path: impl AsRef<Path>) -> Result<Matrix> {
     NpyMatrixReader::open(path)?.read_rest()
+}
+
+/// Rows `rows` of a 2-D float32/float16 `.npy` file (only their bytes are read), and the
+/// file's total row count.
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("x.npy");
+/// let x = vqx::Matrix::new((0..12).map(|v| v as f32).collect(), 4, 3)?;
+/// vqx::npy::write_matrix(&path, x.as_ref())?;
+/// let (part, total) = vqx::npy::read_rows(&path, 1..3)?;
+/// assert_eq!((part.data(), total), (&x.data()[3..9], 4));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn read_rows(path: impl AsRef<Path>, rows: std::ops::Range<usize>) -> Result<(Matrix, usize)> {
+    let mut r = NpyMatrixReader::open(path)?;
+    let total = r.rows();
+    if rows.start > rows.end || rows.end > total {
+        return Err(Error::InvalidArgument(format!(
+            "{}: rows {}..{} are not within the file's {total} rows",
+            r.path().display(),
+            rows.start,
+            rows.end
+        )));
+    }
+    r.seek_row(rows.start)?;
+    let part = match r.next_chunk(rows.end - rows.start)? {
+        Some(m) if rows.end > rows.start => m,
+        _ => Matrix::zeros(0, r.cols()),
+    };
+    Ok((part, total))
 }
 
 /// Reads a 1-D int64 `.npy` file (as written by [`write_indices`]).

@@ -153,7 +153,10 @@ fn check_mode_flags(args: &Args) -> Result<()> {
             "lloyd",
             [
                 ("--no-bounds", args.no_bounds),
-                ("--group-codes", args.group_codes != KMeansConfig::new(1).group_codes),
+                (
+                    "--group-codes",
+                    args.group_codes != KMeansConfig::new(1).group_codes,
+                ),
                 ("--shards", args.shards != 1),
             ]
             .iter()
