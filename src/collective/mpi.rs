@@ -32,13 +32,14 @@ const KEPT_SCRATCH_BYTES: usize = 64 << 20;
 /// Without a launcher (`./vqx` instead of `mpirun -np N ./vqx`) MPI starts as a *singleton*: a
 /// job of one rank, which behaves as [`super::Single`] does.
 ///
-/// ```no_run
+/// ```
 /// use vqx::collective::{Collective, mpi::Mpi};
-/// // Under `mpirun -np 2`: each rank adds its partial sums to everyone else's, in rank order.
+/// // Under `mpirun -np N`, or alone as a job of one: every rank gets the sums over all ranks.
 /// let mpi = Mpi::init()?;
-/// let mut sums = [mpi.rank() as f64 + 0.5, 1.0];
+/// let mut sums = [mpi.rank() as f64, 1.0];
 /// mpi.all_reduce_sum_f64(&mut sums)?;
-/// assert_eq!(sums, [2.0, 2.0]);
+/// let n = mpi.size() as f64;
+/// assert_eq!(sums, [n * (n - 1.0) / 2.0, n]);
 /// # Ok::<(), vqx::Error>(())
 /// ```
 pub struct Mpi {
@@ -120,9 +121,11 @@ impl Mpi {
     /// gathers and broadcasts go in rounds; a smaller cap bounds the temporary receive buffer.
     /// Ranks may differ: each collective uses the smallest cap of the ranks taking part.
     ///
-    /// ```no_run
-    /// use vqx::collective::mpi::Mpi;
-    /// let mpi = Mpi::init()?.with_max_message_bytes(64 << 20)?;
+    /// ```
+    /// use vqx::collective::{Collective, mpi::Mpi};
+    /// let mpi = Mpi::init()?.with_max_message_bytes(4)?;
+    /// let parts = mpi.all_gather_bytes(b"ten bytes!")?; // in rounds of at most 4 bytes
+    /// assert_eq!(parts[mpi.rank()], b"ten bytes!");
     /// # Ok::<(), vqx::Error>(())
     /// ```
     pub fn with_max_message_bytes(mut self, bytes: usize) -> Result<Mpi> {
@@ -231,7 +234,9 @@ impl Collective for Mpi {
 
 /// Ends the whole job, naming this rank and why.
 pub(super) fn abort_world(rank: usize, cause: &str) -> ! {
-    eprintln!("vqx: rank {rank} aborts the MPI job: {cause}");
+    // One write of the whole line: ranks that abort together do not interleave mid-line.
+    let line = format!("vqx: rank {rank} aborts the MPI job: {cause}\n");
+    std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes()).ok();
     mpi::traits::Communicator::abort(&SimpleCommunicator::world(), 1)
 }
 
