@@ -200,16 +200,21 @@ mod mpi {
         ends_the_job_naming_rank_1("panic", "shard 1 is corrupt");
     }
 
+    /// As the other GPU tests: a line on stderr, a failure under `VQX_REQUIRE_GPU=1`.
+    #[cfg(feature = "nccl")]
+    fn skip(why: &str) {
+        let require = std::env::var("VQX_REQUIRE_GPU").is_ok_and(|v| v == "1");
+        assert!(!require, "VQX_REQUIRE_GPU=1 but NCCL cannot run: {why}");
+        eprintln!("skipped: nccl_collectives_where_there_are_gpus: {why}");
+    }
+
     /// Over NCCL where there is a GPU: one rank per GPU, at most 2.
     #[cfg(feature = "nccl")]
     #[test]
     fn nccl_collectives_where_there_are_gpus() {
         let status = vqx::backend::cuda::status();
         if status.device_name.is_none() {
-            eprintln!(
-                "SKIPPED: no GPU here ({}): NCCL collectives not run",
-                status.reason
-            );
+            skip(&format!("no CUDA device ({})", status.reason));
             return;
         }
         // SAFETY: only dlopens the driver library and asks it for the device count.
@@ -221,7 +226,7 @@ mod mpi {
         let (out, _) = mpirun(gpus, &["check", "nccl"], Duration::from_secs(120));
         let (stdout, stderr) = text(&out);
         if stderr.contains("libnccl not found") {
-            eprintln!("SKIPPED: a GPU but no libnccl here: NCCL collectives not run\n{stderr}");
+            skip("a GPU but no libnccl");
             return;
         }
         assert!(out.status.success(), "{stdout}\n{stderr}");

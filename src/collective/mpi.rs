@@ -48,8 +48,8 @@ pub struct Mpi {
     size: usize,
     /// Largest message this rank asks for in one MPI call (ranks agree on the smallest).
     max_message_bytes: usize,
-    /// One thread at a time in MPI: the thread level asked of MPI is only a floor of
-    /// `Serialized`, so calls from this rank's threads must not overlap. It guards the
+    /// One thread at a time in MPI: MPI may grant no more than `Serialized`, under which calls
+    /// from this rank's threads must not overlap. It guards the
     /// gathers' receive buffer, kept between calls (up to [`KEPT_SCRATCH_BYTES`]): fresh
     /// memory costs a page fault per 4 KiB, more than the copy itself.
     serial: Mutex<Vec<u8>>,
@@ -119,7 +119,8 @@ impl Mpi {
 
     /// Caps the bytes of one MPI call (default and most: 2³¹ − 1, MPI's count limit). Larger
     /// gathers and broadcasts go in rounds; a smaller cap bounds the temporary receive buffer.
-    /// Ranks may differ: each collective uses the smallest cap of the ranks taking part.
+    /// Ranks may differ: an all-gather uses the smallest cap of all ranks, a broadcast the
+    /// root's.
     ///
     /// ```
     /// use vqx::collective::{Collective, mpi::Mpi};
@@ -139,7 +140,7 @@ impl Mpi {
     }
 
     /// The ranks on this machine: (this rank's index among them, how many there are). One
-    /// GPU per local rank is the usual layout.
+    /// GPU per local rank is the usual layout. A collective: every rank calls it.
     pub fn local_rank(&self) -> (usize, usize) {
         let _serial = self.lock();
         let node = self.world.split_shared(self.rank as i32);

@@ -183,6 +183,8 @@ impl Collective for Nccl {
             .stream
             .clone_dtoh(&recv)
             .or_cuda("NCCL all-gather download")?;
+        // A copy into pageable memory has landed when it returns; waiting states it.
+        self.stream.synchronize().or_cuda("NCCL all-gather")?;
         Ok(all
             .chunks(width)
             .zip(&lens)
@@ -215,6 +217,7 @@ impl Collective for Nccl {
             .stream
             .clone_dtoh(&buf)
             .or_cuda("NCCL broadcast download")?;
+        self.stream.synchronize().or_cuda("NCCL broadcast")?;
         Ok(())
     }
 
