@@ -124,7 +124,8 @@ fn check(c: &dyn Collective) -> Result<()> {
         .iter()
         .fold(0u64, |h, v| h.rotate_left(5) ^ v.to_bits());
     say(format!(
-        "f64 all-reduce of {n} elements bit-identical to one process (element 0 = {:e}, bits checksum {checksum:#018x})",
+        "f64 all-reduce of {n} elements bit-identical to one process \
+         (element 0 = {:e}, bits checksum {checksum:#018x})",
         sums[0]
     ));
 
@@ -210,7 +211,8 @@ fn check(c: &dyn Collective) -> Result<()> {
         || format!("broadcast from rank {size} gave {err:?}"),
     )?;
     say(format!(
-        "broadcast of {} bytes from rank {root} and of 0 bytes from rank 0 delivered; rank {size} refused",
+        "broadcast of {} bytes from rank {root} and of 0 bytes from rank 0 delivered; \
+         rank {size} refused",
         sent.len()
     ));
     say("all checks passed".into());

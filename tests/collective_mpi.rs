@@ -30,7 +30,7 @@ fn info_names_the_collectives_compiled_in() {
 
 #[cfg(not(feature = "mpi"))]
 #[test]
-#[ignore = "needs the cargo feature `mpi`: cargo test --release --features mpi --test collective_mpi"]
+#[ignore = "needs --features mpi and mpirun: see the first lines of this file"]
 fn mpi_collectives_need_the_mpi_feature() {
     panic!("built without the `mpi` feature: nothing here can run");
 }
