@@ -18,6 +18,8 @@ struct Info {
     cuda: CudaStatus,
     cuda_emu: EmuInfo,
     default_backend: &'static str,
+    /// The collectives of data-parallel jobs compiled into this build.
+    collectives: Vec<&'static str>,
 }
 
 /// The emulated device: always compiled in, never chosen by `--device auto`.
@@ -43,6 +45,7 @@ pub fn run(args: Args) -> Result<()> {
             rayon_threads: rayon::current_num_threads(),
         },
         default_backend: if cuda.available { "cuda" } else { "cpu" },
+        collectives: vqx::collective::compiled(),
         cuda,
         cuda_emu: EmuInfo {
             available: EmuGpu::new().is_ok(),
@@ -96,5 +99,9 @@ pub fn run(args: Args) -> Result<()> {
         }
     );
     println!("default:      {} (--device auto)", info.default_backend);
+    println!(
+        "collectives:  {} (compiled in; mpi and nccl are the cargo features of those names)",
+        info.collectives.join(", ")
+    );
     Ok(())
 }

@@ -234,6 +234,15 @@ mod tests {
         for e in errs {
             assert!(e.unwrap_err().contains("overflows at element 0"));
         }
+        // Element 1 overflows at rank 1's term, element 0 only at rank 2's: element 0 is named.
+        let errs = run(3, |c| {
+            let mut a = [[u64::MAX - 1, u64::MAX], [1, 1], [1, 0]][c.rank()];
+            Ok(c.all_reduce_sum_u64(&mut a).map_err(|e| e.to_string()))
+        })
+        .unwrap();
+        for e in errs {
+            assert!(e.unwrap_err().contains("overflows at element 0"));
+        }
     }
 
     #[test]

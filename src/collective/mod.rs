@@ -4,7 +4,12 @@
 //! - [`Single`]: one rank, no dependency; every collective is the identity.
 //! - [`in_process::run`]: N ranks as threads of this process, so every multi-rank code path runs
 //!   in a plain `cargo test`.
-//! - MPI and NCCL (issue 12) are to come behind cargo features, on the `mpi` crate and cudarc.
+//! - [`mpi::Mpi`] (cargo feature `mpi`): one rank per process over the system MPI, launched by
+//!   `mpirun` or `srun`.
+//! - [`nccl::Nccl`] (cargo feature `nccl`, which implies `mpi`): the bytes travel between GPUs
+//!   over NCCL, one GPU per rank of a machine; set up over MPI.
+//!
+//! [`compiled`] says which of these a build has.
 //!
 //! **Determinism.** The f64 all-reduce does not use a transport's own summation (MPI's and
 //! NCCL's orders change with the algorithm and the message size, so the last bits of a sum
@@ -30,8 +35,31 @@
 //! ```
 
 pub mod in_process;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 use crate::error::{Error, Result};
+
+/// The collectives compiled into this build, by name: always `single` and `in-process`, then
+/// `mpi` and `nccl` when built with those cargo features.
+///
+/// ```
+/// let names = vqx::collective::compiled();
+/// assert_eq!(names[..2], ["single", "in-process"]);
+/// assert_eq!(names.contains(&"mpi"), cfg!(feature = "mpi"));
+/// ```
+pub fn compiled() -> Vec<&'static str> {
+    let mut names = vec!["single", "in-process"];
+    if cfg!(feature = "mpi") {
+        names.push("mpi");
+    }
+    if cfg!(feature = "nccl") {
+        names.push("nccl");
+    }
+    names
+}
 
 /// The operations a data-parallel job needs across its ranks. Every rank must call the same
 /// collectives in the same order (as with MPI); a rank that cannot must [`Collective::abort`].
@@ -87,18 +115,25 @@ fn sum_over_ranks<C: Collective + ?Sized, T: bytemuck::Pod>(
             format!("{} bytes on rank {r}", p.len()),
         ));
     }
+    // Rank by rank over the whole buffer (each element still gets ((zero + p0) + p1) + …, the
+    // rank order): a streaming loop, not a walk across every rank's vector per element.
     let width = std::mem::size_of::<T>();
-    for (i, v) in buf.iter_mut().enumerate() {
+    buf.fill(zero);
+    let mut overflow: Option<usize> = None;
+    for p in &parts {
         // Unaligned reads: gathered byte vectors carry no alignment guarantee.
-        let at = |p: &Vec<u8>| bytemuck::pod_read_unaligned(&p[width * i..width * (i + 1)]);
-        *v = parts
-            .iter()
-            .try_fold(zero, |a, p| add(a, at(p)))
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "{ty} all-reduce overflows at element {i}: the sum over ranks does not fit"
-                ))
-            })?;
+        for (i, (v, b)) in buf.iter_mut().zip(p.chunks_exact(width)).enumerate() {
+            match add(*v, bytemuck::pod_read_unaligned(b)) {
+                Some(sum) => *v = sum,
+                // The first element (by index) whose sum fails, whichever rank's term fails it.
+                None => overflow = Some(overflow.map_or(i, |o| o.min(i))),
+            }
+        }
+    }
+    if let Some(i) = overflow {
+        return Err(Error::InvalidArgument(format!(
+            "{ty} all-reduce overflows at element {i}: the sum over ranks does not fit"
+        )));
     }
     Ok(())
 }

@@ -59,7 +59,7 @@ pub fn status() -> CudaStatus {
 /// Opens the primary context of device `ordinal`, or says why not. Never panics: cudarc's
 /// `CudaContext::new` panics when libcuda is absent, so libcuda is probed first and the call
 /// is also wrapped in `catch_unwind`.
-fn open_context(ordinal: usize) -> std::result::Result<Arc<CudaContext>, String> {
+pub(crate) fn open_context(ordinal: usize) -> std::result::Result<Arc<CudaContext>, String> {
     let probe = catch_unwind(|| {
         // SAFETY: only tries to dlopen libcuda by its usual names and drops the handle; no
         // symbol of it is called.

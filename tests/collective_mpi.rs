@@ -1,0 +1,240 @@
+//! The MPI (and NCCL) collectives across real processes: `mpirun -np 2` on
+//! `examples/collective_check.rs`, which checks every collective on every rank against one
+//! process's computation, and the fault paths (a rank that aborts or panics ends the job).
+//!
+//! Needs the cargo feature `mpi` and an MPI with `mpirun` (`.ci/install-mpi.sh`):
+//! `cargo test --release --features mpi --test collective_mpi`. The example is built by the
+//! test itself (same profile and features), since `--test` selects no examples.
+
+/// `vqx info` names the collectives this build has: the features it was built with.
+#[test]
+fn info_names_the_collectives_compiled_in() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vqx"))
+        .arg("info")
+        .output()
+        .expect("running vqx info");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let mut want = String::from("collectives:  single, in-process");
+    for (on, name) in [
+        (cfg!(feature = "mpi"), "mpi"),
+        (cfg!(feature = "nccl"), "nccl"),
+    ] {
+        if on {
+            want += &format!(", {name}");
+        }
+    }
+    want += " (compiled in";
+    assert!(stdout.contains(&want), "no {want:?} in:\n{stdout}");
+}
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+#[ignore = "needs --features mpi and mpirun: see the first lines of this file"]
+fn mpi_collectives_need_the_mpi_feature() {
+    panic!("built without the `mpi` feature: nothing here can run");
+}
+
+#[cfg(feature = "mpi")]
+mod mpi {
+    use std::process::{Command, Output, Stdio};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    /// The example binary, built once for every test of this file.
+    fn example() -> &'static str {
+        static PATH: OnceLock<String> = OnceLock::new();
+        PATH.get_or_init(|| {
+            let features = if cfg!(feature = "nccl") {
+                "nccl"
+            } else {
+                "mpi"
+            };
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+                "build",
+                "--quiet",
+                "--example",
+                "collective_check",
+                "--features",
+                features,
+                "--message-format=json",
+            ]);
+            if !cfg!(debug_assertions) {
+                cargo.arg("--release");
+            }
+            // Cargo runs tests with build.rs's `rustc-env` values set; "none" is its word for
+            // an unset VQX_EMU_SANITIZE, which build.rs would refuse (and rebuild over).
+            if std::env::var("VQX_EMU_SANITIZE").is_ok_and(|v| v == "none") {
+                cargo.env_remove("VQX_EMU_SANITIZE");
+            }
+            let out = cargo.output().expect("running cargo");
+            assert!(
+                out.status.success(),
+                "building the example failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|m| m["target"]["name"] == "collective_check" && m["executable"].is_string())
+                .and_then(|m| m["executable"].as_str().map(String::from))
+                .expect("cargo reported no collective_check executable")
+        })
+    }
+
+    /// `mpirun -np N` on the example with `args`, killed (and failed) after `limit`.
+    fn mpirun(ranks: usize, args: &[&str], limit: Duration) -> (Output, Duration) {
+        let exe = example();
+        let start = Instant::now();
+        let mut child = Command::new("mpirun")
+            .args(["--oversubscribe", "--bind-to", "none", "-np"])
+            .arg(ranks.to_string())
+            .arg(exe)
+            .args(args)
+            // Tests often run as root in containers; OpenMPI refuses root without these.
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mpirun not found: install MPI (.ci/install-mpi.sh)");
+        loop {
+            if child.try_wait().expect("waiting for mpirun").is_some() {
+                break;
+            }
+            if start.elapsed() > limit {
+                child.kill().ok();
+                let out = child.wait_with_output().expect("mpirun output");
+                panic!(
+                    "mpirun {args:?} still running after {limit:?} (a hang):\n{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("mpirun output");
+        (out, start.elapsed())
+    }
+
+    fn text(out: &Output) -> (String, String) {
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn every_check_passes(ranks: usize, mode: &str, transport: &str) {
+        let (out, _) = mpirun(ranks, &[mode, transport], Duration::from_secs(120));
+        let (stdout, stderr) = text(&out);
+        assert!(
+            out.status.success(),
+            "{mode}: {}\n{stdout}\n{stderr}",
+            out.status
+        );
+        for r in 0..ranks {
+            assert!(
+                stdout.contains(&format!("rank {r}/{ranks}: all checks passed")),
+                "{mode}, rank {r}:\n{stdout}\n{stderr}"
+            );
+        }
+        // Every rank holds the same sums, to the bit.
+        let sums: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.contains("f64 all-reduce"))
+            .map(|l| l.split_once(": ").map_or(l, |(_, rest)| rest))
+            .collect();
+        assert_eq!(sums.len(), ranks, "{stdout}");
+        assert!(sums.iter().all(|s| *s == sums[0]), "{stdout}");
+    }
+
+    #[test]
+    fn every_collective_matches_one_process_on_two_ranks() {
+        every_check_passes(2, "check", "mpi");
+    }
+
+    #[test]
+    fn gathers_in_rounds_under_one_ranks_small_message_cap() {
+        every_check_passes(2, "check-capped", "mpi");
+    }
+
+    #[test]
+    fn three_ranks_add_in_rank_order_where_order_matters() {
+        // With 3 ranks, element 0 (1e16 + 1 + 1) differs between orders: checked bit for bit.
+        every_check_passes(3, "check", "mpi");
+    }
+
+    #[test]
+    fn one_rank_without_a_launcher_is_a_job_of_one() {
+        let out = Command::new(example())
+            .arg("check")
+            .output()
+            .expect("running the example");
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(
+            stdout.contains("rank 0/1: all checks passed"),
+            "{stdout}\n{stderr}"
+        );
+    }
+
+    fn ends_the_job_naming_rank_1(mode: &str, cause: &str) {
+        let (out, took) = mpirun(2, &[mode], Duration::from_secs(30));
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{mode}: exit 0\n{stdout}\n{stderr}");
+        assert!(
+            stderr.contains("vqx: rank 1 aborts the MPI job") && stderr.contains(cause),
+            "{mode}: no rank 1 and cause on stderr:\n{stderr}"
+        );
+        assert!(took < Duration::from_secs(30), "{mode} took {took:?}");
+    }
+
+    #[test]
+    fn a_rank_that_aborts_ends_every_rank_with_its_cause() {
+        ends_the_job_naming_rank_1("abort", "disk full while reading shard 1");
+    }
+
+    #[test]
+    fn a_rank_that_panics_ends_every_rank_with_the_panic() {
+        ends_the_job_naming_rank_1("panic", "shard 1 is corrupt");
+    }
+
+    /// As the other GPU tests: a line on stderr, a failure under `VQX_REQUIRE_GPU=1`.
+    #[cfg(feature = "nccl")]
+    fn skip(why: &str) {
+        let require = std::env::var("VQX_REQUIRE_GPU").is_ok_and(|v| v == "1");
+        assert!(!require, "VQX_REQUIRE_GPU=1 but NCCL cannot run: {why}");
+        eprintln!("skipped: nccl_collectives_where_there_are_gpus: {why}");
+    }
+
+    /// Over NCCL where there is a GPU: one rank per GPU, at most 2.
+    #[cfg(feature = "nccl")]
+    #[test]
+    fn nccl_collectives_where_there_are_gpus() {
+        let status = vqx::backend::cuda::status();
+        if status.device_name.is_none() {
+            skip(&format!("no CUDA device ({})", status.reason));
+            return;
+        }
+        // SAFETY: only dlopens the driver library and asks it for the device count.
+        let gpus = unsafe { cudarc::driver::sys::is_culib_present() }
+            .then(cudarc::driver::CudaContext::device_count)
+            .and_then(Result::ok)
+            .unwrap_or(1)
+            .clamp(1, 2) as usize;
+        let (out, _) = mpirun(gpus, &["check", "nccl"], Duration::from_secs(120));
+        let (stdout, stderr) = text(&out);
+        if stderr.contains("libnccl not found") {
+            skip("a GPU but no libnccl");
+            return;
+        }
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        for r in 0..gpus {
+            assert!(
+                stdout.contains(&format!("rank {r}/{gpus}: all checks passed")),
+                "{stdout}\n{stderr}"
+            );
+        }
+    }
+}
