@@ -85,7 +85,11 @@ mod mpi {
 
     /// `mpirun -np N` on the example with `args`, killed (and failed) after `limit`.
     fn mpirun(ranks: usize, args: &[&str], limit: Duration) -> (Output, Duration) {
-        let exe = example();
+        mpirun_on(example(), ranks, args, limit)
+    }
+
+    /// `mpirun -np N exe args`, killed (and failed) after `limit`.
+    fn mpirun_on(exe: &str, ranks: usize, args: &[&str], limit: Duration) -> (Output, Duration) {
         let start = Instant::now();
         let mut child = Command::new("mpirun")
             .args(["--oversubscribe", "--bind-to", "none", "-np"])
@@ -198,6 +202,94 @@ mod mpi {
     #[test]
     fn a_rank_that_panics_ends_every_rank_with_the_panic() {
         ends_the_job_naming_rank_1("panic", "shard 1 is corrupt");
+    }
+
+    /// The issue-12 contract on a real job: `mpirun -np 2 vqx fit` gives the checkpoint
+    /// `vqx fit --shards 2` gives, bit for bit (L2 and cosine); each rank read only its rows.
+    #[test]
+    fn mpirun_fit_equals_shards_in_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+        let (n, d) = (3001, 12);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let x: Vec<f32> = (0..n * d)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 + (i % d / 3) as f32
+            })
+            .collect();
+        let x = vqx::Matrix::new(x, n, d).unwrap();
+        vqx::npy::write_matrix(p("x.npy"), x.as_ref()).unwrap();
+        let vqx = env!("CARGO_BIN_EXE_vqx");
+        for metric in ["l2", "cosine"] {
+            let common = |out: &str| {
+                vec![
+                    "fit".to_string(),
+                    "--input".into(),
+                    p("x.npy"),
+                    "--codebook-size".into(),
+                    "40".into(),
+                    "--metric".into(),
+                    metric.into(),
+                    "--quiet".into(),
+                    "-o".into(),
+                    p(out),
+                ]
+            };
+            let args = common(&format!("mpi-{metric}.st"));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (out, _) = mpirun_on(vqx, 2, &args, Duration::from_secs(120));
+            let (stdout, stderr) = text(&out);
+            assert!(out.status.success(), "{metric}: {stdout}\n{stderr}");
+            let mut one = common(&format!("one-{metric}.st"));
+            one.extend(["--shards".to_string(), "2".to_string()]);
+            let o = Command::new(vqx).args(&one).output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let a = std::fs::read(p(&format!("mpi-{metric}.st"))).unwrap();
+            let b = std::fs::read(p(&format!("one-{metric}.st"))).unwrap();
+            assert!(
+                a == b,
+                "{metric}: mpirun -np 2 and --shards 2 checkpoints differ"
+            );
+        }
+    }
+
+    /// A NaN in rank 1's rows ends the job: non-zero, within 30 s, the rank and the rows named,
+    /// no checkpoint written.
+    #[test]
+    fn a_nan_in_one_ranks_shard_ends_the_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+        let (n, d) = (400, 4);
+        let mut x: Vec<f32> = (0..n * d).map(|i| (i % 17) as f32).collect();
+        x[350 * d + 2] = f32::NAN;
+        let x = vqx::Matrix::new(x, n, d).unwrap();
+        vqx::npy::write_matrix(p("x.npy"), x.as_ref()).unwrap();
+        let (xp, op) = (p("x.npy"), p("o.st"));
+        let args = [
+            "fit",
+            "--input",
+            &xp,
+            "--codebook-size",
+            "8",
+            "--quiet",
+            "-o",
+            &op,
+        ];
+        let (out, took) = mpirun_on(env!("CARGO_BIN_EXE_vqx"), 2, &args, Duration::from_secs(30));
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "exit 0 with a NaN: {stderr}");
+        assert!(
+            stderr.contains("rank 1 aborts the MPI job") && stderr.contains("200..400"),
+            "rank 1 and its rows not named:\n{stderr}"
+        );
+        assert!(took < Duration::from_secs(30), "took {took:?}");
+        assert!(
+            !dir.path().join("o.st").exists(),
+            "a checkpoint was written"
+        );
     }
 
     /// As the other GPU tests: a line on stderr, a failure under `VQX_REQUIRE_GPU=1`.

@@ -9,10 +9,9 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use vqx::collective::{Collective, in_process};
 use vqx::ema::EmaState;
-use vqx::kmeans::{self, KMeans, KMeansConfig, Pass, Seeding, Shard};
+use vqx::kmeans::{self, KMeans, KMeansConfig, Seeding, Shard};
 use vqx::quantizer::{CodebookLearning, QuantizerConfig, VectorQuantizer};
 use vqx::{Error, MatRef, Matrix, Result};
 
@@ -121,6 +120,10 @@ fn init_from(s: &str) -> std::result::Result<InitFrom, std::convert::Infallible>
 
 pub fn run(args: Args) -> Result<()> {
     check_mode_flags(&args)?;
+    #[cfg(feature = "mpi")]
+    if args.mode == Mode::Lloyd && launched_by_mpi() {
+        return run_lloyd_mpi(&args);
+    }
     let x = vqx::npy::read_matrix(&args.input)?;
     x.as_ref()
         .check_nonempty(&format!("input {}", args.input.display()))?;
@@ -285,8 +288,68 @@ fn run_ema(args: &Args, x: Matrix) -> Result<()> {
 }
 
 fn run_lloyd(args: &Args, x: Matrix) -> Result<()> {
-    let (n, d) = (x.rows(), x.cols());
+    let n = x.rows();
+    let x = x.as_ref();
+    if args.shards == 1 {
+        let comm = vqx::collective::Single;
+        return lloyd_job(args, &comm, Shard::whole(x));
+    }
+    if args.shards > n {
+        return Err(Error::InvalidArgument(format!(
+            "--shards {} exceeds the input's {n} rows",
+            args.shards
+        )));
+    }
+    in_process::run(args.shards, |rank| {
+        lloyd_job(args, rank, Shard::split(x, args.shards, rank.rank()))
+    })
+    .map(drop)
+}
+
+/// Whether an MPI launcher (mpirun/mpiexec of OpenMPI or MPICH, srun with PMI or PMIx) started
+/// this process: then `vqx fit` is one rank of a job.
+#[cfg(feature = "mpi")]
+fn launched_by_mpi() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+/// One rank of `mpirun -np S vqx fit`: reads only its shard's rows of the input, runs the
+/// passes with the other ranks, and rank 0 writes. An error on any rank ends the whole job
+/// (MPI_Abort) naming the rank and the cause, so no rank waits on it for ever.
+#[cfg(feature = "mpi")]
+fn run_lloyd_mpi(args: &Args) -> Result<()> {
+    let mpi = vqx::collective::mpi::Mpi::init()?;
+    let (rank, size) = (mpi.rank(), mpi.size());
+    let job = || -> Result<()> {
+        if args.shards != 1 && args.shards != size {
+            return Err(Error::InvalidArgument(format!(
+                "--shards {} in a job of {size} MPI ranks: each rank holds one shard (leave \
+                 --shards out, or give {size})",
+                args.shards
+            )));
+        }
+        let total = vqx::npy::NpyMatrixReader::open(&args.input)?.rows();
+        let range = Shard::range(total, size, rank);
+        let (x, total) = vqx::npy::read_rows(&args.input, range.clone())?;
+        lloyd_job(args, &mpi, Shard::new(x.as_ref(), range.start, total)?)
+    };
+    let out = job();
+    if let Err(e) = &out {
+        if size > 1 {
+            mpi.abort(&e.to_string());
+        }
+    }
+    out
+}
+
+/// The Lloyd passes of `vqx fit` on this rank's `shard`; rank 0 alone reports, logs and writes
+/// the checkpoint.
+fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()> {
+    let d = shard.rows().cols();
     let run = &args.run;
+    let lead = comm.rank() == 0;
     let seeding = match args
         .init
         .clone()
@@ -311,23 +374,18 @@ fn run_lloyd(args: &Args, x: Matrix) -> Result<()> {
         seed: run.seed,
     };
     // Validated before any work, as the EMA mode's quantizer does.
-    let qconfig = quantizer_config(args, d);
-    qconfig.validate()?;
+    quantizer_config(args, d).validate()?;
     let backend = vqx::backend::select(args.backend.device())?;
-    let metrics = Mutex::new(
-        args.metrics
-            .as_deref()
-            .map(MetricsLog::create)
-            .transpose()?,
-    );
+    let mut metrics = match (&args.metrics, lead) {
+        (Some(path), true) => Some(MetricsLog::create(path)?),
+        _ => None,
+    };
     let k = args.codebook_size;
-    let quiet = run.quiet;
-    // Rank 0 reports; every rank runs the same passes.
-    let report = |comm: &dyn Collective, p: &Pass| -> Result<()> {
-        if comm.rank() != 0 {
+    let fit = kmeans::fit(&*backend, comm, shard, &config, |p| {
+        if !lead {
             return Ok(());
         }
-        if !quiet {
+        if !run.quiet {
             eprintln!(
                 "pass {:>3}  error {:.6e}  used {}/{k}  reassigned {}  skipped {:.1}%{}  {:.2} s",
                 p.pass,
@@ -343,40 +401,31 @@ fn run_lloyd(args: &Args, x: Matrix) -> Result<()> {
                 p.elapsed_s
             );
         }
-        if let Some(w) = metrics.lock().expect("metrics lock").as_mut() {
+        if let Some(w) = metrics.as_mut() {
             w.write(&serde_json::to_value(p).map_err(|e| Error::internal("metrics", e))?)?;
         }
         Ok(())
-    };
-    let x = x.as_ref();
-    let fit: KMeans = if args.shards == 1 {
-        let comm = vqx::collective::Single;
-        kmeans::fit(&*backend, &comm, Shard::whole(x), &config, |p| {
-            report(&comm, p)
-        })?
-    } else {
-        if args.shards > n {
-            return Err(Error::InvalidArgument(format!(
-                "--shards {} exceeds the input's {n} rows",
-                args.shards
-            )));
-        }
-        let mut all = in_process::run(args.shards, |rank| {
-            let shard = Shard::split(x, args.shards, rank.rank());
-            kmeans::fit(&*backend, rank, shard, &config, |p| report(rank, p))
-        })?;
-        all.swap_remove(0)
-    };
-    if let Some(w) = metrics.lock().expect("metrics lock").as_mut() {
+    })?;
+    if !lead {
+        return Ok(());
+    }
+    if let Some(w) = metrics.as_mut() {
         w.flush()?;
     }
+    save_fit(args, &fit, d)?;
+    let n = shard.total();
     let passes = fit.passes.len();
     let last = fit.passes.last().expect("at least one pass");
-    save_fit(args, &fit, d)?;
+    let searched: f64 = fit.passes.iter().map(|p| p.distances as f64).sum();
     eprintln!(
-        "fit {k} codes × {d} on {n} rows: {} seeding ({} candidates) in {:.2} s, {passes} \
+        "fit {k} codes × {d} on {n} rows{}: {} seeding ({} candidates) in {:.2} s, {passes} \
          Lloyd passes on {} ({}), {:.2} s in all; last pass: error {:.6e}, used {}/{k}, \
          skipped {:.1}% of distances ({:.1}% over all passes); wrote {}",
+        if comm.size() > 1 {
+            format!(" in {} shards", comm.size())
+        } else {
+            String::new()
+        },
         fit.seeding.method,
         fit.seeding.candidates,
         fit.seeding.seconds,
@@ -390,10 +439,7 @@ fn run_lloyd(args: &Args, x: Matrix) -> Result<()> {
         last.error,
         last.used,
         100.0 * last.skipped,
-        100.0
-            * (1.0
-                - fit.passes.iter().map(|p| p.distances as f64).sum::<f64>()
-                    / (passes as f64 * n as f64 * k as f64)),
+        100.0 * (1.0 - searched / (passes as f64 * n as f64 * k as f64)),
         args.output.display()
     );
     Ok(())
