@@ -141,9 +141,9 @@ impl Bounds {
         let mut searched = n as u64;
         // Which rows must search each group.
         let mut wanted: Vec<Vec<u32>> = vec![Vec::new(); g_n];
-        for i in 0..n {
-            let u = dist_sq[i].sqrt() * (1.0 + MARGIN);
-            for (g, &l) in self.lower[i * g_n..(i + 1) * g_n].iter().enumerate() {
+        for (i, (&dsq, lower)) in dist_sq.iter().zip(self.lower.chunks(g_n)).enumerate() {
+            let u = dsq.sqrt() * (1.0 + MARGIN);
+            for (g, &l) in lower.iter().enumerate() {
                 if (l as f64) <= u {
                     wanted[g].push(i as u32);
                 }

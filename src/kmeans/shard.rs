@@ -136,6 +136,6 @@ pub(crate) fn gather_rows(comm: &dyn Collective, local: &[f32], d: usize) -> Res
                 .map(|b| f32::from_ne_bytes(b.try_into().expect("4 bytes"))),
         );
     }
-    let rows = if d == 0 { 0 } else { out.len() / d };
+    let rows = out.len().checked_div(d).unwrap_or(0);
     Matrix::new(out, rows, d)
 }
