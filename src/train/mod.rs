@@ -19,7 +19,7 @@ pub use optim::{AdamW, AdamWConfig, WarmupCosine, clip_global_norm};
 
 use crate::error::{Error, Result, setting};
 use crate::matrix::MatRef;
-use crate::model::{VqVae, VqVaeConfig};
+use crate::model::{PhaseSeconds, StepWorkspace, VqVae, VqVaeConfig};
 use crate::quantizer::{CodebookLearning, QuantizerConfig};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -150,6 +150,9 @@ pub struct StepMetrics {
     pub h2d_bytes: u64,
     /// Bytes it copied device → host.
     pub d2h_bytes: u64,
+    /// Where the step's time went, phase by phase (the CPU trainer; absent on a device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<PhaseSeconds>,
 }
 
 /// A model, its optimiser state and the data, at a step.
@@ -190,6 +193,8 @@ pub struct Trainer {
     engine: Option<Box<dyn device::DeviceEngine>>,
     /// Whether `model` and `optimizer` lag the device's state.
     stale: bool,
+    /// The CPU step's buffers and gradients, kept from step to step.
+    workspace: Option<StepWorkspace>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -259,6 +264,7 @@ impl Trainer {
             sampler,
             engine,
             stale: false,
+            workspace: None,
         })
     }
 
@@ -295,15 +301,23 @@ impl Trainer {
         let d = self.data.train.cols();
         let rows = self.sampler.indices(self.step);
         let batch = crate::quantizer::gather_rows(self.data.train.as_ref(), &rows);
-        let (out, mut grads) = self
-            .model
-            .forward_backward(MatRef::new(batch.data(), rows.len(), d)?, true)?;
+        let mut ws = match self.workspace.take() {
+            Some(ws) if ws.fits(&self.model) => ws,
+            _ => StepWorkspace::new(&self.model),
+        };
+        let out = self.model.forward_backward_with(
+            MatRef::new(batch.data(), rows.len(), d)?,
+            true,
+            &mut ws,
+        )?;
 
+        let t_opt = Instant::now();
         let lr = self.config.schedule().lr(self.step);
         let frozen = self.config.freeze_encoder;
-        let names = parameter_names(&self.model);
-        let mut codebook = self.model.quantizer.codebook().clone();
+        let decay: Vec<bool> = parameter_names(&self.model).iter().map(|n| n.2).collect();
+        let grads = &mut ws.grads;
         let learn_codebook = grads.codebook.is_some();
+        let mut codebook = learn_codebook.then(|| self.model.quantizer.codebook().clone());
         let grad_norm;
         {
             let mut g: Vec<&mut [f32]> = grads.encoder.tensors_mut();
@@ -320,19 +334,21 @@ impl Trainer {
             };
             let mut p: Vec<&mut [f32]> = self.model.encoder.tensors_mut();
             p.extend(self.model.decoder.tensors_mut());
-            if learn_codebook {
-                p.push(codebook.data_mut());
+            if let Some(c) = codebook.as_mut() {
+                p.push(c.data_mut());
             }
             let gr: Vec<&[f32]> = g.iter().map(|s| &**s).collect();
-            let decay: Vec<bool> = names.iter().map(|n| n.2).collect();
             // A frozen encoder's tensors (first in the order) stay at their initial values.
             let first = if frozen { n_enc } else { 0 };
             self.optimizer
                 .step_from(first, &mut p, &gr, &decay, lr, self.step + 1);
         }
-        if learn_codebook {
-            self.model.quantizer.set_codebook(codebook)?;
+        if let Some(c) = codebook {
+            self.model.quantizer.set_codebook(c)?;
         }
+        let mut phases = out.phases;
+        phases.optimizer = t_opt.elapsed().as_secs_f64();
+        self.workspace = Some(ws);
         self.step += 1;
         let moved = self
             .model
@@ -348,7 +364,9 @@ impl Trainer {
             stats: out.stats,
             quantizer_seconds: out.quantizer_seconds,
         };
-        Ok(self.metrics(lr, out, start, moved))
+        let mut m = self.metrics(lr, out, start, moved);
+        m.phases = Some(phases);
+        Ok(m)
     }
 
     /// One step with everything on the device: the batch's row ids go up, scalars come back.
@@ -403,6 +421,7 @@ impl Trainer {
             quantizer_seconds: out.quantizer_seconds,
             h2d_bytes: moved.h2d_bytes,
             d2h_bytes: moved.d2h_bytes,
+            phases: None,
         }
     }
 
