@@ -15,7 +15,7 @@ pub use checkpoint::{CHECKPOINT_FILE, load_model, load_trainer, save_trainer};
 pub use data::{
     BatchSampler, DataSource, Dataset, MAX_DEFAULT_EVAL_ROWS, Synthetic, default_eval_rows,
 };
-pub use optim::{AdamW, AdamWConfig, WarmupCosine, clip_global_norm};
+pub use optim::{AdamW, AdamWConfig, WarmupCosine, clip_global_norm, clip_scale, global_norm};
 
 use crate::error::{Error, Result, setting};
 use crate::matrix::MatRef;
@@ -326,22 +326,20 @@ impl Trainer {
             if let Some(c) = grads.codebook.as_mut() {
                 g.push(c.data_mut());
             }
-            // A frozen encoder's gradient takes no part in the norm (it is not applied).
-            grad_norm = if frozen {
-                clip_global_norm(&mut g[n_enc..], self.config.clip)
-            } else {
-                clip_global_norm(&mut g, self.config.clip)
-            };
+            // A frozen encoder's tensors (first in the order) keep their initial values, and
+            // their gradient takes no part in the norm.
+            let first = if frozen { n_enc } else { 0 };
+            let gr: Vec<&[f32]> = g.iter().map(|s| &**s).collect();
+            grad_norm = global_norm(&gr[first..]);
+            // Clipping is applied inside the update (the same values as clip_global_norm's).
+            let scale = clip_scale(grad_norm, self.config.clip);
             let mut p: Vec<&mut [f32]> = self.model.encoder.tensors_mut();
             p.extend(self.model.decoder.tensors_mut());
             if let Some(c) = codebook.as_mut() {
                 p.push(c.data_mut());
             }
-            let gr: Vec<&[f32]> = g.iter().map(|s| &**s).collect();
-            // A frozen encoder's tensors (first in the order) stay at their initial values.
-            let first = if frozen { n_enc } else { 0 };
             self.optimizer
-                .step_from(first, &mut p, &gr, &decay, lr, self.step + 1);
+                .step_scaled(first, &mut p, &gr, &decay, lr, self.step + 1, scale);
         }
         if let Some(c) = codebook {
             self.model.quantizer.set_codebook(c)?;
