@@ -1,9 +1,21 @@
 //! Fully connected layer y = x·Wᵀ + b, with W stored out×in as PyTorch's `nn.Linear` does.
 
 use super::matmul::matmul;
+use super::simd::multiversion;
 use crate::matrix::{MatRef, Matrix};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+
+multiversion! {
+    /// sums[j] += Σ_r rows[r][j] in f64, rows in order (vectorised across the columns).
+    fn column_sums(rows: &[f32], sums: &mut [f64]) {
+        for row in rows.chunks_exact(sums.len()) {
+            for (s, &v) in sums.iter_mut().zip(row) {
+                *s += v as f64;
+            }
+        }
+    }
+}
 
 /// A linear layer (`in → out`).
 ///
@@ -111,11 +123,7 @@ impl Linear {
         // Column sums in f64, in row order: deterministic and accurate for large batches.
         let o = self.outputs();
         let mut sums = vec![0.0f64; o];
-        for r in 0..dy.rows() {
-            for (s, &v) in sums.iter_mut().zip(dy.row(r)) {
-                *s += v as f64;
-            }
-        }
+        column_sums(dy.data(), &mut sums);
         for (b, s) in grad.bias.iter_mut().zip(sums) {
             *b = if accumulate {
                 (*b as f64 + s) as f32
