@@ -314,3 +314,67 @@ impl Mlp {
         input_grad.then(|| cache.input_grads[0].as_ref())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn batch(rng: &mut ChaCha8Rng, n: usize, d: usize) -> Matrix {
+        Matrix::new((0..n * d).map(|_| rng.gen_range(-2.0..2.0)).collect(), n, d).unwrap()
+    }
+
+    #[test]
+    fn reused_buffers_give_the_fresh_pass_bit_for_bit() {
+        for (layer_norm, act) in [(false, Activation::Gelu), (true, Activation::Relu)] {
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            let mlp = Mlp::new(5, &[16, 12], 3, act, layer_norm, &mut rng);
+            let mut cache = MlpCache::default();
+            // A dirty gradient: backward_with overwrites it.
+            let mut grad = mlp.zeros_like();
+            for t in grad.tensors_mut() {
+                t.fill(9.0);
+            }
+            for step in 0..3 {
+                let x = batch(&mut rng, 11, 5);
+                let dy = batch(&mut rng, 11, 3);
+                let (want_y, fresh) = mlp.forward(x.as_ref());
+                let got_y = mlp.forward_with(x.as_ref(), &mut cache).to_owned();
+                assert_eq!(got_y, want_y, "step {step}: output");
+                let mut want_grad = mlp.zeros_like();
+                let want_dx = mlp.backward(&fresh, dy.as_ref(), &mut want_grad);
+                let got_dx = mlp
+                    .backward_with(&mut cache, dy.as_ref(), &mut grad, true)
+                    .unwrap()
+                    .to_owned();
+                assert_eq!(got_dx, want_dx, "step {step}: dx");
+                assert_eq!(grad, want_grad, "step {step}: parameter gradients");
+                // Without the input's gradient: the same parameter gradients.
+                mlp.forward_with(x.as_ref(), &mut cache);
+                assert!(
+                    mlp.backward_with(&mut cache, dy.as_ref(), &mut grad, false)
+                        .is_none()
+                );
+                assert_eq!(grad, want_grad, "step {step}: no dx");
+            }
+        }
+    }
+
+    #[test]
+    fn backward_adds_to_the_gradient() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mlp = Mlp::new(4, &[6], 2, Activation::Gelu, true, &mut rng);
+        let (x, dy) = (batch(&mut rng, 5, 4), batch(&mut rng, 5, 2));
+        let (_, cache) = mlp.forward(x.as_ref());
+        let mut once = mlp.zeros_like();
+        mlp.backward(&cache, dy.as_ref(), &mut once);
+        let mut twice = mlp.zeros_like();
+        mlp.backward(&cache, dy.as_ref(), &mut twice);
+        mlp.backward(&cache, dy.as_ref(), &mut twice);
+        for (a, b) in once.tensors().iter().zip(twice.tensors()) {
+            for (&u, &v) in a.2.iter().zip(b.2) {
+                assert!((2.0 * u - v).abs() <= 1e-5 * v.abs().max(1e-3), "{}", a.0);
+            }
+        }
+    }
+}

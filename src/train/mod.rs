@@ -193,8 +193,9 @@ pub struct Trainer {
     engine: Option<Box<dyn device::DeviceEngine>>,
     /// Whether `model` and `optimizer` lag the device's state.
     stale: bool,
-    /// The CPU step's buffers and gradients, kept from step to step.
-    workspace: Option<StepWorkspace>,
+    /// The CPU step's buffers and gradients, kept from step to step, and which of the
+    /// parameter tensors take weight decay.
+    workspace: Option<(StepWorkspace, Vec<bool>)>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -223,6 +224,13 @@ pub(crate) fn parameter_names(model: &VqVae) -> Vec<(String, usize, bool)> {
         ));
     }
     out
+}
+
+/// How many tensors [`parameter_names`] lists, without building the names.
+fn tensor_count(model: &VqVae) -> usize {
+    let per_mlp = |m: &crate::model::Mlp| 2 * (m.linears.len() + m.norms.len());
+    let codebook = model.quantizer.config().learning == CodebookLearning::Gradient;
+    per_mlp(&model.encoder) + per_mlp(&model.decoder) + usize::from(codebook)
 }
 
 impl Trainer {
@@ -301,9 +309,16 @@ impl Trainer {
         let d = self.data.train.cols();
         let rows = self.sampler.indices(self.step);
         let batch = crate::quantizer::gather_rows(self.data.train.as_ref(), &rows);
-        let mut ws = match self.workspace.take() {
-            Some(ws) if ws.fits(&self.model) => ws,
-            _ => StepWorkspace::new(&self.model),
+        let (mut ws, decay) = match self.workspace.take() {
+            Some((ws, decay))
+                if ws.fits(&self.model) && decay.len() == tensor_count(&self.model) =>
+            {
+                (ws, decay)
+            }
+            _ => (
+                StepWorkspace::new(&self.model),
+                parameter_names(&self.model).iter().map(|n| n.2).collect(),
+            ),
         };
         let out = self.model.forward_backward_with(
             MatRef::new(batch.data(), rows.len(), d)?,
@@ -314,7 +329,6 @@ impl Trainer {
         let t_opt = Instant::now();
         let lr = self.config.schedule().lr(self.step);
         let frozen = self.config.freeze_encoder;
-        let decay: Vec<bool> = parameter_names(&self.model).iter().map(|n| n.2).collect();
         let grads = &mut ws.grads;
         let learn_codebook = grads.codebook.is_some();
         let mut codebook = learn_codebook.then(|| self.model.quantizer.codebook().clone());
@@ -346,7 +360,7 @@ impl Trainer {
         }
         let mut phases = out.phases;
         phases.optimizer = t_opt.elapsed().as_secs_f64();
-        self.workspace = Some(ws);
+        self.workspace = Some((ws, decay));
         self.step += 1;
         let moved = self
             .model
