@@ -1,9 +1,9 @@
 // mlp.cu — the element-wise and row-wise parts of the VQ-VAE's MLP layers (src/model/) on the
 // device: everything of Mlp::forward / Mlp::backward but the matrix products (a GEMM's job).
 // Bit-identical to the CPU code (same operations in the same order, no contraction into fma:
-// every f32/f64 product and sum is an explicit __fmul_rn/__fadd_rn/__dmul_rn/__dadd_rn), except
-// tanhf, which is the C library's on the emulated device (glibc's, as Rust's f32::tanh on Linux)
-// and CUDA's (within 2 ulp) on a GPU. Matrices are row-major f32.
+// every f32/f64 product and sum is an explicit __fmul_rn/__fadd_rn/__dmul_rn/__dadd_rn), tanh
+// included: vqx_tanh repeats src/model/activation.rs's `tanh` operation for operation (no libm),
+// so the activations agree bit for bit on a GPU too. Matrices are row-major f32.
 //
 // bias_rows_f32 — y[r][j] = bias[j] for the n × o output of a linear layer, before the GEMM
 //   accumulates x·Wᵀ into it (Linear::forward). Grid-stride over n·o, block = GRID_STRIDE_THREADS.
@@ -52,11 +52,47 @@
 #define GELU_S 0.7978846f
 #define GELU_C 0.044715f
 
+// src/model/activation.rs's tanh: below |x| = 0.55 the odd Taylor series through x^17, above it
+// 1 - 2/(e^{2|x|} + 1) with e^y = 2^n·e^r (n = round(y/ln2) by the 1.5·2^23 trick, r = y - n·ln2
+// in two parts, e^r's Taylor polynomial through r^7, 2^n from n's bits). Both branches are
+// evaluated, as in the vectorised CPU loop; the constants are the same f32 values.
+static __device__ __forceinline__ float vqx_tanh(float x)
+{
+    if (x != x) return x;
+    const float a = fabsf(x);
+    const float s = __fmul_rn(a, a);
+    float p = 0.0005900274f;
+    p = __fadd_rn(__fmul_rn(p, s), -0.0014558344f);
+    p = __fadd_rn(__fmul_rn(p, s), 0.003592128f);
+    p = __fadd_rn(__fmul_rn(p, s), -0.008863236f);
+    p = __fadd_rn(__fmul_rn(p, s), 0.021869488f);
+    p = __fadd_rn(__fmul_rn(p, s), -0.053968254f);
+    p = __fadd_rn(__fmul_rn(p, s), 0.13333334f);
+    p = __fadd_rn(__fmul_rn(p, s), -0.33333334f);
+    const float series = __fadd_rn(a, __fmul_rn(a, __fmul_rn(s, p)));
+    const float y = fminf(__fadd_rn(a, a), 20.0f);
+    const float k = __fadd_rn(__fmul_rn(y, 1.442695f), 12582912.0f);
+    const float n = __fsub_rn(k, 12582912.0f);
+    const float r = __fsub_rn(__fsub_rn(y, __fmul_rn(n, 0.693359375f)), __fmul_rn(n, -0.00021219444f));
+    float e = 0.0001984127f;
+    e = __fadd_rn(__fmul_rn(e, r), 0.0013888889f);
+    e = __fadd_rn(__fmul_rn(e, r), 0.008333334f);
+    e = __fadd_rn(__fmul_rn(e, r), 0.041666668f);
+    e = __fadd_rn(__fmul_rn(e, r), 0.16666667f);
+    e = __fadd_rn(__fmul_rn(e, r), 0.5f);
+    e = __fadd_rn(__fmul_rn(e, r), 1.0f);
+    e = __fadd_rn(__fmul_rn(e, r), 1.0f);
+    const float two_n = __uint_as_float((__float_as_uint(k) + 127u) << 23);
+    const float big = __fsub_rn(1.0f, __fdiv_rn(2.0f, __fadd_rn(__fmul_rn(e, two_n), 1.0f)));
+    const float t = a < 0.55f ? series : big;
+    return copysignf(t, x);
+}
+
 // Activation::apply for GELU.
 static __device__ __forceinline__ float gelu(float x)
 {
     const float inner = __fadd_rn(x, __fmul_rn(__fmul_rn(__fmul_rn(GELU_C, x), x), x));
-    const float t = tanhf(__fmul_rn(GELU_S, inner));
+    const float t = vqx_tanh(__fmul_rn(GELU_S, inner));
     return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, t));
 }
 
@@ -64,7 +100,7 @@ static __device__ __forceinline__ float gelu(float x)
 static __device__ __forceinline__ float gelu_derivative(float x)
 {
     const float inner = __fadd_rn(x, __fmul_rn(__fmul_rn(__fmul_rn(GELU_C, x), x), x));
-    const float t = tanhf(__fmul_rn(GELU_S, inner));
+    const float t = vqx_tanh(__fmul_rn(GELU_S, inner));
     const float c3 = __fmul_rn(3.0f, GELU_C);
     const float du = __fmul_rn(GELU_S, __fadd_rn(1.0f, __fmul_rn(__fmul_rn(c3, x), x)));
     const float a = __fmul_rn(0.5f, __fadd_rn(1.0f, t));

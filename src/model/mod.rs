@@ -8,10 +8,11 @@ mod layer_norm;
 mod linear;
 pub mod matmul;
 mod mlp;
+pub mod simd;
 mod vqvae;
 
-pub use activation::Activation;
+pub use activation::{Activation, tanh};
 pub use layer_norm::{LAYER_NORM_EPS, LayerNorm, LayerNormCache};
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpCache};
-pub use vqvae::{StepOutput, VqVae, VqVaeConfig, VqVaeGrads};
+pub use vqvae::{PhaseSeconds, StepOutput, StepWorkspace, VqVae, VqVaeConfig, VqVaeGrads};

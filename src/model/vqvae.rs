@@ -3,7 +3,7 @@
 //! codebook], where e = encoder(x), q its nearest code and z = e + sg(q − e) (SPEC §2–§3):
 //! the decoder's gradient reaches the encoder through the straight-through estimator.
 
-use super::{Activation, Mlp};
+use super::{Activation, Mlp, MlpCache};
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
 use crate::quantizer::{QuantizerConfig, StepStats, VectorQuantizer};
@@ -84,8 +84,85 @@ pub struct StepOutput {
     pub stats: StepStats,
     /// Seconds spent in the quantizer's forward and backward.
     pub quantizer_seconds: f64,
+    /// Where the pass's time went.
+    pub phases: PhaseSeconds,
     /// Indices assigned to the batch's rows.
     pub indices: Vec<u32>,
+}
+
+/// Seconds of one training step by phase (the CPU trainer fills them; `optimizer` is the
+/// trainer's: clipping + AdamW).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct PhaseSeconds {
+    pub encoder_forward: f64,
+    /// The quantizer's forward and backward (nearest codes, EMA, dead codes, commitment).
+    pub quantizer: f64,
+    pub decoder_forward: f64,
+    /// The reconstruction loss's gradient and the decoder's backward pass.
+    pub decoder_backward: f64,
+    pub encoder_backward: f64,
+    /// Gradient clipping and the AdamW update.
+    pub optimizer: f64,
+}
+
+/// The buffers of [`VqVae::forward_backward_with`], kept from step to step so that a training
+/// loop does not reallocate its activations and gradients every step.
+///
+/// ```
+/// use vqx::model::{StepWorkspace, VqVae, VqVaeConfig};
+/// use vqx::quantizer::QuantizerConfig;
+/// use vqx::{backend::Device, MatRef};
+/// let mut m = VqVae::new(
+///     VqVaeConfig::new(4, 2, vec![8]),
+///     QuantizerConfig::new(3, 2).device(Device::Cpu),
+/// )?;
+/// let x: Vec<f32> = (0..6 * 4).map(|i| (i % 5) as f32).collect();
+/// let mut ws = StepWorkspace::new(&m);
+/// for _ in 0..2 {
+///     let out = m.forward_backward_with(MatRef::new(&x, 6, 4)?, true, &mut ws)?;
+///     assert!(out.loss > 0.0);
+/// }
+/// assert!(ws.grads.encoder.linears[0].weight.data().iter().any(|&g| g != 0.0));
+/// # Ok::<(), vqx::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct StepWorkspace {
+    encoder: MlpCache,
+    decoder: MlpCache,
+    /// dL/d(decoder output).
+    dy: Vec<f32>,
+    /// The gradients of the last pass.
+    pub grads: VqVaeGrads,
+}
+
+impl StepWorkspace {
+    /// Whether the gradients are shaped like `model`'s parameters (the buffers resize
+    /// themselves; the gradients are the caller's to replace).
+    pub fn fits(&self, model: &VqVae) -> bool {
+        let same = |a: &Mlp, b: &Mlp| {
+            a.norms.len() == b.norms.len()
+                && a.linears.len() == b.linears.len()
+                && a.linears
+                    .iter()
+                    .zip(&b.linears)
+                    .all(|(x, y)| (x.inputs(), x.outputs()) == (y.inputs(), y.outputs()))
+        };
+        same(&self.grads.encoder, &model.encoder) && same(&self.grads.decoder, &model.decoder)
+    }
+
+    /// Empty buffers, and gradients shaped like `model`'s parameters.
+    pub fn new(model: &VqVae) -> Self {
+        StepWorkspace {
+            encoder: MlpCache::default(),
+            decoder: MlpCache::default(),
+            dy: Vec::new(),
+            grads: VqVaeGrads {
+                encoder: model.encoder.zeros_like(),
+                decoder: model.decoder.zeros_like(),
+                codebook: None,
+            },
+        }
+    }
 }
 
 /// A VQ-VAE with hand-written forward and backward passes.
@@ -209,59 +286,81 @@ impl VqVae {
         x: MatRef<'_>,
         train: bool,
     ) -> Result<(StepOutput, VqVaeGrads)> {
-        self.check_input(x)?;
-        let (e, enc_cache) = self.encoder.forward(x);
+        let mut ws = StepWorkspace::new(self);
+        let out = self.forward_backward_with(x, train, &mut ws)?;
+        Ok((out, ws.grads))
+    }
 
-        let t0 = Instant::now();
-        let fwd = self.quantizer.forward(e.as_ref(), None, train)?;
-        let mut quantizer_seconds = t0.elapsed().as_secs_f64();
+    /// [`Self::forward_backward`] in a workspace kept by the caller: the gradients are
+    /// written into `ws.grads`, and the intermediate values reuse its buffers.
+    pub fn forward_backward_with(
+        &mut self,
+        x: MatRef<'_>,
+        train: bool,
+        ws: &mut StepWorkspace,
+    ) -> Result<StepOutput> {
+        self.check_input(x)?;
+        let mut phases = PhaseSeconds::default();
+        let t = Instant::now();
+        let e = self.encoder.forward_with(x, &mut ws.encoder);
+        phases.encoder_forward = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let fwd = self.quantizer.forward(e, None, train)?;
+        phases.quantizer = t.elapsed().as_secs_f64();
 
         // z_st equals q in value: the decoder reads the quantized rows.
-        let (y, dec_cache) = self.decoder.forward(fwd.quantized.as_ref());
+        let t = Instant::now();
+        let y = self
+            .decoder
+            .forward_with(fwd.quantized.as_ref(), &mut ws.decoder);
+        phases.decoder_forward = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
         let (n, d) = (x.rows(), x.cols());
         let scale = 2.0 / (n as f64 * d as f64);
         let mut sq = 0.0f64;
-        let dy: Vec<f32> = y
-            .data()
-            .iter()
-            .zip(x.data())
-            .map(|(&a, &b)| {
-                let t = a as f64 - b as f64;
-                sq += t * t;
-                (scale * t) as f32
-            })
-            .collect();
+        ws.dy.clear();
+        ws.dy.extend(y.data().iter().zip(x.data()).map(|(&a, &b)| {
+            let t = a as f64 - b as f64;
+            sq += t * t;
+            (scale * t) as f32
+        }));
         let reconstruction = sq / (n as f64 * d as f64);
-        let mut decoder_grad = self.decoder.zeros_like();
         let dz = self
             .decoder
-            .backward(&dec_cache, MatRef::new(&dy, n, d)?, &mut decoder_grad);
+            .backward_with(
+                &mut ws.decoder,
+                MatRef::new(&ws.dy, n, d)?,
+                &mut ws.grads.decoder,
+                true,
+            )
+            .expect("input gradient asked for");
+        phases.decoder_backward = t.elapsed().as_secs_f64();
 
-        let t1 = Instant::now();
-        // Straight-through: dL/de = dL/dz plus the commitment term's gradient.
-        let g = self.quantizer.backward(&fwd, e.as_ref(), dz.as_ref())?;
-        quantizer_seconds += t1.elapsed().as_secs_f64();
+        let t = Instant::now();
+        // Straight-through: dL/de = dL/dz plus the commitment term's gradient. (The encoder's
+        // output is still in its cache: `e` borrowed it.)
+        let e = ws.encoder.output();
+        let g = self.quantizer.backward(&fwd, e, dz)?;
+        phases.quantizer += t.elapsed().as_secs_f64();
 
-        let mut encoder_grad = self.encoder.zeros_like();
+        let t = Instant::now();
         self.encoder
-            .backward(&enc_cache, g.x.as_ref(), &mut encoder_grad);
+            .backward_with(&mut ws.encoder, g.x.as_ref(), &mut ws.grads.encoder, false);
+        ws.grads.codebook = g.codebook;
+        phases.encoder_backward = t.elapsed().as_secs_f64();
         let (commitment, codebook) = (fwd.commitment_loss as f64, fwd.codebook_loss as f64);
-        Ok((
-            StepOutput {
-                loss: reconstruction + commitment + codebook,
-                reconstruction,
-                commitment,
-                codebook,
-                stats: fwd.stats,
-                quantizer_seconds,
-                indices: fwd.indices,
-            },
-            VqVaeGrads {
-                encoder: encoder_grad,
-                decoder: decoder_grad,
-                codebook: g.codebook,
-            },
-        ))
+        Ok(StepOutput {
+            loss: reconstruction + commitment + codebook,
+            reconstruction,
+            commitment,
+            codebook,
+            stats: fwd.stats,
+            quantizer_seconds: phases.quantizer,
+            phases,
+            indices: fwd.indices,
+        })
     }
 
     /// The encoder's output (N × code_dim).

@@ -15,11 +15,11 @@ pub use checkpoint::{CHECKPOINT_FILE, load_model, load_trainer, save_trainer};
 pub use data::{
     BatchSampler, DataSource, Dataset, MAX_DEFAULT_EVAL_ROWS, Synthetic, default_eval_rows,
 };
-pub use optim::{AdamW, AdamWConfig, WarmupCosine, clip_global_norm};
+pub use optim::{AdamW, AdamWConfig, WarmupCosine, clip_global_norm, clip_scale, global_norm};
 
 use crate::error::{Error, Result, setting};
 use crate::matrix::MatRef;
-use crate::model::{VqVae, VqVaeConfig};
+use crate::model::{PhaseSeconds, StepWorkspace, VqVae, VqVaeConfig};
 use crate::quantizer::{CodebookLearning, QuantizerConfig};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -150,6 +150,9 @@ pub struct StepMetrics {
     pub h2d_bytes: u64,
     /// Bytes it copied device → host.
     pub d2h_bytes: u64,
+    /// Where the step's time went, phase by phase (the CPU trainer; absent on a device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<PhaseSeconds>,
 }
 
 /// A model, its optimiser state and the data, at a step.
@@ -190,6 +193,9 @@ pub struct Trainer {
     engine: Option<Box<dyn device::DeviceEngine>>,
     /// Whether `model` and `optimizer` lag the device's state.
     stale: bool,
+    /// The CPU step's buffers and gradients, kept from step to step, and which of the
+    /// parameter tensors take weight decay.
+    workspace: Option<(StepWorkspace, Vec<bool>)>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -218,6 +224,13 @@ pub(crate) fn parameter_names(model: &VqVae) -> Vec<(String, usize, bool)> {
         ));
     }
     out
+}
+
+/// How many tensors [`parameter_names`] lists, without building the names.
+fn tensor_count(model: &VqVae) -> usize {
+    let per_mlp = |m: &crate::model::Mlp| 2 * (m.linears.len() + m.norms.len());
+    let codebook = model.quantizer.config().learning == CodebookLearning::Gradient;
+    per_mlp(&model.encoder) + per_mlp(&model.decoder) + usize::from(codebook)
 }
 
 impl Trainer {
@@ -259,6 +272,7 @@ impl Trainer {
             sampler,
             engine,
             stale: false,
+            workspace: None,
         })
     }
 
@@ -295,15 +309,29 @@ impl Trainer {
         let d = self.data.train.cols();
         let rows = self.sampler.indices(self.step);
         let batch = crate::quantizer::gather_rows(self.data.train.as_ref(), &rows);
-        let (out, mut grads) = self
-            .model
-            .forward_backward(MatRef::new(batch.data(), rows.len(), d)?, true)?;
+        let (mut ws, decay) = match self.workspace.take() {
+            Some((ws, decay))
+                if ws.fits(&self.model) && decay.len() == tensor_count(&self.model) =>
+            {
+                (ws, decay)
+            }
+            _ => (
+                StepWorkspace::new(&self.model),
+                parameter_names(&self.model).iter().map(|n| n.2).collect(),
+            ),
+        };
+        let out = self.model.forward_backward_with(
+            MatRef::new(batch.data(), rows.len(), d)?,
+            true,
+            &mut ws,
+        )?;
 
+        let t_opt = Instant::now();
         let lr = self.config.schedule().lr(self.step);
         let frozen = self.config.freeze_encoder;
-        let names = parameter_names(&self.model);
-        let mut codebook = self.model.quantizer.codebook().clone();
+        let grads = &mut ws.grads;
         let learn_codebook = grads.codebook.is_some();
+        let mut codebook = learn_codebook.then(|| self.model.quantizer.codebook().clone());
         let grad_norm;
         {
             let mut g: Vec<&mut [f32]> = grads.encoder.tensors_mut();
@@ -312,27 +340,27 @@ impl Trainer {
             if let Some(c) = grads.codebook.as_mut() {
                 g.push(c.data_mut());
             }
-            // A frozen encoder's gradient takes no part in the norm (it is not applied).
-            grad_norm = if frozen {
-                clip_global_norm(&mut g[n_enc..], self.config.clip)
-            } else {
-                clip_global_norm(&mut g, self.config.clip)
-            };
+            // A frozen encoder's tensors (first in the order) keep their initial values, and
+            // their gradient takes no part in the norm.
+            let first = if frozen { n_enc } else { 0 };
+            let gr: Vec<&[f32]> = g.iter().map(|s| &**s).collect();
+            grad_norm = global_norm(&gr[first..]);
+            // Clipping is applied inside the update (the same values as clip_global_norm's).
+            let scale = clip_scale(grad_norm, self.config.clip);
             let mut p: Vec<&mut [f32]> = self.model.encoder.tensors_mut();
             p.extend(self.model.decoder.tensors_mut());
-            if learn_codebook {
-                p.push(codebook.data_mut());
+            if let Some(c) = codebook.as_mut() {
+                p.push(c.data_mut());
             }
-            let gr: Vec<&[f32]> = g.iter().map(|s| &**s).collect();
-            let decay: Vec<bool> = names.iter().map(|n| n.2).collect();
-            // A frozen encoder's tensors (first in the order) stay at their initial values.
-            let first = if frozen { n_enc } else { 0 };
             self.optimizer
-                .step_from(first, &mut p, &gr, &decay, lr, self.step + 1);
+                .step_scaled(first, &mut p, &gr, &decay, lr, self.step + 1, scale);
         }
-        if learn_codebook {
-            self.model.quantizer.set_codebook(codebook)?;
+        if let Some(c) = codebook {
+            self.model.quantizer.set_codebook(c)?;
         }
+        let mut phases = out.phases;
+        phases.optimizer = t_opt.elapsed().as_secs_f64();
+        self.workspace = Some((ws, decay));
         self.step += 1;
         let moved = self
             .model
@@ -348,7 +376,9 @@ impl Trainer {
             stats: out.stats,
             quantizer_seconds: out.quantizer_seconds,
         };
-        Ok(self.metrics(lr, out, start, moved))
+        let mut m = self.metrics(lr, out, start, moved);
+        m.phases = Some(phases);
+        Ok(m)
     }
 
     /// One step with everything on the device: the batch's row ids go up, scalars come back.
@@ -403,6 +433,7 @@ impl Trainer {
             quantizer_seconds: out.quantizer_seconds,
             h2d_bytes: moved.h2d_bytes,
             d2h_bytes: moved.d2h_bytes,
+            phases: None,
         }
     }
 

@@ -9,8 +9,8 @@
 //!
 //! Each launcher checks every buffer against the elements the kernel will touch (`Error::Shape`
 //! naming the buffer, never a launch on a too-small one). Results are bit-identical to the CPU
-//! code of src/model/ (tanh excepted on a real GPU: CUDA's tanhf is within 2 ulp of the C
-//! library's), which tests/device_mlp.rs checks.
+//! code of src/model/ (tanh included: kernels/mlp.cu's vqx_tanh repeats src/model's `tanh`
+//! operation for operation), which tests/device_mlp.rs checks.
 
 use super::device::{Gpu, LaunchShape};
 use super::kernels;
