@@ -336,10 +336,10 @@ fn run_lloyd_mpi(args: &Args) -> Result<()> {
         lloyd_job(args, &mpi, Shard::new(x.as_ref(), range.start, total)?)
     };
     let out = job();
-    if let Err(e) = &out {
-        if size > 1 {
-            mpi.abort(&e.to_string());
-        }
+    if let Err(e) = &out
+        && size > 1
+    {
+        mpi.abort(&e.to_string());
     }
     out
 }
