@@ -41,6 +41,8 @@ fn fit_whole(x: MatRef<'_>, cfg: &KMeansConfig) -> KMeans {
 }
 
 /// Naive Lloyd in f64: argmin of Σ(x − c)² over codes (the first minimum), means rounded once.
+/// Written with plain index loops, as the definition reads.
+#[allow(clippy::needless_range_loop)]
 fn naive_lloyd(x: MatRef<'_>, init: &Matrix, passes: usize) -> (Vec<u32>, Vec<f32>) {
     let (n, d, k) = (x.rows(), x.cols(), init.rows());
     let mut codes = init.data().to_vec();
