@@ -139,20 +139,28 @@ impl Bounds {
         super::exact_sq(x, codes, indices, dist_sq);
         // Rows plus one distance each for the tightened upper bound.
         let mut searched = n as u64;
-        // Which rows must search each group.
-        let mut wanted: Vec<Vec<u32>> = vec![Vec::new(); g_n];
-        for (i, (&dsq, lower)) in dist_sq.iter().zip(self.lower.chunks(g_n)).enumerate() {
-            let u = dsq.sqrt() * (1.0 + MARGIN);
-            for (g, &l) in lower.iter().enumerate() {
-                if (l as f64) <= u {
-                    wanted[g].push(i as u32);
-                }
-            }
-        }
+        // Which groups each row must search, as a bit mask (at most 64 groups).
+        let masks: Vec<u64> = dist_sq
+            .par_iter()
+            .zip(self.lower.par_chunks(g_n))
+            .with_min_len(1024)
+            .map(|(&dsq, lower)| {
+                let u = dsq.sqrt() * (1.0 + MARGIN);
+                lower
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &l)| (l as f64) <= u)
+                    .fold(0u64, |m, (g, _)| m | (1 << g))
+            })
+            .collect();
         let before: Vec<u32> = indices.to_vec();
         let mut rows_buf: Vec<f32> = Vec::new();
         for g in 0..g_n {
-            let rows = std::mem::take(&mut wanted[g]);
+            let rows: Vec<usize> = (0..n)
+                .into_par_iter()
+                .with_min_len(4096)
+                .filter(|&i| masks[i] >> g & 1 == 1)
+                .collect();
             if rows.is_empty() {
                 continue;
             }
@@ -162,34 +170,59 @@ impl Bounds {
                 group_codes.extend_from_slice(codes.row(j as usize));
             }
             let group_codes = Matrix::new(group_codes, members.len(), d)?;
-            rows_buf.clear();
-            for &i in &rows {
-                rows_buf.extend_from_slice(x.row(i as usize));
-            }
+            rows_buf.resize(rows.len() * d, 0.0);
+            rows_buf
+                .par_chunks_mut(d.max(1))
+                .zip(rows.par_iter())
+                .with_min_len(256)
+                .for_each(|(out, &i)| out.copy_from_slice(x.row(i)));
             let sub = MatRef::new(&rows_buf, rows.len(), d)?;
             let (a, lb) = backend.nearest_with_bounds(sub, group_codes.as_ref(), Metric::L2)?;
             searched += (rows.len() * members.len()) as u64;
-            for (t, &i) in rows.iter().enumerate() {
-                let i = i as usize;
+            // What the group's search means for each row (in parallel: the exact distances),
+            // then applied in row order.
+            let (dist_now, idx_now): (&[f64], &[u32]) = (dist_sq, indices);
+            let outcomes: Vec<Outcome> = rows
+                .par_iter()
+                .enumerate()
+                .with_min_len(256)
+                .map(|(t, &i)| {
+                    if lb.winner[t] > dist_now[i] * (1.0 + MARGIN) {
+                        // No code of the group comes near the best so far.
+                        return Outcome::Bound(down(lb.winner[t].sqrt() * (1.0 - MARGIN)));
+                    }
+                    let b = members[a.indices[t] as usize];
+                    let db = exact_distance(x.row(i), codes.row(b as usize), Metric::L2);
+                    let others = down(lb.others[t].sqrt() * (1.0 - MARGIN));
+                    if (db, b) < (dist_now[i], idx_now[i]) {
+                        Outcome::Wins {
+                            code: b,
+                            dist_sq: db,
+                            others,
+                        }
+                    } else if b == idx_now[i] {
+                        Outcome::Bound(others)
+                    } else {
+                        Outcome::Bound(down(db.sqrt() * (1.0 - MARGIN)))
+                    }
+                })
+                .collect();
+            for (&i, o) in rows.iter().zip(outcomes) {
                 let lower = &mut self.lower[i * g_n..(i + 1) * g_n];
-                if lb.winner[t] > dist_sq[i] * (1.0 + MARGIN) {
-                    // No code of the group comes near the best so far: only its bound moves.
-                    lower[g] = down(lb.winner[t].sqrt() * (1.0 - MARGIN));
-                    continue;
-                }
-                let b = members[a.indices[t] as usize];
-                let db = exact_distance(x.row(i), codes.row(b as usize), Metric::L2);
-                if (db, b) < (dist_sq[i], indices[i]) {
-                    // The previous best joins its group's others.
-                    let pg = self.group_of[indices[i] as usize] as usize;
-                    lower[pg] = lower[pg].min(down(dist_sq[i].sqrt() * (1.0 - MARGIN)));
-                    indices[i] = b;
-                    dist_sq[i] = db;
-                    lower[g] = down(lb.others[t].sqrt() * (1.0 - MARGIN));
-                } else if b == indices[i] {
-                    lower[g] = down(lb.others[t].sqrt() * (1.0 - MARGIN));
-                } else {
-                    lower[g] = down(db.sqrt() * (1.0 - MARGIN));
+                match o {
+                    Outcome::Bound(v) => lower[g] = v,
+                    Outcome::Wins {
+                        code,
+                        dist_sq: db,
+                        others,
+                    } => {
+                        // The previous best joins its group's others.
+                        let pg = self.group_of[indices[i] as usize] as usize;
+                        lower[pg] = lower[pg].min(down(dist_sq[i].sqrt() * (1.0 - MARGIN)));
+                        indices[i] = code;
+                        dist_sq[i] = db;
+                        lower[g] = others;
+                    }
                 }
             }
         }
@@ -204,6 +237,18 @@ impl Bounds {
         };
         Ok((searched, changed))
     }
+}
+
+/// A searched group's verdict on one row.
+enum Outcome {
+    /// The row keeps its code; the group's bound becomes this.
+    Bound(f32),
+    /// The group's winner beats the row's best so far.
+    Wins {
+        code: u32,
+        dist_sq: f64,
+        others: f32,
+    },
 }
 
 /// The largest f32 not above `v` (a bound stays a bound when stored in f32).
