@@ -196,6 +196,8 @@ def main():
                     err = float(nearest_sq_dist(xs, c).mean())
                     runs[eng].append(dict(round=r, seconds=wall, error=err, **extra))
                     print(f"  K={k} round {r} {eng:5}: {wall:8.2f} s, error {err:.6f}", flush=True)
+                    # Written after every run, so a run cut short still leaves its numbers.
+                    save(args.json, info, results + [dict(k=k, runs=runs, partial=True)])
             row = dict(k=k, runs=runs)
             for eng in ("faiss", "vqx"):
                 row[f"{eng}_seconds"] = statistics.median(u["seconds"] for u in runs[eng])
@@ -212,10 +214,15 @@ def main():
         print(f"{r['k']:>5} {r['vqx_error']:10.5f} {r['faiss_error']:11.5f} {r['error_ratio']:9.4f} "
               f"{r['vqx_seconds']:10.2f} {r['faiss_seconds']:12.2f} {r['time_ratio']:9.3f}  "
               f"{'met' if r['meets_issue_13'] else 'not met'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(info, results=results), f, indent=2)
+    save(args.json, info, results)
     return 0
+
+
+def save(path, info, results):
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(info, results=results), f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
