@@ -89,20 +89,28 @@ def faiss_child(xpath, k, niter, seed, out):
 
 
 def run_timed(cmd, log, timeout):
-    """Wall time, CPU time and peak RSS of one child process, from spawn to exit."""
+    """Wall seconds, CPU seconds (user + sys) and peak RSS (MiB) of one child, spawn to exit.
+
+    The CPU time tells a slow run on a busy machine (wall >> CPU / cores) from a slow engine.
+    """
     with open(log, "w") as f:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            raise SystemExit(f"timed out after {timeout} s: {shlex.join(cmd)}")
+        while True:
+            # os.wait4, not p.wait: it also returns the child's own resource usage.
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - t0 > timeout:
+                p.kill()
+                os.wait4(p.pid, 0)
+                raise SystemExit(f"timed out after {timeout} s: {shlex.join(cmd)}")
+            time.sleep(0.002)
         wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"exit {p.returncode}: {shlex.join(cmd)}\n{open(log).read()[-3000:]}")
-    return wall
+    p.returncode = code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"exit {code}: {shlex.join(cmd)}\n{open(log).read()[-3000:]}")
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
 
 
 def read_codebook(path, k, d):
@@ -183,24 +191,27 @@ def main():
                         out = os.path.join(tmp, f"faiss-{k}-{r}.npy")
                         cmd = [sys.executable, os.path.abspath(__file__), "--faiss-child",
                                xpath, str(k), str(args.niter), out]
-                        wall = run_timed(cmd, out + ".log", args.timeout)
+                        wall, cpu, rss = run_timed(cmd, out + ".log", args.timeout)
                         c = np.load(out)
                         extra = json.load(open(out + ".json"))
                     else:
                         out = os.path.join(tmp, f"vqx-{k}-{r}.safetensors")
                         cmd = [vqx, "fit", "--input", xpath, "--codebook-size", str(k),
                                "--output", out, *vqx_args]
-                        wall = run_timed(cmd, out + ".log", args.timeout)
+                        wall, cpu, rss = run_timed(cmd, out + ".log", args.timeout)
                         c = read_codebook(out, k, d)
                         extra = dict(log=open(out + ".log").read().strip()[-400:])
                     err = float(nearest_sq_dist(xs, c).mean())
-                    runs[eng].append(dict(round=r, seconds=wall, error=err, **extra))
-                    print(f"  K={k} round {r} {eng:5}: {wall:8.2f} s, error {err:.6f}", flush=True)
+                    runs[eng].append(dict(round=r, seconds=wall, cpu_seconds=cpu, max_rss_mib=rss,
+                                          error=err, **extra))
+                    print(f"  K={k} round {r} {eng:5}: {wall:8.2f} s wall, {cpu:8.2f} s CPU, "
+                          f"{rss:7.0f} MiB, error {err:.6f}", flush=True)
                     # Written after every run, so a run cut short still leaves its numbers.
                     save(args.json, info, results + [dict(k=k, runs=runs, partial=True)])
             row = dict(k=k, runs=runs)
             for eng in ("faiss", "vqx"):
                 row[f"{eng}_seconds"] = statistics.median(u["seconds"] for u in runs[eng])
+                row[f"{eng}_cpu_seconds"] = statistics.median(u["cpu_seconds"] for u in runs[eng])
                 row[f"{eng}_error"] = statistics.median(u["error"] for u in runs[eng])
             row["error_ratio"] = row["vqx_error"] / row["faiss_error"]
             row["time_ratio"] = row["vqx_seconds"] / row["faiss_seconds"]
