@@ -89,9 +89,10 @@ def faiss_child(xpath, k, niter, seed, out):
 
 
 def run_timed(cmd, log, timeout):
-    """Wall seconds, CPU seconds (user + sys) and peak RSS (MiB) of one child, spawn to exit.
+    """Wall seconds and CPU seconds (user + sys) of one child process, from spawn to exit.
 
     The CPU time tells a slow run on a busy machine (wall >> CPU / cores) from a slow engine.
+    (Its ru_maxrss is not reported: Linux carries the forking parent's peak across exec.)
     """
     with open(log, "w") as f:
         t0 = time.perf_counter()
@@ -110,7 +111,7 @@ def run_timed(cmd, log, timeout):
     p.returncode = code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"exit {code}: {shlex.join(cmd)}\n{open(log).read()[-3000:]}")
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
+    return wall, ru.ru_utime + ru.ru_stime
 
 
 def read_codebook(path, k, d):
@@ -191,21 +192,21 @@ def main():
                         out = os.path.join(tmp, f"faiss-{k}-{r}.npy")
                         cmd = [sys.executable, os.path.abspath(__file__), "--faiss-child",
                                xpath, str(k), str(args.niter), out]
-                        wall, cpu, rss = run_timed(cmd, out + ".log", args.timeout)
+                        wall, cpu = run_timed(cmd, out + ".log", args.timeout)
                         c = np.load(out)
                         extra = json.load(open(out + ".json"))
                     else:
                         out = os.path.join(tmp, f"vqx-{k}-{r}.safetensors")
                         cmd = [vqx, "fit", "--input", xpath, "--codebook-size", str(k),
                                "--output", out, *vqx_args]
-                        wall, cpu, rss = run_timed(cmd, out + ".log", args.timeout)
+                        wall, cpu = run_timed(cmd, out + ".log", args.timeout)
                         c = read_codebook(out, k, d)
                         extra = dict(log=open(out + ".log").read().strip()[-400:])
                     err = float(nearest_sq_dist(xs, c).mean())
-                    runs[eng].append(dict(round=r, seconds=wall, cpu_seconds=cpu, max_rss_mib=rss,
-                                          error=err, **extra))
+                    runs[eng].append(dict(round=r, seconds=wall, cpu_seconds=cpu, error=err,
+                                          **extra))
                     print(f"  K={k} round {r} {eng:5}: {wall:8.2f} s wall, {cpu:8.2f} s CPU, "
-                          f"{rss:7.0f} MiB, error {err:.6f}", flush=True)
+                          f"error {err:.6f}", flush=True)
                     # Written after every run, so a run cut short still leaves its numbers.
                     save(args.json, info, results + [dict(k=k, runs=runs, partial=True)])
             row = dict(k=k, runs=runs)
