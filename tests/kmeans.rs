@@ -463,3 +463,48 @@ fn cli_fit_lloyd_reports_passes_stops_and_shards_deterministically() {
         stderr(&o)
     );
 }
+
+/// A rank whose statistics differ (here: a collective that adds a little to rank 1's sums)
+/// computes other codes; the periodic codebook check ends the job naming it, on every rank.
+#[test]
+fn ranks_whose_codebooks_differ_are_stopped() {
+    use vqx::collective::Collective;
+    struct Skewed<'a>(&'a in_process::Rank);
+    impl Collective for Skewed<'_> {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn size(&self) -> usize {
+            self.0.size()
+        }
+        fn all_gather_bytes(&self, local: &[u8]) -> vqx::Result<Vec<Vec<u8>>> {
+            self.0.all_gather_bytes(local)
+        }
+        fn broadcast_bytes(&self, root: usize, data: &mut Vec<u8>) -> vqx::Result<()> {
+            self.0.broadcast_bytes(root, data)
+        }
+        fn abort(&self, cause: &str) {
+            self.0.abort(cause)
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> vqx::Result<()> {
+            self.0.all_reduce_sum_f64(buf)?;
+            if self.rank() == 1 && buf.len() > 1 {
+                buf[0] += 1e-3;
+            }
+            Ok(())
+        }
+    }
+    let (x, _) = clustered_case(600, 5, 12, 3);
+    let cfg = KMeansConfig {
+        tolerance: 0.0,
+        max_passes: 8,
+        ..KMeansConfig::new(12)
+    };
+    let err = in_process::run(2, |rank| {
+        let shard = Shard::split(x.as_ref(), 2, rank.rank());
+        kmeans::fit(&CpuBackend::new(), &Skewed(rank), shard, &cfg, |_| Ok(()))
+    })
+    .unwrap_err()
+    .to_string();
+    assert_mentions(&err, &["rank 1", "differs from rank 0"]);
+}

@@ -140,6 +140,32 @@ pub struct KMeans {
     pub stop: Stop,
 }
 
+/// Passes between two checks that every rank holds the same codebook.
+const CHECK_EVERY: usize = 4;
+
+/// Every rank's codebook hashed and compared: ranks that computed different codes (a bug, or
+/// different binaries or inputs on different machines) end the job with a clear error instead
+/// of writing a codebook that depends on the rank.
+fn check_same_codes(comm: &dyn Collective, codes: MatRef<'_>, pass: usize) -> Result<()> {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher::new() has fixed keys: the same hash in every process of one build.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for v in codes.data() {
+        v.to_bits().hash(&mut h);
+    }
+    let parts = comm.all_gather_bytes(&h.finish().to_le_bytes())?;
+    if let Some(r) = parts.iter().position(|p| *p != parts[0]) {
+        return Err(Error::internal(
+            "k-means",
+            format!(
+                "after pass {pass} rank {r}'s codebook differs from rank 0's: the ranks no \
+                 longer compute the same codes (different vqx builds or inputs on the ranks?)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Relative margin that covers the f64 rounding of the bounds and distances (≤ (D + 2)·2^-53
 /// per quantity, far below this for any D an f32 index can reach).
 const MARGIN: f64 = 1e-10;
@@ -264,6 +290,9 @@ pub fn fit(
             }
             codes = next;
         }
+        if comm.size() > 1 && pass % CHECK_EVERY == 0 {
+            check_same_codes(comm, codes.as_ref(), pass)?;
+        }
         let report = Pass {
             pass,
             error,
@@ -287,6 +316,10 @@ pub fn fit(
                 break;
             }
         }
+    }
+    // And once more at the end: the codebook every rank returns is the same.
+    if comm.size() > 1 {
+        check_same_codes(comm, codes.as_ref(), passes.len())?;
     }
     Ok(KMeans {
         codebook: codes,
