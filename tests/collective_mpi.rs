@@ -256,6 +256,98 @@ mod mpi {
         }
     }
 
+    /// A rank killed with SIGKILL (no chance to abort) ends the job: the launcher sees it die and
+    /// ends the others; mpirun exits non-zero within 30 s and no checkpoint is written.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_rank_killed_with_sigkill_ends_the_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+        // Long enough to be killed mid-fit: 300 plain passes over 40,000 × 32 rows, K = 1,024.
+        let (n, d) = (40_000, 32);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let x: Vec<f32> = (0..n * d)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32
+            })
+            .collect();
+        vqx::npy::write_matrix(p("x.npy"), vqx::Matrix::new(x, n, d).unwrap().as_ref()).unwrap();
+        let (xp, op) = (p("x.npy"), p("killed.st"));
+        #[rustfmt::skip]
+        let args = ["fit", "--input", &xp, "--codebook-size", "1024", "--init", "data",
+            "--no-bounds", "--tol", "0", "--max-passes", "300", "--quiet", "-o", &op];
+        let start = Instant::now();
+        let mut child = Command::new("mpirun")
+            .args(["--oversubscribe", "--bind-to", "none", "-np", "2"])
+            .arg(env!("CARGO_BIN_EXE_vqx"))
+            .args(args)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mpirun not found: install MPI (.ci/install-mpi.sh)");
+        // Rank 1: the vqx process writing our output whose environment says so.
+        let rank1 = || -> Option<u32> {
+            std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let env = std::fs::read(e.path().join("environ")).ok()?;
+                let has =
+                    |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+                (has(&cmd, op.as_bytes()) && has(&env, b"OMPI_COMM_WORLD_RANK=1\0")).then_some(pid)
+            })
+        };
+        let pid = loop {
+            if let Some(pid) = rank1() {
+                break pid;
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "mpirun ended before rank 1 was seen"
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "rank 1 never started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let it get into the passes, then kill it without warning.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the fit ended before the kill"
+        );
+        let killed = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "kill -9 {pid}");
+        let at = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if at.elapsed() > Duration::from_secs(30) {
+                child.kill().ok();
+                panic!("the job still runs 30 s after rank 1 was killed");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!status.success(), "mpirun exited 0 after a rank was killed");
+        assert!(
+            !dir.path().join("killed.st").exists(),
+            "a checkpoint was written"
+        );
+        eprintln!(
+            "rank 1 killed; the job ended {:.2} s later with {status}",
+            at.elapsed().as_secs_f64()
+        );
+    }
+
     /// A NaN in rank 1's rows ends the job: non-zero, within 30 s, the rank and the rows named,
     /// no checkpoint written.
     #[test]
