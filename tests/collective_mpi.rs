@@ -263,8 +263,10 @@ mod mpi {
     fn a_rank_killed_with_sigkill_ends_the_fit() {
         let dir = tempfile::tempdir().unwrap();
         let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
-        // Long enough to be killed mid-fit: 300 plain passes over 40,000 × 32 rows, K = 1,024.
-        let (n, d) = (40_000, 32);
+        // Long enough to be killed mid-fit: plain passes over 200,000 × 64 uniform rows, K = 2,048
+        // (alone on 2 cores: 100,000 rows took 42 passes, 6.6 s, to a fixed point; this is about
+        // twice that), killed 1 s after rank 1 starts.
+        let (n, d) = (200_000, 64);
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let x: Vec<f32> = (0..n * d)
             .map(|_| {
@@ -277,7 +279,7 @@ mod mpi {
         vqx::npy::write_matrix(p("x.npy"), vqx::Matrix::new(x, n, d).unwrap().as_ref()).unwrap();
         let (xp, op) = (p("x.npy"), p("killed.st"));
         #[rustfmt::skip]
-        let args = ["fit", "--input", &xp, "--codebook-size", "1024", "--init", "data",
+        let args = ["fit", "--input", &xp, "--codebook-size", "2048", "--init", "data",
             "--no-bounds", "--tol", "0", "--max-passes", "300", "--quiet", "-o", &op];
         let start = Instant::now();
         let mut child = Command::new("mpirun")
@@ -316,11 +318,15 @@ mod mpi {
             std::thread::sleep(Duration::from_millis(20));
         };
         // Let it get into the passes, then kill it without warning.
-        std::thread::sleep(Duration::from_millis(1500));
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the fit ended before the kill"
-        );
+        std::thread::sleep(Duration::from_millis(1000));
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            let (stdout, stderr) = text(&out);
+            panic!(
+                "the fit ended before the kill ({}):\n{stdout}\n{stderr}",
+                out.status
+            );
+        }
         let killed = Command::new("kill")
             .args(["-9", &pid.to_string()])
             .status()
