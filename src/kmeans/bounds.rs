@@ -32,7 +32,7 @@ pub(crate) struct Bounds {
 
 impl Bounds {
     /// Groups of the initial `codes` (a few Lloyd passes over the codes themselves, the same
-    /// on every rank) and no bounds yet (`search` on the first pass sets them).
+    /// on every rank) and no bounds yet ([`Bounds::start`] sets them after the first pass's search).
     pub(crate) fn new(
         backend: &dyn Backend,
         codes: MatRef<'_>,
@@ -108,9 +108,19 @@ impl Bounds {
             });
     }
 
-    /// Assigns every row (the first pass: `all`) or the rows the bounds cannot settle;
-    /// `dist_sq` holds each row's exact squared distance to its code before and after.
-    /// Returns (distances computed, rows whose code changed).
+    /// Sets every group's bound of each row from a full search's runner-up bounds (`others`,
+    /// squared): weaker than per-group bounds, which searched rows then sharpen, but one
+    /// blocked call.
+    pub(crate) fn start(&mut self, others: &[f64]) {
+        self.lower
+            .par_chunks_mut(self.groups)
+            .zip(others.par_iter())
+            .for_each(|(row, &s)| row.fill(down(s.sqrt() * (1.0 - MARGIN))));
+    }
+
+    /// Assigns the rows the bounds cannot settle (after [`Bounds::start`]); `dist_sq` holds each
+    /// row's exact squared distance to its code after. Returns (distances computed, rows whose
+    /// code changed).
     pub(crate) fn assign(
         &mut self,
         backend: &dyn Backend,
@@ -118,23 +128,10 @@ impl Bounds {
         codes: MatRef<'_>,
         indices: &mut [u32],
         dist_sq: &mut [f64],
-        all: bool,
     ) -> Result<(u64, usize)> {
         let (n, d, g_n) = (x.rows(), x.cols(), self.groups);
         if n == 0 {
             return Ok((0, 0));
-        }
-        if all {
-            // One search over every code: its runner-up bound stands for every group (weaker
-            // than per-group bounds, which searched rows then sharpen, but one blocked call).
-            let (a, lb) = backend.nearest_with_bounds(x, codes, Metric::L2)?;
-            indices.copy_from_slice(&a.indices);
-            super::exact_sq(x, codes, indices, dist_sq);
-            self.lower
-                .par_chunks_mut(g_n)
-                .zip(lb.others.par_iter())
-                .for_each(|(row, &s)| row.fill(down(s.sqrt() * (1.0 - MARGIN))));
-            return Ok(((n * codes.rows()) as u64, n));
         }
         super::exact_sq(x, codes, indices, dist_sq);
         // Rows plus one distance each for the tightened upper bound.
@@ -226,16 +223,7 @@ impl Bounds {
                 }
             }
         }
-        let changed = if all {
-            n
-        } else {
-            before
-                .iter()
-                .zip(indices.iter())
-                .filter(|(a, b)| a != b)
-                .count()
-        };
-        Ok((searched, changed))
+        Ok((searched, super::changed(&before, indices)))
     }
 }
 

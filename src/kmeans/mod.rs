@@ -236,37 +236,30 @@ pub fn fit(
     let mut stop = Stop::MaxPasses;
     for pass in 1..=config.max_passes {
         let (searched, reassigned) = match bounds.as_mut() {
-            Some(b) => b.assign(
+            Some(b) if pass > 1 => {
+                b.assign(backend, x, codes.as_ref(), &mut indices, &mut dist_sq)?
+            }
+            b => assign_all(
                 backend,
                 x,
                 codes.as_ref(),
                 &mut indices,
                 &mut dist_sq,
                 pass == 1,
-            )?,
-            None => assign_all(
-                backend,
-                x,
-                codes.as_ref(),
-                &mut indices,
-                &mut dist_sq,
-                pass == 1,
+                b,
             )?,
         };
-        let (sums, local_counts) = ema::sums_f64(x, &indices, k);
-        let mut sums = sums;
+        // Two all-reduces per pass: the f64 sums with the squared error after them, the counts
+        // with the pass's two tallies after them.
+        let (mut sums, local_counts) = ema::sums_f64(x, &indices, k);
+        sums.push(dist_sq.iter().sum::<f64>());
         comm.all_reduce_sum_f64(&mut sums)?;
+        let error = sums.pop().expect("the error term") / total as f64;
         counts = local_counts.iter().map(|&c| c as u64).collect();
-        let mut ints = [reassigned as u64, searched];
-        counts.extend_from_slice(&ints);
+        counts.extend_from_slice(&[reassigned as u64, searched]);
         comm.all_reduce_sum_u64(&mut counts)?;
-        ints.copy_from_slice(&counts[k..]);
-        counts.truncate(k);
-        let mut err = [dist_sq.iter().sum::<f64>()];
-        comm.all_reduce_sum_f64(&mut err)?;
-        let error = err[0] / total as f64;
+        let (searched, reassigned) = (counts.pop().expect("tally"), counts.pop().expect("tally"));
         let used = counts.iter().filter(|&&c| c > 0).count();
-        let [reassigned, searched] = ints;
         let converged = pass > 1 && reassigned == 0 && used == k;
         let previous = passes.last().map(|p| p.error);
 
@@ -331,8 +324,9 @@ pub fn fit(
     })
 }
 
-/// Every row searched (plain Lloyd); returns (distances computed over this shard, rows whose
-/// code changed).
+/// Every row searched in one blocked call (every pass of plain Lloyd, the first with bounds,
+/// which then start from the search's runner-up bounds); returns (distances computed over this
+/// shard, rows whose code changed).
 fn assign_all(
     backend: &dyn Backend,
     x: MatRef<'_>,
@@ -340,24 +334,33 @@ fn assign_all(
     indices: &mut [u32],
     dist_sq: &mut [f64],
     first: bool,
+    bounds: Option<&mut bounds::Bounds>,
 ) -> Result<(u64, usize)> {
     let n = x.rows();
     if n == 0 {
         return Ok((0, 0));
     }
-    let a = backend.nearest(x, codes, Metric::L2)?;
+    let a = match bounds {
+        Some(b) => {
+            let (a, lb) = backend.nearest_with_bounds(x, codes, Metric::L2)?;
+            b.start(&lb.others);
+            a
+        }
+        None => backend.nearest(x, codes, Metric::L2)?,
+    };
     let changed = if first {
         n
     } else {
-        indices
-            .iter()
-            .zip(&a.indices)
-            .filter(|(o, n)| o != n)
-            .count()
+        changed(indices, &a.indices)
     };
     indices.copy_from_slice(&a.indices);
     exact_sq(x, codes, indices, dist_sq);
     Ok(((n * codes.rows()) as u64, changed))
+}
+
+/// Rows whose code differs between two assignments.
+fn changed(before: &[u32], after: &[u32]) -> usize {
+    before.iter().zip(after).filter(|(a, b)| a != b).count()
 }
 
 /// Exact squared distance of each row to its code, in f64.

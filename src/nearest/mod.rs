@@ -169,10 +169,29 @@ pub fn search_with_precision(
     precision: Precision,
     candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
 ) -> Result<Assignment> {
+    Ok(search_rows(x, codebook, metric, precision, candidates, false)?.0)
+}
+
+/// [`search_with_precision`], with the [`LowerBounds`] when `bounds` asks for them.
+fn search_rows(
+    x: MatRef<'_>,
+    codebook: MatRef<'_>,
+    metric: Metric,
+    precision: Precision,
+    candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
+    bounds: bool,
+) -> Result<(Assignment, Option<LowerBounds>)> {
     validate(x, codebook)?;
     let prepared = Prepared::new(codebook, metric);
     let c = candidates(&prepared)?;
-    Ok(finish(x, codebook, &prepared, precision.model(), c))
+    Ok(finish_rows(
+        x,
+        codebook,
+        &prepared,
+        precision.model(),
+        c,
+        bounds,
+    ))
 }
 
 /// The arithmetic the scores of `nearest` are computed in. Whatever the precision, the indices
@@ -411,10 +430,7 @@ pub fn search_with_bounds(
     precision: Precision,
     candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
 ) -> Result<(Assignment, LowerBounds)> {
-    validate(x, codebook)?;
-    let prepared = Prepared::new(codebook, metric);
-    let c = candidates(&prepared)?;
-    let (a, bounds) = finish_rows(x, codebook, &prepared, precision.model(), c, true);
+    let (a, bounds) = search_rows(x, codebook, metric, precision, candidates, true)?;
     Ok((a, bounds.expect("bounds asked for")))
 }
 
@@ -437,7 +453,9 @@ fn finish_rows(
         second_score,
     } = candidates;
     let n = x.rows();
-    let mut indices = best.clone();
+    // The computed best is kept only for the bounds (the recheck may overwrite `indices`).
+    let computed_best = bounds.then(|| best.clone());
+    let mut indices = best;
     let mut distances = vec![0f32; n];
     // With bounds, each row's norm is computed once for both passes below.
     let norms: Option<Vec<f64>> = bounds.then(|| {
@@ -484,7 +502,7 @@ fn finish_rows(
             }
         })
         .sum();
-    let bounds = norms.map(|norms| {
+    let bounds = norms.zip(computed_best).map(|(norms, best)| {
         let lower = |v: f64| if v.is_nan() { 0.0 } else { v.max(0.0) };
         let (winner, others) = (0..n)
             .into_par_iter()
