@@ -36,6 +36,9 @@ fn mpi_collectives_need_the_mpi_feature() {
 }
 
 #[cfg(feature = "mpi")]
+mod common;
+
+#[cfg(feature = "mpi")]
 mod mpi {
     use std::process::{Command, Output, Stdio};
     use std::sync::OnceLock;
@@ -211,14 +214,10 @@ mod mpi {
         let dir = tempfile::tempdir().unwrap();
         let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
         let (n, d) = (3001, 12);
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let x: Vec<f32> = (0..n * d)
-            .map(|i| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 + (i % d / 3) as f32
-            })
+        let x: Vec<f32> = super::common::uniform(n, d, 7)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * 2.0 + (i % d / 3) as f32)
             .collect();
         let x = vqx::Matrix::new(x, n, d).unwrap();
         vqx::npy::write_matrix(p("x.npy"), x.as_ref()).unwrap();
@@ -267,15 +266,7 @@ mod mpi {
         // (alone on 2 cores: 100,000 rows took 42 passes, 6.6 s, to a fixed point; this is about
         // twice that), killed 1 s after rank 1 starts.
         let (n, d) = (200_000, 64);
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let x: Vec<f32> = (0..n * d)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32
-            })
-            .collect();
+        let x = super::common::uniform(n, d, 11);
         vqx::npy::write_matrix(p("x.npy"), vqx::Matrix::new(x, n, d).unwrap().as_ref()).unwrap();
         let (xp, op) = (p("x.npy"), p("killed.st"));
         #[rustfmt::skip]
