@@ -26,6 +26,8 @@ fn config(k: usize, metric: Metric, passes: usize, bounds: bool, seeding: Seedin
         group_codes: 16,
         seeding,
         seed: 5,
+        // The full-data passes alone: what these tests compare.
+        sample_per_code: 0,
     }
 }
 
@@ -127,6 +129,28 @@ fn lloyd_matches_a_naive_f64_lloyd_every_pass() {
                     1e-6,
                     &ctx,
                 );
+                // The reported error (computed from the sums) is the mean exact squared
+                // distance of the rows to the codes they were assigned in the last pass, before
+                // the codes moved: those of pass − 1.
+                let before = naive_lloyd(x.as_ref(), &init, passes - 1).1;
+                let d = x.cols();
+                let want: f64 = (0..x.rows())
+                    .map(|i| {
+                        let j = want_idx[i] as usize;
+                        (0..d)
+                            .map(|t| {
+                                let v = x.row(i)[t] as f64 - before[j * d + t] as f64;
+                                v * v
+                            })
+                            .sum::<f64>()
+                    })
+                    .sum::<f64>()
+                    / x.rows() as f64;
+                let error = got.passes.last().unwrap().error;
+                assert!(
+                    (error - want).abs() <= 1e-9 * want,
+                    "{ctx}: error {error}, reference {want}"
+                );
             }
         }
     }
@@ -215,9 +239,10 @@ fn bounded_and_plain_lloyd_agree_on_every_pass_bit_for_bit() {
 fn shards_give_the_same_codebook_on_every_rank_and_run() {
     let (x, _) = clustered_case(1000, 9, 40, 4);
     for metric in [Metric::L2, Metric::Cosine] {
-        for shards in [1usize, 2, 3] {
+        for (shards, sample_per_code) in [(1usize, 0), (2, 0), (3, 0), (1, 8), (2, 8), (3, 8)] {
             let cfg = KMeansConfig {
                 metric,
+                sample_per_code,
                 ..KMeansConfig::new(40)
             };
             let run = || {
@@ -229,7 +254,8 @@ fn shards_give_the_same_codebook_on_every_rank_and_run() {
             };
             let (a, b) = (run(), run());
             for r in 0..shards {
-                let ctx = format!("{metric:?}, {shards} shards, rank {r}");
+                let ctx =
+                    format!("{metric:?}, {shards} shards, sample {sample_per_code}, rank {r}");
                 devices::assert_bits(a[r].codebook.data(), a[0].codebook.data(), &ctx);
                 devices::assert_bits(
                     b[r].codebook.data(),
@@ -486,4 +512,116 @@ fn ranks_whose_codebooks_differ_are_stopped() {
     .unwrap_err()
     .to_string();
     assert_mentions(&err, &["rank 1", "differs from rank 0"]);
+}
+
+/// The bounds search picked rows in place (`nearest_rows_with_bounds`): the same assignment
+/// and bounds, bit for bit, as a search of the same rows copied into a matrix, on both CPU
+/// kernels, rows in any order and repeated; bad picks and bad picked rows are typed errors.
+#[test]
+fn picked_rows_search_equals_the_copied_rows_search() {
+    for kernel in [CpuKernel::Auto, CpuKernel::Portable] {
+        let backend = CpuBackend::with_kernel(kernel);
+        for seed in SEEDS {
+            let mut r = rng(seed);
+            for (n, d, k) in [(1, 3, 1), (300, 17, 95), (700, 64, 40)] {
+                let x = random_matrix(n, d, &mut r);
+                let c = random_matrix(k, d, &mut r);
+                // Every third row backwards, then row 0 twice: crosses row blocks (128) unevenly.
+                let mut pick: Vec<u32> = (0..n as u32).rev().step_by(3).collect();
+                pick.extend([0, 0]);
+                let mut copied = Vec::new();
+                for &i in &pick {
+                    copied.extend_from_slice(x.row(i as usize));
+                }
+                let copied = Matrix::new(copied, pick.len(), d).unwrap();
+                for metric in [Metric::L2, Metric::Cosine] {
+                    let ctx = format!("{kernel:?} {metric:?} {n}×{d} K {k} seed {seed}");
+                    let (a, lb) = backend
+                        .nearest_rows_with_bounds(x.as_ref(), &pick, c.as_ref(), metric)
+                        .unwrap();
+                    let (b, lb2) = backend
+                        .nearest_with_bounds(copied.as_ref(), c.as_ref(), metric)
+                        .unwrap();
+                    assert_eq!(a.indices, b.indices, "{ctx}: indices");
+                    devices::assert_bits(&a.distances, &b.distances, &format!("{ctx}: distances"));
+                    assert_eq!(lb.winner, lb2.winner, "{ctx}: winner bounds");
+                    assert_eq!(lb.others, lb2.others, "{ctx}: runner-up bounds");
+                }
+            }
+        }
+        let x = random_matrix(10, 4, &mut rng(9));
+        let c = random_matrix(3, 4, &mut rng(10));
+        let err = backend
+            .nearest_rows_with_bounds(x.as_ref(), &[2, 10], c.as_ref(), Metric::L2)
+            .unwrap_err()
+            .to_string();
+        assert_mentions(&err, &["row 10", "10 rows"]);
+        let err = backend
+            .nearest_rows_with_bounds(x.as_ref(), &[], c.as_ref(), Metric::L2)
+            .unwrap_err()
+            .to_string();
+        assert_mentions(&err, &["input", "0 picked rows"]);
+        let mut bad = x.clone();
+        bad.data_mut()[7 * 4 + 2] = f32::NAN;
+        match backend.nearest_rows_with_bounds(bad.as_ref(), &[1, 7], c.as_ref(), Metric::L2) {
+            Err(vqx::Error::NonFinite { row, col, .. }) => assert_eq!((row, col), (7, 2)),
+            other => panic!("want NonFinite at row 7, got {other:?}"),
+        }
+    }
+}
+
+/// The sample stage: it runs when the data hold at least twice the sample (and not below),
+/// its passes are reported apart from the full passes, every rank gets the same codebook (the
+/// shards test covers ranks), the bounded and plain full passes still agree bit for bit after
+/// it, and the full passes only improve on the sample's codebook.
+#[test]
+fn sample_stage_runs_when_asked_and_keeps_the_result_exact() {
+    let (x, _) = clustered_case(4000, 8, 20, 7);
+    for metric in [Metric::L2, Metric::Cosine] {
+        let cfg = |sample_per_code, bounds| KMeansConfig {
+            metric,
+            sample_per_code,
+            bounds,
+            tolerance: 1e-6,
+            group_codes: 8,
+            ..KMeansConfig::new(20)
+        };
+        let with = fit_whole(x.as_ref(), &cfg(50, true));
+        let plain = fit_whole(x.as_ref(), &cfg(50, false));
+        let without = fit_whole(x.as_ref(), &cfg(0, true));
+        let ctx = format!("{metric:?}");
+        assert!(!with.sample_passes.is_empty(), "{ctx}: no sample stage");
+        assert!(
+            without.sample_passes.is_empty(),
+            "{ctx}: a sample stage when told none"
+        );
+        let rows = with.sample_passes[0].rows;
+        // 50·20 = 1,000 rows expected; the draw is per row, so about that.
+        assert!((800..1200).contains(&rows), "{ctx}: sample of {rows} rows");
+        assert!(
+            with.sample_passes
+                .iter()
+                .all(|p| p.sample && p.rows == rows)
+        );
+        assert!(with.passes.iter().all(|p| !p.sample && p.rows == 4000));
+        devices::assert_bits(
+            with.codebook.data(),
+            plain.codebook.data(),
+            &format!("{ctx}: bounded vs plain after the sample stage"),
+        );
+        assert_eq!(with.indices, plain.indices, "{ctx}: indices");
+        // Lloyd never raises the error: the last full pass is at most the first, which scores
+        // the sample's codebook on all rows.
+        let (first, last) = (with.passes[0].error, with.passes.last().unwrap().error);
+        assert!(
+            last <= first * (1.0 + 1e-12),
+            "{ctx}: error {last} after the full passes, {first} from the sample's codebook"
+        );
+        // 2,000 rows per code·K would need 40,000 rows: no sample stage on 4,000.
+        assert!(
+            fit_whole(x.as_ref(), &cfg(2000, true))
+                .sample_passes
+                .is_empty()
+        );
+    }
 }

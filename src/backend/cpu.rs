@@ -74,6 +74,29 @@ impl Backend for CpuBackend {
             ))
         })
     }
+    fn nearest_rows_with_bounds(
+        &self,
+        x: MatRef<'_>,
+        rows: &[u32],
+        codebook: MatRef<'_>,
+        metric: Metric,
+    ) -> Result<(Assignment, LowerBounds)> {
+        nearest::search_picked_with_bounds(
+            x,
+            rows,
+            codebook,
+            metric,
+            Precision::Exact,
+            |picked, prepared| {
+                Ok(nearest::cpu::candidates_rows(
+                    self.kernel,
+                    picked,
+                    codebook,
+                    prepared,
+                ))
+            },
+        )
+    }
     fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix> {
         gather::validate(codebook, indices)?;
         Ok(gather::cpu(codebook, indices))

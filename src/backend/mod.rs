@@ -50,6 +50,21 @@ pub trait Backend: Send + Sync {
         codebook: MatRef<'_>,
         metric: Metric,
     ) -> Result<(Assignment, LowerBounds)>;
+    /// [`Backend::nearest_with_bounds`] for the rows of `x` named by `rows`, in that order
+    /// (result row t is row `rows[t]` of `x`): the exact k-means bounds search a different
+    /// subset of the rows every pass. By default the rows are copied into a host matrix
+    /// first (a device backend then uploads only those).
+    fn nearest_rows_with_bounds(
+        &self,
+        x: MatRef<'_>,
+        rows: &[u32],
+        codebook: MatRef<'_>,
+        metric: Metric,
+    ) -> Result<(Assignment, LowerBounds)> {
+        crate::gather::validate(x, rows)?;
+        let sub = crate::gather::cpu(x, rows);
+        self.nearest_with_bounds(sub.as_ref(), codebook, metric)
+    }
     /// Codebook rows named by `indices`, as an N×D matrix.
     fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix>;
     /// Per-code sums and counts of the rows of `x` assigned by `indices` (SPEC §4).

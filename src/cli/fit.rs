@@ -60,6 +60,10 @@ pub struct Args {
     /// lloyd: rows k-means|| draws per round, as a multiple of K.
     #[arg(long, default_value_t = Seeding::OVERSAMPLING)]
     pub oversampling: f64,
+    /// lloyd: rows per code of a sample stage: Lloyd on a uniform sample of this many rows per
+    /// code first, then over all rows, when the input holds at least twice that (0: none).
+    #[arg(long, default_value_t = KMeansConfig::SAMPLE_PER_CODE)]
+    pub sample_per_code: usize,
     /// lloyd: split the rows into this many shards, one in-process rank each: the codebook
     /// `mpirun -np S` gives, bit for bit.
     #[arg(long, default_value_t = 1, value_parser = count::<usize>)]
@@ -161,6 +165,10 @@ fn check_mode_flags(args: &Args) -> Result<()> {
                     args.group_codes != KMeansConfig::new(1).group_codes,
                 ),
                 ("--shards", args.shards != 1),
+                (
+                    "--sample-per-code",
+                    args.sample_per_code != KMeansConfig::SAMPLE_PER_CODE,
+                ),
             ]
             .iter()
             .filter(|(_, g)| *g)
@@ -372,6 +380,7 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
         group_codes: args.group_codes,
         seeding,
         seed: run.seed,
+        sample_per_code: args.sample_per_code,
     };
     // Validated before any work, as the EMA mode's quantizer does.
     quantizer_config(args, d).validate()?;
@@ -387,7 +396,12 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
         }
         if !run.quiet {
             eprintln!(
-                "pass {:>3}  error {:.6e}  used {}/{k}  reassigned {}  skipped {:.1}%{}  {:.2} s",
+                "{}pass {:>3}  error {:.6e}  used {}/{k}  reassigned {}  skipped {:.1}%{}  {:.2} s",
+                if p.sample {
+                    format!("sample of {} rows: ", p.rows)
+                } else {
+                    String::new()
+                },
                 p.pass,
                 p.error,
                 p.used,
@@ -419,7 +433,7 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
     let searched: f64 = fit.passes.iter().map(|p| p.distances as f64).sum();
     eprintln!(
         "fit {k} codes × {d} on {n} rows{}: {} seeding ({} candidates) in {:.2} s, {passes} \
-         Lloyd passes on {} ({}), {:.2} s in all; last pass: error {:.6e}, used {}/{k}, \
+         {}Lloyd passes on {} ({}), {:.2} s in all; last pass: error {:.6e}, used {}/{k}, \
          skipped {:.1}% of distances ({:.1}% over all passes); wrote {}",
         if comm.size() > 1 {
             format!(" in {} shards", comm.size())
@@ -429,6 +443,15 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
         fit.seeding.method,
         fit.seeding.candidates,
         fit.seeding.seconds,
+        match fit.sample_passes.last() {
+            Some(p) => format!(
+                "{} passes over a sample of {} rows ({:.2} s), then ",
+                fit.sample_passes.len(),
+                p.rows,
+                p.elapsed_s
+            ),
+            None => String::new(),
+        },
         backend.name(),
         match fit.stop {
             kmeans::Stop::Converged => "converged: no row changed code",

@@ -78,9 +78,7 @@ pub fn group_by_code(indices: &[u32], codes: usize) -> (Vec<usize>, Vec<u32>) {
 /// code's rows are summed in increasing row order in f64 and rounded once, so `mode` only
 /// labels the result.
 ///
-/// Codes are split into contiguous ranges, one rayon task each; every task scans all indices
-/// and accumulates only the rows of its own codes. x is read once in all, no sort is needed,
-/// and no two tasks write the same sum.
+/// Each code's rows are added in increasing row order in f64 and rounded once ([`sums_f64`]).
 pub fn cpu(x: MatRef<'_>, indices: &[u32], codes: usize, mode: SumMode) -> CodeSums {
     let (sums, counts) = sums_f64(x, indices, codes);
     let sums = sums.into_par_iter().map(|a| a as f32).collect();
@@ -89,28 +87,69 @@ pub fn cpu(x: MatRef<'_>, indices: &[u32], codes: usize, mode: SumMode) -> CodeS
 
 /// [`cpu`]'s sums before their rounding to f32: each code's rows added in increasing row
 /// order in f64 (K·D sums, K counts). k-means adds these per shard, then over shards.
+///
+/// Any split of the work that keeps each sum's row order gives the same bits. Wide rows are
+/// split into column stripes, one rayon task each, every task walking all rows in order: x
+/// is read once, front to back (the hardware prefetchers' pattern), and each task's sums are
+/// K × stripe. Narrow rows are split by code ranges instead, every task scanning all indices
+/// and adding only its own codes' rows.
 pub fn sums_f64(x: MatRef<'_>, indices: &[u32], codes: usize) -> (Vec<f64>, Vec<u32>) {
     let d = x.cols();
+    let threads = rayon::current_num_threads();
+    let mut counts = vec![0u32; codes];
+    for &k in indices {
+        counts[k as usize] += 1;
+    }
+    // Stripes of at least 32 columns (a 128-byte run of each row per task).
+    let stripes = (threads * 2).min(d / 32);
+    if stripes >= 2 {
+        let width = d.div_ceil(stripes);
+        let parts: Vec<(usize, Vec<f64>)> = (0..d.div_ceil(width))
+            .into_par_iter()
+            .map(|p| {
+                let (c0, c1) = (p * width, ((p + 1) * width).min(d));
+                let w = c1 - c0;
+                let mut acc = vec![0f64; codes * w];
+                for (n, &k) in indices.iter().enumerate() {
+                    let k = k as usize;
+                    add_row_f64(&mut acc[k * w..(k + 1) * w], &x.row(n)[c0..c1]);
+                }
+                (c0, acc)
+            })
+            .collect();
+        let mut sums = vec![0f64; codes * d];
+        for (c0, acc) in parts {
+            let w = acc.len() / codes.max(1);
+            for (k, part) in acc.chunks_exact(w.max(1)).enumerate() {
+                sums[k * d + c0..k * d + c0 + w].copy_from_slice(part);
+            }
+        }
+        return (sums, counts);
+    }
     // Several ranges per thread keep the tasks balanced when usage is skewed.
-    let parts = (rayon::current_num_threads() * 4).clamp(1, codes.max(1));
+    let parts = (threads * 4).clamp(1, codes.max(1));
     let per = codes.div_ceil(parts).max(1);
     let mut sums = vec![0f64; codes * d];
-    let mut counts = vec![0u32; codes];
     sums.par_chunks_mut(per * d)
-        .zip(counts.par_chunks_mut(per))
         .enumerate()
-        .for_each(|(p, (acc, counts))| {
+        .for_each(|(p, acc)| {
             let k0 = p * per;
+            let len = acc.len() / d.max(1);
             for (n, &k) in indices.iter().enumerate() {
                 let local = (k as usize).wrapping_sub(k0);
-                if local < counts.len() {
-                    counts[local] += 1;
-                    let a = &mut acc[local * d..(local + 1) * d];
-                    for (a, &v) in a.iter_mut().zip(x.row(n)) {
-                        *a += v as f64;
-                    }
+                if local < len {
+                    add_row_f64(&mut acc[local * d..(local + 1) * d], x.row(n));
                 }
             }
         });
     (sums, counts)
+}
+
+crate::model::simd::multiversion! {
+    /// acc_i += row_i in f64 (one IEEE add per element: the same bits at every width).
+    fn add_row_f64(acc: &mut [f64], row: &[f32]) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
 }

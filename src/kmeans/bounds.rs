@@ -28,6 +28,9 @@ pub(crate) struct Bounds {
     members: Vec<Vec<u32>>,
     /// N × G lower bounds (distances, not squared), rounded down to f32.
     lower: Vec<f32>,
+    /// Per row, an upper bound on its distance (not squared) to its own code: a row whose
+    /// upper bound is below every group's lower bound is settled without reading it.
+    upper: Vec<f64>,
 }
 
 impl Bounds {
@@ -54,6 +57,7 @@ impl Bounds {
                 group_codes: 0,
                 seeding: super::Seeding::RandomRows,
                 seed,
+                sample_per_code: 0,
             };
             let single = crate::collective::Single;
             super::fit(
@@ -83,11 +87,13 @@ impl Bounds {
             group_of,
             members,
             lower: vec![0.0; rows * groups],
+            upper: vec![f64::INFINITY; rows],
         })
     }
 
-    /// Lowers every row's bound of each group by the largest move of the group's codes.
-    pub(crate) fn loosen(&mut self, old: MatRef<'_>, new: MatRef<'_>) {
+    /// Lowers every row's bound of each group by the largest move of the group's codes, and
+    /// raises its upper bound by its own code's move (`indices`: the rows' codes).
+    pub(crate) fn loosen(&mut self, old: MatRef<'_>, new: MatRef<'_>, indices: &[u32]) {
         let moved: Vec<f64> = (0..old.rows())
             .into_par_iter()
             .map(|j| exact_distance(old.row(j), new.row(j), Metric::L2).sqrt())
@@ -106,57 +112,89 @@ impl Bounds {
                     *l = down((v - m) - MARGIN * (v.abs() + m));
                 }
             });
+        self.upper
+            .par_iter_mut()
+            .zip(indices.par_iter())
+            .with_min_len(1024)
+            .for_each(|(u, &j)| *u = (*u + moved[j as usize]) * (1.0 + MARGIN));
     }
 
     /// Sets every group's bound of each row from a full search's runner-up bounds (`others`,
     /// squared): weaker than per-group bounds, which searched rows then sharpen, but one
-    /// blocked call.
-    pub(crate) fn start(&mut self, others: &[f64]) {
+    /// blocked call; and each row's upper bound from its exact distance to its code.
+    pub(crate) fn start(
+        &mut self,
+        others: &[f64],
+        x: MatRef<'_>,
+        codes: MatRef<'_>,
+        indices: &[u32],
+    ) {
         self.lower
             .par_chunks_mut(self.groups)
             .zip(others.par_iter())
             .for_each(|(row, &s)| row.fill(down(s.sqrt() * (1.0 - MARGIN))));
+        self.upper
+            .par_iter_mut()
+            .enumerate()
+            .with_min_len(256)
+            .for_each(|(i, u)| {
+                let dsq = exact_distance(x.row(i), codes.row(indices[i] as usize), Metric::L2);
+                *u = dsq.sqrt() * (1.0 + MARGIN);
+            });
     }
 
-    /// Assigns the rows the bounds cannot settle (after [`Bounds::start`]); `dist_sq` holds each
-    /// row's exact squared distance to its code after. Returns (distances computed, rows whose
-    /// code changed).
+    /// Assigns the rows the bounds cannot settle (after [`Bounds::start`]). Returns (distances
+    /// computed, rows whose code changed).
     pub(crate) fn assign(
         &mut self,
         backend: &dyn Backend,
         x: MatRef<'_>,
         codes: MatRef<'_>,
         indices: &mut [u32],
-        dist_sq: &mut [f64],
     ) -> Result<(u64, usize)> {
         let (n, d, g_n) = (x.rows(), x.cols(), self.groups);
         if n == 0 {
             return Ok((0, 0));
         }
-        super::exact_sq(x, codes, indices, dist_sq);
-        // Rows plus one distance each for the tightened upper bound.
-        let mut searched = n as u64;
-        // Which groups each row must search, as a bit mask (at most 64 groups).
-        let masks: Vec<u64> = dist_sq
-            .par_iter()
-            .zip(self.lower.par_chunks(g_n))
+        // Per row: the groups it must search (a bit mask, at most 64 groups) and, for a row
+        // the upper bound does not settle, its exact squared distance to its code (NaN when
+        // settled: such a row is not read at all).
+        let (masks, mut dist_sq): (Vec<u64>, Vec<f64>) = (0..n)
+            .into_par_iter()
             .with_min_len(1024)
-            .map(|(&dsq, lower)| {
+            .map(|i| {
+                let lower = &self.lower[i * g_n..(i + 1) * g_n];
+                let low = lower.iter().fold(f32::INFINITY, |m, &l| m.min(l)) as f64;
+                if self.upper[i] < low {
+                    return (0, f64::NAN);
+                }
+                let dsq = exact_distance(x.row(i), codes.row(indices[i] as usize), Metric::L2);
                 let u = dsq.sqrt() * (1.0 + MARGIN);
-                lower
+                let mask = lower
                     .iter()
                     .enumerate()
                     .filter(|&(_, &l)| (l as f64) <= u)
-                    .fold(0u64, |m, (g, _)| m | (1 << g))
+                    .fold(0u64, |m, (g, _)| m | (1 << g));
+                (mask, dsq)
             })
-            .collect();
+            .unzip();
+        // One distance for each row whose upper bound was tightened.
+        let mut searched = dist_sq.iter().filter(|v| !v.is_nan()).count() as u64;
+        self.upper
+            .par_iter_mut()
+            .zip(dist_sq.par_iter())
+            .with_min_len(1024)
+            .for_each(|(u, &dsq)| {
+                if !dsq.is_nan() {
+                    *u = dsq.sqrt() * (1.0 + MARGIN);
+                }
+            });
         let before: Vec<u32> = indices.to_vec();
-        let mut rows_buf: Vec<f32> = Vec::new();
         for g in 0..g_n {
-            let rows: Vec<usize> = (0..n)
+            let rows: Vec<u32> = (0..n as u32)
                 .into_par_iter()
                 .with_min_len(4096)
-                .filter(|&i| masks[i] >> g & 1 == 1)
+                .filter(|&i| masks[i as usize] >> g & 1 == 1)
                 .collect();
             if rows.is_empty() {
                 continue;
@@ -167,23 +205,18 @@ impl Bounds {
                 group_codes.extend_from_slice(codes.row(j as usize));
             }
             let group_codes = Matrix::new(group_codes, members.len(), d)?;
-            rows_buf.resize(rows.len() * d, 0.0);
-            rows_buf
-                .par_chunks_mut(d.max(1))
-                .zip(rows.par_iter())
-                .with_min_len(256)
-                .for_each(|(out, &i)| out.copy_from_slice(x.row(i)));
-            let sub = MatRef::new(&rows_buf, rows.len(), d)?;
-            let (a, lb) = backend.nearest_with_bounds(sub, group_codes.as_ref(), Metric::L2)?;
+            let (a, lb) =
+                backend.nearest_rows_with_bounds(x, &rows, group_codes.as_ref(), Metric::L2)?;
             searched += (rows.len() * members.len()) as u64;
             // What the group's search means for each row (in parallel: the exact distances),
             // then applied in row order.
-            let (dist_now, idx_now): (&[f64], &[u32]) = (dist_sq, indices);
+            let (dist_now, idx_now): (&[f64], &[u32]) = (&dist_sq, indices);
             let outcomes: Vec<Outcome> = rows
                 .par_iter()
                 .enumerate()
                 .with_min_len(256)
                 .map(|(t, &i)| {
+                    let i = i as usize;
                     if lb.winner[t] > dist_now[i] * (1.0 + MARGIN) {
                         // No code of the group comes near the best so far.
                         return Outcome::Bound(down(lb.winner[t].sqrt() * (1.0 - MARGIN)));
@@ -205,6 +238,7 @@ impl Bounds {
                 })
                 .collect();
             for (&i, o) in rows.iter().zip(outcomes) {
+                let i = i as usize;
                 let lower = &mut self.lower[i * g_n..(i + 1) * g_n];
                 match o {
                     Outcome::Bound(v) => lower[g] = v,
@@ -218,6 +252,7 @@ impl Bounds {
                         lower[pg] = lower[pg].min(down(dist_sq[i].sqrt() * (1.0 - MARGIN)));
                         indices[i] = code;
                         dist_sq[i] = db;
+                        self.upper[i] = db.sqrt() * (1.0 + MARGIN);
                         lower[g] = others;
                     }
                 }

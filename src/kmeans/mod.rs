@@ -47,7 +47,7 @@ use crate::collective::Collective;
 use crate::ema;
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
-use crate::nearest::{Metric, exact_distance, normalize_rows};
+use crate::nearest::{Metric, norm_sq_f64, normalize_rows};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -74,10 +74,23 @@ pub struct KMeansConfig {
     pub group_codes: usize,
     pub seeding: Seeding,
     pub seed: u64,
+    /// Rows per code of the sample stage (0: none). When the data hold at least twice
+    /// `sample_per_code`·K rows, Lloyd first runs on a uniform sample of that many rows (seeded
+    /// as configured, to the same tolerance), and the passes over all rows start from its
+    /// codebook: most of the codes' travel is then paid for on the sample, and the full passes
+    /// start near a fixed point, where the bounds skip most distances.
+    pub sample_per_code: usize,
 }
 
 impl KMeansConfig {
-    /// K codes, L2, k-means|| seeding, bounds on, at most 300 passes, tolerance 1e-4, seed 0.
+    /// Default rows per code of the sample stage: none. On 117,659 real 256-D embeddings a
+    /// sample stage saved at most a tenth of the time (the passes over all rows that follow it
+    /// are most of the work either way) and at K = 1,024 ended at a higher error
+    /// (docs/fit.md): an option for inputs far larger than K·`sample_per_code`, not a default.
+    pub const SAMPLE_PER_CODE: usize = 0;
+
+    /// K codes, L2, k-means|| seeding, bounds on, at most 300 passes, tolerance 1e-4, seed 0,
+    /// no sample stage.
     pub fn new(codes: usize) -> Self {
         KMeansConfig {
             codes,
@@ -88,6 +101,7 @@ impl KMeansConfig {
             group_codes: 256,
             seeding: Seeding::default(),
             seed: 0,
+            sample_per_code: KMeansConfig::SAMPLE_PER_CODE,
         }
     }
 }
@@ -95,8 +109,12 @@ impl KMeansConfig {
 /// One Lloyd pass, over all ranks.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Pass {
-    /// 1 for the first.
+    /// 1 for the first (counted separately in the sample stage and over all rows).
     pub pass: usize,
+    /// Rows the pass ran over, over all ranks: the sample's in the sample stage.
+    pub rows: u64,
+    /// Whether the pass belongs to the sample stage.
+    pub sample: bool,
     /// Mean squared distance of the rows to the codes they were assigned this pass (before the
     /// codes moved to their means). Under cosine, ||x̂ − ĉ||² = 2(1 − cos).
     pub error: f64,
@@ -136,6 +154,8 @@ pub struct KMeans {
     /// This shard's rows' codes in the last pass's assignment.
     pub indices: Vec<u32>,
     pub seeding: SeedReport,
+    /// The sample stage's passes (empty without one); its seeding is `seeding`.
+    pub sample_passes: Vec<Pass>,
     pub passes: Vec<Pass>,
     pub stop: Stop,
 }
@@ -210,16 +230,112 @@ pub fn fit(
     } else {
         shard
     };
-    let x = shard.rows();
-    let (n, d) = (x.rows(), x.cols());
-
-    let (mut codes, seeding) = seed(backend, comm, &shard, k, &config.seeding, config.seed)?;
+    let on_pass: &mut dyn FnMut(&Pass) -> Result<()> = &mut on_pass;
+    let sample = Sample::draw(comm, &shard, config)?;
+    let first_stage = match &sample {
+        Some(s) => Shard::new(s.rows.as_ref(), s.first, s.total)?,
+        None => shard,
+    };
+    let (mut codes, seeding) = seed(backend, comm, &first_stage, k, &config.seeding, config.seed)?;
     if config.metric == Metric::Cosine {
         codes = normalize_rows(codes.as_ref());
     }
+    let mut sample_passes = Vec::new();
+    if sample.is_some() {
+        let stage = lloyd(
+            backend,
+            comm,
+            first_stage,
+            config,
+            codes,
+            start,
+            true,
+            on_pass,
+        )?;
+        codes = stage.codebook;
+        sample_passes = stage.passes;
+    }
+    let stage = lloyd(backend, comm, shard, config, codes, start, false, on_pass)?;
+    Ok(KMeans {
+        seeding,
+        sample_passes,
+        ..stage
+    })
+}
+
+/// The sample stage's rows on this rank: each row is drawn with probability
+/// `sample_per_code`·K / N by a hash of (seed, global row index), so the sample, and its order
+/// (the rows' global order), are the same however the rows are sharded.
+struct Sample {
+    rows: Matrix,
+    /// The sample's index of this rank's first sampled row.
+    first: usize,
+    /// Rows in the sample, over all ranks.
+    total: usize,
+}
+
+impl Sample {
+    /// None when the configuration asks for no sample stage or the data are too few for one
+    /// (fewer than twice the sample; or a sample drawn with fewer than K rows).
+    fn draw(
+        comm: &dyn Collective,
+        shard: &Shard<'_>,
+        config: &KMeansConfig,
+    ) -> Result<Option<Self>> {
+        let want = config.sample_per_code.saturating_mul(config.codes);
+        if want == 0 || shard.total() < want.saturating_mul(2) {
+            return Ok(None);
+        }
+        let p = want as f64 / shard.total() as f64;
+        let x = shard.rows();
+        let d = x.cols();
+        let mut data = Vec::with_capacity((p * x.rows() as f64 * 1.1) as usize * d);
+        for i in 0..x.rows() {
+            if seed::unit_hash(config.seed ^ SAMPLE_SALT, 0, (shard.first() + i) as u64) < p {
+                data.extend_from_slice(x.row(i));
+            }
+        }
+        let mut per_rank = vec![0u64; comm.size()];
+        per_rank[comm.rank()] = (data.len() / d.max(1)) as u64;
+        comm.all_reduce_sum_u64(&mut per_rank)?;
+        let total = per_rank.iter().sum::<u64>() as usize;
+        if total < config.codes {
+            return Ok(None);
+        }
+        let first = per_rank[..comm.rank()].iter().sum::<u64>() as usize;
+        let rows = data.len() / d.max(1);
+        Ok(Some(Sample {
+            rows: Matrix::new(data, rows, d)?,
+            first,
+            total,
+        }))
+    }
+}
+
+/// Keeps the sample's draws apart from k-means||'s (which hash the same row indices).
+const SAMPLE_SALT: u64 = 0x7361_6d70_6c65;
+
+/// Lloyd's passes over `shard` from `codes`: one stage of [`fit`] (the sample's, or all rows').
+#[allow(clippy::too_many_arguments)]
+fn lloyd(
+    backend: &dyn Backend,
+    comm: &dyn Collective,
+    shard: Shard<'_>,
+    config: &KMeansConfig,
+    mut codes: Matrix,
+    start: Instant,
+    sample: bool,
+    on_pass: &mut dyn FnMut(&Pass) -> Result<()>,
+) -> Result<KMeans> {
+    let k = config.codes;
+    let total = shard.total();
+    let x = shard.rows();
+    let (n, d) = (x.rows(), x.cols());
 
     let mut indices = vec![0u32; n];
-    let mut dist_sq = vec![0f64; n];
+    // Σ||x||² over all ranks, for the error (see `squared_error`).
+    let mut x_sq = [(0..n).map(|i| norm_sq_f64(x.row(i))).sum::<f64>()];
+    comm.all_reduce_sum_f64(&mut x_sq)?;
     let mut bounds = if config.bounds {
         Some(bounds::Bounds::new(
             backend,
@@ -236,29 +352,18 @@ pub fn fit(
     let mut stop = Stop::MaxPasses;
     for pass in 1..=config.max_passes {
         let (searched, reassigned) = match bounds.as_mut() {
-            Some(b) if pass > 1 => {
-                b.assign(backend, x, codes.as_ref(), &mut indices, &mut dist_sq)?
-            }
-            b => assign_all(
-                backend,
-                x,
-                codes.as_ref(),
-                &mut indices,
-                &mut dist_sq,
-                pass == 1,
-                b,
-            )?,
+            Some(b) if pass > 1 => b.assign(backend, x, codes.as_ref(), &mut indices)?,
+            b => assign_all(backend, x, codes.as_ref(), &mut indices, pass == 1, b)?,
         };
-        // Two all-reduces per pass: the f64 sums with the squared error after them, the counts
-        // with the pass's two tallies after them.
+        // Two all-reduces per pass: the f64 sums, and the counts with the pass's two tallies
+        // after them.
         let (mut sums, local_counts) = ema::sums_f64(x, &indices, k);
-        sums.push(dist_sq.iter().sum::<f64>());
         comm.all_reduce_sum_f64(&mut sums)?;
-        let error = sums.pop().expect("the error term") / total as f64;
         counts = local_counts.iter().map(|&c| c as u64).collect();
         counts.extend_from_slice(&[reassigned as u64, searched]);
         comm.all_reduce_sum_u64(&mut counts)?;
         let (searched, reassigned) = (counts.pop().expect("tally"), counts.pop().expect("tally"));
+        let error = squared_error(x_sq[0], &sums, &counts, codes.as_ref()) / total as f64;
         let used = counts.iter().filter(|&&c| c > 0).count();
         let converged = pass > 1 && reassigned == 0 && used == k;
         let previous = passes.last().map(|p| p.error);
@@ -279,7 +384,7 @@ pub fn fit(
                 }
             }
             if let Some(b) = bounds.as_mut() {
-                b.loosen(codes.as_ref(), next.as_ref());
+                b.loosen(codes.as_ref(), next.as_ref(), &indices);
             }
             codes = next;
         }
@@ -288,6 +393,8 @@ pub fn fit(
         }
         let report = Pass {
             pass,
+            rows: total as u64,
+            sample,
             error,
             used,
             reassigned,
@@ -318,7 +425,8 @@ pub fn fit(
         codebook: codes,
         counts,
         indices,
-        seeding,
+        seeding: SeedReport::default(),
+        sample_passes: Vec::new(),
         passes,
         stop,
     })
@@ -332,7 +440,6 @@ fn assign_all(
     x: MatRef<'_>,
     codes: MatRef<'_>,
     indices: &mut [u32],
-    dist_sq: &mut [f64],
     first: bool,
     bounds: Option<&mut bounds::Bounds>,
 ) -> Result<(u64, usize)> {
@@ -340,13 +447,12 @@ fn assign_all(
     if n == 0 {
         return Ok((0, 0));
     }
-    let a = match bounds {
-        Some(b) => {
+    let (a, lb) = match bounds {
+        Some(_) => {
             let (a, lb) = backend.nearest_with_bounds(x, codes, Metric::L2)?;
-            b.start(&lb.others);
-            a
+            (a, Some(lb))
         }
-        None => backend.nearest(x, codes, Metric::L2)?,
+        None => (backend.nearest(x, codes, Metric::L2)?, None),
     };
     let changed = if first {
         n
@@ -354,23 +460,38 @@ fn assign_all(
         changed(indices, &a.indices)
     };
     indices.copy_from_slice(&a.indices);
-    exact_sq(x, codes, indices, dist_sq);
+    if let (Some(b), Some(lb)) = (bounds, lb) {
+        b.start(&lb.others, x, codes, indices);
+    }
     Ok(((n * codes.rows()) as u64, changed))
+}
+
+/// Σ_i ||x_i − c_{a(i)}||² over all ranks from the pass's sums: for each code j with rows,
+/// Σ_{i∈j} ||x_i − c_j||² = Σ_{i∈j} ||x_i||² − 2 c_j·S_j + n_j ||c_j||², all in f64. So the
+/// error needs no distance per row (the bounds leave most rows unread), and bounded and plain
+/// passes, which have the same sums, report the same bits (the --tol stop depends on them).
+fn squared_error(x_sq: f64, sums: &[f64], counts: &[u64], codes: MatRef<'_>) -> f64 {
+    let d = codes.cols();
+    let mut off = 0.0;
+    for (j, &c) in counts.iter().enumerate() {
+        if c == 0 {
+            continue;
+        }
+        let (code, s) = (codes.row(j), &sums[j * d..(j + 1) * d]);
+        let (mut dot, mut norm) = (0.0, 0.0);
+        for (&cv, &sv) in code.iter().zip(s) {
+            let cv = cv as f64;
+            dot += cv * sv;
+            norm += cv * cv;
+        }
+        off += 2.0 * dot - c as f64 * norm;
+    }
+    (x_sq - off).max(0.0)
 }
 
 /// Rows whose code differs between two assignments.
 fn changed(before: &[u32], after: &[u32]) -> usize {
     before.iter().zip(after).filter(|(a, b)| a != b).count()
-}
-
-/// Exact squared distance of each row to its code, in f64.
-fn exact_sq(x: MatRef<'_>, codes: MatRef<'_>, indices: &[u32], out: &mut [f64]) {
-    out.par_iter_mut()
-        .enumerate()
-        .with_min_len(256)
-        .for_each(|(i, o)| {
-            *o = exact_distance(x.row(i), codes.row(indices[i] as usize), Metric::L2)
-        });
 }
 
 /// Each code with rows moved to their mean (normalised under cosine), computed in f64 and

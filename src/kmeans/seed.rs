@@ -214,10 +214,9 @@ fn weighted_plus_plus(
         taken[pick] = true;
         let centre = points.row(pick);
         nearest
-            .par_iter_mut()
+            .par_chunks_mut(64)
             .enumerate()
-            .with_min_len(64)
-            .for_each(|(i, m)| *m = m.min(sq_dist_f32(points.row(i), centre)));
+            .for_each(|(b, m)| lower_to(m, points.slice_rows(b * 64, b * 64 + m.len()), centre));
         let mass: Vec<f64> = w
             .iter()
             .zip(&nearest)
@@ -267,7 +266,18 @@ fn draw(mass: &[f64], rng: &mut ChaCha8Rng) -> Option<usize> {
     last
 }
 
+crate::model::simd::multiversion! {
+    /// nearest_i = min(nearest_i, ||row_i − centre||²): the k-means++ update of a block of
+    /// candidates, compiled for the widest vectors the CPU has (the same bits on every width).
+    fn lower_to(nearest: &mut [f32], rows: MatRef<'_>, centre: &[f32]) {
+        for (i, m) in nearest.iter_mut().enumerate() {
+            *m = m.min(sq_dist_f32(rows.row(i), centre));
+        }
+    }
+}
+
 /// ||a − b||² in f32 with 16 independent accumulators (vectorised; a fixed order).
+#[inline(always)]
 fn sq_dist_f32(a: &[f32], b: &[f32]) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];
@@ -288,7 +298,7 @@ fn sq_dist_f32(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// A uniform draw in [0, 1) from (seed, round, row): SplitMix64's finaliser over the three.
-fn unit_hash(seed: u64, round: u64, row: u64) -> f64 {
+pub(crate) fn unit_hash(seed: u64, round: u64, row: u64) -> f64 {
     let mut z = seed;
     for v in [round, row] {
         z = mix(z ^ mix(v.wrapping_add(0x9e37_79b9_7f4a_7c15)));

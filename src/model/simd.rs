@@ -39,22 +39,24 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// `fn name(args) { body }` compiled for AVX-512, AVX2 + FMA and the baseline, dispatched at
-/// run time (see the module's notes). No return value; arguments are passed through by value.
+/// `fn name(args) -> ret { body }` compiled for AVX-512, AVX2 + FMA and the baseline,
+/// dispatched at run time (see the module's notes); arguments are passed through by value.
+/// Used beyond training too: every hot element-wise loop of the crate (k-means sums, exact
+/// distances, finiteness checks) would otherwise run on the baseline's SSE2.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn imp($($arg: $ty),*) $body
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
-                fn avx512($($arg: $ty),*) {
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
                 }
                 if $crate::model::simd::has_avx512() {

@@ -15,7 +15,7 @@
 //! Accumulation is one FMA per (row, code, d) in increasing d: the f32 rounding bound of
 //! [`super::RoundingModel::F32`] holds.
 
-use super::{Candidates, Prepared};
+use super::{Candidates, Prepared, Rows};
 use crate::matrix::MatRef;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -106,7 +106,7 @@ impl LaneState {
 /// Best and runner-up scores per row; same contract as [`super::cpu::candidates`].
 ///
 /// Panics if the CPU lacks AVX-512F: callers check [`available`] first.
-pub fn candidates(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
+pub(crate) fn candidates(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
     assert!(available(), "AVX-512F path called on a CPU without it");
     let d = x.cols();
     let packed = pack(prepared.scored(codebook), prepared.norms());

@@ -9,7 +9,7 @@
 //! −2 x·c, and a scan adds ||c||² and keeps the best and runner-up score per row. Memory
 //! is O(N + K·D + threads·ROW_BLOCK·CODE_TILE): the N×K matrix never exists.
 
-use super::{Candidates, Prepared};
+use super::{Candidates, Prepared, Rows};
 use crate::matrix::MatRef;
 use rayon::prelude::*;
 
@@ -78,6 +78,16 @@ pub fn candidates_with(
     codebook: MatRef<'_>,
     prepared: &Prepared,
 ) -> Candidates {
+    candidates_rows(kernel, Rows::all(x), codebook, prepared)
+}
+
+/// [`candidates_with`] for the rows a search names.
+pub(crate) fn candidates_rows(
+    kernel: CpuKernel,
+    x: Rows<'_>,
+    codebook: MatRef<'_>,
+    prepared: &Prepared,
+) -> Candidates {
     match kernel.resolve() {
         #[cfg(target_arch = "x86_64")]
         CpuKernel::Avx512 => super::avx512::candidates(x, codebook, prepared),
@@ -85,14 +95,7 @@ pub fn candidates_with(
     }
 }
 
-/// Copies `rows` into `buf` scaled to unit norm (zero rows stay zero).
-pub(crate) fn normalize_into(rows: MatRef<'_>, buf: &mut Vec<f32>) {
-    buf.clear();
-    buf.extend_from_slice(rows.data());
-    buf.chunks_mut(rows.cols()).for_each(super::normalize_row);
-}
-
-fn portable(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
+fn portable(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
     let d = x.cols();
     let cb = prepared.scored(codebook);
     let norms = prepared.norms();
@@ -160,37 +163,50 @@ pub(crate) struct BlockOut<'a> {
 }
 
 /// The driver both CPU kernels share: splits the rows of `x` into blocks of `row_block`, one
-/// rayon task each, hands `score` the block's rows (L2-normalised under cosine), a scratch
-/// value made by `init` once per worker, and the block's slices of the output.
+/// rayon task each, hands `score` the block's rows (contiguous; L2-normalised under cosine), a
+/// scratch value made by `init` once per worker, and the block's slices of the output. Rows
+/// that are not contiguous in memory (picked, or normalised) are copied a block at a time into
+/// a per-worker buffer, which stays in cache for the kernel.
 pub(crate) fn for_each_row_block<S>(
-    x: MatRef<'_>,
+    x: Rows<'_>,
     prepared: &Prepared,
     row_block: usize,
     init: impl Fn() -> S + Sync + Send,
     score: impl Fn(&mut S, &[f32], BlockOut<'_>) + Sync + Send,
 ) -> Candidates {
-    let n = x.rows();
+    let n = x.len();
     let cosine = prepared.metric() == super::Metric::Cosine;
     let mut out = Candidates {
         best: vec![0; n],
         best_score: vec![0.0; n],
         second_score: vec![0.0; n],
+        row_norm_sq: None,
     };
+    // Under L2, finish needs each row's norm: computed here while the block is in cache.
+    let mut norms = vec![0f64; n];
     out.best
         .par_chunks_mut(row_block)
         .zip(out.best_score.par_chunks_mut(row_block))
         .zip(out.second_score.par_chunks_mut(row_block))
+        .zip(norms.par_chunks_mut(row_block))
         .enumerate()
         .for_each_init(
             || (init(), Vec::<f32>::new()),
-            |(scratch, xbuf), (block, ((best, best_score), second_score))| {
-                let r0 = block * row_block;
-                let xb = x.slice_rows(r0, r0 + best.len());
-                let xs: &[f32] = if cosine {
-                    normalize_into(xb, xbuf);
-                    xbuf
-                } else {
-                    xb.data()
+            |(scratch, xbuf), (block, (((best, best_score), second_score), block_norms))| {
+                let (r0, r1) = (block * row_block, block * row_block + best.len());
+                let xs: &[f32] = match x.dense(r0, r1) {
+                    Some(rows) if !cosine => rows,
+                    _ => {
+                        xbuf.clear();
+                        for r in r0..r1 {
+                            xbuf.extend_from_slice(x.row(r));
+                        }
+                        if cosine {
+                            xbuf.chunks_mut(x.cols().max(1))
+                                .for_each(super::normalize_row);
+                        }
+                        xbuf
+                    }
                 };
                 let out = BlockOut {
                     best,
@@ -198,8 +214,16 @@ pub(crate) fn for_each_row_block<S>(
                     second_score,
                 };
                 score(scratch, xs, out);
+                if !cosine {
+                    for (o, row) in block_norms.iter_mut().zip(xs.chunks(x.cols().max(1))) {
+                        *o = super::norm_sq_f64(row);
+                    }
+                }
             },
         );
+    if !cosine {
+        out.row_norm_sq = Some(norms);
+    }
     out
 }
 

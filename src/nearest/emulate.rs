@@ -107,6 +107,7 @@ pub fn candidates(
         best: per_row.iter().map(|r| r.0).collect(),
         best_score: per_row.iter().map(|r| r.1).collect(),
         second_score: per_row.iter().map(|r| r.2).collect(),
+        row_norm_sq: None,
     }
 }
 

@@ -106,8 +106,13 @@ pub const MAX_CODES: usize = u32::MAX as usize;
 
 /// Checks the inputs of a nearest-code search: non-empty, same width, finite.
 pub fn validate(x: MatRef<'_>, codebook: MatRef<'_>) -> Result<()> {
+    validate_rows(Rows::all(x), codebook)
+}
+
+/// [`validate`] for the rows a search reads.
+pub(crate) fn validate_rows(x: Rows<'_>, codebook: MatRef<'_>) -> Result<()> {
     codebook.check_nonempty("codebook")?;
-    x.check_nonempty("input")?;
+    x.check_nonempty()?;
     if x.cols() != codebook.cols() {
         return Err(Error::shape(
             "input width vs codebook width",
@@ -121,22 +126,116 @@ pub fn validate(x: MatRef<'_>, codebook: MatRef<'_>) -> Result<()> {
             codebook.rows()
         )));
     }
-    codebook.check_finite("codebook")?;
-    x.check_finite("input")?;
-    check_magnitude(x, codebook)
-}
-
-/// Largest |value| for which every f32 score, dot product and norm of a search stays finite:
-/// with |v| ≤ M, ||x||, ||c|| ≤ √D·M and |s| ≤ 3·D·M², kept below f32::MAX / 8.
-fn check_magnitude(x: MatRef<'_>, codebook: MatRef<'_>) -> Result<()> {
-    let max_abs = |m: MatRef<'_>| m.data().iter().fold(0f32, |a, &v| a.max(v.abs())) as f64;
-    let (mx, mc) = (max_abs(x), max_abs(codebook));
+    let mc = codebook.max_abs("codebook")? as f64;
+    let mx = x.max_abs("input")? as f64;
+    // With |v| ≤ M, ||x||, ||c|| ≤ √D·M and |s| ≤ 3·D·M²: every f32 score, dot product and
+    // norm of a search stays finite below the limit of `check_max_abs`.
     let what = if mx >= mc { "input" } else { "codebook" };
     check_max_abs(what, mx.max(mc), x.cols())
 }
 
+/// The rows a search scores: every row of a matrix, or the rows it names, in that order.
+///
+/// The exact k-means bounds search a different subset of the rows against each group of codes
+/// every pass; naming the rows instead of copying them into a matrix of their own keeps the
+/// only copy in a small per-thread buffer that stays in cache (copying every searched row to a
+/// fresh matrix took a fifth of a pass).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rows<'a> {
+    x: MatRef<'a>,
+    pick: Option<&'a [u32]>,
+}
+
+impl<'a> Rows<'a> {
+    pub(crate) fn all(x: MatRef<'a>) -> Self {
+        Rows { x, pick: None }
+    }
+
+    /// The rows of `x` named by `pick`; an error names the first index out of range.
+    pub(crate) fn picked(x: MatRef<'a>, pick: &'a [u32]) -> Result<Self> {
+        if let Some(&i) = pick.iter().find(|&&i| i as usize >= x.rows()) {
+            return Err(Error::InvalidArgument(format!(
+                "row {i} picked for a search of a matrix of {} rows",
+                x.rows()
+            )));
+        }
+        Ok(Rows {
+            x,
+            pick: Some(pick),
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.pick.map_or(self.x.rows(), <[u32]>::len)
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.x.cols()
+    }
+
+    /// The `i`-th row searched.
+    pub(crate) fn row(&self, i: usize) -> &'a [f32] {
+        match self.pick {
+            None => self.x.row(i),
+            Some(p) => self.x.row(p[i] as usize),
+        }
+    }
+
+    /// Searched rows `start..end` as one slice, when they lie contiguous in memory.
+    pub(crate) fn dense(&self, start: usize, end: usize) -> Option<&'a [f32]> {
+        match self.pick {
+            None => Some(self.x.slice_rows(start, end).data()),
+            Some(_) => None,
+        }
+    }
+
+    fn check_nonempty(&self) -> Result<()> {
+        match self.pick {
+            None => self.x.check_nonempty("input"),
+            Some(p) if p.is_empty() || self.cols() == 0 => Err(Error::Empty {
+                what: "input".into(),
+                detail: format!("{} picked rows × {} columns", p.len(), self.cols()),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// [`MatRef::max_abs`] over the searched rows; an error names the row's index in the matrix.
+    fn max_abs(&self, what: &str) -> Result<f32> {
+        use rayon::prelude::*;
+        let Some(pick) = self.pick else {
+            return self.x.max_abs(what);
+        };
+        let x = self.x;
+        let most = pick
+            .par_iter()
+            .with_min_len(256)
+            .map(|&i| crate::matrix::max_abs_bits(x.row(i as usize)))
+            .max()
+            .unwrap_or(0);
+        if most >= 0x7f80_0000 {
+            for &i in pick {
+                MatRef::new(x.row(i as usize), 1, x.cols())?
+                    .check_finite(what)
+                    .map_err(|e| match e {
+                        Error::NonFinite {
+                            what, col, value, ..
+                        } => Error::NonFinite {
+                            what,
+                            row: i as usize,
+                            col,
+                            value,
+                        },
+                        e => e,
+                    })?;
+            }
+        }
+        Ok(f32::from_bits(most.min(0x7f7f_ffff)))
+    }
+}
+
 /// Fails when `max_abs`, the largest |value| of `what` (rows of `dim` values), could overflow
-/// an f32 score (the limit derived at [`check_magnitude`]).
+/// an f32 score (|v| ≤ M bounds every score by 3·D·M², kept below f32::MAX / 8).
 pub(crate) fn check_max_abs(what: &str, max_abs: f64, dim: usize) -> Result<()> {
     let limit = (f32::MAX as f64 / 8.0 / (3.0 * dim as f64)).sqrt();
     if max_abs > limit {
@@ -169,19 +268,19 @@ pub fn search_with_precision(
     precision: Precision,
     candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
 ) -> Result<Assignment> {
-    Ok(search_rows(x, codebook, metric, precision, candidates, false)?.0)
+    Ok(search_rows(Rows::all(x), codebook, metric, precision, candidates, false)?.0)
 }
 
 /// [`search_with_precision`], with the [`LowerBounds`] when `bounds` asks for them.
-fn search_rows(
-    x: MatRef<'_>,
+pub(crate) fn search_rows(
+    x: Rows<'_>,
     codebook: MatRef<'_>,
     metric: Metric,
     precision: Precision,
     candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
     bounds: bool,
 ) -> Result<(Assignment, Option<LowerBounds>)> {
-    validate(x, codebook)?;
+    validate_rows(x, codebook)?;
     let prepared = Prepared::new(codebook, metric);
     let c = candidates(&prepared)?;
     Ok(finish_rows(
@@ -246,6 +345,9 @@ pub struct Candidates {
     pub best_score: Vec<f32>,
     /// Second-smallest score (+inf when K = 1).
     pub second_score: Vec<f32>,
+    /// ||x||² of each raw row in f64, when the kernel computed it while the row was in cache
+    /// (the CPU kernels, under L2); [`finish`] computes it otherwise.
+    pub row_norm_sq: Option<Vec<f64>>,
 }
 
 /// The rounding model behind the recheck bound.
@@ -408,7 +510,7 @@ pub fn finish(
     model: RoundingModel,
     candidates: Candidates,
 ) -> Assignment {
-    finish_rows(x, codebook, prepared, model, candidates, false).0
+    finish_rows(Rows::all(x), codebook, prepared, model, candidates, false).0
 }
 
 /// Lower bounds a search leaves per row, for pruning later searches (the exact k-means bounds,
@@ -422,6 +524,28 @@ pub struct LowerBounds {
     pub others: Vec<f64>,
 }
 
+/// [`search_with_bounds`] for the rows of `x` that `rows` names, in that order (row t of the
+/// result is row `rows[t]` of `x`).
+pub(crate) fn search_picked_with_bounds(
+    x: MatRef<'_>,
+    rows: &[u32],
+    codebook: MatRef<'_>,
+    metric: Metric,
+    precision: Precision,
+    candidates: impl FnOnce(Rows<'_>, &Prepared) -> Result<Candidates>,
+) -> Result<(Assignment, LowerBounds)> {
+    let picked = Rows::picked(x, rows)?;
+    let (a, bounds) = search_rows(
+        picked,
+        codebook,
+        metric,
+        precision,
+        |p| candidates(picked, p),
+        true,
+    )?;
+    Ok((a, bounds.expect("bounds asked for")))
+}
+
 /// [`search`] at `precision`, also returning the [`LowerBounds`] its scores imply.
 pub fn search_with_bounds(
     x: MatRef<'_>,
@@ -430,7 +554,7 @@ pub fn search_with_bounds(
     precision: Precision,
     candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
 ) -> Result<(Assignment, LowerBounds)> {
-    let (a, bounds) = search_rows(x, codebook, metric, precision, candidates, true)?;
+    let (a, bounds) = search_rows(Rows::all(x), codebook, metric, precision, candidates, true)?;
     Ok((a, bounds.expect("bounds asked for")))
 }
 
@@ -439,7 +563,7 @@ pub fn search_with_bounds(
 /// code but the computed best scored at least the runner-up (when the recheck moved the winner
 /// off the computed best, that best is among the others).
 fn finish_rows(
-    x: MatRef<'_>,
+    x: Rows<'_>,
     codebook: MatRef<'_>,
     prepared: &Prepared,
     model: RoundingModel,
@@ -451,20 +575,25 @@ fn finish_rows(
         best,
         best_score,
         second_score,
+        row_norm_sq,
     } = candidates;
-    let n = x.rows();
+    let n = x.len();
     // The computed best is kept only for the bounds (the recheck may overwrite `indices`).
     let computed_best = bounds.then(|| best.clone());
     let mut indices = best;
     let mut distances = vec![0f32; n];
-    // With bounds, each row's norm is computed once for both passes below.
-    let norms: Option<Vec<f64>> = bounds.then(|| {
-        (0..n)
-            .into_par_iter()
-            .with_min_len(1024)
-            .map(|r| norm_sq_f64(x.row(r)))
-            .collect()
-    });
+    // Under L2 each row's norm is needed (computed once for both passes below when the kernel
+    // did not leave it); under cosine the rows are unit vectors.
+    let norms: Option<Vec<f64>> = match prepared.metric {
+        Metric::L2 => Some(row_norm_sq.unwrap_or_else(|| {
+            (0..n)
+                .into_par_iter()
+                .with_min_len(1024)
+                .map(|r| norm_sq_f64(x.row(r)))
+                .collect()
+        })),
+        Metric::Cosine => None,
+    };
     let rechecked: usize = indices
         .par_iter_mut()
         .zip(distances.par_iter_mut())
@@ -472,11 +601,8 @@ fn finish_rows(
         .with_min_len(1024)
         .map(|(row, (index, dist))| {
             let xr = x.row(row);
-            let x_norm_sq = norms.as_ref().map_or_else(|| norm_sq_f64(xr), |v| v[row]);
-            let x_norm = match prepared.metric {
-                Metric::L2 => x_norm_sq.sqrt(),
-                Metric::Cosine => 1.0,
-            };
+            let x_norm_sq = norms.as_ref().map_or(1.0, |v| v[row]);
+            let x_norm = x_norm_sq.sqrt();
             let err = prepared.score_error(x_norm, model);
             let (b, s) = (best_score[row] as f64, second_score[row] as f64);
             // A NaN margin (a non-finite score) also takes the exact path.
@@ -502,17 +628,15 @@ fn finish_rows(
             }
         })
         .sum();
-    let bounds = norms.zip(computed_best).map(|(norms, best)| {
+    let bounds = computed_best.map(|best| {
         let lower = |v: f64| if v.is_nan() { 0.0 } else { v.max(0.0) };
         let (winner, others) = (0..n)
             .into_par_iter()
             .with_min_len(1024)
             .map(|row| {
-                let (x_sq, x_norm) = match prepared.metric {
-                    Metric::L2 => (norms[row], norms[row].sqrt()),
-                    // s = 1 − 2 x̂·ĉ, so 2·(1 − cos) = s + 1.
-                    Metric::Cosine => (1.0, 1.0),
-                };
+                // Under cosine s = 1 − 2 x̂·ĉ, so 2·(1 − cos) = s + 1.
+                let x_sq = norms.as_ref().map_or(1.0, |v| v[row]);
+                let x_norm = x_sq.sqrt();
                 let err = prepared.score_error(x_norm, model);
                 let other = if indices[row] == best[row] {
                     second_score[row]
@@ -541,7 +665,7 @@ fn finish_rows(
 /// 1e-16·D): far below any gap an f32 input can express.
 pub fn exact_row(x: &[f32], codebook: MatRef<'_>, metric: Metric) -> (u32, f64) {
     let mut best = (0u32, f64::INFINITY);
-    let x_inv = inv_norm_f64(x);
+    let x_inv = x_inverse_norm(x, metric);
     for k in 0..codebook.rows() {
         let d = distance_with(x, x_inv, codebook.row(k), metric);
         if d < best.1 {
@@ -553,23 +677,47 @@ pub fn exact_row(x: &[f32], codebook: MatRef<'_>, metric: Metric) -> (u32, f64) 
 
 /// The distance [`exact_row`] computes between `x` and one code, clamped at 0.
 pub fn exact_distance(x: &[f32], c: &[f32], metric: Metric) -> f64 {
-    distance_with(x, inv_norm_f64(x), c, metric).max(0.0)
+    distance_with(x, x_inverse_norm(x, metric), c, metric).max(0.0)
+}
+
+/// What [`distance_with`] needs of the row: its inverse norm under cosine (L2 uses none, and
+/// computing it would double the cost of an L2 distance).
+#[inline]
+fn x_inverse_norm(x: &[f32], metric: Metric) -> f64 {
+    match metric {
+        Metric::L2 => 1.0,
+        Metric::Cosine => inv_norm_f64(x),
+    }
 }
 
 #[inline]
 fn distance_with(x: &[f32], x_inv: f64, c: &[f32], metric: Metric) -> f64 {
     match metric {
-        Metric::L2 => sum_lanes(x, c, |a, b| {
+        Metric::L2 => l2_sq_f64(x, c),
+        Metric::Cosine => 1.0 - dot_f64(x, c) * x_inv * inv_norm_f64(c),
+    }
+}
+
+crate::model::simd::multiversion! {
+    /// Σ (x_i − c_i)² in f64 ([`sum_lanes`]'s order).
+    fn l2_sq_f64(x: &[f32], c: &[f32]) -> f64 {
+        sum_lanes(x, c, |a, b| {
             let t = a - b;
             t * t
-        }),
-        Metric::Cosine => 1.0 - sum_lanes(x, c, |a, b| a * b) * x_inv * inv_norm_f64(c),
+        })
+    }
+}
+
+crate::model::simd::multiversion! {
+    /// Σ x_i·c_i in f64 ([`sum_lanes`]'s order).
+    fn dot_f64(x: &[f32], c: &[f32]) -> f64 {
+        sum_lanes(x, c, |a, b| a * b)
     }
 }
 
 /// Σ_i f(x_i, c_i) in f64 with 8 independent accumulators (a fixed order, so the result is
 /// deterministic, and one the compiler vectorises).
-#[inline]
+#[inline(always)]
 fn sum_lanes(x: &[f32], c: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
     const L: usize = 8;
     let mut acc = [0f64; L];
@@ -589,7 +737,7 @@ fn sum_lanes(x: &[f32], c: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
 }
 
 pub(crate) fn norm_sq_f64(v: &[f32]) -> f64 {
-    v.iter().map(|&a| a as f64 * a as f64).sum()
+    dot_f64(v, v)
 }
 
 /// 1/||v||, or 0 for a zero vector (which then has cosine 0 to everything).

@@ -224,6 +224,7 @@ impl<G: Gpu> GpuBackend<G> {
             best: g.download("best indices", &out.best)?,
             best_score: g.download("best scores", &out.best_score)?,
             second_score: g.download("runner-up scores", &out.second_score)?,
+            row_norm_sq: None,
         })
     }
 }
