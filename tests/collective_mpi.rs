@@ -256,22 +256,24 @@ mod mpi {
     }
 
     /// A rank killed with SIGKILL (no chance to abort) ends the job: the launcher sees it die and
-    /// ends the others; mpirun exits non-zero within 30 s and no checkpoint is written.
+    /// ends the others; mpirun exits non-zero within 30 s. The last periodic checkpoint is
+    /// whole, and `mpirun -np 2 vqx fit --resume` from it gives the uninterrupted fit's
+    /// codebook bit for bit (the uninterrupted fit run as `--shards 2`, which equals -np 2).
     #[cfg(target_os = "linux")]
     #[test]
     fn a_rank_killed_with_sigkill_ends_the_fit() {
         let dir = tempfile::tempdir().unwrap();
         let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
-        // Long enough to be killed mid-fit: plain passes over 200,000 × 64 uniform rows, K = 2,048
-        // (alone on 2 cores: 100,000 rows took 42 passes, 6.6 s, to a fixed point; this is about
-        // twice that), killed 1 s after rank 1 starts.
+        // Long enough to be killed mid-fit: 14 plain passes over 200,000 × 64 uniform rows,
+        // K = 2,048 (alone on 2 cores about 0.3 s a pass), killed once the checkpoint of pass 2
+        // is there.
         let (n, d) = (200_000, 64);
         let x = super::common::uniform(n, d, 11);
         vqx::npy::write_matrix(p("x.npy"), vqx::Matrix::new(x, n, d).unwrap().as_ref()).unwrap();
         let (xp, op) = (p("x.npy"), p("killed.st"));
         #[rustfmt::skip]
         let args = ["fit", "--input", &xp, "--codebook-size", "2048", "--init", "data",
-            "--no-bounds", "--tol", "0", "--max-passes", "300", "--quiet", "-o", &op];
+            "--no-bounds", "--steps", "14", "--checkpoint-every", "1", "--quiet", "-o", &op];
         let start = Instant::now();
         let mut child = Command::new("mpirun")
             .args(["--oversubscribe", "--bind-to", "none", "-np", "2"])
@@ -309,7 +311,18 @@ mod mpi {
             std::thread::sleep(Duration::from_millis(20));
         };
         // Let it get into the passes, then kill it without warning.
-        std::thread::sleep(Duration::from_millis(1000));
+        let pass_of = || {
+            vqx::checkpoint::Checkpoint::load(&op)
+                .ok()
+                .map_or(0, |c| c.step)
+        };
+        while pass_of() < 2 && child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no checkpoint of pass 2"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if child.try_wait().unwrap().is_some() {
             let out = child.wait_with_output().unwrap();
             let (stdout, stderr) = text(&out);
@@ -335,14 +348,44 @@ mod mpi {
             std::thread::sleep(Duration::from_millis(50));
         };
         assert!(!status.success(), "mpirun exited 0 after a rank was killed");
-        assert!(
-            !dir.path().join("killed.st").exists(),
-            "a checkpoint was written"
-        );
         eprintln!(
             "rank 1 killed; the job ended {:.2} s later with {status}",
             at.elapsed().as_secs_f64()
         );
+        let at_pass = pass_of();
+        assert!((2..14).contains(&at_pass), "killed after pass {at_pass}");
+        let mut resumed: Vec<&str> = args.to_vec();
+        resumed.push("--resume");
+        let (out, _) = mpirun_on(
+            env!("CARGO_BIN_EXE_vqx"),
+            2,
+            &resumed,
+            Duration::from_secs(300),
+        );
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "resume: {stdout}\n{stderr}");
+        let whole = p("whole.st");
+        let mut one: Vec<&str> = args.to_vec();
+        one.truncate(one.len() - 1);
+        one.extend([whole.as_str(), "--shards", "2"]);
+        let o = Command::new(env!("CARGO_BIN_EXE_vqx"))
+            .args(&one)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (a, b) = (
+            vqx::checkpoint::Checkpoint::load(&whole).unwrap(),
+            vqx::checkpoint::Checkpoint::load(&op).unwrap(),
+        );
+        assert!(
+            a.codebook.data().iter().map(|v| v.to_bits()).eq(b
+                .codebook
+                .data()
+                .iter()
+                .map(|v| v.to_bits())),
+            "killed after pass {at_pass} and resumed: not the uninterrupted codebook"
+        );
+        assert_eq!(a.step, b.step);
     }
 
     /// A NaN in rank 1's rows ends the job: non-zero, within 30 s, the rank and the rows named,

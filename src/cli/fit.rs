@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
 use vqx::collective::{Collective, in_process};
 use vqx::ema::EmaState;
-use vqx::kmeans::{self, KMeans, KMeansConfig, Seeding, Shard};
+use vqx::kmeans::{self, KMeansConfig, Seeding, Shard};
 use vqx::quantizer::{CodebookLearning, QuantizerConfig, VectorQuantizer};
 use vqx::{Error, MatRef, Matrix, Result};
 
@@ -64,6 +64,16 @@ pub struct Args {
     /// code first, then over all rows, when the input holds at least twice that (0: none).
     #[arg(long, default_value_t = KMeansConfig::SAMPLE_PER_CODE)]
     pub sample_per_code: usize,
+    /// lloyd: passes between checkpoints of the fit so far, written atomically to --output
+    /// (0: only at the end); a killed fit continues from the last with --resume.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_every: usize,
+    /// lloyd: continue the fit whose checkpoint is at --output: the fit's own command with
+    /// --resume added (same input, seed, metric and --tol; the seeding flags are moot, the
+    /// seeding is done). On the same number of ranks it continues with the uninterrupted fit's
+    /// bits; --steps/--max-passes count the passes already made.
+    #[arg(long)]
+    pub resume: bool,
     /// lloyd: split the rows into this many shards, one in-process rank each: the codebook
     /// `mpirun -np S` gives, bit for bit.
     #[arg(long, default_value_t = 1, value_parser = count::<usize>)]
@@ -169,6 +179,8 @@ fn check_mode_flags(args: &Args) -> Result<()> {
                     "--sample-per-code",
                     args.sample_per_code != KMeansConfig::SAMPLE_PER_CODE,
                 ),
+                ("--resume", args.resume),
+                ("--checkpoint-every", args.checkpoint_every != 10),
             ]
             .iter()
             .filter(|(_, g)| *g)
@@ -358,11 +370,17 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
     let d = shard.rows().cols();
     let run = &args.run;
     let lead = comm.rank() == 0;
+    let resumed = if args.resume {
+        Some(resume_point(args, comm, &shard)?)
+    } else {
+        None
+    };
     let seeding = match args
         .init
         .clone()
         .unwrap_or(InitFrom::Builtin(InitChoice::KMeans))
     {
+        _ if resumed.is_some() => Seeding::Given(resumed.as_ref().expect("resumed").0.clone()),
         InitFrom::Builtin(InitChoice::KMeans) => Seeding::Parallel {
             rounds: args.seed_rounds,
             oversampling: args.oversampling,
@@ -381,6 +399,7 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
         seeding,
         seed: run.seed,
         sample_per_code: args.sample_per_code,
+        resume: resumed.as_ref().map(|r| r.1),
     };
     // Validated before any work, as the EMA mode's quantizer does.
     quantizer_config(args, d).validate()?;
@@ -390,9 +409,14 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
         _ => None,
     };
     let k = args.codebook_size;
-    let fit = kmeans::fit(&*backend, comm, shard, &config, |p| {
+    let total = shard.total();
+    let fit = kmeans::fit(&*backend, comm, shard, &config, |p, state| {
         if !lead {
             return Ok(());
+        }
+        if !p.sample && args.checkpoint_every > 0 && p.pass % args.checkpoint_every == 0 {
+            let meta = fit_meta(args, comm, total, p.pass, p.error, None);
+            save_fit(args, state.codebook, state.counts, p.pass, meta, d)?;
         }
         if !run.quiet {
             eprintln!(
@@ -426,7 +450,9 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
     if let Some(w) = metrics.as_mut() {
         w.flush()?;
     }
-    save_fit(args, &fit, d)?;
+    let last = fit.passes.last().expect("at least one pass");
+    let meta = fit_meta(args, comm, total, last.pass, last.error, Some(fit.stop));
+    save_fit(args, fit.codebook.as_ref(), &fit.counts, last.pass, meta, d)?;
     let n = shard.total();
     let passes = fit.passes.len();
     let last = fit.passes.last().expect("at least one pass");
@@ -468,16 +494,123 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
     Ok(())
 }
 
-/// The fitted codebook as a vqx checkpoint. Its EMA state is what the last assignment implies
+/// What a checkpoint of a Lloyd fit says about the fit, under the `fit` key of its config:
+/// enough for --resume to continue it and to refuse a different fit. The error is stored as
+/// its f64 bits too, since the --tol stop compares the next error with it exactly.
+fn fit_meta(
+    args: &Args,
+    comm: &dyn Collective,
+    rows: usize,
+    passes: usize,
+    error: f64,
+    stop: Option<kmeans::Stop>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "mode": "lloyd",
+        "passes": passes,
+        "error": error,
+        "error_bits": format!("{:016x}", error.to_bits()),
+        "finished": stop.is_some_and(|s| s != kmeans::Stop::MaxPasses),
+        "stop": stop,
+        "rows": rows,
+        "metric": args.backend.metric().name(),
+        "seed": args.run.seed,
+        "tol": if args.steps.is_some() { 0.0 } else { args.tol },
+        "ranks": comm.size(),
+    })
+}
+
+/// The codebook and pass count of the checkpoint --resume continues, after checking that it
+/// is an unfinished Lloyd fit of this input with these settings.
+fn resume_point(
+    args: &Args,
+    comm: &dyn Collective,
+    shard: &Shard<'_>,
+) -> Result<(Matrix, kmeans::Resume)> {
+    let path = &args.output;
+    let ckpt = vqx::checkpoint::Checkpoint::load(path)?;
+    let bad = |what: String| Error::InvalidArgument(format!("--resume {}: {what}", path.display()));
+    let meta = ckpt
+        .config
+        .get("fit")
+        .filter(|m| m.get("mode").and_then(|v| v.as_str()) == Some("lloyd"))
+        .ok_or_else(|| bad("not a checkpoint of `vqx fit --mode lloyd`".into()))?;
+    let field = |name: &str| {
+        meta.get(name)
+            .cloned()
+            .ok_or_else(|| bad(format!("its fit record lacks `{name}`")))
+    };
+    if field("finished")?.as_bool() == Some(true) {
+        return Err(bad(format!(
+            "that fit finished ({}) after {} passes: nothing to resume",
+            field("stop")?,
+            field("passes")?
+        )));
+    }
+    let d = shard.rows().cols();
+    let (k, cd) = (ckpt.codebook.rows(), ckpt.codebook.cols());
+    if (k, cd) != (args.codebook_size, d) {
+        return Err(bad(format!(
+            "its codebook is {k} × {cd}; this fit asks for {} × {d}",
+            args.codebook_size
+        )));
+    }
+    let tol = if args.steps.is_some() { 0.0 } else { args.tol };
+    let wanted = [
+        ("rows", serde_json::json!(shard.total()), "input rows"),
+        (
+            "metric",
+            serde_json::json!(args.backend.metric().name()),
+            "--metric",
+        ),
+        ("seed", serde_json::json!(args.run.seed), "--seed"),
+        ("tol", serde_json::json!(tol), "--tol (0 with --steps)"),
+    ];
+    for (name, want, flag) in wanted {
+        let have = field(name)?;
+        if have != want {
+            return Err(bad(format!(
+                "it was fitted with {flag} {have}; this run has {want}: resume with the same"
+            )));
+        }
+    }
+    let passes = field("passes")?
+        .as_u64()
+        .ok_or_else(|| bad("`passes` is not a count".into()))? as usize;
+    let error = field("error_bits")?
+        .as_str()
+        .and_then(|b| u64::from_str_radix(b, 16).ok())
+        .map(f64::from_bits)
+        .ok_or_else(|| bad("`error_bits` is not 16 hex digits".into()))?;
+    let ranks = field("ranks")?.as_u64().unwrap_or(0) as usize;
+    if ranks != comm.size() && comm.rank() == 0 && !args.run.quiet {
+        eprintln!(
+            "note: the fit ran on {ranks} ranks and resumes on {}: it continues, but the sums \
+             are added in another order, so not with the uninterrupted fit's bits",
+            comm.size()
+        );
+    }
+    Ok((ckpt.codebook, kmeans::Resume { passes, error }))
+}
+
+/// A Lloyd fit's codebook as a vqx checkpoint, with `meta` under the config's `fit` key.
+/// Its EMA state is what the pass's assignment implies
 /// (counts N_k, sums N_k·c_k), so an EMA run resumed from it starts where k-means ended; a
 /// code that had no rows (re-seeded on the last pass) starts at count 1, as a given codebook.
-fn save_fit(args: &Args, fit: &KMeans, d: usize) -> Result<()> {
-    let sizes: Vec<f32> = fit
-        .counts
+fn save_fit(
+    args: &Args,
+    codebook: MatRef<'_>,
+    counts: &[u64],
+    passes: usize,
+    meta: serde_json::Value,
+    d: usize,
+) -> Result<()> {
+    let sizes: Vec<f32> = counts
         .iter()
         .map(|&c| if c == 0 { 1.0 } else { c as f32 })
         .collect();
-    let mut sums = fit.codebook.clone();
+    let codebook = codebook.to_owned();
+    let mut sums = codebook.clone();
     for (row, &c) in sums.data_mut().chunks_mut(d).zip(&sizes) {
         row.iter_mut().for_each(|v| *v *= c);
     }
@@ -485,10 +618,17 @@ fn save_fit(args: &Args, fit: &KMeans, d: usize) -> Result<()> {
     let config = quantizer_config(args, d).init(vqx::quantizer::Init::Given);
     let vq = VectorQuantizer::from_state(
         config,
-        fit.codebook.clone(),
+        codebook,
         Some(ema),
-        fit.passes.len() as u64,
-        Some(fit.counts.clone()),
+        passes as u64,
+        Some(counts.to_vec()),
     )?;
-    vq.to_checkpoint()?.save(&args.output)
+    let mut ckpt = vq.to_checkpoint()?;
+    match ckpt.config.as_object_mut() {
+        Some(obj) => {
+            obj.insert("fit".into(), meta);
+        }
+        None => ckpt.config = serde_json::json!({ "quantizer": ckpt.config, "fit": meta }),
+    }
+    ckpt.save(&args.output)
 }

@@ -58,6 +58,7 @@ impl Bounds {
                 seeding: super::Seeding::RandomRows,
                 seed,
                 sample_per_code: 0,
+                resume: None,
             };
             let single = crate::collective::Single;
             super::fit(
@@ -65,7 +66,7 @@ impl Bounds {
                 &single,
                 super::Shard::whole(codes),
                 &config,
-                |_| Ok(()),
+                |_, _| Ok(()),
             )?
             .indices
         };

@@ -28,7 +28,7 @@
 //! // Two tight groups in 1-D: the codes land on their means.
 //! let x = [0.0f32, 0.2, 0.1, 10.0, 10.2, 10.1];
 //! let cfg = KMeansConfig::new(2);
-//! let fit = kmeans::fit(&CpuBackend::new(), &Single, Shard::whole(MatRef::new(&x, 6, 1)?), &cfg, |_| Ok(()))?;
+//! let fit = kmeans::fit(&CpuBackend::new(), &Single, Shard::whole(MatRef::new(&x, 6, 1)?), &cfg, |_, _| Ok(()))?;
 //! let mut codes = fit.codebook.data().to_vec();
 //! codes.sort_by(f32::total_cmp);
 //! assert!((codes[0] - 0.1).abs() < 1e-6 && (codes[1] - 10.1).abs() < 1e-6);
@@ -80,6 +80,31 @@ pub struct KMeansConfig {
     /// codebook: most of the codes' travel is then paid for on the sample, and the full passes
     /// start near a fixed point, where the bounds skip most distances.
     pub sample_per_code: usize,
+    /// Continue a fit that stopped after some passes (from `Seeding::Given` codes, which must be
+    /// the codebook those passes left).
+    pub resume: Option<Resume>,
+}
+
+/// Where a resumed fit stands: the passes over all rows already made and the last one's error
+/// (the --tol stop compares the next pass's error with it).
+///
+/// Each pass depends only on the codebook it starts from (the bounds restart from a full
+/// search, and give the same indices as one; re-seeded rows are drawn by the pass's number), so
+/// a fit resumed from a checkpoint continues with the bits of the uninterrupted fit, on the
+/// same number of ranks. One difference: the first resumed pass does not know the previous
+/// assignment, so it reports every row as reassigned and cannot end the fit at a fixed point;
+/// a fit that would have converged on that pass converges on the next, with the same codebook.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Resume {
+    pub passes: usize,
+    pub error: f64,
+}
+
+/// What `on_pass` sees besides the [`Pass`]: the codebook after the pass moved the codes and
+/// the pass's rows per code (over all ranks): what a checkpoint of the fit so far holds.
+pub struct PassState<'a> {
+    pub codebook: MatRef<'a>,
+    pub counts: &'a [u64],
 }
 
 impl KMeansConfig {
@@ -102,6 +127,7 @@ impl KMeansConfig {
             seeding: Seeding::default(),
             seed: 0,
             sample_per_code: KMeansConfig::SAMPLE_PER_CODE,
+            resume: None,
         }
     }
 }
@@ -198,7 +224,7 @@ pub fn fit(
     comm: &dyn Collective,
     shard: Shard<'_>,
     config: &KMeansConfig,
-    mut on_pass: impl FnMut(&Pass) -> Result<()>,
+    mut on_pass: impl FnMut(&Pass, &PassState<'_>) -> Result<()>,
 ) -> Result<KMeans> {
     let start = Instant::now();
     let k = config.codes;
@@ -230,14 +256,33 @@ pub fn fit(
     } else {
         shard
     };
-    let on_pass: &mut dyn FnMut(&Pass) -> Result<()> = &mut on_pass;
-    let sample = Sample::draw(comm, &shard, config)?;
+    let on_pass: &mut dyn FnMut(&Pass, &PassState<'_>) -> Result<()> = &mut on_pass;
+    if let Some(r) = config.resume {
+        if !matches!(config.seeding, Seeding::Given(_)) {
+            return Err(Error::InvalidArgument(
+                "a resumed k-means starts from the codebook it stopped with (Seeding::Given)"
+                    .into(),
+            ));
+        }
+        if r.passes >= config.max_passes {
+            return Err(Error::InvalidArgument(format!(
+                "the fit to resume has made {} passes, the most asked for is {}: nothing to do",
+                r.passes, config.max_passes
+            )));
+        }
+    }
+    let sample = match config.resume {
+        Some(_) => None,
+        None => Sample::draw(comm, &shard, config)?,
+    };
     let first_stage = match &sample {
         Some(s) => Shard::new(s.rows.as_ref(), s.first, s.total)?,
         None => shard,
     };
     let (mut codes, seeding) = seed(backend, comm, &first_stage, k, &config.seeding, config.seed)?;
-    if config.metric == Metric::Cosine {
+    // A resumed fit's codes are already the unit vectors the passes left: normalising them
+    // again could move their last bits.
+    if config.metric == Metric::Cosine && config.resume.is_none() {
         codes = normalize_rows(codes.as_ref());
     }
     let mut sample_passes = Vec::new();
@@ -325,7 +370,7 @@ fn lloyd(
     mut codes: Matrix,
     start: Instant,
     sample: bool,
-    on_pass: &mut dyn FnMut(&Pass) -> Result<()>,
+    on_pass: &mut dyn FnMut(&Pass, &PassState<'_>) -> Result<()>,
 ) -> Result<KMeans> {
     let k = config.codes;
     let total = shard.total();
@@ -350,10 +395,22 @@ fn lloyd(
     let mut passes: Vec<Pass> = Vec::new();
     let mut counts = vec![0u64; k];
     let mut stop = Stop::MaxPasses;
-    for pass in 1..=config.max_passes {
+    // A resumed fit (never a sample stage) continues the pass count and the error sequence.
+    let (first_pass, mut previous) = match config.resume {
+        Some(r) if !sample => (r.passes + 1, Some(r.error)),
+        _ => (1, None),
+    };
+    for pass in first_pass..=config.max_passes {
         let (searched, reassigned) = match bounds.as_mut() {
-            Some(b) if pass > 1 => b.assign(backend, x, codes.as_ref(), &mut indices)?,
-            b => assign_all(backend, x, codes.as_ref(), &mut indices, pass == 1, b)?,
+            Some(b) if pass > first_pass => b.assign(backend, x, codes.as_ref(), &mut indices)?,
+            b => assign_all(
+                backend,
+                x,
+                codes.as_ref(),
+                &mut indices,
+                pass == first_pass,
+                b,
+            )?,
         };
         // Two all-reduces per pass: the f64 sums, and the counts with the pass's two tallies
         // after them.
@@ -365,8 +422,7 @@ fn lloyd(
         let (searched, reassigned) = (counts.pop().expect("tally"), counts.pop().expect("tally"));
         let error = squared_error(x_sq[0], &sums, &counts, codes.as_ref()) / total as f64;
         let used = counts.iter().filter(|&&c| c > 0).count();
-        let converged = pass > 1 && reassigned == 0 && used == k;
-        let previous = passes.last().map(|p| p.error);
+        let converged = pass > first_pass && reassigned == 0 && used == k;
 
         let mut reseeded = 0;
         if !converged {
@@ -403,7 +459,13 @@ fn lloyd(
             reseeded,
             elapsed_s: start.elapsed().as_secs_f64(),
         };
-        on_pass(&report)?;
+        on_pass(
+            &report,
+            &PassState {
+                codebook: codes.as_ref(),
+                counts: &counts,
+            },
+        )?;
         passes.push(report);
         if converged {
             stop = Stop::Converged;
@@ -416,6 +478,7 @@ fn lloyd(
                 break;
             }
         }
+        previous = Some(error);
     }
     // And once more at the end: the codebook every rank returns is the same.
     if comm.size() > 1 {
