@@ -434,11 +434,11 @@ trait Job {
     fn trainer(&mut self) -> &mut Trainer;
     /// Whether this process reports and writes (rank 0).
     fn lead(&self) -> bool;
-    fn step(&mut self) -> Result<StepMetrics>;
+    /// One step; returns its metrics and whether to stop after it because `stop` (Ctrl-C)
+    /// was raised here or, across ranks, on any rank.
+    fn step(&mut self, stop: &AtomicBool) -> Result<(StepMetrics, bool)>;
     fn evaluate(&mut self) -> Result<f64>;
     fn save(&mut self, path: &Path) -> Result<()>;
-    /// Whether `flag` is raised here or on any other rank.
-    fn any(&self, flag: bool) -> Result<bool>;
     /// Checks after each step (ranks: that every rank holds the same state, now and then).
     fn check(&mut self) -> Result<()>;
     /// Training and held-out rows over the whole job.
@@ -453,17 +453,15 @@ impl Job for Trainer {
     fn lead(&self) -> bool {
         true
     }
-    fn step(&mut self) -> Result<StepMetrics> {
-        Trainer::step(self)
+    fn step(&mut self, stop: &AtomicBool) -> Result<(StepMetrics, bool)> {
+        let m = Trainer::step(self)?;
+        Ok((m, stop.load(Ordering::SeqCst)))
     }
     fn evaluate(&mut self) -> Result<f64> {
         Trainer::evaluate(self)
     }
     fn save(&mut self, path: &Path) -> Result<()> {
         train::save_trainer(self, path)
-    }
-    fn any(&self, flag: bool) -> Result<bool> {
-        Ok(flag)
     }
     fn check(&mut self) -> Result<()> {
         Ok(())
@@ -483,17 +481,16 @@ impl Job for ShardedTrainer<'_> {
     fn lead(&self) -> bool {
         self.rank().0 == 0
     }
-    fn step(&mut self) -> Result<StepMetrics> {
-        ShardedTrainer::step(self)
+    fn step(&mut self, stop: &AtomicBool) -> Result<(StepMetrics, bool)> {
+        // Read before the step, so the vote rides in its all-reduce and every rank stops
+        // after the same step, whichever saw Ctrl-C.
+        self.step_voting(stop.load(Ordering::SeqCst))
     }
     fn evaluate(&mut self) -> Result<f64> {
         ShardedTrainer::evaluate(self)
     }
     fn save(&mut self, path: &Path) -> Result<()> {
         ShardedTrainer::save(self, path)
-    }
-    fn any(&self, flag: bool) -> Result<bool> {
-        ShardedTrainer::any(self, flag)
     }
     fn check(&mut self) -> Result<()> {
         if self.trainer.step.is_multiple_of(train::SYNC_CHECK_EVERY) {
@@ -532,7 +529,7 @@ fn train_loop(job: &mut dyn Job, args: &Args, dir: &Path, stop: &AtomicBool) -> 
     let mut last: Option<StepMetrics> = None;
     let mut eval = None;
     while !job.trainer().finished() {
-        let m = job.step()?;
+        let (m, interrupted) = job.step(stop)?;
         job.check()?;
         // The first step of a run (codebook init) is left out of the timing.
         if m.step > 1 {
@@ -559,8 +556,6 @@ fn train_loop(job: &mut dyn Job, args: &Args, dir: &Path, stop: &AtomicBool) -> 
         ));
         bar.inc(1);
         let stop_here = args.stop_at == Some(m.step);
-        // Every rank stops at the same step, whichever saw Ctrl-C.
-        let interrupted = job.any(stop.load(Ordering::SeqCst))?;
         let periodic = args.checkpoint_every > 0 && m.step.is_multiple_of(args.checkpoint_every);
         if periodic || interrupted || stop_here || finished {
             if let Some(log) = metrics.as_mut() {

@@ -226,6 +226,13 @@ impl<'c> ShardedTrainer<'c> {
     /// rank calls it). The metrics are the global batch's, the same on every rank (but the
     /// timings, which are this rank's).
     pub fn step(&mut self) -> Result<StepMetrics> {
+        self.step_voting(false).map(|(m, _)| m)
+    }
+
+    /// [`Self::step`], with this rank's vote to stop after it (e.g. it saw Ctrl-C): returns
+    /// whether any rank voted so, the same on every rank. The vote rides in the step's
+    /// all-reduce, so agreeing costs no collective of its own.
+    pub fn step_voting(&mut self, stop: bool) -> Result<(StepMetrics, bool)> {
         let start = Instant::now();
         let comm = self.comm;
         let part = self.part.clone();
@@ -281,6 +288,7 @@ impl<'c> ShardedTrainer<'c> {
             out.reconstruction * weight,
             out.commitment * weight,
             out.codebook * weight,
+            f64::from(u8::from(stop)),
         ]);
         comm.all_reduce_sum_f64(&mut buf)?;
         let comm_seconds = t_comm.elapsed().as_secs_f64();
@@ -340,7 +348,7 @@ impl<'c> ShardedTrainer<'c> {
         let mut m = t.metrics(lr, step_out, start, Transfers::default());
         m.phases = Some(phases);
         m.allreduce_seconds = Some(comm_seconds);
-        Ok(m)
+        Ok((m, losses[3] > 0.0))
     }
 
     /// Reconstruction MSE over every rank's held-out rows (over the training rows when the
@@ -420,13 +428,6 @@ impl<'c> ShardedTrainer<'c> {
             super::save_trainer(&mut self.trainer, path)?;
         }
         Ok(())
-    }
-
-    /// Whether `flag` is raised on any rank (a collective): how the ranks agree to stop.
-    pub fn any(&self, flag: bool) -> Result<bool> {
-        let mut v = [u32::from(flag)];
-        self.comm.all_reduce_sum_u32(&mut v)?;
-        Ok(v[0] > 0)
     }
 }
 
