@@ -330,3 +330,44 @@ fn a_nan_in_one_ranks_shard_names_the_rank() {
     );
     assert!(!out.join("checkpoint.safetensors").exists());
 }
+
+/// Ctrl-C during `--shards 2`: both ranks stop after the same step, rank 0 writes the
+/// checkpoint, the exit status is 130, and `--resume --shards 2` continues from there.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_every_rank_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let d = arg(&dir);
+    let mut a = SMALL.to_vec();
+    a.extend_from_slice(&["--steps", "1000000", "--shards", "2", "--output", &d]);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vqx"))
+        .args(&a)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (metrics lines appear), then send SIGINT.
+    let metrics = dir.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&metrics).map_or(0, |m| m.len()) == 0 {
+        assert!(t0.elapsed().as_secs() < 60, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let k = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    let out = child.wait_with_output().unwrap();
+    let err = common::cli::stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted at step"), "{err}");
+    let path = dir.join("checkpoint.safetensors");
+    let t = vqx::train::load_trainer(&path, Device::Cpu).unwrap();
+    assert!(t.step > 0);
+    assert_eq!(t.config.ranks, 2);
+    let steps = (t.step + 3).to_string();
+    resume(&dir, &["--shards", "2", "--steps", &steps]);
+    let t2 = vqx::train::load_trainer(&path, Device::Cpu).unwrap();
+    assert_eq!(t2.step, t.step + 3);
+}
