@@ -387,16 +387,14 @@ fn rank_job(args: &Args, comm: &dyn Collective, stop: &AtomicBool) -> Result<Out
                      on the CPU; leave --device out or give cpu"
                 )));
             }
-            let (mut t, before) = ShardedTrainer::resume(comm, &path, args.steps)?;
-            if args.run.deterministic {
-                t.trainer.config.quantizer.deterministic = true;
-            }
+            // (--deterministic changes nothing here: the CPU always sums in a fixed order.)
+            let (t, before) = ShardedTrainer::resume(comm, &path, args.steps)?;
             if lead {
                 eprintln!(
                     "resuming {} at step {} of {} on {size} ranks",
                     path.display(),
-                    t.trainer.step,
-                    t.trainer.config.steps
+                    t.trainer().step,
+                    t.trainer().config.steps
                 );
                 note_rank_change(before, size);
             }
@@ -418,8 +416,8 @@ fn rank_job(args: &Args, comm: &dyn Collective, stop: &AtomicBool) -> Result<Out
                 eprintln!(
                     "data: {train_rows} rows for training, {eval_rows} held out for \
                      evaluation, in {size} shards (rank 0 holds {} and {})",
-                    t.trainer.data.train.rows(),
-                    t.trainer.data.eval.rows()
+                    t.trainer().data.train.rows(),
+                    t.trainer().data.eval.rows()
                 );
             }
             (t, dir)
@@ -431,7 +429,9 @@ fn rank_job(args: &Args, comm: &dyn Collective, stop: &AtomicBool) -> Result<Out
 /// What the training loop needs of a run: one process's [`Trainer`], or one rank's
 /// [`ShardedTrainer`] (whose step, evaluation, checkpoint and stop are collectives).
 trait Job {
-    fn trainer(&mut self) -> &mut Trainer;
+    fn trainer(&self) -> &Trainer;
+    /// Brings a device's state to the host (for the summary's statistics).
+    fn sync(&mut self) -> Result<()>;
     /// Whether this process reports and writes (rank 0).
     fn lead(&self) -> bool;
     /// One step; returns its metrics and whether to stop after it because `stop` (Ctrl-C)
@@ -447,8 +447,11 @@ trait Job {
 }
 
 impl Job for Trainer {
-    fn trainer(&mut self) -> &mut Trainer {
+    fn trainer(&self) -> &Trainer {
         self
+    }
+    fn sync(&mut self) -> Result<()> {
+        Trainer::sync(self)
     }
     fn lead(&self) -> bool {
         true
@@ -475,8 +478,11 @@ impl Job for Trainer {
 }
 
 impl Job for ShardedTrainer<'_> {
-    fn trainer(&mut self) -> &mut Trainer {
-        &mut self.trainer
+    fn trainer(&self) -> &Trainer {
+        ShardedTrainer::trainer(self)
+    }
+    fn sync(&mut self) -> Result<()> {
+        Ok(())
     }
     fn lead(&self) -> bool {
         self.rank().0 == 0
@@ -493,7 +499,7 @@ impl Job for ShardedTrainer<'_> {
         ShardedTrainer::save(self, path)
     }
     fn check(&mut self) -> Result<()> {
-        if self.trainer.step.is_multiple_of(train::SYNC_CHECK_EVERY) {
+        if self.trainer().step.is_multiple_of(train::SYNC_CHECK_EVERY) {
             self.check_in_sync()?;
         }
         Ok(())
@@ -612,8 +618,8 @@ fn train_loop(job: &mut dyn Job, args: &Args, dir: &Path, stop: &AtomicBool) -> 
     }
     let (train_rows, eval_rows) = job.rows();
     let runs_on = job.runs_on();
+    job.sync()?;
     let trainer = job.trainer();
-    trainer.sync()?;
     let s = trainer.model.quantizer.statistics();
     let per_step_ms = if timed > 0 {
         1e3 * step_s / timed as f64

@@ -83,7 +83,7 @@ pub fn rank_seed(seed: u64, rank: usize) -> u64 {
 /// // Two ranks as threads: each trains on its half of the data, both end with the same model.
 /// let hashes = in_process::run(2, |comm| {
 ///     let mut t = ShardedTrainer::new(comm, cfg.clone())?;
-///     while !t.trainer.finished() {
+///     while !t.finished() {
 ///         t.step()?;
 ///     }
 ///     assert!(t.evaluate()? > 0.0);
@@ -96,8 +96,8 @@ pub fn rank_seed(seed: u64, rank: usize) -> u64 {
 pub struct ShardedTrainer<'c> {
     comm: &'c dyn Collective,
     /// This rank's trainer: the model (the same on every rank), the optimiser, the step, and
-    /// this rank's shard of the data (`trainer.data`).
-    pub trainer: Trainer,
+    /// this rank's shard of the data. Private: its own `step` would leave the other ranks.
+    trainer: Trainer,
     /// This rank's positions in the global batch.
     part: Range<usize>,
     /// Training and held-out rows over all ranks.
@@ -210,6 +210,18 @@ impl<'c> ShardedTrainer<'c> {
             train_total: shard.train_total,
             eval_total: shard.eval_total,
         })
+    }
+
+    /// This rank's trainer (read only: the job steps through [`Self::step`]): the model and
+    /// optimiser every rank shares, the step, and this rank's shard of the data
+    /// (`trainer().data`).
+    pub fn trainer(&self) -> &Trainer {
+        &self.trainer
+    }
+
+    /// Whether every configured step has been taken.
+    pub fn finished(&self) -> bool {
+        self.trainer.finished()
     }
 
     /// This rank and the job's size.
