@@ -5,6 +5,9 @@
 //! A resumed run is the uninterrupted one: the checkpoint holds every parameter, AdamW's
 //! moments, the step and the quantizer's state; the batches and the quantizer's random draws
 //! are functions of (seed, step), so nothing else carries state.
+//!
+//! Data-parallel training over the ranks of a [`crate::collective::Collective`] (threads or
+//! MPI processes, each with its shard of the data): [`ShardedTrainer`].
 
 mod checkpoint;
 mod data;

@@ -283,17 +283,23 @@ impl<'c> ShardedTrainer<'c> {
             buf.extend(g.iter().map(|&v| v as f64 * weight));
         }
         let grad_len = buf.len();
-        let e = ws.encoder_output().to_owned();
-        let cosine = t.config.quantizer.metric == Metric::Cosine;
-        let unit = cosine.then(|| normalize_rows(e.as_ref()));
-        let xs = unit.as_ref().unwrap_or(&e).as_ref();
         let ema = matches!(t.config.quantizer.learning, CodebookLearning::Ema { .. });
-        let counts = if ema {
-            let (sums, counts) = crate::ema::sums_f64(xs, &out.indices, k);
-            buf.extend(sums);
-            counts
-        } else {
-            crate::usage::cpu(&out.indices, k)
+        // Under EMA: the rows the sums and re-seeds take (x̂ under cosine), copied out of
+        // the workspace, which the optimiser step needs mutably.
+        let xs: Option<Matrix> = ema.then(|| {
+            let e = ws.encoder_output();
+            match t.config.quantizer.metric {
+                Metric::Cosine => normalize_rows(e),
+                Metric::L2 => e.to_owned(),
+            }
+        });
+        let counts = match &xs {
+            Some(xs) => {
+                let (sums, counts) = crate::ema::sums_f64(xs.as_ref(), &out.indices, k);
+                buf.extend(sums);
+                counts
+            }
+            None => crate::usage::cpu(&out.indices, k),
         };
         buf.extend(counts.iter().map(|&c| c as f64));
         buf.extend([
@@ -320,7 +326,10 @@ impl<'c> ShardedTrainer<'c> {
             t.model
                 .quantizer
                 .end_shared_step(&counts, sums.as_ref(), total, |positions| {
-                    fetch_batch_rows(comm, xs, part.start, total, positions)
+                    let xs = xs.as_ref().ok_or_else(|| {
+                        Error::internal("dead-code re-seeding", "rows asked for without EMA")
+                    })?;
+                    fetch_batch_rows(comm, xs.as_ref(), part.start, total, positions)
                 })?;
         let quantizer_seconds = out.quantizer_seconds + t_q.elapsed().as_secs_f64();
 
