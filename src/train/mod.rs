@@ -170,7 +170,8 @@ pub struct StepMetrics {
     /// Where the step's time went, phase by phase (the CPU trainer; absent on a device).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phases: Option<PhaseSeconds>,
-    /// Seconds of it in the all-reduce across ranks (a job of several ranks only).
+    /// Seconds of it in the all-reduce across ranks, with packing its buffer (the gradients
+    /// to f64, the EMA sums) and waiting for the slowest rank (a job of ranks only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allreduce_seconds: Option<f64>,
 }

@@ -269,8 +269,8 @@ impl<'c> ShardedTrainer<'c> {
         let out = t.model.forward_backward_with(x, false, &mut ws)?;
         let mut phases = out.phases;
 
-        // One buffer, one all-reduce: the weighted gradients, the EMA sums, the counts and
-        // the weighted losses.
+        // One buffer, one all-reduce: the weighted gradients, the EMA sums, the counts, the
+        // weighted losses and the stop vote (timed with its packing: `allreduce_seconds`).
         let t_comm = Instant::now();
         let weight = rows.len() as f64 / total as f64;
         let first = if t.config.freeze_encoder {
