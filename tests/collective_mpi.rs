@@ -1,6 +1,7 @@
 //! The MPI (and NCCL) collectives across real processes: `mpirun -np 2` on
 //! `examples/collective_check.rs`, which checks every collective on every rank against one
-//! process's computation, and the fault paths (a rank that aborts or panics ends the job).
+//! process's computation, and the fault paths (a rank that aborts or panics ends the job);
+//! `vqx fit` and `vqx train` under `mpirun -np 2` against `--shards 2` in one process.
 //!
 //! Needs the cargo feature `mpi` and an MPI with `mpirun` (`.ci/install-mpi.sh`):
 //! `cargo test --release --features mpi --test collective_mpi`. The example is built by the
@@ -420,6 +421,116 @@ mod mpi {
         assert!(took < Duration::from_secs(30), "took {took:?}");
         assert!(
             !dir.path().join("o.st").exists(),
+            "a checkpoint was written"
+        );
+    }
+
+    /// `vqx train` across ranks: `mpirun -np 2` gives the checkpoint `--shards 2` gives, bit
+    /// for bit (L2 with dead codes re-seeded across ranks, and cosine), each rank reading only
+    /// its rows of the .npy; and an mpirun job stopped half-way and resumed with `mpirun -np 2`
+    /// ends there too.
+    #[test]
+    fn mpirun_train_equals_shards_in_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+        let (n, d) = (3001, 12);
+        let x: Vec<f32> = super::common::uniform(n, d, 8)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * 0.5 + ((i / d) % 7) as f32 * (1.0 + (i % d) as f32 * 0.1))
+            .collect();
+        let x = vqx::Matrix::new(x, n, d).unwrap();
+        vqx::npy::write_matrix(p("x.npy"), x.as_ref()).unwrap();
+        let vqx = env!("CARGO_BIN_EXE_vqx");
+        let limit = Duration::from_secs(120);
+        for metric in ["l2", "cosine"] {
+            let train = |out: &str, extra: &[&str]| {
+                #[rustfmt::skip]
+                let mut a: Vec<String> = ["train", "--data", &p("x.npy"), "--codebook-size", "32",
+                    "--code-dim", "4", "--hidden", "32", "--batch-size", "63", "--steps", "30",
+                    "--warmup", "3", "--ema-decay", "0.8", "--dead-code-threshold", "0.5",
+                    "--eval-every", "10", "--metric", metric, "--quiet", "-o", &p(out)]
+                    .iter().map(|s| s.to_string()).collect();
+                a.extend(extra.iter().map(|s| s.to_string()));
+                a
+            };
+            let mpi = |args: Vec<String>| {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let (out, _) = mpirun_on(vqx, 2, &args, limit);
+                let (stdout, stderr) = text(&out);
+                assert!(
+                    out.status.success(),
+                    "{metric}: {args:?}\n{stdout}\n{stderr}"
+                );
+                stderr
+            };
+            let err = mpi(train(&format!("mpi-{metric}"), &[]));
+            assert!(err.contains("in 2 shards"), "{metric}: not 2 ranks:\n{err}");
+            let one = Command::new(vqx)
+                .args(train(&format!("one-{metric}"), &["--shards", "2"]))
+                .output()
+                .unwrap();
+            assert!(
+                one.status.success(),
+                "{}",
+                String::from_utf8_lossy(&one.stderr)
+            );
+            let ckpt = |run: &str| std::fs::read(p(&format!("{run}/checkpoint.safetensors")));
+            let want = ckpt(&format!("one-{metric}")).unwrap();
+            assert!(
+                ckpt(&format!("mpi-{metric}")).unwrap() == want,
+                "{metric}: mpirun -np 2 and --shards 2 checkpoints differ"
+            );
+            let metrics = std::fs::read_to_string(p(&format!("mpi-{metric}/metrics.jsonl")));
+            let replaced: u64 = metrics
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["replaced"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .sum();
+            assert!(replaced > 0, "{metric}: no dead code was re-seeded");
+            // Stopped at step 15 and resumed under mpirun: the same checkpoint again.
+            let split = format!("split-{metric}");
+            mpi(train(&split, &["--stop-at", "15"]));
+            let resume = ["train", "--resume", &p(&split), "--quiet"];
+            mpi(resume.iter().map(|s| s.to_string()).collect());
+            assert!(
+                ckpt(&split).unwrap() == want,
+                "{metric}: the resumed mpirun job differs from the uninterrupted run"
+            );
+        }
+    }
+
+    /// A NaN in rank 1's rows of the training data ends `mpirun -np 2 vqx train`: non-zero,
+    /// within 30 s, the rank and the file's row named, no checkpoint written.
+    #[test]
+    fn a_nan_in_one_ranks_shard_ends_the_training() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+        let (n, d) = (400, 4);
+        let mut x: Vec<f32> = (0..n * d).map(|i| (i % 17) as f32 * 0.1).collect();
+        x[350 * d + 2] = f32::NAN;
+        let x = vqx::Matrix::new(x, n, d).unwrap();
+        vqx::npy::write_matrix(p("x.npy"), x.as_ref()).unwrap();
+        let (xp, op) = (p("x.npy"), p("run"));
+        #[rustfmt::skip]
+        let args = ["train", "--data", &xp, "--codebook-size", "4", "--code-dim", "2",
+            "--hidden", "8", "--batch-size", "16", "--steps", "5", "--quiet", "-o", &op];
+        let (out, took) = mpirun_on(env!("CARGO_BIN_EXE_vqx"), 2, &args, Duration::from_secs(30));
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "exit 0 with a NaN: {stderr}");
+        assert!(
+            stderr.contains("rank 1 aborts the MPI job")
+                && stderr.contains("200..400")
+                && stderr.contains("at row 350, column 2"),
+            "rank 1 and its row not named:\n{stderr}"
+        );
+        assert!(took < Duration::from_secs(30), "took {took:?}");
+        assert!(
+            !dir.path().join("run/checkpoint.safetensors").exists(),
             "a checkpoint was written"
         );
     }

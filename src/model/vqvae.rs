@@ -150,6 +150,12 @@ impl StepWorkspace {
         same(&self.grads.encoder, &model.encoder) && same(&self.grads.decoder, &model.decoder)
     }
 
+    /// The encoder's output of the last pass (N × code_dim; empty before the first): what
+    /// the quantizer assigned. A data-parallel step sums it per code across ranks.
+    pub fn encoder_output(&self) -> MatRef<'_> {
+        self.encoder.output()
+    }
+
     /// Empty buffers, and gradients shaped like `model`'s parameters.
     pub fn new(model: &VqVae) -> Self {
         StepWorkspace {

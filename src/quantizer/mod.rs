@@ -17,7 +17,7 @@ pub use device::{DeviceLosses, DeviceQuantizer};
 pub use grad::{Gradients, normalize_backward, rotate_gradient, rotation_trick_value};
 
 use crate::backend::{self, Backend};
-use crate::ema::{EmaState, SumMode};
+use crate::ema::{CodeSums, EmaState, SumMode};
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::{Metric, normalize_rows};
@@ -312,36 +312,36 @@ impl VectorQuantizer {
 
         let (mut dead, mut replaced) = (0, 0);
         if train {
-            for (t, &c) in self.usage_total.iter_mut().zip(&counts) {
-                *t += c as u64;
-            }
-            if let (Some(ema), CodebookLearning::Ema { decay, eps }) =
-                (self.ema.as_mut(), self.config.learning)
-                && kept > 0
-            {
+            let ema_on = self.ema.is_some()
+                && matches!(self.config.learning, CodebookLearning::Ema { .. })
+                && kept > 0;
+            // The kept rows of x̂ under cosine (normalising is row-wise: the same bits before
+            // or after compaction).
+            let unit_kept = if ema_on {
+                unit.as_ref().and_then(|u| kept_of(u.as_ref()))
+            } else {
+                None
+            };
+            let xs = unit_kept
+                .as_ref()
+                .or(unit.as_ref())
+                .map_or(xk, Matrix::as_ref);
+            let sums = if ema_on {
                 let mode = if self.config.deterministic {
                     SumMode::Deterministic
                 } else {
                     SumMode::Fast
                 };
-                // The kept rows of x̂ under cosine (normalising is row-wise: the same bits
-                // before or after compaction).
-                let unit_kept = unit.as_ref().and_then(|u| kept_of(u.as_ref()));
-                let xs = unit_kept
-                    .as_ref()
-                    .or(unit.as_ref())
-                    .map_or(xk, Matrix::as_ref);
-                let sums =
+                Some(
                     self.backend
-                        .code_sums(xs, &kept_idx, self.config.codebook_size, mode)?;
-                ema.update(&sums, decay)?;
-                self.codebook = ema.codebook(eps);
-                if self.config.metric == Metric::Cosine {
-                    self.codebook = normalize_rows(self.codebook.as_ref());
-                }
-                (dead, replaced) = self.reseed_dead_codes(xs);
-            }
-            self.step += 1;
+                        .code_sums(xs, &kept_idx, self.config.codebook_size, mode)?,
+                )
+            } else {
+                None
+            };
+            (dead, replaced) = self.finish_step(&counts, sums.as_ref(), xs.rows(), |rows| {
+                Ok(gather_rows(xs, rows))
+            })?;
         }
 
         let (commitment_loss, codebook_loss) = losses(&self.config, mse);
@@ -366,35 +366,143 @@ impl VectorQuantizer {
         })
     }
 
-    /// Re-seeds codes whose EMA count is below the threshold from distinct rows of `x`
-    /// (normalised already under cosine; masked replace: live codes stay bit-identical). With
-    /// more dead codes than rows, a random subset is re-seeded now and the rest on later steps.
-    /// Returns (dead, replaced).
-    fn reseed_dead_codes(&mut self, x: MatRef<'_>) -> (usize, usize) {
+    /// Starts a training step whose batch is split over the ranks of a data-parallel job
+    /// (`vqx train --shards`, `mpirun`): draws the step's random stream and, before the first
+    /// step, initialises the codebook from `batch()`, which must return the whole batch's rows
+    /// (the encoder outputs of every rank, in batch order; called only when needed). Every rank
+    /// given the same rows draws the same codebook. Returns whether it initialised.
+    ///
+    /// A step split over ranks runs [`Self::forward`] with `train = false` on each rank's
+    /// part, then [`Self::end_shared_step`] with the statistics summed over the ranks: together
+    /// they are one training `forward` over the whole batch.
+    ///
+    /// ```
+    /// use vqx::quantizer::{QuantizerConfig, VectorQuantizer};
+    /// use vqx::{backend::Device, MatRef, Matrix};
+    /// let cfg = QuantizerConfig::new(2, 2).device(Device::Cpu).seed(3);
+    /// let x = Matrix::new(vec![0.0, 0.0, 5.0, 5.0, 0.1, 0.0, 5.0, 5.1], 4, 2)?;
+    /// let mut vq = VectorQuantizer::new(cfg)?;
+    /// assert!(vq.begin_shared_step(|| Ok(x.clone()))?);
+    /// let out = vq.forward(x.as_ref(), None, false)?;
+    /// let sums = vq.backend().code_sums(x.as_ref(), &out.indices, 2, Default::default())?;
+    /// let counts = sums.counts.clone();
+    /// let (dead, replaced) = vq.end_shared_step(&counts, Some(&sums), 4, |_| unreachable!())?;
+    /// assert_eq!((vq.step(), dead, replaced), (1, 0, 0));
+    /// # Ok::<(), vqx::Error>(())
+    /// ```
+    pub fn begin_shared_step(&mut self, batch: impl FnOnce() -> Result<Matrix>) -> Result<bool> {
+        // The batch is never empty here: the init rows are checked below.
+        let rng = start_step(&self.config, self.step, true, true, 1)?;
+        self.rng = rng.expect("a training step has a stream");
+        if self.initted {
+            return Ok(false);
+        }
+        let x = batch()?;
+        check_input_width(&self.config, x.cols())?;
+        x.as_ref().check_nonempty("first training batch")?;
+        x.as_ref().check_finite("first training batch")?;
+        self.initialize(x.as_ref())?;
+        Ok(true)
+    }
+
+    /// Ends a training step split over ranks (see [`Self::begin_shared_step`]) with the whole
+    /// batch's statistics, summed over the ranks: `counts` (K codes used), `sums` (the EMA
+    /// sums of the batch's rows, x̂ under cosine; `None` in gradient mode), `rows` (the
+    /// batch's rows). Updates the usage and the EMA state, recomputes the codebook and
+    /// re-seeds dead codes from rows `fetch(positions)` of the batch (x̂ under cosine; the
+    /// positions are in `0..rows`, the same on every rank holding the same state, so `fetch`
+    /// may be a collective). Returns (dead, replaced) as [`StepStats`] counts them.
+    pub fn end_shared_step(
+        &mut self,
+        counts: &[u32],
+        sums: Option<&CodeSums>,
+        rows: usize,
+        fetch: impl FnOnce(&[usize]) -> Result<Matrix>,
+    ) -> Result<(usize, usize)> {
+        let k = self.config.codebook_size;
+        if counts.len() != k {
+            return Err(Error::shape(
+                "shared step's code counts vs codebook",
+                format!("{k} counts"),
+                format!("{} counts", counts.len()),
+            ));
+        }
+        let sums = sums.filter(|_| rows > 0);
+        self.finish_step(counts, sums, rows, fetch)
+    }
+
+    /// The training side of a step after its assignment: usage, the EMA update from `sums`
+    /// (when given, under EMA learning), dead-code re-seeding from rows `fetch` returns out of
+    /// the step's `rows` (x̂ under cosine), and the step count. Returns (dead, replaced).
+    fn finish_step(
+        &mut self,
+        counts: &[u32],
+        sums: Option<&CodeSums>,
+        rows: usize,
+        fetch: impl FnOnce(&[usize]) -> Result<Matrix>,
+    ) -> Result<(usize, usize)> {
+        for (t, &c) in self.usage_total.iter_mut().zip(counts) {
+            *t += c as u64;
+        }
+        let mut out = (0, 0);
+        if let (Some(ema), Some(sums), CodebookLearning::Ema { decay, eps }) =
+            (self.ema.as_mut(), sums, self.config.learning)
+        {
+            ema.update(sums, decay)?;
+            self.codebook = ema.codebook(eps);
+            if self.config.metric == Metric::Cosine {
+                self.codebook = normalize_rows(self.codebook.as_ref());
+            }
+            out = self.reseed_dead_codes(rows, fetch)?;
+        }
+        self.step += 1;
+        Ok(out)
+    }
+
+    /// Re-seeds codes whose EMA count is below the threshold from distinct rows of the step's
+    /// `rows` (fetched by `fetch`; normalised already under cosine; masked replace: live codes
+    /// stay bit-identical). With more dead codes than rows, a random subset is re-seeded now
+    /// and the rest on later steps. Returns (dead, replaced).
+    fn reseed_dead_codes(
+        &mut self,
+        rows: usize,
+        fetch: impl FnOnce(&[usize]) -> Result<Matrix>,
+    ) -> Result<(usize, usize)> {
         let threshold = self.config.dead_code_threshold;
         let Some(ema) = self.ema.as_mut() else {
-            return (0, 0);
+            return Ok((0, 0));
         };
         if threshold <= 0.0 {
-            return (0, 0);
+            return Ok((0, 0));
         }
         let dead: Vec<usize> = (0..ema.codes())
             .filter(|&k| ema.cluster_size()[k] < threshold)
             .collect();
         let n_dead = dead.len();
-        let (dead, rows) = choose_reseeds(dead, x.rows(), &mut self.rng);
+        let (dead, picked) = choose_reseeds(dead, rows, &mut self.rng);
         let take = dead.len();
         if take == 0 {
-            return (n_dead, 0);
+            return Ok((n_dead, 0));
+        }
+        let d = self.config.dim;
+        let x = fetch(&picked)?;
+        if (x.rows(), x.cols()) != (take, d) {
+            return Err(Error::internal(
+                "dead-code re-seeding",
+                format!(
+                    "{take} rows of {d} asked for, {} × {} given",
+                    x.rows(),
+                    x.cols()
+                ),
+            ));
         }
         let count = self.config.effective_reset_count();
-        let d = self.config.dim;
-        for (&k, &r) in dead.iter().zip(&rows) {
-            let row = x.row(r);
+        for (i, &k) in dead.iter().enumerate() {
+            let row = x.as_ref().row(i);
             self.codebook.data_mut()[k * d..(k + 1) * d].copy_from_slice(row);
             ema.reset(k, row, count);
         }
-        (n_dead, take)
+        Ok((n_dead, take))
     }
 
     /// Gradients of the layer given dL/d(output) (N × D, the decoder's gradient): see

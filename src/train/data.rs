@@ -313,17 +313,141 @@ impl Dataset {
                 path.display()
             )));
         }
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0xe7a1));
-        let (ev, tr) = order.split_at(eval_rows);
-        let mut tr = tr.to_vec();
-        tr.sort_unstable();
-        let mut ev = ev.to_vec();
-        ev.sort_unstable();
+        let held = held_out(n, eval_rows, seed);
+        let tr: Vec<usize> = (0..n).filter(|&i| !held[i]).collect();
+        let ev: Vec<usize> = (0..n).filter(|&i| held[i]).collect();
         Ok(Dataset {
             train: crate::quantizer::gather_rows(x.as_ref(), &tr),
             eval: crate::quantizer::gather_rows(x.as_ref(), &ev),
         })
+    }
+}
+
+/// Which of a file's `n` rows are held out for evaluation: `eval_rows` of them, chosen with
+/// `seed` (the first `eval_rows` of a seeded permutation). A function of (n, eval_rows, seed)
+/// only, so a rank that reads part of the file knows which of its rows are held out.
+fn held_out(n: usize, eval_rows: usize, seed: u64) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0xe7a1));
+    let mut held = vec![false; n];
+    for &i in &order[..eval_rows.min(n)] {
+        held[i] = true;
+    }
+    held
+}
+
+/// One rank's part of a data set ([`DataSource::load_shard`]): its training and held-out
+/// rows, and how many rows the whole data set has of each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataShard {
+    /// This rank's rows.
+    pub data: Dataset,
+    /// Training rows over all ranks.
+    pub train_total: usize,
+    /// Held-out rows over all ranks.
+    pub eval_total: usize,
+}
+
+impl DataSource {
+    /// Shard `index` of `parts` of the data: a .npy file is cut into `parts` contiguous row
+    /// ranges ([`crate::kmeans::Shard::range`] over the file's rows) and only this shard's
+    /// range is read (its training and held-out rows are those of [`Dataset::load`] that lie
+    /// in it); synthetic data is generated whole and its training and held-out rows are each
+    /// cut into `parts` contiguous ranges. A NaN or infinity in the shard's rows is an error
+    /// naming the rows read.
+    ///
+    /// ```
+    /// use vqx::train::{DataSource, Dataset};
+    /// let src = DataSource::Synthetic {
+    ///     spec: "gmm:dim=4".parse()?, rows: 10, eval_rows: 4, seed: 1,
+    /// };
+    /// let whole = Dataset::load(&src)?;
+    /// let second = src.load_shard(2, 1)?;
+    /// assert_eq!((second.train_total, second.eval_total), (10, 4));
+    /// assert_eq!(second.data.train, whole.train.as_ref().slice_rows(5, 10).to_owned());
+    /// # Ok::<(), vqx::Error>(())
+    /// ```
+    pub fn load_shard(&self, parts: usize, index: usize) -> Result<DataShard> {
+        use crate::kmeans::Shard;
+        if index >= parts {
+            return Err(Error::InvalidArgument(format!(
+                "shard {index} of {parts}: shards are numbered from 0"
+            )));
+        }
+        match self {
+            DataSource::Synthetic {
+                rows, eval_rows, ..
+            } => {
+                let whole = Dataset::load(self)?;
+                let tr = Shard::range(*rows, parts, index);
+                let ev = Shard::range(*eval_rows, parts, index);
+                Ok(DataShard {
+                    data: Dataset {
+                        train: whole.train.as_ref().slice_rows(tr.start, tr.end).to_owned(),
+                        eval: whole.eval.as_ref().slice_rows(ev.start, ev.end).to_owned(),
+                    },
+                    train_total: *rows,
+                    eval_total: *eval_rows,
+                })
+            }
+            DataSource::Npy {
+                path,
+                eval_rows,
+                seed,
+            } => {
+                let n = crate::npy::NpyMatrixReader::open(path)?.rows();
+                if n == 0 {
+                    return Err(Error::Empty {
+                        what: format!("data {}", path.display()),
+                        detail: "no rows".into(),
+                    });
+                }
+                if *eval_rows >= n {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} has {n} rows: holding out {eval_rows} for evaluation (--eval-rows) \
+                         leaves none for training",
+                        path.display()
+                    )));
+                }
+                let range = Shard::range(n, parts, index);
+                let (x, _) = crate::npy::read_rows(path, range.clone())?;
+                // The row named is the file's, not the shard's.
+                let what = format!(
+                    "{} (its rows {}..{}, this shard's)",
+                    path.display(),
+                    range.start,
+                    range.end
+                );
+                x.as_ref().check_finite(&what).map_err(|e| match e {
+                    Error::NonFinite {
+                        what,
+                        row,
+                        col,
+                        value,
+                    } => Error::NonFinite {
+                        what,
+                        row: row + range.start,
+                        col,
+                        value,
+                    },
+                    e => e,
+                })?;
+                let held = held_out(n, *eval_rows, *seed);
+                let local = |want: bool| -> Vec<usize> {
+                    (0..x.rows())
+                        .filter(|&i| held[range.start + i] == want)
+                        .collect()
+                };
+                Ok(DataShard {
+                    data: Dataset {
+                        train: crate::quantizer::gather_rows(x.as_ref(), &local(false)),
+                        eval: crate::quantizer::gather_rows(x.as_ref(), &local(true)),
+                    },
+                    train_total: n - eval_rows,
+                    eval_total: *eval_rows,
+                })
+            }
+        }
     }
 }
 

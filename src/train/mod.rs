@@ -5,17 +5,23 @@
 //! A resumed run is the uninterrupted one: the checkpoint holds every parameter, AdamW's
 //! moments, the step and the quantizer's state; the batches and the quantizer's random draws
 //! are functions of (seed, step), so nothing else carries state.
+//!
+//! Data-parallel training over the ranks of a [`crate::collective::Collective`] (threads or
+//! MPI processes, each with its shard of the data): [`ShardedTrainer`].
 
 mod checkpoint;
 mod data;
 mod device;
 mod optim;
+mod ranks;
 
 pub use checkpoint::{CHECKPOINT_FILE, load_model, load_trainer, save_trainer};
 pub use data::{
-    BatchSampler, DataSource, Dataset, MAX_DEFAULT_EVAL_ROWS, Synthetic, default_eval_rows,
+    BatchSampler, DataShard, DataSource, Dataset, MAX_DEFAULT_EVAL_ROWS, Synthetic,
+    default_eval_rows,
 };
 pub use optim::{AdamW, AdamWConfig, WarmupCosine, clip_global_norm, clip_scale, global_norm};
+pub use ranks::{SYNC_CHECK_EVERY, ShardedTrainer, batch_part, rank_seed};
 
 use crate::error::{Error, Result, setting};
 use crate::matrix::MatRef;
@@ -47,6 +53,15 @@ pub struct TrainConfig {
     pub freeze_encoder: bool,
     /// Seed of the batch order.
     pub seed: u64,
+    /// Ranks of the data-parallel job that trains it (`--shards`, `mpirun -np`): each takes
+    /// its part of every batch from its own shard of the data ([`ShardedTrainer`]), so the
+    /// batches depend on it. 1 for a run in one process.
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 impl TrainConfig {
@@ -78,6 +93,7 @@ impl TrainConfig {
             clip: 1.0,
             freeze_encoder: false,
             seed: 0,
+            ranks: 1,
         }
     }
 
@@ -122,6 +138,7 @@ impl TrainConfig {
             return bad("AdamW eps must be > 0 and weight decay finite and ≥ 0".into());
         }
         setting::non_negative("clip", self.clip)?;
+        setting::at_least_one("ranks", self.ranks as u64)?;
         Ok(())
     }
 }
@@ -153,6 +170,10 @@ pub struct StepMetrics {
     /// Where the step's time went, phase by phase (the CPU trainer; absent on a device).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phases: Option<PhaseSeconds>,
+    /// Seconds of it in the all-reduce across ranks, with packing its buffer (the gradients
+    /// to f64, the EMA sums) and waiting for the slowest rank (a job of ranks only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_seconds: Option<f64>,
 }
 
 /// A model, its optimiser state and the data, at a step.
@@ -309,7 +330,43 @@ impl Trainer {
         let d = self.data.train.cols();
         let rows = self.sampler.indices(self.step);
         let batch = crate::quantizer::gather_rows(self.data.train.as_ref(), &rows);
-        let (mut ws, decay) = match self.workspace.take() {
+        let (mut ws, decay) = self.take_workspace();
+        let out = self.model.forward_backward_with(
+            MatRef::new(batch.data(), rows.len(), d)?,
+            true,
+            &mut ws,
+        )?;
+
+        let t_opt = Instant::now();
+        let lr = self.config.schedule().lr(self.step);
+        let grad_norm = self.apply_gradients(&mut ws.grads, &decay, lr)?;
+        let mut phases = out.phases;
+        phases.optimizer = t_opt.elapsed().as_secs_f64();
+        self.workspace = Some((ws, decay));
+        self.step += 1;
+        let moved = self
+            .model
+            .quantizer
+            .backend()
+            .transfers()
+            .since(moved_before);
+        let out = device::DeviceStepOut {
+            reconstruction: out.reconstruction,
+            commitment: out.commitment,
+            codebook: out.codebook,
+            grad_norm,
+            stats: out.stats,
+            quantizer_seconds: out.quantizer_seconds,
+        };
+        let mut m = self.metrics(lr, out, start, moved);
+        m.phases = Some(phases);
+        Ok(m)
+    }
+
+    /// The step's buffers, kept from the last step when they still fit the model, and which
+    /// parameter tensors take weight decay.
+    fn take_workspace(&mut self) -> (StepWorkspace, Vec<bool>) {
+        match self.workspace.take() {
             Some((ws, decay))
                 if ws.fits(&self.model) && decay.len() == tensor_count(&self.model) =>
             {
@@ -319,17 +376,19 @@ impl Trainer {
                 StepWorkspace::new(&self.model),
                 parameter_names(&self.model).iter().map(|n| n.2).collect(),
             ),
-        };
-        let out = self.model.forward_backward_with(
-            MatRef::new(batch.data(), rows.len(), d)?,
-            true,
-            &mut ws,
-        )?;
+        }
+    }
 
-        let t_opt = Instant::now();
-        let lr = self.config.schedule().lr(self.step);
+    /// The optimiser's update from `grads` at learning rate `lr`: global-norm clipping, AdamW
+    /// on the encoder (unless frozen), the decoder and a gradient-learned codebook. Returns
+    /// the gradient norm before clipping.
+    fn apply_gradients(
+        &mut self,
+        grads: &mut crate::model::VqVaeGrads,
+        decay: &[bool],
+        lr: f64,
+    ) -> Result<f64> {
         let frozen = self.config.freeze_encoder;
-        let grads = &mut ws.grads;
         let learn_codebook = grads.codebook.is_some();
         let mut codebook = learn_codebook.then(|| self.model.quantizer.codebook().clone());
         let grad_norm;
@@ -353,32 +412,12 @@ impl Trainer {
                 p.push(c.data_mut());
             }
             self.optimizer
-                .step_scaled(first, &mut p, &gr, &decay, lr, self.step + 1, scale);
+                .step_scaled(first, &mut p, &gr, decay, lr, self.step + 1, scale);
         }
         if let Some(c) = codebook {
             self.model.quantizer.set_codebook(c)?;
         }
-        let mut phases = out.phases;
-        phases.optimizer = t_opt.elapsed().as_secs_f64();
-        self.workspace = Some((ws, decay));
-        self.step += 1;
-        let moved = self
-            .model
-            .quantizer
-            .backend()
-            .transfers()
-            .since(moved_before);
-        let out = device::DeviceStepOut {
-            reconstruction: out.reconstruction,
-            commitment: out.commitment,
-            codebook: out.codebook,
-            grad_norm,
-            stats: out.stats,
-            quantizer_seconds: out.quantizer_seconds,
-        };
-        let mut m = self.metrics(lr, out, start, moved);
-        m.phases = Some(phases);
-        Ok(m)
+        Ok(grad_norm)
     }
 
     /// One step with everything on the device: the batch's row ids go up, scalars come back.
@@ -434,6 +473,7 @@ impl Trainer {
             h2d_bytes: moved.h2d_bytes,
             d2h_bytes: moved.d2h_bytes,
             phases: None,
+            allreduce_seconds: None,
         }
     }
 
