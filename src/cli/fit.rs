@@ -135,7 +135,7 @@ fn init_from(s: &str) -> std::result::Result<InitFrom, std::convert::Infallible>
 pub fn run(args: Args) -> Result<()> {
     check_mode_flags(&args)?;
     #[cfg(feature = "mpi")]
-    if args.mode == Mode::Lloyd && launched_by_mpi() {
+    if args.mode == Mode::Lloyd && super::launched_by_mpi() {
         return run_lloyd_mpi(&args);
     }
     let x = vqx::npy::read_matrix(&args.input)?;
@@ -324,15 +324,6 @@ fn run_lloyd(args: &Args, x: Matrix) -> Result<()> {
         lloyd_job(args, rank, Shard::split(x, args.shards, rank.rank()))
     })
     .map(drop)
-}
-
-/// Whether an MPI launcher (mpirun/mpiexec of OpenMPI or MPICH, srun with PMI or PMIx) started
-/// this process: then `vqx fit` is one rank of a job.
-#[cfg(feature = "mpi")]
-fn launched_by_mpi() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
 }
 
 /// One rank of `mpirun -np S vqx fit`: reads only its shard's rows of the input, runs the

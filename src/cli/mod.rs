@@ -104,6 +104,15 @@ pub fn load_codebook(path: &Path) -> Result<Matrix> {
     Ok(loaded.codebook)
 }
 
+/// Whether an MPI launcher (mpirun/mpiexec of OpenMPI or MPICH, srun with PMI or PMIx) started
+/// this process: then `vqx fit` or `vqx train` is one rank of a job.
+#[cfg(feature = "mpi")]
+fn launched_by_mpi() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -243,7 +243,7 @@ fn existing_run(dir: &std::path::Path, overwrite: bool) -> Result<Vec<PathBuf>> 
 
 pub fn run(args: Args) -> Result<()> {
     #[cfg(feature = "mpi")]
-    if launched_by_mpi() {
+    if super::launched_by_mpi() {
         let mpi = vqx::collective::mpi::Mpi::init()?;
         if mpi.size() > 1 {
             return run_mpi(&args, &mpi);
@@ -335,15 +335,6 @@ fn replace_old_run(old_run: Vec<PathBuf>, dir: &Path) -> Result<()> {
         std::fs::remove_file(&path).at(&path)?;
     }
     std::fs::create_dir_all(dir).at(dir)
-}
-
-/// Whether an MPI launcher (mpirun/mpiexec of OpenMPI or MPICH, srun with PMI or PMIx) started
-/// this process, as `vqx fit` tells: then `vqx train` is one rank of a job.
-#[cfg(feature = "mpi")]
-fn launched_by_mpi() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
 }
 
 /// One rank of `mpirun -np S vqx train`: reads only its shard of the data, trains with the
