@@ -539,8 +539,9 @@ fn picked_rows_search_equals_the_copied_rows_search() {
                 let copied = Matrix::new(copied, pick.len(), d).unwrap();
                 for metric in [Metric::L2, Metric::Cosine] {
                     let ctx = format!("{kernel:?} {metric:?} {n}×{d} K {k} seed {seed}");
+                    let checked = vqx::nearest::CheckedRows::new(x.as_ref()).unwrap();
                     let (a, lb) = backend
-                        .nearest_rows_with_bounds(x.as_ref(), &pick, c.as_ref(), metric)
+                        .nearest_rows_with_bounds(&checked, &pick, c.as_ref(), metric)
                         .unwrap();
                     let (b, lb2) = backend
                         .nearest_with_bounds(copied.as_ref(), c.as_ref(), metric)
@@ -554,22 +555,31 @@ fn picked_rows_search_equals_the_copied_rows_search() {
         }
         let x = random_matrix(10, 4, &mut rng(9));
         let c = random_matrix(3, 4, &mut rng(10));
+        let checked = vqx::nearest::CheckedRows::new(x.as_ref()).unwrap();
         let err = backend
-            .nearest_rows_with_bounds(x.as_ref(), &[2, 10], c.as_ref(), Metric::L2)
+            .nearest_rows_with_bounds(&checked, &[2, 10], c.as_ref(), Metric::L2)
             .unwrap_err()
             .to_string();
         assert_mentions(&err, &["row 10", "10 rows"]);
         let err = backend
-            .nearest_rows_with_bounds(x.as_ref(), &[], c.as_ref(), Metric::L2)
+            .nearest_rows_with_bounds(&checked, &[], c.as_ref(), Metric::L2)
             .unwrap_err()
             .to_string();
         assert_mentions(&err, &["input", "0 picked rows"]);
+        // Rows are checked once, when the CheckedRows is made: a NaN is named there.
         let mut bad = x.clone();
         bad.data_mut()[7 * 4 + 2] = f32::NAN;
-        match backend.nearest_rows_with_bounds(bad.as_ref(), &[1, 7], c.as_ref(), Metric::L2) {
+        match vqx::nearest::CheckedRows::new(bad.as_ref()) {
             Err(vqx::Error::NonFinite { row, col, .. }) => assert_eq!((row, col), (7, 2)),
             other => panic!("want NonFinite at row 7, got {other:?}"),
         }
+        let mut badc = c.clone();
+        badc.data_mut()[5] = f32::INFINITY;
+        let err = backend
+            .nearest_rows_with_bounds(&checked, &[1], badc.as_ref(), Metric::L2)
+            .unwrap_err()
+            .to_string();
+        assert_mentions(&err, &["codebook"]);
     }
 }
 

@@ -76,7 +76,7 @@ impl Backend for CpuBackend {
     }
     fn nearest_rows_with_bounds(
         &self,
-        x: MatRef<'_>,
+        x: &nearest::CheckedRows<'_>,
         rows: &[u32],
         codebook: MatRef<'_>,
         metric: Metric,

@@ -15,7 +15,7 @@ use crate::ema::{CodeSums, SumMode};
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::cpu::CpuKernel;
-use crate::nearest::{Assignment, LowerBounds, Metric, Precision};
+use crate::nearest::{Assignment, CheckedRows, LowerBounds, Metric, Precision};
 use std::time::Instant;
 
 /// The four primitives of vector quantization.
@@ -56,13 +56,13 @@ pub trait Backend: Send + Sync {
     /// first (a device backend then uploads only those).
     fn nearest_rows_with_bounds(
         &self,
-        x: MatRef<'_>,
+        x: &CheckedRows<'_>,
         rows: &[u32],
         codebook: MatRef<'_>,
         metric: Metric,
     ) -> Result<(Assignment, LowerBounds)> {
-        crate::gather::validate(x, rows)?;
-        let sub = crate::gather::cpu(x, rows);
+        crate::gather::validate(x.rows(), rows)?;
+        let sub = crate::gather::cpu(x.rows(), rows);
         self.nearest_with_bounds(sub.as_ref(), codebook, metric)
     }
     /// Codebook rows named by `indices`, as an N×D matrix.

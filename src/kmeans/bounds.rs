@@ -14,7 +14,7 @@ use super::MARGIN;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::matrix::{MatRef, Matrix};
-use crate::nearest::{Metric, exact_distance};
+use crate::nearest::{CheckedRows, Metric, exact_distance};
 use rayon::prelude::*;
 
 /// At most this many groups (the bounds take N·G f32).
@@ -149,10 +149,11 @@ impl Bounds {
     pub(crate) fn assign(
         &mut self,
         backend: &dyn Backend,
-        x: MatRef<'_>,
+        checked: &CheckedRows<'_>,
         codes: MatRef<'_>,
         indices: &mut [u32],
     ) -> Result<(u64, usize)> {
+        let x = checked.rows();
         let (n, d, g_n) = (x.rows(), x.cols(), self.groups);
         if n == 0 {
             return Ok((0, 0));
@@ -207,7 +208,7 @@ impl Bounds {
             }
             let group_codes = Matrix::new(group_codes, members.len(), d)?;
             let (a, lb) =
-                backend.nearest_rows_with_bounds(x, &rows, group_codes.as_ref(), Metric::L2)?;
+                backend.nearest_rows_with_bounds(checked, &rows, group_codes.as_ref(), Metric::L2)?;
             searched += (rows.len() * members.len()) as u64;
             // What the group's search means for each row (in parallel: the exact distances),
             // then applied in row order.

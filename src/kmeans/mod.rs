@@ -47,7 +47,7 @@ use crate::collective::Collective;
 use crate::ema;
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
-use crate::nearest::{Metric, norm_sq_f64, normalize_rows};
+use crate::nearest::{CheckedRows, Metric, normalize_rows};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -378,8 +378,10 @@ fn lloyd(
     let (n, d) = (x.rows(), x.cols());
 
     let mut indices = vec![0u32; n];
-    // Σ||x||² over all ranks, for the error (see `squared_error`).
-    let mut x_sq = [(0..n).map(|i| norm_sq_f64(x.row(i))).sum::<f64>()];
+    // Checked once, with their norms, for every search of the stage; Σ||x||² over all ranks
+    // for the error (see `squared_error`).
+    let checked = CheckedRows::new(x)?;
+    let mut x_sq = [checked.norm_sq().iter().sum::<f64>()];
     comm.all_reduce_sum_f64(&mut x_sq)?;
     let mut bounds = if config.bounds {
         Some(bounds::Bounds::new(
@@ -402,7 +404,9 @@ fn lloyd(
     };
     for pass in first_pass..=config.max_passes {
         let (searched, reassigned) = match bounds.as_mut() {
-            Some(b) if pass > first_pass => b.assign(backend, x, codes.as_ref(), &mut indices)?,
+            Some(b) if pass > first_pass => {
+                b.assign(backend, &checked, codes.as_ref(), &mut indices)?
+            }
             b => assign_all(
                 backend,
                 x,

@@ -118,6 +118,7 @@ pub(crate) fn candidates(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared)
         || vec![LaneState::START; ROW_BLOCK],
         |states, xs, out| {
             let rows = out.best.len();
+            debug_assert_eq!(rows, xs.len());
             let states = &mut states[..rows];
             states.fill(LaneState::START);
             let mut p0 = 0;
@@ -129,11 +130,11 @@ pub(crate) fn candidates(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared)
                     // results are dropped.
                     let ptrs: [*const f32; MR] = std::array::from_fn(|r| {
                         let row = g + if r < live { r } else { 0 };
-                        xs[row * d..].as_ptr()
+                        xs.row(row).as_ptr()
                     });
                     for p in p0..p1 {
                         // SAFETY: available() was checked above; each pointer in `ptrs`
-                        // addresses a full row of d values of `xs`, the panel slice holds
+                        // addresses a full row of d values (`xs.row`), the panel slice holds
                         // d·NR values and the norms slice NR, and `states[g..g + live]`
                         // is in bounds.
                         unsafe {

@@ -103,8 +103,9 @@ fn portable(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidate
         x,
         prepared,
         ROW_BLOCK,
-        || vec![0f32; ROW_BLOCK * CODE_TILE],
-        |tile, xs, out| {
+        || (vec![0f32; ROW_BLOCK * CODE_TILE], Vec::new()),
+        |(tile, xbuf), block, out| {
+            let xs = block.contiguous(xbuf);
             let rows = out.best.len();
             out.best_score.fill(f32::INFINITY);
             out.second_score.fill(f32::INFINITY);
@@ -162,17 +163,59 @@ pub(crate) struct BlockOut<'a> {
     pub second_score: &'a mut [f32],
 }
 
+/// One block's rows as a kernel reads them: in place (rows of the input), or from a per-worker
+/// copy (normalised under cosine).
+pub(crate) struct BlockRows<'a> {
+    rows: Rows<'a>,
+    r0: usize,
+    len: usize,
+    copy: Option<&'a [f32]>,
+}
+
+impl<'a> BlockRows<'a> {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Row `i` of the block.
+    pub(crate) fn row(&self, i: usize) -> &'a [f32] {
+        let d = self.rows.cols();
+        match self.copy {
+            Some(c) => &c[i * d..(i + 1) * d],
+            None => self.rows.row(self.r0 + i),
+        }
+    }
+
+    /// The block's rows as one row-major slice: in place when they lie so, else copied into
+    /// `buf` (which a worker keeps, so the copy stays in cache).
+    pub(crate) fn contiguous<'b>(&self, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        if let Some(c) = self.copy {
+            return c;
+        }
+        if let Some(d) = self.rows.dense(self.r0, self.r0 + self.len) {
+            return d;
+        }
+        buf.clear();
+        for i in 0..self.len {
+            buf.extend_from_slice(self.row(i));
+        }
+        buf
+    }
+}
+
 /// The driver both CPU kernels share: splits the rows of `x` into blocks of `row_block`, one
-/// rayon task each, hands `score` the block's rows (contiguous; L2-normalised under cosine), a
-/// scratch value made by `init` once per worker, and the block's slices of the output. Rows
-/// that are not contiguous in memory (picked, or normalised) are copied a block at a time into
-/// a per-worker buffer, which stays in cache for the kernel.
+/// rayon task each, hands `score` the block's rows ([`BlockRows`]: in place, or L2-normalised
+/// copies under cosine), a scratch value made by `init` once per worker, and the block's
+/// slices of the output.
 pub(crate) fn for_each_row_block<S>(
     x: Rows<'_>,
     prepared: &Prepared,
     row_block: usize,
     init: impl Fn() -> S + Sync + Send,
-    score: impl Fn(&mut S, &[f32], BlockOut<'_>) + Sync + Send,
+    score: impl Fn(&mut S, &BlockRows<'_>, BlockOut<'_>) + Sync + Send,
 ) -> Candidates {
     let n = x.len();
     let cosine = prepared.metric() == super::Metric::Cosine;
@@ -182,7 +225,8 @@ pub(crate) fn for_each_row_block<S>(
         second_score: vec![0.0; n],
         row_norm_sq: None,
     };
-    // Under L2, finish needs each row's norm: computed here while the block is in cache.
+    // Under L2, finish needs each row's norm: known beforehand for checked rows, else computed
+    // here while the block is in cache.
     let mut norms = vec![0f64; n];
     out.best
         .par_chunks_mut(row_block)
@@ -193,30 +237,36 @@ pub(crate) fn for_each_row_block<S>(
         .for_each_init(
             || (init(), Vec::<f32>::new()),
             |(scratch, xbuf), (block, (((best, best_score), second_score), block_norms))| {
-                let (r0, r1) = (block * row_block, block * row_block + best.len());
-                let xs: &[f32] = match x.dense(r0, r1) {
-                    Some(rows) if !cosine => rows,
-                    _ => {
-                        xbuf.clear();
-                        for r in r0..r1 {
-                            xbuf.extend_from_slice(x.row(r));
-                        }
-                        if cosine {
-                            xbuf.chunks_mut(x.cols().max(1))
-                                .for_each(super::normalize_row);
-                        }
-                        xbuf
+                let r0 = block * row_block;
+                let len = best.len();
+                let copy = if cosine {
+                    xbuf.clear();
+                    for r in r0..r0 + len {
+                        xbuf.extend_from_slice(x.row(r));
                     }
+                    xbuf.chunks_mut(x.cols().max(1))
+                        .for_each(super::normalize_row);
+                    Some(&xbuf[..])
+                } else {
+                    None
+                };
+                let rows = BlockRows {
+                    rows: x,
+                    r0,
+                    len,
+                    copy,
                 };
                 let out = BlockOut {
                     best,
                     best_score,
                     second_score,
                 };
-                score(scratch, xs, out);
+                score(scratch, &rows, out);
                 if !cosine {
-                    for (o, row) in block_norms.iter_mut().zip(xs.chunks(x.cols().max(1))) {
-                        *o = super::norm_sq_f64(row);
+                    for (i, o) in block_norms.iter_mut().enumerate() {
+                        *o = x
+                            .known_norm_sq(r0 + i)
+                            .unwrap_or_else(|| super::norm_sq_f64(rows.row(i)));
                     }
                 }
             },

@@ -144,25 +144,39 @@ pub(crate) fn validate_rows(x: Rows<'_>, codebook: MatRef<'_>) -> Result<()> {
 pub(crate) struct Rows<'a> {
     x: MatRef<'a>,
     pick: Option<&'a [u32]>,
+    /// What a [`CheckedRows`] knows of all rows of `x`: their largest |value| and ||x||².
+    checked: Option<(f32, &'a [f64])>,
 }
 
 impl<'a> Rows<'a> {
     pub(crate) fn all(x: MatRef<'a>) -> Self {
-        Rows { x, pick: None }
+        Rows {
+            x,
+            pick: None,
+            checked: None,
+        }
     }
 
     /// The rows of `x` named by `pick`; an error names the first index out of range.
-    pub(crate) fn picked(x: MatRef<'a>, pick: &'a [u32]) -> Result<Self> {
-        if let Some(&i) = pick.iter().find(|&&i| i as usize >= x.rows()) {
+    pub(crate) fn picked(x: &'a CheckedRows<'a>, pick: &'a [u32]) -> Result<Self> {
+        let m = x.x;
+        if let Some(&i) = pick.iter().find(|&&i| i as usize >= m.rows()) {
             return Err(Error::InvalidArgument(format!(
                 "row {i} picked for a search of a matrix of {} rows",
-                x.rows()
+                m.rows()
             )));
         }
         Ok(Rows {
-            x,
+            x: m,
             pick: Some(pick),
+            checked: Some((x.max_abs, &x.norm_sq)),
         })
+    }
+
+    /// ||x||² of the `i`-th row searched, when known beforehand.
+    pub(crate) fn known_norm_sq(&self, i: usize) -> Option<f64> {
+        let (_, norms) = self.checked?;
+        Some(norms[self.pick.map_or(i, |p| p[i] as usize)])
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -200,37 +214,61 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// [`MatRef::max_abs`] over the searched rows; an error names the row's index in the matrix.
+    /// [`MatRef::max_abs`] over the searched rows (known already for checked rows).
     fn max_abs(&self, what: &str) -> Result<f32> {
-        use rayon::prelude::*;
-        let Some(pick) = self.pick else {
-            return self.x.max_abs(what);
-        };
-        let x = self.x;
-        let most = pick
-            .par_iter()
-            .with_min_len(256)
-            .map(|&i| crate::matrix::max_abs_bits(x.row(i as usize)))
-            .max()
-            .unwrap_or(0);
-        if most >= 0x7f80_0000 {
-            for &i in pick {
-                MatRef::new(x.row(i as usize), 1, x.cols())?
-                    .check_finite(what)
-                    .map_err(|e| match e {
-                        Error::NonFinite {
-                            what, col, value, ..
-                        } => Error::NonFinite {
-                            what,
-                            row: i as usize,
-                            col,
-                            value,
-                        },
-                        e => e,
-                    })?;
-            }
+        match self.checked {
+            Some((m, _)) => Ok(m),
+            None => self.x.max_abs(what),
         }
-        Ok(f32::from_bits(most.min(0x7f7f_ffff)))
+    }
+}
+
+/// Rows checked once for searches (finite, their largest |value| known) with their ||x||² in
+/// f64: what repeated searches of subsets of the same rows share, so that no search re-checks
+/// the rows or re-reads them for their norms. The exact k-means bounds search a different
+/// subset of the rows against each group of codes every pass
+/// ([`crate::backend::Backend::nearest_rows_with_bounds`]).
+///
+/// ```
+/// use vqx::nearest::CheckedRows;
+/// let x = [3.0f32, 4.0, 0.0, 1.0];
+/// let rows = CheckedRows::new(vqx::MatRef::new(&x, 2, 2)?)?;
+/// assert_eq!(rows.norm_sq(), &[25.0, 1.0]);
+/// assert!(CheckedRows::new(vqx::MatRef::new(&[f32::NAN], 1, 1)?).is_err());
+/// # Ok::<(), vqx::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct CheckedRows<'a> {
+    x: MatRef<'a>,
+    max_abs: f32,
+    norm_sq: Vec<f64>,
+}
+
+impl<'a> CheckedRows<'a> {
+    /// Checks every value of `x` (an error names the first NaN or infinity) and computes the
+    /// rows' squared norms.
+    pub fn new(x: MatRef<'a>) -> Result<Self> {
+        use rayon::prelude::*;
+        let max_abs = x.max_abs("input")?;
+        let norm_sq = (0..x.rows())
+            .into_par_iter()
+            .with_min_len(1024)
+            .map(|i| norm_sq_f64(x.row(i)))
+            .collect();
+        Ok(CheckedRows {
+            x,
+            max_abs,
+            norm_sq,
+        })
+    }
+
+    pub fn rows(&self) -> MatRef<'a> {
+        self.x
+    }
+
+    /// ||x_i||² in f64, one per row.
+    pub fn norm_sq(&self) -> &[f64] {
+        &self.norm_sq
     }
 }
 
@@ -527,7 +565,7 @@ pub struct LowerBounds {
 /// [`search_with_bounds`] for the rows of `x` that `rows` names, in that order (row t of the
 /// result is row `rows[t]` of `x`).
 pub(crate) fn search_picked_with_bounds(
-    x: MatRef<'_>,
+    x: &CheckedRows<'_>,
     rows: &[u32],
     codebook: MatRef<'_>,
     metric: Metric,
