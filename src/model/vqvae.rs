@@ -411,6 +411,12 @@ impl VqVae {
     /// mean((reconstruct(x) − x)²), evaluated in chunks of 4096 rows.
     pub fn reconstruction_mse(&self, x: MatRef<'_>) -> Result<f64> {
         x.check_nonempty("evaluation data")?;
+        Ok(self.reconstruction_sq_sum(x)? / (x.rows() as f64 * x.cols() as f64))
+    }
+
+    /// Σ (reconstruct(x) − x)² in f64, in chunks of 4096 rows; 0 for no rows (a rank's share
+    /// of a held-out set may be empty; the ranks add these sums).
+    pub fn reconstruction_sq_sum(&self, x: MatRef<'_>) -> Result<f64> {
         let mut sq = 0.0f64;
         let mut start = 0;
         while start < x.rows() {
@@ -425,6 +431,6 @@ impl VqVae {
                 .sum::<f64>();
             start = end;
         }
-        Ok(sq / (x.rows() as f64 * x.cols() as f64))
+        Ok(sq)
     }
 }

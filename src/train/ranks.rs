@@ -382,7 +382,7 @@ impl<'c> ShardedTrainer<'c> {
         } else {
             &t.data.train
         };
-        let mut sums = [squared_error(&t.model, x.as_ref())?, x.rows() as f64];
+        let mut sums = [t.model.reconstruction_sq_sum(x.as_ref())?, x.rows() as f64];
         self.comm.all_reduce_sum_f64(&mut sums)?;
         if sums[1] == 0.0 {
             return Err(Error::Empty {
@@ -536,25 +536,6 @@ fn fetch_batch_rows(
         ));
     }
     Matrix::new(out, wanted.len(), d)
-}
-
-/// Σ (reconstruct(x) − x)² over `x`'s rows, in f64, in chunks of 4096 rows; 0 for no rows.
-fn squared_error(model: &VqVae, x: MatRef<'_>) -> Result<f64> {
-    let mut sq = 0.0f64;
-    let mut start = 0;
-    while start < x.rows() {
-        let end = (start + 4096).min(x.rows());
-        let part = x.slice_rows(start, end);
-        let y = model.reconstruct(part)?;
-        sq += y
-            .data()
-            .iter()
-            .zip(part.data())
-            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-            .sum::<f64>();
-        start = end;
-    }
-    Ok(sq)
 }
 
 /// A fast 64-bit hash of words (FxHash's mixing): enough to tell two ranks' states apart.
