@@ -207,8 +207,12 @@ impl Bounds {
                 group_codes.extend_from_slice(codes.row(j as usize));
             }
             let group_codes = Matrix::new(group_codes, members.len(), d)?;
-            let (a, lb) =
-                backend.nearest_rows_with_bounds(checked, &rows, group_codes.as_ref(), Metric::L2)?;
+            let (a, lb) = backend.nearest_rows_with_bounds(
+                checked,
+                &rows,
+                group_codes.as_ref(),
+                Metric::L2,
+            )?;
             searched += (rows.len() * members.len()) as u64;
             // What the group's search means for each row (in parallel: the exact distances),
             // then applied in row order.
