@@ -41,6 +41,7 @@ mod shard;
 
 pub use seed::{SeedReport, Seeding, seed};
 pub use shard::Shard;
+pub(crate) use shard::{fetch_rows, gather_rows};
 
 use crate::backend::Backend;
 use crate::collective::Collective;

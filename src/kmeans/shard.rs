@@ -91,7 +91,7 @@ pub(crate) fn fetch_rows(
     for (pos, &g) in wanted.iter().enumerate() {
         if g >= shard.total {
             return Err(Error::internal(
-                "k-means",
+                "rows across ranks",
                 format!("row {g} requested of {} rows", shard.total),
             ));
         }
@@ -120,7 +120,7 @@ pub(crate) fn fetch_rows(
     }
     if let Some(pos) = filled.iter().position(|f| !f) {
         return Err(Error::internal(
-            "k-means",
+            "rows across ranks",
             format!("no rank holds row {}", wanted[pos]),
         ));
     }

@@ -260,7 +260,7 @@ impl<'c> ShardedTrainer<'c> {
         let encoder = &t.model.encoder;
         let initialized = t.model.quantizer.begin_shared_step(|| {
             let e = encoder.infer(x);
-            gather_all_rows(comm, e.as_ref())
+            crate::kmeans::gather_rows(comm, e.data(), e.cols())
         })?;
         let init_seconds = t_init.elapsed().as_secs_f64();
 
@@ -329,7 +329,9 @@ impl<'c> ShardedTrainer<'c> {
                     let xs = xs.as_ref().ok_or_else(|| {
                         Error::internal("dead-code re-seeding", "rows asked for without EMA")
                     })?;
-                    fetch_batch_rows(comm, xs.as_ref(), part.start, total, positions)
+                    // The batch's rows as a data set sharded over the ranks.
+                    let batch = crate::kmeans::Shard::new(xs.as_ref(), part.start, total)?;
+                    crate::kmeans::fetch_rows(comm, &batch, positions)
                 })?;
         let quantizer_seconds = out.quantizer_seconds + t_q.elapsed().as_secs_f64();
 
@@ -474,68 +476,6 @@ fn grad_tensors(g: &mut VqVaeGrads) -> Vec<&mut [f32]> {
         out.push(c.data_mut());
     }
     out
-}
-
-/// Every rank's `local` rows stacked in rank order, on every rank.
-fn gather_all_rows(comm: &dyn Collective, local: MatRef<'_>) -> Result<Matrix> {
-    let d = local.cols();
-    let mut out: Vec<f32> = Vec::new();
-    for part in comm.all_gather_bytes(bytemuck::cast_slice(local.data()))? {
-        out.extend(
-            part.chunks_exact(4)
-                .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
-        );
-    }
-    let rows = out.len().checked_div(d).unwrap_or(0);
-    Matrix::new(out, rows, d)
-}
-
-/// Rows `wanted` (positions in the global batch of `total` rows) of the batch whose positions
-/// `first..first + local.rows()` this rank holds as `local`: each rank sends the ones it
-/// holds, every rank gets all of them (a collective).
-fn fetch_batch_rows(
-    comm: &dyn Collective,
-    local: MatRef<'_>,
-    first: usize,
-    total: usize,
-    wanted: &[usize],
-) -> Result<Matrix> {
-    let d = local.cols();
-    let mut mine: Vec<u8> = Vec::new();
-    for (i, &p) in wanted.iter().enumerate() {
-        if p >= total {
-            return Err(Error::internal(
-                "dead-code re-seeding",
-                format!("batch row {p} asked for of {total}"),
-            ));
-        }
-        if let Some(l) = p.checked_sub(first).filter(|&l| l < local.rows()) {
-            mine.extend_from_slice(&(i as u64).to_le_bytes());
-            mine.extend_from_slice(bytemuck::cast_slice(local.row(l)));
-        }
-    }
-    let mut out = vec![0f32; wanted.len() * d];
-    let mut filled = vec![false; wanted.len()];
-    for part in comm.all_gather_bytes(&mine)? {
-        for rec in part.chunks_exact(8 + 4 * d) {
-            let (head, row) = rec.split_at(8);
-            let i = u64::from_le_bytes(head.try_into().expect("8 bytes")) as usize;
-            let dst = out.get_mut(i * d..(i + 1) * d).ok_or_else(|| {
-                Error::internal("dead-code re-seeding", format!("row slot {i} sent"))
-            })?;
-            for (o, b) in dst.iter_mut().zip(row.chunks_exact(4)) {
-                *o = f32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
-            }
-            filled[i] = true;
-        }
-    }
-    if let Some(i) = filled.iter().position(|f| !f) {
-        return Err(Error::internal(
-            "dead-code re-seeding",
-            format!("no rank holds batch row {}", wanted[i]),
-        ));
-    }
-    Matrix::new(out, wanted.len(), d)
 }
 
 /// A fast 64-bit hash of words (FxHash's mixing): enough to tell two ranks' states apart.
