@@ -209,7 +209,8 @@ mod mpi {
     }
 
     /// The issue-12 contract on a real job: `mpirun -np 2 vqx fit` gives the checkpoint
-    /// `vqx fit --shards 2` gives, bit for bit (L2 and cosine); each rank read only its rows.
+    /// `vqx fit --shards 2` gives, bit for bit (Lloyd and EMA modes, L2 and cosine); each rank
+    /// read only its rows.
     #[test]
     fn mpirun_fit_equals_shards_in_one_process() {
         let dir = tempfile::tempdir().unwrap();
@@ -223,36 +224,45 @@ mod mpi {
         let x = vqx::Matrix::new(x, n, d).unwrap();
         vqx::npy::write_matrix(p("x.npy"), x.as_ref()).unwrap();
         let vqx = env!("CARGO_BIN_EXE_vqx");
-        for metric in ["l2", "cosine"] {
-            let common = |out: &str| {
-                vec![
-                    "fit".to_string(),
-                    "--input".into(),
-                    p("x.npy"),
-                    "--codebook-size".into(),
-                    "40".into(),
-                    "--metric".into(),
-                    metric.into(),
-                    "--quiet".into(),
-                    "-o".into(),
-                    p(out),
-                ]
-            };
-            let args = common(&format!("mpi-{metric}.st"));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let (out, _) = mpirun_on(vqx, 2, &args, Duration::from_secs(120));
-            let (stdout, stderr) = text(&out);
-            assert!(out.status.success(), "{metric}: {stdout}\n{stderr}");
-            let mut one = common(&format!("one-{metric}.st"));
-            one.extend(["--shards".to_string(), "2".to_string()]);
-            let o = Command::new(vqx).args(&one).output().unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            let a = std::fs::read(p(&format!("mpi-{metric}.st"))).unwrap();
-            let b = std::fs::read(p(&format!("one-{metric}.st"))).unwrap();
-            assert!(
-                a == b,
-                "{metric}: mpirun -np 2 and --shards 2 checkpoints differ"
-            );
+        // Lloyd, and the EMA mode with a global batch that splits unevenly and re-seeded codes.
+        let ema = ["--mode", "ema", "--steps", "25", "--batch-size", "301"];
+        let ema: Vec<&str> = [&ema[..], &["--dead-code-threshold", "2"]].concat();
+        for (mode, extra) in [("lloyd", vec![]), ("ema", ema)] {
+            for metric in ["l2", "cosine"] {
+                let metric_mode = format!("{metric}-{mode}");
+                let metric = metric_mode.as_str();
+                let common = |out: &str| {
+                    let mut a = vec![
+                        "fit".to_string(),
+                        "--input".into(),
+                        p("x.npy"),
+                        "--codebook-size".into(),
+                        "40".into(),
+                        "--metric".into(),
+                        metric.split('-').next().unwrap().into(),
+                        "--quiet".into(),
+                        "-o".into(),
+                        p(out),
+                    ];
+                    a.extend(extra.iter().map(|s| s.to_string()));
+                    a
+                };
+                let args = common(&format!("mpi-{metric}.st"));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let (out, _) = mpirun_on(vqx, 2, &args, Duration::from_secs(120));
+                let (stdout, stderr) = text(&out);
+                assert!(out.status.success(), "{metric}: {stdout}\n{stderr}");
+                let mut one = common(&format!("one-{metric}.st"));
+                one.extend(["--shards".to_string(), "2".to_string()]);
+                let o = Command::new(vqx).args(&one).output().unwrap();
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                let a = std::fs::read(p(&format!("mpi-{metric}.st"))).unwrap();
+                let b = std::fs::read(p(&format!("one-{metric}.st"))).unwrap();
+                assert!(
+                    a == b,
+                    "{metric}: mpirun -np 2 and --shards 2 checkpoints differ"
+                );
+            }
         }
     }
 

@@ -456,8 +456,8 @@ fn cli_fit_lloyd_reports_passes_stops_and_shards_deterministically() {
         &["--batch-size", "--mode ema"],
     );
     refused(
-        &["--mode", "ema", "--codebook-size", "24", "--shards", "2"],
-        &["--shards", "--mode lloyd"],
+        &["--mode", "ema", "--codebook-size", "24", "--no-bounds"],
+        &["--no-bounds", "--mode lloyd"],
     );
     let e = refused(&["--codebook-size", "5000"], &["5000 codes", "3000"]);
     assert!(
@@ -767,4 +767,76 @@ fn a_killed_fit_resumes_to_the_uninterrupted_codebook() {
         &format!("killed after pass {at} and resumed vs uninterrupted"),
     );
     assert_eq!(w.step, k.step);
+}
+
+/// `vqx fit --mode ema --shards S`: the global batch split over S in-process ranks; two runs
+/// give the same bytes, the fit learns as the one-process fit does, and a batch smaller than
+/// the rank count and a NaN in a rank's rows are refused with the reason.
+#[test]
+fn cli_fit_ema_across_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    let (x, _) = clustered_case(3000, 6, 24, 13);
+    vqx::npy::write_matrix(p("x.npy"), x.as_ref()).unwrap();
+    let xp = p("x.npy");
+    let run = |out: &str, extra: &[&str]| {
+        let op = p(out);
+        let mut args = vec![
+            "fit",
+            "--mode",
+            "ema",
+            "--input",
+            &xp,
+            "--codebook-size",
+            "24",
+        ];
+        args.extend_from_slice(&["--steps", "60", "--batch-size", "257", "--quiet", "-o", &op]);
+        args.extend_from_slice(extra);
+        vqx(&args)
+    };
+    // Mean squared distance of the rows to the checkpoint's nearest codes.
+    let error = |out: &str| {
+        let c = vqx::checkpoint::Checkpoint::load(p(out)).unwrap().codebook;
+        let a = CpuBackend::new()
+            .nearest(x.as_ref(), c.as_ref(), Metric::L2)
+            .unwrap();
+        a.distances.iter().map(|&v| v as f64).sum::<f64>() / x.rows() as f64
+    };
+    for metric in ["l2", "cosine"] {
+        let m = ["--metric", metric, "--dead-code-threshold", "1"];
+        ok(&run("one.st", &m));
+        ok(&run("a.st", &[&m[..], &["--shards", "2"]].concat()));
+        ok(&run("b.st", &[&m[..], &["--shards", "2"]].concat()));
+        ok(&run("c.st", &[&m[..], &["--shards", "3"]].concat()));
+        let (a, b) = (
+            std::fs::read(p("a.st")).unwrap(),
+            std::fs::read(p("b.st")).unwrap(),
+        );
+        assert!(a == b, "{metric}: two --shards 2 runs differ");
+        let ckpt = vqx::checkpoint::Checkpoint::load(p("c.st")).unwrap();
+        assert_eq!(ckpt.step, 60, "{metric}: steps");
+        let (one, two, three) = (error("one.st"), error("a.st"), error("c.st"));
+        assert!(
+            two <= one * 1.25 && three <= one * 1.25,
+            "{metric}: error {two} (2 shards), {three} (3 shards), {one} (one process)"
+        );
+    }
+    let op = p("x.st");
+    #[rustfmt::skip]
+    let args = ["fit", "--mode", "ema", "--input", &xp, "--codebook-size", "24", "--steps", "5",
+        "--batch-size", "2", "--shards", "3", "--quiet", "-o", &op];
+    expect_error(&vqx(&args), &["--batch-size 2", "3 ranks"]);
+    let mut bad = x.clone();
+    bad.data_mut()[2900 * 6 + 1] = f32::NAN;
+    vqx::npy::write_matrix(p("bad.npy"), bad.as_ref()).unwrap();
+    let bp = p("bad.npy");
+    let op = p("bad.st");
+    #[rustfmt::skip]
+    let args = ["fit", "--mode", "ema", "--input", &bp, "--codebook-size", "24", "--steps", "60",
+        "--batch-size", "1000", "--shards", "2", "--quiet", "-o", &op];
+    expect_error(&vqx(&args), &["input"]);
+    assert!(
+        !dir.path().join("bad.st").exists(),
+        "a checkpoint was written"
+    );
 }

@@ -74,8 +74,8 @@ pub struct Args {
     /// bits; --steps/--max-passes count the passes already made.
     #[arg(long)]
     pub resume: bool,
-    /// lloyd: split the rows into this many shards, one in-process rank each: the codebook
-    /// `mpirun -np S` gives, bit for bit.
+    /// Split the rows into this many shards, one in-process rank each: the codebook
+    /// `mpirun -np S` gives, bit for bit (ema: --batch-size is the global batch).
     #[arg(long, default_value_t = 1, value_parser = count::<usize>)]
     pub shards: usize,
     /// ema: rows per batch (capped at N; default 1024).
@@ -135,15 +135,19 @@ fn init_from(s: &str) -> std::result::Result<InitFrom, std::convert::Infallible>
 pub fn run(args: Args) -> Result<()> {
     check_mode_flags(&args)?;
     #[cfg(feature = "mpi")]
-    if args.mode == Mode::Lloyd && super::launched_by_mpi() {
-        return run_lloyd_mpi(&args);
+    if super::launched_by_mpi() {
+        return run_mpi(&args);
     }
     let x = vqx::npy::read_matrix(&args.input)?;
     x.as_ref()
         .check_nonempty(&format!("input {}", args.input.display()))?;
     match args.mode {
-        Mode::Lloyd => run_lloyd(&args, x),
-        Mode::Ema => run_ema(&args, x),
+        Mode::Lloyd => run_sharded(&args, x, lloyd_job),
+        // One process keeps the quantizer's own training step (device backends included);
+        // ranks share theirs (with one rank it gives the same bits: checked on L2, cosine,
+        // k-means init and re-seeded dead codes).
+        Mode::Ema if args.shards == 1 => run_ema(&args, x),
+        Mode::Ema => run_sharded(&args, x, ema_job),
     }
 }
 
@@ -174,7 +178,6 @@ fn check_mode_flags(args: &Args) -> Result<()> {
                     "--group-codes",
                     args.group_codes != KMeansConfig::new(1).group_codes,
                 ),
-                ("--shards", args.shards != 1),
                 (
                     "--sample-per-code",
                     args.sample_per_code != KMeansConfig::SAMPLE_PER_CODE,
@@ -307,12 +310,163 @@ fn run_ema(args: &Args, x: Matrix) -> Result<()> {
     Ok(())
 }
 
-fn run_lloyd(args: &Args, x: Matrix) -> Result<()> {
+/// The EMA fit on this rank's `shard`, data-parallel: `--batch-size` is the global batch; rank
+/// r takes its part (`train::batch_part`) from its own rows, in its own seeded order (rank 0's
+/// is the one-process order), and each step's statistics (per-code counts and f64 sums, the
+/// commitment loss) are added over the ranks in rank order before the one EMA update every rank
+/// makes; the first batch (for the init) and re-seeded rows are gathered from the ranks that
+/// hold them. Every rank holds the same codebook (checked every 10 steps and at the end);
+/// rank 0 alone reports and writes.
+fn ema_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()> {
+    use vqx::ema::{CodeSums, SumMode};
+    let x = shard.rows();
+    let (n, d) = (x.rows(), x.cols());
+    let (ranks, rank) = (comm.size(), comm.rank());
+    let lead = rank == 0;
+    let steps = args.steps.unwrap_or(1000);
+    let run = &args.run;
+    let k = args.codebook_size;
+    let batch = args.batch_size.unwrap_or(1024).min(shard.total());
+    if batch < ranks {
+        return Err(Error::InvalidArgument(format!(
+            "--batch-size {batch} is smaller than the {ranks} ranks: each rank needs a row of \
+             every batch"
+        )));
+    }
+    let part = vqx::train::batch_part(batch, ranks, rank);
+    if n == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "rank {rank} holds no rows of {}",
+            args.input.display()
+        )));
+    }
+    let mut config =
+        quantizer_config(args, d).dead_code_threshold(args.dead_code_threshold.unwrap_or(0.0));
+    if let Some(c) = args.reset_count {
+        config = config.reset_count(c);
+    }
+    let init = args
+        .init
+        .clone()
+        .unwrap_or(InitFrom::Builtin(InitChoice::Data));
+    let mut vq = match &init {
+        InitFrom::Builtin(init) => {
+            VectorQuantizer::new(config.init(init.init(args.kmeans_iters.unwrap_or(10))))?
+        }
+        InitFrom::File(file) => {
+            VectorQuantizer::with_codebook(config, super::load_codebook(file)?)?
+        }
+    };
+    let cosine = args.backend.metric() == vqx::Metric::Cosine;
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(vqx::train::rank_seed(run.seed ^ 0x5eed_5eed, rank));
+    let mut cursor = n;
+    let mut metrics = match (&args.metrics, lead) {
+        (Some(path), true) => Some(MetricsLog::create(path)?),
+        _ => None,
+    };
+    let bar = progress_bar(steps, run.quiet || !lead);
+    let start = std::time::Instant::now();
+    let mut buf = Vec::with_capacity(part.len() * d);
+    let mut last = None;
+    for step in 0..steps {
+        buf.clear();
+        for _ in 0..part.len() {
+            if cursor == n {
+                if !args.no_shuffle {
+                    order.shuffle(&mut rng);
+                }
+                cursor = 0;
+            }
+            buf.extend_from_slice(x.row(order[cursor]));
+            cursor += 1;
+        }
+        let mine = MatRef::new(&buf, part.len(), d)?;
+        let initialized = vq.begin_shared_step(|| kmeans::gather_rows(comm, mine.data(), d))?;
+        let out = vq.forward(mine, None, false)?;
+        // The EMA statistics of x̂ under cosine (vector-quantize-pytorch's spherical update).
+        let unit = cosine.then(|| vqx::nearest::normalize_rows(mine));
+        let xs = unit.as_ref().map_or(mine, Matrix::as_ref);
+        let (sums, counts) = vqx::ema::sums_f64(xs, &out.indices, k);
+        let mut reduced = sums;
+        reduced.extend(counts.iter().map(|&c| c as f64));
+        // β·mse over this rank's rows, weighted to the global batch's mean.
+        reduced.push(out.commitment_loss as f64 * part.len() as f64 / batch as f64);
+        comm.all_reduce_sum_f64(&mut reduced)?;
+        let commitment = reduced.pop().expect("the loss term");
+        let (sums, counts) = reduced.split_at(k * d);
+        // Integer sums of integers below 2^53: exact in f64.
+        let counts: Vec<u32> = counts.iter().map(|&c| c as u32).collect();
+        let sums = CodeSums {
+            sums: sums.iter().map(|&v| v as f32).collect(),
+            counts: counts.clone(),
+            mode: SumMode::Deterministic,
+        };
+        let (dead, replaced) = vq.end_shared_step(&counts, Some(&sums), batch, |positions| {
+            let rows = Shard::new(xs, part.start, batch)?;
+            kmeans::fetch_rows(comm, &rows, positions)
+        })?;
+        let usage = vqx::usage::UsageSummary::from_counts(&counts);
+        if (step + 1) % 10 == 0 || step + 1 == steps {
+            kmeans::check_same_codebook(
+                comm,
+                vq.codebook().as_ref(),
+                "fit --mode ema",
+                &format!("step {}", step + 1),
+            )?;
+        }
+        if lead {
+            bar.set_message(format!(
+                "commit {commitment:.4}  perplexity {:.1}  used {}/{k}  dead {dead}",
+                usage.perplexity, usage.used
+            ));
+            bar.inc(1);
+            if let Some(w) = metrics.as_mut() {
+                w.write(&serde_json::json!({
+                    "step": vq.step(),
+                    "commitment_loss": commitment,
+                    "perplexity": usage.perplexity,
+                    "used": usage.used,
+                    "dead": dead,
+                    "replaced": replaced,
+                    "initialized": initialized,
+                    "elapsed_s": start.elapsed().as_secs_f64(),
+                }))?;
+            }
+        }
+        last = Some((commitment, usage.perplexity, usage.used, dead));
+    }
+    bar.finish_and_clear();
+    if !lead {
+        return Ok(());
+    }
+    if let Some(w) = metrics.as_mut() {
+        w.flush()?;
+    }
+    vq.to_checkpoint()?.save(&args.output)?;
+    let (commit, perplexity, used, dead) = last.expect("at least one step");
+    eprintln!(
+        "fit {k} codes × {d} on {} rows in {ranks} shards: {steps} steps of {batch} on {} in \
+         {:.2} s; last step: commitment {commit:.5}, perplexity {perplexity:.1}, used {used}/{k}, \
+         dead {dead}; wrote {}",
+        shard.total(),
+        vq.backend().name(),
+        start.elapsed().as_secs_f64(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// A fit job on one rank's shard: [`lloyd_job`] or [`ema_job`].
+type Job = fn(&Args, &dyn Collective, Shard<'_>) -> Result<()>;
+
+/// `job` on `--shards` in-process ranks (one rank: this thread).
+fn run_sharded(args: &Args, x: Matrix, job: Job) -> Result<()> {
     let n = x.rows();
     let x = x.as_ref();
     if args.shards == 1 {
         let comm = vqx::collective::Single;
-        return lloyd_job(args, &comm, Shard::whole(x));
+        return job(args, &comm, Shard::whole(x));
     }
     if args.shards > n {
         return Err(Error::InvalidArgument(format!(
@@ -321,16 +475,16 @@ fn run_lloyd(args: &Args, x: Matrix) -> Result<()> {
         )));
     }
     in_process::run(args.shards, |rank| {
-        lloyd_job(args, rank, Shard::split(x, args.shards, rank.rank()))
+        job(args, rank, Shard::split(x, args.shards, rank.rank()))
     })
     .map(drop)
 }
 
-/// One rank of `mpirun -np S vqx fit`: reads only its shard's rows of the input, runs the
-/// passes with the other ranks, and rank 0 writes. An error on any rank ends the whole job
-/// (MPI_Abort) naming the rank and the cause, so no rank waits on it for ever.
+/// One rank of `mpirun -np S vqx fit`: reads only its shard's rows of the input, fits with the
+/// other ranks, and rank 0 writes. An error on any rank ends the whole job (MPI_Abort) naming
+/// the rank and the cause, so no rank waits on it for ever.
 #[cfg(feature = "mpi")]
-fn run_lloyd_mpi(args: &Args) -> Result<()> {
+fn run_mpi(args: &Args) -> Result<()> {
     let mpi = vqx::collective::mpi::Mpi::init()?;
     let (rank, size) = (mpi.rank(), mpi.size());
     let job = || -> Result<()> {
@@ -344,7 +498,11 @@ fn run_lloyd_mpi(args: &Args) -> Result<()> {
         let total = vqx::npy::NpyMatrixReader::open(&args.input)?.rows();
         let range = Shard::range(total, size, rank);
         let (x, total) = vqx::npy::read_rows(&args.input, range.clone())?;
-        lloyd_job(args, &mpi, Shard::new(x.as_ref(), range.start, total)?)
+        let shard = Shard::new(x.as_ref(), range.start, total)?;
+        match args.mode {
+            Mode::Lloyd => lloyd_job(args, &mpi, shard),
+            Mode::Ema => ema_job(args, &mpi, shard),
+        }
     };
     let out = job();
     if let Err(e) = &out

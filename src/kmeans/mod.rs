@@ -40,8 +40,7 @@ mod seed;
 mod shard;
 
 pub use seed::{SeedReport, Seeding, seed};
-pub use shard::Shard;
-pub(crate) use shard::{fetch_rows, gather_rows};
+pub use shard::{Shard, fetch_rows, gather_rows};
 
 use crate::backend::Backend;
 use crate::collective::Collective;
@@ -193,7 +192,21 @@ const CHECK_EVERY: usize = 4;
 /// Every rank's codebook hashed and compared: ranks that computed different codes (a bug, or
 /// different binaries or inputs on different machines) end the job with a clear error instead
 /// of writing a codebook that depends on the rank.
-fn check_same_codes(comm: &dyn Collective, codes: MatRef<'_>, pass: usize) -> Result<()> {
+pub(crate) fn check_same_codes(
+    comm: &dyn Collective,
+    codes: MatRef<'_>,
+    pass: usize,
+) -> Result<()> {
+    check_same_codebook(comm, codes, "k-means", &format!("pass {pass}"))
+}
+
+/// [`check_same_codes`] for any job (`what`) at any point (`when`, e.g. "step 40").
+pub fn check_same_codebook(
+    comm: &dyn Collective,
+    codes: MatRef<'_>,
+    what: &str,
+    when: &str,
+) -> Result<()> {
     use std::hash::{Hash, Hasher};
     // DefaultHasher::new() has fixed keys: the same hash in every process of one build.
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -203,9 +216,9 @@ fn check_same_codes(comm: &dyn Collective, codes: MatRef<'_>, pass: usize) -> Re
     let parts = comm.all_gather_bytes(&h.finish().to_le_bytes())?;
     if let Some(r) = parts.iter().position(|p| *p != parts[0]) {
         return Err(Error::internal(
-            "k-means",
+            what,
             format!(
-                "after pass {pass} rank {r}'s codebook differs from rank 0's: the ranks no \
+                "after {when} rank {r}'s codebook differs from rank 0's: the ranks no \
                  longer compute the same codes (different vqx builds or inputs on the ranks?)"
             ),
         ));

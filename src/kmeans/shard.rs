@@ -80,12 +80,21 @@ impl<'a> Shard<'a> {
 }
 
 /// The global rows `wanted` (in that order), from whichever ranks hold them: every rank
-/// contributes the ones it holds and every rank gets the whole matrix.
-pub(crate) fn fetch_rows(
-    comm: &dyn Collective,
-    shard: &Shard<'_>,
-    wanted: &[usize],
-) -> Result<Matrix> {
+/// contributes the ones it holds and every rank gets the whole matrix (a collective: every
+/// rank calls it with the same `wanted`).
+///
+/// ```
+/// use vqx::collective::{Collective, in_process};
+/// use vqx::kmeans::{Shard, fetch_rows};
+/// let x = [0.0f32, 1.0, 2.0, 3.0]; // 4 rows of 1 value, 2 ranks of 2
+/// let got = in_process::run(2, |c| {
+///     let shard = Shard::split(vqx::MatRef::new(&x, 4, 1)?, 2, c.rank());
+///     Ok(fetch_rows(c, &shard, &[3, 0])?.into_vec())
+/// })?;
+/// assert_eq!(got, vec![vec![3.0, 0.0]; 2]);
+/// # Ok::<(), vqx::Error>(())
+/// ```
+pub fn fetch_rows(comm: &dyn Collective, shard: &Shard<'_>, wanted: &[usize]) -> Result<Matrix> {
     let d = shard.rows.cols();
     let mut mine: Vec<u8> = Vec::new();
     for (pos, &g) in wanted.iter().enumerate() {
@@ -127,8 +136,19 @@ pub(crate) fn fetch_rows(
     Matrix::new(out, wanted.len(), d)
 }
 
-/// Every rank's `local` rows, stacked in rank order (the same matrix on every rank).
-pub(crate) fn gather_rows(comm: &dyn Collective, local: &[f32], d: usize) -> Result<Matrix> {
+/// Every rank's `local` rows (of `d` values each), stacked in rank order: the same matrix on
+/// every rank (a collective).
+///
+/// ```
+/// use vqx::collective::{Collective, in_process};
+/// let got = in_process::run(2, |c| {
+///     let mine = [c.rank() as f32; 2]; // one row of 2 values per rank
+///     Ok(vqx::kmeans::gather_rows(c, &mine, 2)?.into_vec())
+/// })?;
+/// assert_eq!(got, vec![vec![0.0, 0.0, 1.0, 1.0]; 2]);
+/// # Ok::<(), vqx::Error>(())
+/// ```
+pub fn gather_rows(comm: &dyn Collective, local: &[f32], d: usize) -> Result<Matrix> {
     let mut out: Vec<f32> = Vec::with_capacity(local.len());
     for part in comm.all_gather_bytes(bytemuck::cast_slice(local))? {
         out.extend(
