@@ -344,6 +344,57 @@ impl NpyMatrixReader {
     }
 }
 
+/// A 2-D little-endian float32 `.npy` file mapped into memory: its rows are read in place,
+/// paged in from the file as they are touched, and the kernel may drop clean pages again under
+/// memory pressure. So a job can read an input larger than the memory it may hold
+/// (`vqx fit`, whose passes touch the rows in order).
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("x.npy");
+/// let x = vqx::Matrix::new((0..6).map(|v| v as f32).collect(), 3, 2)?;
+/// vqx::npy::write_matrix(&path, x.as_ref())?;
+/// let m = vqx::npy::MappedMatrix::open(&path)?.expect("float32 maps");
+/// assert_eq!(m.as_ref().row(2), &[4.0, 5.0]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct MappedMatrix {
+    map: memmap2::Mmap,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl MappedMatrix {
+    /// Maps `path` after [`NpyMatrixReader::open`]'s checks; `None` when its values cannot be
+    /// read in place (float16, which is converted on read, or a big-endian machine).
+    pub fn open(path: impl AsRef<Path>) -> Result<Option<Self>> {
+        let path = path.as_ref();
+        let r = NpyMatrixReader::open(path)?;
+        if r.dtype() != NpyDtype::F32 || cfg!(target_endian = "big") || r.data_start % 4 != 0 {
+            return Ok(None);
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is opened read-only and vqx never writes it while mapped. Another
+        // process truncating it meanwhile would fault the reads (SIGBUS), as with any map.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Ok(Some(MappedMatrix {
+            map,
+            offset: r.data_start as usize,
+            rows: r.rows(),
+            cols: r.cols(),
+        }))
+    }
+
+    /// The whole matrix, read in place.
+    pub fn as_ref(&self) -> MatRef<'_> {
+        let bytes = &self.map[self.offset..self.offset + self.rows * self.cols * 4];
+        // The map starts page-aligned and the data at a multiple of 4: f32-aligned.
+        let values: &[f32] = bytemuck::cast_slice(bytes);
+        MatRef::new(values, self.rows, self.cols).expect("rows × cols values")
+    }
+}
+
 /// Reads a whole 2-D float32/float16 `.npy` file as an f32 matrix.
 pub fn read_matrix(path: impl AsRef<Path>) -> Result<Matrix> {
     NpyMatrixReader::open(path)?.read_rest()

@@ -261,3 +261,28 @@ fn empty_matrix_reads_as_empty() {
     let m = npy::read_matrix(&p).unwrap();
     assert_eq!((m.rows(), m.cols()), (0, 8));
 }
+
+/// A float32 file maps in place with the values `read_matrix` returns (odd shapes, one row,
+/// many); a float16 file does not map (it is converted on read); a bad file is an error.
+#[test]
+fn mapped_matrix_equals_the_read_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (n, d)) in [(1, 1), (7, 3), (1000, 17)].into_iter().enumerate() {
+        let p = dir.path().join(format!("m{i}.npy"));
+        let m = uniform(n, d, i as u64 + 3);
+        npy::write_matrix(&p, m.as_ref()).unwrap();
+        let mapped = npy::MappedMatrix::open(&p).unwrap().expect("float32 maps");
+        let read = npy::read_matrix(&p).unwrap();
+        assert_eq!(mapped.as_ref().to_owned(), read, "{n}×{d}");
+    }
+    let p = dir.path().join("h.npy");
+    let h: Vec<f16> = (0..8).map(|v| f16::from_f32(v as f32)).collect();
+    write_npy(&p, &[4, 2], Order::C, &h);
+    assert!(
+        npy::MappedMatrix::open(&p).unwrap().is_none(),
+        "float16 mapped"
+    );
+    let bad = dir.path().join("bad.npy");
+    std::fs::write(&bad, b"not npy").unwrap();
+    assert!(npy::MappedMatrix::open(&bad).is_err());
+}

@@ -138,9 +138,9 @@ pub fn run(args: Args) -> Result<()> {
     if super::launched_by_mpi() {
         return run_mpi(&args);
     }
-    let x = vqx::npy::read_matrix(&args.input)?;
-    x.as_ref()
-        .check_nonempty(&format!("input {}", args.input.display()))?;
+    let input = Input::open(&args.input)?;
+    let x = input.rows();
+    x.check_nonempty(&format!("input {}", args.input.display()))?;
     match args.mode {
         Mode::Lloyd => run_sharded(&args, x, lloyd_job),
         // One process keeps the quantizer's own training step (device backends included);
@@ -218,7 +218,31 @@ fn quantizer_config(args: &Args, d: usize) -> QuantizerConfig {
         .device(args.backend.device())
 }
 
-fn run_ema(args: &Args, x: Matrix) -> Result<()> {
+/// The input's rows: a float32 .npy is mapped and read in place (paged in as the passes touch
+/// it, so a file larger than the memory the process may hold can be fitted); float16 is read
+/// and converted.
+enum Input {
+    Mapped(vqx::npy::MappedMatrix),
+    Read(Matrix),
+}
+
+impl Input {
+    fn open(path: &std::path::Path) -> Result<Self> {
+        Ok(match vqx::npy::MappedMatrix::open(path)? {
+            Some(m) => Input::Mapped(m),
+            None => Input::Read(vqx::npy::read_matrix(path)?),
+        })
+    }
+
+    fn rows(&self) -> MatRef<'_> {
+        match self {
+            Input::Mapped(m) => m.as_ref(),
+            Input::Read(m) => m.as_ref(),
+        }
+    }
+}
+
+fn run_ema(args: &Args, x: MatRef<'_>) -> Result<()> {
     let (n, d) = (x.rows(), x.cols());
     let steps = args.steps.unwrap_or(1000);
     let run = &args.run;
@@ -461,9 +485,8 @@ fn ema_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()> {
 type Job = fn(&Args, &dyn Collective, Shard<'_>) -> Result<()>;
 
 /// `job` on `--shards` in-process ranks (one rank: this thread).
-fn run_sharded(args: &Args, x: Matrix, job: Job) -> Result<()> {
+fn run_sharded(args: &Args, x: MatRef<'_>, job: Job) -> Result<()> {
     let n = x.rows();
-    let x = x.as_ref();
     if args.shards == 1 {
         let comm = vqx::collective::Single;
         return job(args, &comm, Shard::whole(x));
@@ -495,10 +518,23 @@ fn run_mpi(args: &Args) -> Result<()> {
                 args.shards
             )));
         }
-        let total = vqx::npy::NpyMatrixReader::open(&args.input)?.rows();
-        let range = Shard::range(total, size, rank);
-        let (x, total) = vqx::npy::read_rows(&args.input, range.clone())?;
-        let shard = Shard::new(x.as_ref(), range.start, total)?;
+        // Each rank touches only its rows (mapped in place, or read alone).
+        let input = vqx::npy::MappedMatrix::open(&args.input)?;
+        let read;
+        let (x, range, total) = match &input {
+            Some(m) => {
+                let all = m.as_ref();
+                let range = Shard::range(all.rows(), size, rank);
+                (all.slice_rows(range.start, range.end), range, all.rows())
+            }
+            None => {
+                let total = vqx::npy::NpyMatrixReader::open(&args.input)?.rows();
+                let range = Shard::range(total, size, rank);
+                read = vqx::npy::read_rows(&args.input, range.clone())?.0;
+                (read.as_ref(), range, total)
+            }
+        };
+        let shard = Shard::new(x, range.start, total)?;
         match args.mode {
             Mode::Lloyd => lloyd_job(args, &mpi, shard),
             Mode::Ema => ema_job(args, &mpi, shard),
