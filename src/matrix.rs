@@ -60,6 +60,25 @@ impl<'a> MatRef<'a> {
         self.max_abs(what).map(drop)
     }
 
+    /// [`MatRef::check_finite`] for rows `first_row..` of a larger matrix (a chunk or shard of
+    /// a file): the error names the row in the larger matrix.
+    pub fn check_finite_from(&self, what: &str, first_row: usize) -> Result<()> {
+        self.check_finite(what).map_err(|e| match e {
+            Error::NonFinite {
+                what,
+                row,
+                col,
+                value,
+            } => Error::NonFinite {
+                what,
+                row: row + first_row,
+                col,
+                value,
+            },
+            e => e,
+        })
+    }
+
     /// The largest |value| (0 for no values), or the error of [`MatRef::check_finite`].
     ///
     /// One pass over the bits: for finite f32 values the order of `bits & 0x7fff_ffff` as

@@ -242,10 +242,9 @@ impl Input {
     }
 }
 
-fn run_ema(args: &Args, x: MatRef<'_>) -> Result<()> {
-    let (n, d) = (x.rows(), x.cols());
-    let steps = args.steps.unwrap_or(1000);
-    let run = &args.run;
+/// The EMA mode's quantizer: its config from the flags, initialised from --init (random rows of
+/// the first batch by default, k-means of it, or a codebook file).
+fn ema_quantizer(args: &Args, d: usize) -> Result<VectorQuantizer> {
     let mut config =
         quantizer_config(args, d).dead_code_threshold(args.dead_code_threshold.unwrap_or(0.0));
     if let Some(c) = args.reset_count {
@@ -255,19 +254,61 @@ fn run_ema(args: &Args, x: MatRef<'_>) -> Result<()> {
         .init
         .clone()
         .unwrap_or(InitFrom::Builtin(InitChoice::Data));
-    let mut vq = match &init {
+    match &init {
         InitFrom::Builtin(init) => {
-            VectorQuantizer::new(config.init(init.init(args.kmeans_iters.unwrap_or(10))))?
+            VectorQuantizer::new(config.init(init.init(args.kmeans_iters.unwrap_or(10))))
         }
-        InitFrom::File(file) => {
-            VectorQuantizer::with_codebook(config, super::load_codebook(file)?)?
+        InitFrom::File(file) => VectorQuantizer::with_codebook(config, super::load_codebook(file)?),
+    }
+}
+
+/// Keeps the EMA mode's shuffle stream apart from the quantizer's (both derive from --seed).
+const SHUFFLE_SEED: u64 = 0x5eed_5eed;
+
+/// The order the EMA mode takes rows in: epochs over the rows, each reshuffled by a stream
+/// seeded with `seed` (or in file order with --no-shuffle).
+struct BatchOrder {
+    order: Vec<usize>,
+    rng: ChaCha8Rng,
+    cursor: usize,
+    shuffle: bool,
+}
+
+impl BatchOrder {
+    fn new(rows: usize, seed: u64, shuffle: bool) -> Self {
+        BatchOrder {
+            order: (0..rows).collect(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            // At the end: the first batch starts an epoch (and shuffles).
+            cursor: rows,
+            shuffle,
         }
-    };
+    }
+
+    /// The next `batch` rows of `x` into `buf`, continuing into a new epoch as needed.
+    fn fill(&mut self, buf: &mut Vec<f32>, x: MatRef<'_>, batch: usize) {
+        buf.clear();
+        for _ in 0..batch {
+            if self.cursor == self.order.len() {
+                if self.shuffle {
+                    self.order.shuffle(&mut self.rng);
+                }
+                self.cursor = 0;
+            }
+            buf.extend_from_slice(x.row(self.order[self.cursor]));
+            self.cursor += 1;
+        }
+    }
+}
+
+fn run_ema(args: &Args, x: MatRef<'_>) -> Result<()> {
+    let (n, d) = (x.rows(), x.cols());
+    let steps = args.steps.unwrap_or(1000);
+    let run = &args.run;
+    let mut vq = ema_quantizer(args, d)?;
 
     let batch = args.batch_size.unwrap_or(1024).min(n);
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(run.seed ^ 0x5eed_5eed);
-    let mut cursor = n; // forces a (re)shuffle before the first batch
+    let mut order = BatchOrder::new(n, run.seed ^ SHUFFLE_SEED, !args.no_shuffle);
     let mut metrics = args
         .metrics
         .as_deref()
@@ -278,17 +319,7 @@ fn run_ema(args: &Args, x: MatRef<'_>) -> Result<()> {
     let mut buf = Vec::with_capacity(batch * d);
     let mut last = None;
     for _ in 0..steps {
-        buf.clear();
-        for _ in 0..batch {
-            if cursor == n {
-                if !args.no_shuffle {
-                    order.shuffle(&mut rng);
-                }
-                cursor = 0;
-            }
-            buf.extend_from_slice(x.row(order[cursor]));
-            cursor += 1;
-        }
+        order.fill(&mut buf, x, batch);
         let out = vq.forward(MatRef::new(&buf, batch, d)?, None, true)?;
         let s = &out.stats;
         bar.set_message(format!(
@@ -364,27 +395,13 @@ fn ema_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()> {
             args.input.display()
         )));
     }
-    let mut config =
-        quantizer_config(args, d).dead_code_threshold(args.dead_code_threshold.unwrap_or(0.0));
-    if let Some(c) = args.reset_count {
-        config = config.reset_count(c);
-    }
-    let init = args
-        .init
-        .clone()
-        .unwrap_or(InitFrom::Builtin(InitChoice::Data));
-    let mut vq = match &init {
-        InitFrom::Builtin(init) => {
-            VectorQuantizer::new(config.init(init.init(args.kmeans_iters.unwrap_or(10))))?
-        }
-        InitFrom::File(file) => {
-            VectorQuantizer::with_codebook(config, super::load_codebook(file)?)?
-        }
-    };
+    let mut vq = ema_quantizer(args, d)?;
     let cosine = args.backend.metric() == vqx::Metric::Cosine;
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(vqx::train::rank_seed(run.seed ^ 0x5eed_5eed, rank));
-    let mut cursor = n;
+    let mut order = BatchOrder::new(
+        n,
+        vqx::train::rank_seed(run.seed ^ SHUFFLE_SEED, rank),
+        !args.no_shuffle,
+    );
     let mut metrics = match (&args.metrics, lead) {
         (Some(path), true) => Some(MetricsLog::create(path)?),
         _ => None,
@@ -394,17 +411,7 @@ fn ema_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()> {
     let mut buf = Vec::with_capacity(part.len() * d);
     let mut last = None;
     for step in 0..steps {
-        buf.clear();
-        for _ in 0..part.len() {
-            if cursor == n {
-                if !args.no_shuffle {
-                    order.shuffle(&mut rng);
-                }
-                cursor = 0;
-            }
-            buf.extend_from_slice(x.row(order[cursor]));
-            cursor += 1;
-        }
+        order.fill(&mut buf, x, part.len());
         let mine = MatRef::new(&buf, part.len(), d)?;
         let initialized = vq.begin_shared_step(|| kmeans::gather_rows(comm, mine.data(), d))?;
         let out = vq.forward(mine, None, false)?;

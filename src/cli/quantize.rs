@@ -137,20 +137,7 @@ pub fn run(args: Args) -> Result<()> {
         });
         for chunk in rx {
             let (offset, x) = chunk?;
-            x.as_ref().check_finite(&input_name).map_err(|e| match e {
-                Error::NonFinite {
-                    what,
-                    row,
-                    col,
-                    value,
-                } => Error::NonFinite {
-                    what,
-                    row: row + offset,
-                    col,
-                    value,
-                },
-                e => e,
-            })?;
+            x.as_ref().check_finite_from(&input_name, offset)?;
             let a = backend.nearest(x.as_ref(), codebook.as_ref(), metric)?;
             rechecked += a.rechecked;
             for &i in &a.indices {

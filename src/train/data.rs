@@ -418,20 +418,7 @@ impl DataSource {
                     range.start,
                     range.end
                 );
-                x.as_ref().check_finite(&what).map_err(|e| match e {
-                    Error::NonFinite {
-                        what,
-                        row,
-                        col,
-                        value,
-                    } => Error::NonFinite {
-                        what,
-                        row: row + range.start,
-                        col,
-                        value,
-                    },
-                    e => e,
-                })?;
+                x.as_ref().check_finite_from(&what, range.start)?;
                 let held = held_out(n, *eval_rows, *seed);
                 let local = |want: bool| -> Vec<usize> {
                     (0..x.rows())
