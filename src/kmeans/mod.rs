@@ -259,10 +259,11 @@ pub fn fit(
         ));
     }
     let first = shard.first();
-    shard.rows().check_finite(&format!(
-        "input rows {first}..{}",
-        first + shard.rows().rows()
-    ))?;
+    // Checked once (with the rows' norms, which the passes over these same rows reuse under L2).
+    let checked = CheckedRows::named(
+        shard.rows(),
+        &format!("input rows {first}..{}", first + shard.rows().rows()),
+    )?;
     let unit;
     let shard = if config.metric == Metric::Cosine {
         unit = normalize_rows(shard.rows());
@@ -305,6 +306,7 @@ pub fn fit(
             backend,
             comm,
             first_stage,
+            None,
             config,
             codes,
             start,
@@ -314,7 +316,10 @@ pub fn fit(
         codes = stage.codebook;
         sample_passes = stage.passes;
     }
-    let stage = lloyd(backend, comm, shard, config, codes, start, false, on_pass)?;
+    let checked = (config.metric == Metric::L2).then_some(checked);
+    let stage = lloyd(
+        backend, comm, shard, checked, config, codes, start, false, on_pass,
+    )?;
     Ok(KMeans {
         seeding,
         sample_passes,
@@ -376,10 +381,11 @@ const SAMPLE_SALT: u64 = 0x7361_6d70_6c65;
 
 /// Lloyd's passes over `shard` from `codes`: one stage of [`fit`] (the sample's, or all rows').
 #[allow(clippy::too_many_arguments)]
-fn lloyd(
+fn lloyd<'a>(
     backend: &dyn Backend,
     comm: &dyn Collective,
-    shard: Shard<'_>,
+    shard: Shard<'a>,
+    checked: Option<CheckedRows<'a>>,
     config: &KMeansConfig,
     mut codes: Matrix,
     start: Instant,
@@ -392,9 +398,12 @@ fn lloyd(
     let (n, d) = (x.rows(), x.cols());
 
     let mut indices = vec![0u32; n];
-    // Checked once, with their norms, for every search of the stage; Σ||x||² over all ranks
-    // for the error (see `squared_error`).
-    let checked = CheckedRows::new(x)?;
+    // Checked once, with their norms, for every search of the stage (by the caller when it
+    // already checked these rows); Σ||x||² over all ranks for the error (`squared_error`).
+    let checked = match checked {
+        Some(c) => c,
+        None => CheckedRows::new(x)?,
+    };
     let mut x_sq = [checked.norm_sq().iter().sum::<f64>()];
     comm.all_reduce_sum_f64(&mut x_sq)?;
     let mut bounds = if config.bounds {

@@ -248,8 +248,13 @@ impl<'a> CheckedRows<'a> {
     /// Checks every value of `x` (an error names the first NaN or infinity) and computes the
     /// rows' squared norms.
     pub fn new(x: MatRef<'a>) -> Result<Self> {
+        Self::named(x, "input")
+    }
+
+    /// [`CheckedRows::new`], an error naming the rows `what`.
+    pub fn named(x: MatRef<'a>, what: &str) -> Result<Self> {
         use rayon::prelude::*;
-        let max_abs = x.max_abs("input")?;
+        let max_abs = x.max_abs(what)?;
         let norm_sq = (0..x.rows())
             .into_par_iter()
             .with_min_len(1024)
