@@ -340,3 +340,36 @@ for_each_kernel!(
     result_does_not_depend_on_thread_count,
     bad_input_is_a_typed_error
 );
+
+/// `l2_sq_lower_f32` (the f32 filter of k-means's local bounds) never exceeds the exact squared
+/// distance, and stays within its stated relative error of it: awkward lengths, several
+/// seeds, magnitudes from 1e-20 to 1e15, and equal vectors.
+#[test]
+fn f32_distance_lower_bound_is_a_bound() {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use vqx::nearest::{exact_distance, l2_sq_lower_f32};
+    for seed in 0..4u64 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for len in [1usize, 15, 16, 17, 63, 64, 65, 255, 256, 257, 1000] {
+            for scale in [1e-20f32, 1e-3, 1.0, 1e4, 1e15] {
+                let x: Vec<f32> = (0..len).map(|_| rng.gen_range(-1.0..1.0) * scale).collect();
+                let mut c: Vec<f32> = (0..len).map(|_| rng.gen_range(-1.0..1.0) * scale).collect();
+                if seed == 3 {
+                    c.copy_from_slice(&x);
+                }
+                let exact = exact_distance(&x, &c, Metric::L2);
+                let low = l2_sq_lower_f32(&x, &c);
+                assert!(
+                    low <= exact,
+                    "seed {seed} len {len} scale {scale}: bound {low} above exact {exact}"
+                );
+                let slack = (len as f64 + 20.0) * 2.0 * f32::EPSILON as f64 * exact + 1e-40;
+                assert!(
+                    exact - low <= slack,
+                    "seed {seed} len {len} scale {scale}: bound {low} too far below exact {exact}"
+                );
+            }
+        }
+    }
+}

@@ -427,17 +427,15 @@ fn lloyd<'a>(
     };
     for pass in first_pass..=config.max_passes {
         let (searched, reassigned) = match bounds.as_mut() {
-            Some(b) if pass > first_pass => {
-                b.assign(backend, &checked, codes.as_ref(), &mut indices)?
+            Some(b) => {
+                if pass == first_pass {
+                    b.reset(codes.as_ref());
+                }
+                let (searched, changed) =
+                    b.assign(backend, &checked, codes.as_ref(), &mut indices)?;
+                (searched, if pass == first_pass { n } else { changed })
             }
-            b => assign_all(
-                backend,
-                x,
-                codes.as_ref(),
-                &mut indices,
-                pass == first_pass,
-                b,
-            )?,
+            None => assign_all(backend, x, codes.as_ref(), &mut indices, pass == first_pass)?,
         };
         // Two all-reduces per pass: the f64 sums, and the counts with the pass's two tallies
         // after them.
@@ -522,37 +520,26 @@ fn lloyd<'a>(
     })
 }
 
-/// Every row searched in one blocked call (every pass of plain Lloyd, the first with bounds,
-/// which then start from the search's runner-up bounds); returns (distances computed over this
-/// shard, rows whose code changed).
+/// Every row searched in one blocked call (every pass of plain Lloyd); returns (distances
+/// computed over this shard, rows whose code changed).
 fn assign_all(
     backend: &dyn Backend,
     x: MatRef<'_>,
     codes: MatRef<'_>,
     indices: &mut [u32],
     first: bool,
-    bounds: Option<&mut bounds::Bounds>,
 ) -> Result<(u64, usize)> {
     let n = x.rows();
     if n == 0 {
         return Ok((0, 0));
     }
-    let (a, lb) = match bounds {
-        Some(_) => {
-            let (a, lb) = backend.nearest_with_bounds(x, codes, Metric::L2)?;
-            (a, Some(lb))
-        }
-        None => (backend.nearest(x, codes, Metric::L2)?, None),
-    };
+    let a = backend.nearest(x, codes, Metric::L2)?;
     let changed = if first {
         n
     } else {
         changed(indices, &a.indices)
     };
     indices.copy_from_slice(&a.indices);
-    if let (Some(b), Some(lb)) = (bounds, lb) {
-        b.start(&lb.others, x, codes, indices);
-    }
     Ok(((n * codes.rows()) as u64, changed))
 }
 

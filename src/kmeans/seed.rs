@@ -13,6 +13,7 @@ use crate::collective::Collective;
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::Metric;
+use crate::nearest::l2_sq_f32;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -209,21 +210,45 @@ fn weighted_plus_plus(
     let mut chosen = Vec::with_capacity(k);
     let mut pick = draw(&w, rng).unwrap_or(0);
     let mut taken = vec![false; c];
+    // Per block of candidates, its mass (Σ weight × nearest of the untaken), summed while the
+    // block is updated: the draw then walks the blocks and one block, not every candidate.
+    let mut block_mass = vec![0f64; c.div_ceil(PP_BLOCK)];
+    // One task per thread and step: each step is only ~1 ms of work, so rayon's finer split
+    // costs more in hand-offs than it balances.
+    let min_len = block_mass
+        .len()
+        .div_ceil(rayon::current_num_threads())
+        .max(1);
     while chosen.len() < k {
         chosen.push(pick);
         taken[pick] = true;
         let centre = points.row(pick);
+        let (w, taken_now) = (&w, &taken);
         nearest
-            .par_chunks_mut(64)
+            .par_chunks_mut(PP_BLOCK)
+            .zip(block_mass.par_iter_mut())
             .enumerate()
-            .for_each(|(b, m)| lower_to(m, points.slice_rows(b * 64, b * 64 + m.len()), centre));
-        let mass: Vec<f64> = w
-            .iter()
-            .zip(&nearest)
-            .zip(&taken)
-            .map(|((&w, &m), &t)| if t { 0.0 } else { w * m as f64 })
-            .collect();
-        pick = match draw(&mass, rng) {
+            .with_min_len(min_len)
+            .for_each(|(b, (m, mass))| {
+                let base = b * PP_BLOCK;
+                let mut sum = 0.0;
+                for (t, v) in m.iter_mut().enumerate() {
+                    let i = base + t;
+                    *v = v.min(l2_sq_f32(points.row(i), centre));
+                    if !taken_now[i] {
+                        sum += w[i] * *v as f64;
+                    }
+                }
+                *mass = sum;
+            });
+        let mass = |i: usize| {
+            if taken[i] {
+                0.0
+            } else {
+                w[i] * nearest[i] as f64
+            }
+        };
+        pick = match draw_blocked(&block_mass, PP_BLOCK, c, mass, rng) {
             Some(p) => p,
             // Every remaining candidate coincides with a centre or weighs nothing: the
             // untaken ones in order (duplicates become empty clusters, re-seeded by Lloyd).
@@ -266,35 +291,49 @@ fn draw(mass: &[f64], rng: &mut ChaCha8Rng) -> Option<usize> {
     last
 }
 
-crate::model::simd::multiversion! {
-    /// nearest_i = min(nearest_i, ||row_i − centre||²): the k-means++ update of a block of
-    /// candidates, compiled for the widest vectors the CPU has (the same bits on every width).
-    fn lower_to(nearest: &mut [f32], rows: MatRef<'_>, centre: &[f32]) {
-        for (i, m) in nearest.iter_mut().enumerate() {
-            *m = m.min(sq_dist_f32(rows.row(i), centre));
-        }
-    }
-}
+/// Candidates per block of the weighted k-means++ update and draw.
+const PP_BLOCK: usize = 64;
 
-/// ||a − b||² in f32 with 16 independent accumulators (vectorised; a fixed order).
-#[inline(always)]
-fn sq_dist_f32(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..L {
-            let t = x[i] - y[i];
-            acc[i] += t * t;
+/// An index in 0..n drawn with probability ∝ `mass(i)`, given each block's total mass
+/// (`block_mass`, blocks of `block` indices): the blocks are walked first, then the one the
+/// draw falls in. None when the mass is all zero.
+fn draw_blocked(
+    block_mass: &[f64],
+    block: usize,
+    n: usize,
+    mass: impl Fn(usize) -> f64,
+    rng: &mut ChaCha8Rng,
+) -> Option<usize> {
+    let total: f64 = block_mass.iter().sum();
+    if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !total.is_finite() {
+        return None;
+    }
+    let mut target = rng.r#gen::<f64>() * total;
+    let mut last = None;
+    for (b, &bm) in block_mass.iter().enumerate() {
+        if bm <= 0.0 {
+            continue;
+        }
+        last = Some(b);
+        if target < bm {
+            break;
+        }
+        target -= bm;
+    }
+    // The block the draw fell in (or, past the end by rounding, the last with mass).
+    let b = last?;
+    let mut pick = None;
+    for i in b * block..((b + 1) * block).min(n) {
+        let m = mass(i);
+        if m > 0.0 {
+            pick = Some(i);
+            target -= m;
+            if target < 0.0 {
+                break;
+            }
         }
     }
-    acc.iter().sum::<f32>() + tail
+    pick
 }
 
 /// A uniform draw in [0, 1) from (seed, round, row): SplitMix64's finaliser over the three.
@@ -335,5 +374,21 @@ mod tests {
         assert_eq!(hits[1], 0);
         let ratio = hits[2] as f64 / hits[0] as f64;
         assert!((ratio - 2.0).abs() < 0.15, "ratio {ratio}");
+    }
+
+    #[test]
+    fn blocked_draw_follows_the_mass() {
+        // Blocks of 2 over 5 indices (the last block short); index 1 and block 1 weigh nothing.
+        let mass = [1.0, 0.0, 0.0, 0.0, 3.0];
+        let blocks = [1.0, 0.0, 3.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        assert_eq!(draw_blocked(&[0.0, 0.0], 2, 4, |_| 0.0, &mut rng), None);
+        let mut hits = [0usize; 5];
+        for _ in 0..40_000 {
+            hits[draw_blocked(&blocks, 2, 5, |i| mass[i], &mut rng).unwrap()] += 1;
+        }
+        assert_eq!(hits[1] + hits[2] + hits[3], 0, "{hits:?}");
+        let ratio = hits[4] as f64 / hits[0] as f64;
+        assert!((ratio - 3.0).abs() < 0.2, "ratio {ratio}");
     }
 }

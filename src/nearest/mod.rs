@@ -751,6 +751,164 @@ crate::model::simd::multiversion! {
     }
 }
 
+/// A lower bound on Σ (x_i − c_i)² (exact, in f64) from an f32 computation of it: half the
+/// cost of [`exact_distance`] (16 f32 lanes, no conversions), for filtering candidates most of
+/// which are then ruled out. Every term is ≥ 0, so the f32 sum's error is relative: each
+/// difference and square rounds once (3 units of rounding), each lane adds D/16 terms, the 16
+/// lanes are added in 15 steps: at most (D + 20)·2^-24 of the sum in all, less what
+/// underflow loses (2^-149 per term and step), both taken off with room to spare.
+pub fn l2_sq_lower_f32(x: &[f32], c: &[f32]) -> f64 {
+    let d = x.len() as f64;
+    let s = l2_sq_f32(x, c) as f64;
+    s / (1.0 + (d + 20.0) * f32::EPSILON as f64) - (2.0 * d + 32.0) * 1.5e-45
+}
+
+/// Σ (x_i − c_i)² in f32 in a fixed order, the same (and the same bits) on AVX-512, AVX2 and
+/// the baseline: block `b` of 16 elements goes to accumulator `b mod 4` (four independent
+/// chains, so the adds do not wait on each other), a last partial block (zero-padded) to the
+/// accumulator its index gives; then lane-wise (a0 + a1) + (a2 + a3), then the 16 lanes as a
+/// tree (lane l + lane l + 8, then + 4, + 2, + 1). Written with intrinsics: the compiler does
+/// not keep array accumulators in registers.
+pub(crate) fn l2_sq_f32(x: &[f32], c: &[f32]) -> f32 {
+    assert_eq!(x.len(), c.len());
+    let n = x.len() / 16 * 16;
+    // The last partial block, zero-padded (a zero difference adds exactly nothing).
+    let (mut xt, mut ct) = ([0f32; 16], [0f32; 16]);
+    xt[..x.len() - n].copy_from_slice(&x[n..]);
+    ct[..x.len() - n].copy_from_slice(&c[n..]);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::model::simd::has_avx512() {
+            // SAFETY: the CPU has AVX-512 F; n ≤ the length of both slices.
+            return unsafe { l2_sq_f32_avx512(&x[..n], &c[..n], &xt, &ct) };
+        }
+        if crate::model::simd::has_avx2() {
+            // SAFETY: the CPU has AVX2; as above.
+            return unsafe { l2_sq_f32_avx2(&x[..n], &c[..n], &xt, &ct) };
+        }
+    }
+    l2_sq_f32_scalar(&x[..n], &c[..n], &xt, &ct)
+}
+
+/// [`l2_sq_f32`] in plain code over whole blocks `x`, `c` and the padded last block `xt`, `ct`.
+fn l2_sq_f32_scalar(x: &[f32], c: &[f32], xt: &[f32; 16], ct: &[f32; 16]) -> f32 {
+    let mut acc = [[0f32; 16]; 4];
+    let blocks = x.chunks_exact(16).zip(c.chunks_exact(16));
+    for (b, (xb, cb)) in blocks.chain([(&xt[..], &ct[..])]).enumerate() {
+        for k in 0..16 {
+            let t = xb[k] - cb[k];
+            acc[b % 4][k] += t * t;
+        }
+    }
+    let mut s: [f32; 16] =
+        std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+    for w in [8, 4, 2, 1] {
+        for l in 0..w {
+            s[l] += s[l + w];
+        }
+    }
+    s[0]
+}
+
+/// 8 lanes to one in [`l2_sq_f32`]'s tree order (l + l + 4, then + 2, then + 1).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+fn reduce8(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let v4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+    _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1)))
+}
+
+/// [`l2_sq_f32`] on AVX-512 over whole blocks `x`, `c` and the padded last block `xt`, `ct`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn l2_sq_f32_avx512(x: &[f32], c: &[f32], xt: &[f32; 16], ct: &[f32; 16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let z = _mm512_setzero_ps();
+    let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+    // SAFETY (every call): blocks start at multiples of 16 below n, and x, c hold n ≥ 16·(b+1).
+    let sq = |p: *const f32, q: *const f32| unsafe {
+        let d = _mm512_sub_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(q));
+        _mm512_mul_ps(d, d)
+    };
+    let (xp, cp) = (x.as_ptr(), c.as_ptr());
+    let n4 = n / 64 * 64;
+    for i in (0..n4).step_by(64) {
+        // SAFETY: i + 64 ≤ n4 ≤ n.
+        unsafe {
+            a0 = _mm512_add_ps(a0, sq(xp.add(i), cp.add(i)));
+            a1 = _mm512_add_ps(a1, sq(xp.add(i + 16), cp.add(i + 16)));
+            a2 = _mm512_add_ps(a2, sq(xp.add(i + 32), cp.add(i + 32)));
+            a3 = _mm512_add_ps(a3, sq(xp.add(i + 48), cp.add(i + 48)));
+        }
+    }
+    // The last whole blocks (at most three), then the padded one, to accumulators in turn.
+    let mut acc = [a0, a1, a2, a3];
+    let mut j = 0;
+    for i in (n4..n).step_by(16) {
+        // SAFETY: i + 16 ≤ n.
+        acc[j] = _mm512_add_ps(acc[j], unsafe { sq(xp.add(i), cp.add(i)) });
+        j += 1;
+    }
+    acc[j] = _mm512_add_ps(acc[j], sq(xt.as_ptr(), ct.as_ptr()));
+    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+    reduce8(_mm256_add_ps(_mm512_castps512_ps256(s), hi))
+}
+
+/// [`l2_sq_f32`] on AVX2, each 16-lane accumulator as two registers (lanes 0..8, 8..16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn l2_sq_f32_avx2(x: &[f32], c: &[f32], xt: &[f32; 16], ct: &[f32; 16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let z = _mm256_setzero_ps();
+    let mut acc = [(z, z); 4];
+    // SAFETY (every call): as in the AVX-512 version, 8 lanes at a time.
+    let sq = |p: *const f32, q: *const f32| unsafe {
+        let d = _mm256_sub_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(q));
+        _mm256_mul_ps(d, d)
+    };
+    let add = |(l, h): (__m256, __m256), p: *const f32, q: *const f32| unsafe {
+        // SAFETY: p and q hold 16 f32 (the caller's block).
+        (
+            _mm256_add_ps(l, sq(p, q)),
+            _mm256_add_ps(h, sq(p.add(8), q.add(8))),
+        )
+    };
+    let (xp, cp) = (x.as_ptr(), c.as_ptr());
+    let n4 = n / 64 * 64;
+    let (mut r0, mut r1, mut r2, mut r3) = (acc[0], acc[1], acc[2], acc[3]);
+    for i in (0..n4).step_by(64) {
+        // SAFETY: i + 64 ≤ n4 ≤ n.
+        unsafe {
+            r0 = add(r0, xp.add(i), cp.add(i));
+            r1 = add(r1, xp.add(i + 16), cp.add(i + 16));
+            r2 = add(r2, xp.add(i + 32), cp.add(i + 32));
+            r3 = add(r3, xp.add(i + 48), cp.add(i + 48));
+        }
+    }
+    acc = [r0, r1, r2, r3];
+    let mut j = 0;
+    for i in (n4..n).step_by(16) {
+        // SAFETY: i + 16 ≤ n.
+        acc[j] = add(acc[j], unsafe { xp.add(i) }, unsafe { cp.add(i) });
+        j += 1;
+    }
+    acc[j] = add(acc[j], xt.as_ptr(), ct.as_ptr());
+    let lo = _mm256_add_ps(
+        _mm256_add_ps(acc[0].0, acc[1].0),
+        _mm256_add_ps(acc[2].0, acc[3].0),
+    );
+    let hi = _mm256_add_ps(
+        _mm256_add_ps(acc[0].1, acc[1].1),
+        _mm256_add_ps(acc[2].1, acc[3].1),
+    );
+    reduce8(_mm256_add_ps(lo, hi))
+}
+
 crate::model::simd::multiversion! {
     /// Σ x_i·c_i in f64 ([`sum_lanes`]'s order).
     fn dot_f64(x: &[f32], c: &[f32]) -> f64 {
@@ -811,4 +969,54 @@ fn code_norms(codebook: MatRef<'_>) -> Vec<f32> {
     (0..codebook.rows())
         .map(|k| norm_sq_f64(codebook.row(k)) as f32)
         .collect()
+}
+
+#[cfg(test)]
+mod l2_f32_tests {
+    use super::*;
+
+    /// Every path the CPU has gives the plain code's bits, at lengths around each block size.
+    #[test]
+    fn every_path_gives_the_same_bits() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        for len in [
+            1usize, 15, 16, 17, 31, 48, 63, 64, 65, 100, 127, 128, 129, 256, 1000,
+        ] {
+            let x: Vec<f32> = (0..len).map(|_| next() * 3.0).collect();
+            let c: Vec<f32> = (0..len).map(|_| next()).collect();
+            let n = len / 16 * 16;
+            let (mut xt, mut ct) = ([0f32; 16], [0f32; 16]);
+            xt[..len - n].copy_from_slice(&x[n..]);
+            ct[..len - n].copy_from_slice(&c[n..]);
+            let plain = l2_sq_f32_scalar(&x[..n], &c[..n], &xt, &ct);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if crate::model::simd::has_avx512() {
+                    // SAFETY: the CPU has AVX-512 F; n ≤ len.
+                    let v = unsafe { l2_sq_f32_avx512(&x[..n], &c[..n], &xt, &ct) };
+                    assert_eq!(
+                        v.to_bits(),
+                        plain.to_bits(),
+                        "AVX-512, length {len}: {v} vs {plain}"
+                    );
+                }
+                if crate::model::simd::has_avx2() {
+                    // SAFETY: the CPU has AVX2; n ≤ len.
+                    let v = unsafe { l2_sq_f32_avx2(&x[..n], &c[..n], &xt, &ct) };
+                    assert_eq!(
+                        v.to_bits(),
+                        plain.to_bits(),
+                        "AVX2, length {len}: {v} vs {plain}"
+                    );
+                }
+            }
+            assert_eq!(l2_sq_f32(&x, &c).to_bits(), plain.to_bits(), "length {len}");
+        }
+    }
 }
