@@ -110,10 +110,7 @@ pub fn sums_f64(x: MatRef<'_>, indices: &[u32], codes: usize) -> (Vec<f64>, Vec<
                 let (c0, c1) = (p * width, ((p + 1) * width).min(d));
                 let w = c1 - c0;
                 let mut acc = vec![0f64; codes * w];
-                for (n, &k) in indices.iter().enumerate() {
-                    let k = k as usize;
-                    add_row_f64(&mut acc[k * w..(k + 1) * w], &x.row(n)[c0..c1]);
-                }
+                add_stripe_f64(&mut acc, x, indices, c0, c1);
                 (c0, acc)
             })
             .collect();
@@ -135,21 +132,42 @@ pub fn sums_f64(x: MatRef<'_>, indices: &[u32], codes: usize) -> (Vec<f64>, Vec<
         .for_each(|(p, acc)| {
             let k0 = p * per;
             let len = acc.len() / d.max(1);
-            for (n, &k) in indices.iter().enumerate() {
-                let local = (k as usize).wrapping_sub(k0);
-                if local < len {
-                    add_row_f64(&mut acc[local * d..(local + 1) * d], x.row(n));
-                }
-            }
+            add_codes_f64(acc, x, indices, k0, len);
         });
     (sums, counts)
 }
 
 crate::model::simd::multiversion! {
-    /// acc_i += row_i in f64 (one IEEE add per element: the same bits at every width).
-    fn add_row_f64(acc: &mut [f64], row: &[f32]) {
-        for (a, &v) in acc.iter_mut().zip(row) {
-            *a += v as f64;
+    /// For each row n in order, columns c0..c1 of row n added to its code's stripe of `acc`
+    /// (K × (c1 − c0)) in f64: one IEEE add per element, so the same bits at every width.
+    /// Dispatched once per stripe, not once per row.
+    fn add_stripe_f64(acc: &mut [f64], x: MatRef<'_>, indices: &[u32], c0: usize, c1: usize) {
+        let w = c1 - c0;
+        for (n, &k) in indices.iter().enumerate() {
+            let k = k as usize;
+            add_row(&mut acc[k * w..(k + 1) * w], &x.row(n)[c0..c1]);
         }
+    }
+}
+
+crate::model::simd::multiversion! {
+    /// For each row n in order whose code is one of k0..k0 + len, the row added to that code's
+    /// sums in `acc` (len × D) in f64, as [`add_stripe_f64`].
+    fn add_codes_f64(acc: &mut [f64], x: MatRef<'_>, indices: &[u32], k0: usize, len: usize) {
+        let d = x.cols();
+        for (n, &k) in indices.iter().enumerate() {
+            let local = (k as usize).wrapping_sub(k0);
+            if local < len {
+                add_row(&mut acc[local * d..(local + 1) * d], x.row(n));
+            }
+        }
+    }
+}
+
+/// acc_i += row_i in f64.
+#[inline(always)]
+fn add_row(acc: &mut [f64], row: &[f32]) {
+    for (a, &v) in acc.iter_mut().zip(row) {
+        *a += v as f64;
     }
 }

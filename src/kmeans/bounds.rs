@@ -400,16 +400,24 @@ impl Bounds {
                         return Outcome::Bound(down(lb.winner[t].sqrt() * (1.0 - MARGIN)));
                     }
                     let b = members[a.indices[t] as usize];
-                    let db = exact_distance(x.row(i), codes.row(b as usize), Metric::L2);
                     let others = down(lb.others[t].sqrt() * (1.0 - MARGIN));
+                    if b == idx_now[i] {
+                        // The row's own code wins its group: nothing to measure.
+                        return Outcome::Bound(others);
+                    }
+                    // The winner's f32 distance first: mostly it cannot beat the row's best.
+                    let (xi, cb) = (x.row(i), codes.row(b as usize));
+                    let low = l2_sq_lower_f32(xi, cb);
+                    if low > dist_now[i] * (1.0 + MARGIN) {
+                        return Outcome::Bound(down(low.max(0.0).sqrt() * (1.0 - MARGIN)));
+                    }
+                    let db = exact_distance(xi, cb, Metric::L2);
                     if (db, b) < (dist_now[i], idx_now[i]) {
                         Outcome::Wins {
                             code: b,
                             dist_sq: db,
                             others,
                         }
-                    } else if b == idx_now[i] {
-                        Outcome::Bound(others)
                     } else {
                         Outcome::Bound(down(db.sqrt() * (1.0 - MARGIN)))
                     }
