@@ -260,10 +260,11 @@ impl Bounds {
         // codebook is dropped at the next pass.
         let oldest = self.depth - 1;
         // Per row: the groups it must search whole (a bit mask, at most 64 groups); the movers
-        // of the other groups its bounds cannot rule out, measured exactly (which may change
-        // its code); and, for a row the upper bound does not settle, its exact squared
-        // distance to its code (NaN when settled: such a row is not read at all).
-        let (masks, (mut dist_sq, local)): (Vec<u64>, (Vec<f64>, Vec<u64>)) = self
+        // of the other groups its bounds cannot rule out, measured (which may change its
+        // code); and, for a row the upper bound does not settle, bounds on its squared
+        // distance to its code, from an f32 computation, made exact only when a comparison
+        // needs it ([`Near`]; a settled row is not read at all).
+        let (masks, (mut dist, local)): (Vec<u64>, (Vec<Near>, Vec<u64>)) = self
             .lower
             .par_chunks_mut(g_n)
             .zip(self.stamp.par_chunks_mut(g_n))
@@ -283,10 +284,10 @@ impl Bounds {
                             refresh(&mut lower[g], &mut stamp[g], moves, g, now);
                         }
                     }
-                    return (0, (f64::NAN, 0));
+                    return (0, (Near::SETTLED, 0));
                 }
-                let mut best = exact_distance(x.row(i), codes.row(*own as usize), Metric::L2);
-                let u = best.sqrt() * (1.0 + MARGIN);
+                let mut best = Near::of(x.row(i), codes.row(*own as usize));
+                let u = best.hi.sqrt() * (1.0 + MARGIN);
                 let mut mask = 0u64;
                 let mut measured = 0u64;
                 // The code the row had before a mover beat it, with its squared distance.
@@ -335,12 +336,13 @@ impl Bounds {
                         measured += 1;
                         let (xi, cj) = (x.row(i), codes.row(j as usize));
                         let mut dj = l2_sq_lower_f32(xi, cj);
-                        if dj <= best * (1.0 + MARGIN) {
+                        if dj <= best.hi * (1.0 + MARGIN) {
                             dj = exact_distance(xi, cj, Metric::L2);
-                            if (dj, j) < (best, *own) {
-                                beaten.get_or_insert((*own, best));
+                            let b = best.exact(xi, codes.row(*own as usize));
+                            if (dj, j) < (b, *own) {
+                                beaten.get_or_insert((*own, b));
                                 *own = j;
-                                best = dj;
+                                best = Near::exactly(dj);
                             }
                         }
                         bound = bound.min(down(dj.max(0.0).sqrt() * (1.0 - MARGIN)));
@@ -359,7 +361,7 @@ impl Bounds {
                     refresh(&mut lower[pg], &mut stamp[pg], moves, pg, now);
                     lower[pg] = lower[pg].min(down(db.sqrt() * (1.0 - MARGIN)));
                 }
-                *upper = best.sqrt() * (1.0 + MARGIN);
+                *upper = best.hi.sqrt() * (1.0 + MARGIN);
                 (mask, (best, measured + 1))
             })
             .unzip();
@@ -388,14 +390,15 @@ impl Bounds {
             searched += (rows.len() * members.len()) as u64;
             // What the group's search means for each row (in parallel: the exact distances),
             // then applied in row order.
-            let (dist_now, idx_now): (&[f64], &[u32]) = (&dist_sq, indices);
+            let (dist_now, idx_now): (&[Near], &[u32]) = (&dist, indices);
             let outcomes: Vec<Outcome> = rows
                 .par_iter()
                 .enumerate()
                 .with_min_len(256)
                 .map(|(t, &i)| {
                     let i = i as usize;
-                    if lb.winner[t] > dist_now[i] * (1.0 + MARGIN) {
+                    let near = dist_now[i];
+                    if lb.winner[t] > near.hi * (1.0 + MARGIN) {
                         // No code of the group comes near the best so far.
                         return Outcome::Bound(down(lb.winner[t].sqrt() * (1.0 - MARGIN)));
                     }
@@ -408,14 +411,17 @@ impl Bounds {
                     // The winner's f32 distance first: mostly it cannot beat the row's best.
                     let (xi, cb) = (x.row(i), codes.row(b as usize));
                     let low = l2_sq_lower_f32(xi, cb);
-                    if low > dist_now[i] * (1.0 + MARGIN) {
+                    if low > near.hi * (1.0 + MARGIN) {
                         return Outcome::Bound(down(low.max(0.0).sqrt() * (1.0 - MARGIN)));
                     }
                     let db = exact_distance(xi, cb, Metric::L2);
-                    if (db, b) < (dist_now[i], idx_now[i]) {
+                    let mut near = near;
+                    let now_sq = near.exact(xi, codes.row(idx_now[i] as usize));
+                    if (db, b) < (now_sq, idx_now[i]) {
                         Outcome::Wins {
                             code: b,
                             dist_sq: db,
+                            before_sq: now_sq,
                             others,
                         }
                     } else {
@@ -431,15 +437,16 @@ impl Bounds {
                     Outcome::Wins {
                         code,
                         dist_sq: db,
+                        before_sq,
                         others,
                     } => {
                         // The previous best joins its group's others.
                         let pg = self.group_of[indices[i] as usize] as usize;
                         let stamp = &mut self.stamp[i * g_n..(i + 1) * g_n];
                         refresh(&mut lower[pg], &mut stamp[pg], &self.moves, pg, self.now);
-                        lower[pg] = lower[pg].min(down(dist_sq[i].sqrt() * (1.0 - MARGIN)));
+                        lower[pg] = lower[pg].min(down(before_sq.sqrt() * (1.0 - MARGIN)));
                         indices[i] = code;
-                        dist_sq[i] = db;
+                        dist[i] = Near::exactly(db);
                         self.upper[i] = db.sqrt() * (1.0 + MARGIN);
                         lower[g] = others;
                     }
@@ -450,14 +457,51 @@ impl Bounds {
     }
 }
 
+/// Bounds on a row's squared distance to its code: from an f32 computation (a relative
+/// error of (D + 20)·2^-24 either way), or exact (lo = hi) once a comparison needed it.
+#[derive(Clone, Copy)]
+struct Near {
+    lo: f64,
+    hi: f64,
+}
+
+impl Near {
+    /// A settled row's (never read).
+    const SETTLED: Near = Near {
+        lo: f64::NAN,
+        hi: f64::NAN,
+    };
+
+    fn of(x: &[f32], c: &[f32]) -> Near {
+        let lo = l2_sq_lower_f32(x, c).max(0.0);
+        // The same relative error the other way, and underflow's absolute error.
+        let rel = (x.len() as f64 + 20.0) * f32::EPSILON as f64;
+        let hi = lo * (1.0 + 3.0 * rel) + (2.0 * x.len() as f64 + 32.0) * 3e-45;
+        Near { lo, hi }
+    }
+
+    fn exactly(d: f64) -> Near {
+        Near { lo: d, hi: d }
+    }
+
+    /// The exact squared distance (computed now unless known).
+    fn exact(&mut self, x: &[f32], c: &[f32]) -> f64 {
+        if self.lo != self.hi {
+            *self = Near::exactly(exact_distance(x, c, Metric::L2));
+        }
+        self.lo
+    }
+}
+
 /// A searched group's verdict on one row.
 enum Outcome {
     /// The row keeps its code; the group's bound becomes this.
     Bound(f32),
-    /// The group's winner beats the row's best so far.
+    /// The group's winner beats the row's best so far (`before_sq`, exact).
     Wins {
         code: u32,
         dist_sq: f64,
+        before_sq: f64,
         others: f32,
     },
 }

@@ -38,13 +38,13 @@
 mod bounds;
 mod seed;
 mod shard;
+mod sums;
 
 pub use seed::{SeedReport, Seeding, seed};
 pub use shard::{Shard, fetch_rows, gather_rows};
 
 use crate::backend::Backend;
 use crate::collective::Collective;
-use crate::ema;
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
 use crate::nearest::{CheckedRows, Metric, normalize_rows};
@@ -419,6 +419,9 @@ fn lloyd<'a>(
     };
     let mut passes: Vec<Pass> = Vec::new();
     let mut counts = vec![0u64; k];
+    // The per-code sums, exact and order-free: each pass adds only the rows that moved.
+    let mut exact = sums::ExactSums::new(x, k)?;
+    let mut previous_indices: Option<Vec<u32>> = None;
     let mut stop = Stop::MaxPasses;
     // A resumed fit (never a sample stage) continues the pass count and the error sequence.
     let (first_pass, mut previous) = match config.resume {
@@ -439,9 +442,14 @@ fn lloyd<'a>(
         };
         // Two all-reduces per pass: the f64 sums, and the counts with the pass's two tallies
         // after them.
-        let (mut sums, local_counts) = ema::sums_f64(x, &indices, k);
+        exact.update(x, previous_indices.as_deref(), &indices);
+        previous_indices = Some(indices.clone());
+        let mut sums = exact.to_f64();
         comm.all_reduce_sum_f64(&mut sums)?;
-        counts = local_counts.iter().map(|&c| c as u64).collect();
+        counts = vec![0u64; k];
+        for &j in &indices {
+            counts[j as usize] += 1;
+        }
         counts.extend_from_slice(&[reassigned as u64, searched]);
         comm.all_reduce_sum_u64(&mut counts)?;
         let (searched, reassigned) = (counts.pop().expect("tally"), counts.pop().expect("tally"));

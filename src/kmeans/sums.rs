@@ -1,0 +1,207 @@
+//! Per-code sums of a shard's rows, kept exactly and updated by the rows that changed code.
+//!
+//! Every value is held as an integer multiple of one power of two, 2^lsb, chosen from the
+//! shard's largest magnitude so that any sum of its rows fits an i128 (2^lsb is 2^-85 of the
+//! largest value or less for up to 2^40 rows; each value is rounded to the nearest multiple
+//! of 2^lsb, far below the f64 rounding the sums then get). Integer sums do not depend on the order the rows are added in, so a
+//! pass only adds the rows that moved into a code and takes away those that moved out, and
+//! still has, bit for bit, the sums a full pass over the rows gives (the first pass's, a
+//! resumed fit's, the plain and the bounded fit's). Late in a fit few rows move, and the pass
+//! then costs O(moved · D) instead of O(N · D).
+//!
+//! The sums leave as f64 (each integer rounded once, then scaled by 2^lsb exactly), which is
+//! what the ranks add up and what the means and the error are computed from.
+
+use crate::error::Result;
+use crate::matrix::MatRef;
+use rayon::prelude::*;
+
+/// Columns per parallel task of an update (each task adds its stripe of every moved row).
+const STRIPE: usize = 32;
+
+pub(crate) struct ExactSums {
+    d: usize,
+    /// The sums are multiples of 2^lsb.
+    lsb: i32,
+    /// K × D sums in units of 2^lsb.
+    sums: Vec<i128>,
+}
+
+impl ExactSums {
+    /// All-zero sums for `k` codes, scaled for the rows of `x` (any assignment of them).
+    pub(crate) fn new(x: MatRef<'_>, k: usize) -> Result<Self> {
+        let n = x.rows().max(1) as f64;
+        let max = x.max_abs("rows")? as f64;
+        // 2^e > max, so a sum of n rows stays below n·2^e ≤ 2^(e + log2 n) < 2^126.
+        let e = if max > 0.0 {
+            max.log2().floor() as i32 + 1
+        } else {
+            0
+        };
+        let headroom = n.log2().ceil() as i32 + 1;
+        Ok(ExactSums {
+            d: x.cols(),
+            lsb: e + headroom - 126,
+            sums: vec![0; k * x.cols()],
+        })
+    }
+
+    /// Brings the sums from the assignment `before` (None: no rows yet) to `after`, for the
+    /// rows of `x`.
+    pub(crate) fn update(&mut self, x: MatRef<'_>, before: Option<&[u32]>, after: &[u32]) {
+        let moved: Vec<(u32, u32, u32)> = match before {
+            None => (0..after.len() as u32)
+                .map(|i| (i, u32::MAX, after[i as usize]))
+                .collect(),
+            Some(b) => (0..after.len() as u32)
+                .filter(|&i| b[i as usize] != after[i as usize])
+                .map(|i| (i, b[i as usize], after[i as usize]))
+                .collect(),
+        };
+        if moved.is_empty() {
+            return;
+        }
+        let (d, lsb) = (self.d, self.lsb);
+        // Column stripes in parallel: every task owns its columns of every code's sums.
+        let stripes: Vec<(usize, Vec<i128>)> = (0..d.div_ceil(STRIPE))
+            .into_par_iter()
+            .map(|s| {
+                let (c0, c1) = (s * STRIPE, ((s + 1) * STRIPE).min(d));
+                let k = self.sums.len() / d.max(1);
+                let w = c1 - c0;
+                let mut part = vec![0i128; k * w];
+                for j in 0..k {
+                    part[j * w..(j + 1) * w].copy_from_slice(&self.sums[j * d + c0..j * d + c1]);
+                }
+                for &(i, from, to) in &moved {
+                    let row = &x.row(i as usize)[c0..c1];
+                    if from != u32::MAX {
+                        let acc = &mut part[from as usize * w..(from as usize + 1) * w];
+                        for (a, &v) in acc.iter_mut().zip(row) {
+                            *a -= fixed(v, lsb);
+                        }
+                    }
+                    let acc = &mut part[to as usize * w..(to as usize + 1) * w];
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += fixed(v, lsb);
+                    }
+                }
+                (c0, part)
+            })
+            .collect();
+        for (c0, part) in stripes {
+            let w = STRIPE.min(d - c0);
+            for (j, p) in part.chunks_exact(w).enumerate() {
+                self.sums[j * d + c0..j * d + c0 + w].copy_from_slice(p);
+            }
+        }
+    }
+
+    /// The sums in f64 (K × D): each rounded once to f64, then scaled by 2^lsb (exact).
+    pub(crate) fn to_f64(&self) -> Vec<f64> {
+        let scale = pow2(self.lsb);
+        self.sums
+            .par_iter()
+            .with_min_len(4096)
+            .map(|&s| (s as f64) * scale)
+            .collect()
+    }
+}
+
+/// `v` in units of 2^lsb, rounded to the nearest (ties away from zero).
+#[inline(always)]
+fn fixed(v: f32, lsb: i32) -> i128 {
+    let bits = v.to_bits();
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let frac = (bits & 0x7f_ffff) as i128;
+    // v = mant · 2^(e2): normal numbers carry the implicit bit; subnormals have exponent −149.
+    let (mant, e2) = if exp == 0 {
+        (frac, -149)
+    } else {
+        (frac | 0x80_0000, exp - 150)
+    };
+    let shift = e2 - lsb;
+    let mag = if shift >= 0 {
+        mant << shift
+    } else if shift > -64 {
+        (mant + (1 << (-shift - 1))) >> -shift
+    } else {
+        0
+    };
+    if bits >> 31 == 1 { -mag } else { mag }
+}
+
+/// 2^e as an f64 (e within the normal range, which any lsb of f32 data is: −149 − 126 < e).
+fn pow2(e: i32) -> f64 {
+    if e >= -1022 {
+        f64::from_bits(((e + 1023) as u64) << 52)
+    } else {
+        f64::from_bits(1u64 << (e + 1074))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_point_is_exact_for_representable_values() {
+        for (v, lsb, want) in [
+            (1.0f32, 0, 1i128),
+            (1.0, -3, 8),
+            (-2.5, -1, -5),
+            (0.75, 0, 1),  // 0.75 rounds to 1
+            (0.25, 0, 0),  // 0.25 rounds to 0
+            (-0.5, 0, -1), // ties away from zero
+            (f32::from_bits(1), -149, 1),
+            (0.0, -10, 0),
+        ] {
+            assert_eq!(fixed(v, lsb), want, "{v} at 2^{lsb}");
+        }
+        assert_eq!(pow2(-3), 0.125);
+        assert_eq!(pow2(-1074), f64::from_bits(1));
+    }
+
+    /// Updating by the moved rows gives the bits of a fresh full sum, and the sums equal the
+    /// naive f64 ones to within the f64 rounding of the latter.
+    #[test]
+    fn updates_equal_a_fresh_sum() {
+        let (n, d, k) = (300, 37, 5);
+        let mut state = 12345u64;
+        let mut rnd = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as f64 / (1u64 << 31) as f64
+        };
+        let data: Vec<f32> = (0..n * d)
+            .map(|_| ((rnd() - 0.5) * 10f64.powi((rnd() * 8.0) as i32 - 4)) as f32)
+            .collect();
+        let x = MatRef::new(&data, n, d).unwrap();
+        let a: Vec<u32> = (0..n).map(|_| (rnd() * k as f64) as u32).collect();
+        let mut b = a.clone();
+        for i in (0..n).step_by(7) {
+            b[i] = (b[i] + 1) % k as u32;
+        }
+        let mut inc = ExactSums::new(x, k).unwrap();
+        inc.update(x, None, &a);
+        inc.update(x, Some(&a), &b);
+        let mut fresh = ExactSums::new(x, k).unwrap();
+        fresh.update(x, None, &b);
+        assert_eq!(inc.sums, fresh.sums);
+        let got = inc.to_f64();
+        for j in 0..k {
+            for c in 0..d {
+                let naive: f64 = (0..n)
+                    .filter(|&i| b[i] as usize == j)
+                    .map(|i| data[i * d + c] as f64)
+                    .sum();
+                let g = got[j * d + c];
+                assert!(
+                    (g - naive).abs() <= 1e-12 * naive.abs().max(1e-3),
+                    "code {j} column {c}: {g} vs {naive}"
+                );
+            }
+        }
+    }
+}
