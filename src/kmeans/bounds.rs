@@ -40,8 +40,9 @@ use std::collections::VecDeque;
 const MAX_GROUPS: usize = 64;
 
 /// Fraction of the codes, those that moved most since a bound was set, checked one by one by
-/// the local filter instead of lowering their whole group's bound (0.2: the best of 0.05, 0.2
-/// and 0.5 in a simulation of these bounds on embeddings, K = 1,024).
+/// the local filter instead of lowering their whole group's bound. 0.2: in a numpy simulation
+/// of one pass (embeddings, K = 1,024) it left fewer distances than 0.05; the fit took the same
+/// time with 0.1 (10.49 s against 10.47 s).
 const MOVER_FRACTION: f64 = 0.2;
 
 /// A group is searched whole, not mover by mover, once more than 1/MOVER_COST of its codes
