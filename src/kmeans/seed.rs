@@ -273,22 +273,7 @@ fn weighted_plus_plus(
 
 /// An index drawn with probability ∝ `mass` (None when the mass is all zero).
 fn draw(mass: &[f64], rng: &mut ChaCha8Rng) -> Option<usize> {
-    let total: f64 = mass.iter().sum();
-    if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !total.is_finite() {
-        return None;
-    }
-    let mut target = rng.r#gen::<f64>() * total;
-    let mut last = None;
-    for (i, &m) in mass.iter().enumerate() {
-        if m > 0.0 {
-            last = Some(i);
-            target -= m;
-            if target < 0.0 {
-                return Some(i);
-            }
-        }
-    }
-    last
+    draw_blocked(mass, 1, mass.len(), |i| mass[i], rng)
 }
 
 /// Candidates per block of the weighted k-means++ update and draw.
