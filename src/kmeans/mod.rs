@@ -420,7 +420,7 @@ fn lloyd<'a>(
     let mut passes: Vec<Pass> = Vec::new();
     let mut counts = vec![0u64; k];
     // The per-code sums, exact and order-free: each pass adds only the rows that moved.
-    let mut exact = sums::ExactSums::new(x, k)?;
+    let mut exact = sums::ExactSums::new(x, checked.max_abs(), k);
     let mut previous_indices: Option<Vec<u32>> = None;
     let mut stop = Stop::MaxPasses;
     // A resumed fit (never a sample stage) continues the pass count and the error sequence.

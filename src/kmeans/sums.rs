@@ -12,7 +12,6 @@
 //! The sums leave as f64 (each integer rounded once, then scaled by 2^lsb exactly), which is
 //! what the ranks add up and what the means and the error are computed from.
 
-use crate::error::Result;
 use crate::matrix::MatRef;
 use rayon::prelude::*;
 
@@ -28,10 +27,11 @@ pub(crate) struct ExactSums {
 }
 
 impl ExactSums {
-    /// All-zero sums for `k` codes, scaled for the rows of `x` (any assignment of them).
-    pub(crate) fn new(x: MatRef<'_>, k: usize) -> Result<Self> {
+    /// All-zero sums for `k` codes, scaled for the rows of `x` (any assignment of them),
+    /// whose largest |value| is `max_abs`.
+    pub(crate) fn new(x: MatRef<'_>, max_abs: f32, k: usize) -> Self {
         let n = x.rows().max(1) as f64;
-        let max = x.max_abs("rows")? as f64;
+        let max = max_abs as f64;
         // 2^e > max, so a sum of n rows stays below n·2^e ≤ 2^(e + log2 n) < 2^126.
         let e = if max > 0.0 {
             max.log2().floor() as i32 + 1
@@ -39,11 +39,11 @@ impl ExactSums {
             0
         };
         let headroom = n.log2().ceil() as i32 + 1;
-        Ok(ExactSums {
+        ExactSums {
             d: x.cols(),
             lsb: e + headroom - 126,
             sums: vec![0; k * x.cols()],
-        })
+        }
     }
 
     /// Brings the sums from the assignment `before` (None: no rows yet) to `after`, for the
@@ -183,10 +183,10 @@ mod tests {
         for i in (0..n).step_by(7) {
             b[i] = (b[i] + 1) % k as u32;
         }
-        let mut inc = ExactSums::new(x, k).unwrap();
+        let mut inc = ExactSums::new(x, x.max_abs("x").unwrap(), k);
         inc.update(x, None, &a);
         inc.update(x, Some(&a), &b);
-        let mut fresh = ExactSums::new(x, k).unwrap();
+        let mut fresh = ExactSums::new(x, x.max_abs("x").unwrap(), k);
         fresh.update(x, None, &b);
         assert_eq!(inc.sums, fresh.sums);
         let got = inc.to_f64();

@@ -271,6 +271,11 @@ impl<'a> CheckedRows<'a> {
         self.x
     }
 
+    /// The rows' largest |value|, found when they were checked.
+    pub fn max_abs(&self) -> f32 {
+        self.max_abs
+    }
+
     /// ||x_i||² in f64, one per row.
     pub fn norm_sq(&self) -> &[f64] {
         &self.norm_sq
