@@ -36,6 +36,7 @@
 //! ```
 
 mod bounds;
+mod pairs;
 mod seed;
 mod shard;
 mod sums;

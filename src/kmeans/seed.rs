@@ -7,6 +7,7 @@
 //! nearest search of every row against that round's new candidates (blocked, on the backend),
 //! so the whole seeding costs about `rounds·oversampling` passes of K codes.
 
+use super::pairs::PairDistances;
 use super::shard::{Shard, fetch_rows, gather_rows};
 use crate::backend::Backend;
 use crate::collective::Collective;
@@ -213,6 +214,9 @@ fn weighted_plus_plus(
     // Per block of candidates, its mass (Σ weight × nearest of the untaken), summed while the
     // block is updated: the draw then walks the blocks and one block, not every candidate.
     let mut block_mass = vec![0f64; c.div_ceil(PP_BLOCK)];
+    // The candidates' pairwise distances when their table fits: each step then reads one row
+    // (pairs.rs says why); otherwise each step measures the new centre against every candidate.
+    let table = PairDistances::fits(c).then(|| PairDistances::new(points));
     // One task per thread and step: each step is only ~1 ms of work, so rayon's finer split
     // costs more in hand-offs than it balances.
     let min_len = block_mass
@@ -222,25 +226,43 @@ fn weighted_plus_plus(
     while chosen.len() < k {
         chosen.push(pick);
         taken[pick] = true;
-        let centre = points.row(pick);
         let (w, taken_now) = (&w, &taken);
-        nearest
-            .par_chunks_mut(PP_BLOCK)
-            .zip(block_mass.par_iter_mut())
-            .enumerate()
-            .with_min_len(min_len)
-            .for_each(|(b, (m, mass))| {
-                let base = b * PP_BLOCK;
-                let mut sum = 0.0;
-                for (t, v) in m.iter_mut().enumerate() {
-                    let i = base + t;
-                    *v = v.min(l2_sq_f32(points.row(i), centre));
-                    if !taken_now[i] {
-                        sum += w[i] * *v as f64;
-                    }
+        // One block: its nearest values against the new centre, then its mass.
+        let update = |b: usize, m: &mut [f32], mass: &mut f64, dist: &dyn Fn(usize) -> f32| {
+            let base = b * PP_BLOCK;
+            let mut sum = 0.0;
+            for (t, v) in m.iter_mut().enumerate() {
+                let i = base + t;
+                *v = v.min(dist(i));
+                if !taken_now[i] {
+                    sum += w[i] * *v as f64;
                 }
-                *mass = sum;
-            });
+            }
+            *mass = sum;
+        };
+        match &table {
+            Some(table) => {
+                let row = table.row(pick);
+                for (b, (m, mass)) in nearest
+                    .chunks_mut(PP_BLOCK)
+                    .zip(block_mass.iter_mut())
+                    .enumerate()
+                {
+                    update(b, m, mass, &|i| row[i]);
+                }
+            }
+            None => {
+                let centre = points.row(pick);
+                nearest
+                    .par_chunks_mut(PP_BLOCK)
+                    .zip(block_mass.par_iter_mut())
+                    .enumerate()
+                    .with_min_len(min_len)
+                    .for_each(|(b, (m, mass))| {
+                        update(b, m, mass, &|i| l2_sq_f32(points.row(i), centre))
+                    });
+            }
+        }
         let mass = |i: usize| {
             if taken[i] {
                 0.0
