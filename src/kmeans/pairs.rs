@@ -69,34 +69,29 @@ impl PairDistances {
                 packed[(p * d + t) * PANEL + lane] = y[j * d + t];
             }
         }
-        let mut dots = vec![0f32; c * c];
+        // ‖y_i‖² by the same chain of fused multiply-adds as every dot product.
+        let norm: Vec<f32> = y
+            .par_chunks(d.max(1))
+            .map(|r| r.iter().fold(0f32, |acc, &v| v.mul_add(v, acc)))
+            .collect();
+        // The table is symmetric, and so are its bits (a·b and b·a are the same FMA chain):
+        // each 8-row tile computes only the panels from its own diagonal on, and the rest of
+        // each row is copied from the rows above it afterwards.
+        let mut d2 = vec![0f32; c * c];
         let rows_per_task = TILE * 4;
-        dots.par_chunks_mut(rows_per_task * c.max(1))
+        d2.par_chunks_mut(rows_per_task * c.max(1))
             .enumerate()
             .for_each(|(task, out)| {
                 let r0 = task * rows_per_task;
                 let rows = out.len() / c;
                 for r in (0..rows).step_by(TILE) {
-                    let n = TILE.min(rows - r);
-                    let a: Vec<&[f32]> = (0..n)
-                        .map(|q| &y[(r0 + r + q) * d..(r0 + r + q + 1) * d])
-                        .collect();
-                    kernel.dots(&a, &packed, d, c, &mut out[r * c..(r + n) * c]);
+                    let (i0, n) = (r0 + r, TILE.min(rows - r));
+                    let a: Vec<&[f32]> = (i0..i0 + n).map(|i| &y[i * d..(i + 1) * d]).collect();
+                    let out = &mut out[r * c..(r + n) * c];
+                    kernel.distances(&a, i0, &packed, d, c, &norm, out);
                 }
             });
-        let norm: Vec<f32> = (0..c).map(|i| dots[i * c + i]).collect();
-        let mut d2 = dots;
-        d2.par_chunks_mut(c.max(1))
-            .enumerate()
-            .for_each(|(i, row)| {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = if i == j {
-                        0.0
-                    } else {
-                        ((norm[i] + norm[j]) - 2.0 * *v).max(0.0)
-                    };
-                }
-            });
+        mirror(&mut d2, c);
         PairDistances { c, d2 }
     }
 
@@ -130,9 +125,21 @@ impl Kernel {
         Kernel::Scalar
     }
 
-    /// `out[q·c + j]` = a[q] · point j, for the ≤ 8 rows `a` against every panel.
-    fn dots(self, a: &[&[f32]], packed: &[f32], d: usize, c: usize, out: &mut [f32]) {
-        for (p, panel) in packed.chunks_exact(d * PANEL).enumerate() {
+    /// `out[q·c + j]` = the squared distance of point i0 + q (row `a[q]`) to point j, for the
+    /// ≤ 8 rows `a` against the panels from the one holding i0 on (earlier columns are left for
+    /// [`mirror`]): (‖a‖² + ‖b‖²) − 2·a·b in f32, at least 0, and 0 on the diagonal.
+    #[allow(clippy::too_many_arguments)]
+    fn distances(
+        self,
+        a: &[&[f32]],
+        i0: usize,
+        packed: &[f32],
+        d: usize,
+        c: usize,
+        norm: &[f32],
+        out: &mut [f32],
+    ) {
+        for (p, panel) in packed.chunks_exact(d * PANEL).enumerate().skip(i0 / PANEL) {
             let mut tile = [[0f32; PANEL]; TILE];
             match self {
                 #[cfg(target_arch = "x86_64")]
@@ -151,10 +158,50 @@ impl Kernel {
             }
             let (j0, w) = (p * PANEL, PANEL.min(c - p * PANEL));
             for (q, t) in tile.iter().take(a.len()).enumerate() {
-                out[q * c + j0..q * c + j0 + w].copy_from_slice(&t[..w]);
+                let i = i0 + q;
+                let row = &mut out[q * c + j0..q * c + j0 + w];
+                for (l, (o, &g)) in row.iter_mut().zip(t).enumerate() {
+                    let j = j0 + l;
+                    *o = if i == j {
+                        0.0
+                    } else {
+                        ((norm[i] + norm[j]) - 2.0 * g).max(0.0)
+                    };
+                }
             }
         }
     }
+}
+
+/// Fills each row's columns before its diagonal panel (which [`Kernel::distances`] left) from
+/// the rows above, in blocks of 16 rows × 64 columns so both sides are read a cache line at a
+/// time.
+fn mirror(d2: &mut [f32], c: usize) {
+    /// The table, shared by the tasks of one pass.
+    struct Table(*mut f32);
+    // SAFETY: the tasks below write disjoint cells (each its own rows, columns left of their
+    // diagonal panel) and read only cells right of their rows' diagonal panels, which no task
+    // writes.
+    unsafe impl Sync for Table {}
+    let table = Table(d2.as_mut_ptr());
+    let table = &table;
+    (0..c.div_ceil(PANEL)).into_par_iter().for_each(|b| {
+        let i0 = b * PANEL;
+        let rows = PANEL.min(c - i0);
+        for j0 in (0..i0).step_by(64) {
+            let j1 = (j0 + 64).min(i0);
+            for j in j0..j1 {
+                for q in 0..rows {
+                    let i = i0 + q;
+                    // SAFETY: i, j < c. Cell (j, i) lies right of row j's diagonal panel
+                    // (i ≥ i0 > j), computed by the kernel and written by no task here; cell
+                    // (i, j) lies left of row i's diagonal panel (j < i0) and only this task
+                    // (rows i0..i0 + 16) writes it.
+                    unsafe { *table.0.add(i * c + j) = *table.0.add(j * c + i) };
+                }
+            }
+        }
+    });
 }
 
 /// The tile in plain code: one FMA chain per pair, t = 0..d.
@@ -307,6 +354,11 @@ mod tests {
                             .map(|t| (x[i * d + t] as f64 - x[j * d + t] as f64).powi(2))
                             .sum();
                         let got = table.row(i)[j] as f64;
+                        assert_eq!(
+                            table.row(i)[j].to_bits(),
+                            table.row(j)[i].to_bits(),
+                            "c {c}, d {d}: pair ({i}, {j}) differs from ({j}, {i})"
+                        );
                         // f32 rounding of norms of the centred points (each about d/3).
                         let tol = 1e-5 * (d as f64) + 1e-6 * want;
                         assert!(
