@@ -22,7 +22,9 @@ pub(crate) struct ExactSums {
     d: usize,
     /// The sums are multiples of 2^lsb.
     lsb: i32,
-    /// K × D sums in units of 2^lsb.
+    k: usize,
+    /// K × D sums in units of 2^lsb, stripe-major: the columns in stripes of [`STRIPE`], each
+    /// stripe K × (its width) row-major, so an update's tasks own contiguous memory.
     sums: Vec<i128>,
 }
 
@@ -42,6 +44,7 @@ impl ExactSums {
         ExactSums {
             d: x.cols(),
             lsb: e + headroom - 126,
+            k,
             sums: vec![0; k * x.cols()],
         }
     }
@@ -61,50 +64,48 @@ impl ExactSums {
         if moved.is_empty() {
             return;
         }
-        let (d, lsb) = (self.d, self.lsb);
-        // Column stripes in parallel: every task owns its columns of every code's sums.
-        let stripes: Vec<(usize, Vec<i128>)> = (0..d.div_ceil(STRIPE))
-            .into_par_iter()
-            .map(|s| {
+        let (d, k, lsb) = (self.d, self.k, self.lsb);
+        // Column stripes in parallel: every task owns its stripe of every code's sums.
+        self.sums
+            .par_chunks_mut((k * STRIPE).max(1))
+            .enumerate()
+            .for_each(|(s, part)| {
                 let (c0, c1) = (s * STRIPE, ((s + 1) * STRIPE).min(d));
-                let k = self.sums.len() / d.max(1);
                 let w = c1 - c0;
-                let mut part = vec![0i128; k * w];
-                for j in 0..k {
-                    part[j * w..(j + 1) * w].copy_from_slice(&self.sums[j * d + c0..j * d + c1]);
-                }
                 for &(i, from, to) in &moved {
                     let row = &x.row(i as usize)[c0..c1];
-                    if from != u32::MAX {
-                        let acc = &mut part[from as usize * w..(from as usize + 1) * w];
-                        for (a, &v) in acc.iter_mut().zip(row) {
-                            *a -= fixed(v, lsb);
+                    let t = to as usize * w;
+                    if from == u32::MAX {
+                        for (a, &v) in part[t..t + w].iter_mut().zip(row) {
+                            *a += fixed(v, lsb);
+                        }
+                    } else {
+                        // Each value converted once, taken from one code and added to the other.
+                        let f = from as usize * w;
+                        for (c, &v) in row.iter().enumerate() {
+                            let q = fixed(v, lsb);
+                            part[f + c] -= q;
+                            part[t + c] += q;
                         }
                     }
-                    let acc = &mut part[to as usize * w..(to as usize + 1) * w];
-                    for (a, &v) in acc.iter_mut().zip(row) {
-                        *a += fixed(v, lsb);
-                    }
                 }
-                (c0, part)
-            })
-            .collect();
-        for (c0, part) in stripes {
-            let w = STRIPE.min(d - c0);
-            for (j, p) in part.chunks_exact(w).enumerate() {
-                self.sums[j * d + c0..j * d + c0 + w].copy_from_slice(p);
-            }
-        }
+            });
     }
 
     /// The sums in f64 (K × D): each rounded once to f64, then scaled by 2^lsb (exact).
     pub(crate) fn to_f64(&self) -> Vec<f64> {
-        let scale = pow2(self.lsb);
-        self.sums
-            .par_iter()
-            .with_min_len(4096)
-            .map(|&s| (s as f64) * scale)
-            .collect()
+        let (d, k, scale) = (self.d, self.k, pow2(self.lsb));
+        let mut out = vec![0f64; k * d];
+        out.par_chunks_mut(d.max(1))
+            .enumerate()
+            .with_min_len(16)
+            .for_each(|(j, row)| {
+                for (c, o) in row.iter_mut().enumerate() {
+                    let (c0, w) = (c / STRIPE * STRIPE, STRIPE.min(d - c / STRIPE * STRIPE));
+                    *o = (self.sums[k * c0 + j * w + (c - c0)] as f64) * scale;
+                }
+            });
+        out
     }
 }
 
