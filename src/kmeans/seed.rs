@@ -205,6 +205,23 @@ fn weighted_plus_plus(
     k: usize,
     rng: &mut ChaCha8Rng,
 ) -> Matrix {
+    // The candidates' pairwise distances when their table fits and this CPU has a vector kernel
+    // for it: each step then reads one row (pairs.rs says why); otherwise each step measures
+    // the new centre against every candidate. The two give slightly different f32 distances,
+    // so a seeding can differ (rarely: a draw moves only when it falls within rounding of a
+    // boundary) between a CPU with AVX2 or AVX-512 and one without.
+    let table = PairDistances::worth_building(points.rows()).then(|| PairDistances::new(points));
+    plus_plus_with(points, weights, k, rng, table.as_ref())
+}
+
+/// [`weighted_plus_plus`] with the distances from `table` when given, measured otherwise.
+fn plus_plus_with(
+    points: MatRef<'_>,
+    weights: &[u64],
+    k: usize,
+    rng: &mut ChaCha8Rng,
+    table: Option<&PairDistances>,
+) -> Matrix {
     let (c, d) = (points.rows(), points.cols());
     let w: Vec<f64> = weights.iter().map(|&w| w as f64).collect();
     let mut nearest = vec![f32::INFINITY; c];
@@ -214,9 +231,6 @@ fn weighted_plus_plus(
     // Per block of candidates, its mass (Σ weight × nearest of the untaken), summed while the
     // block is updated: the draw then walks the blocks and one block, not every candidate.
     let mut block_mass = vec![0f64; c.div_ceil(PP_BLOCK)];
-    // The candidates' pairwise distances when their table fits: each step then reads one row
-    // (pairs.rs says why); otherwise each step measures the new centre against every candidate.
-    let table = PairDistances::fits(c).then(|| PairDistances::new(points));
     // One task per thread and step: each step is only ~1 ms of work, so rayon's finer split
     // costs more in hand-offs than it balances.
     let min_len = block_mass
@@ -240,7 +254,7 @@ fn weighted_plus_plus(
             }
             *mass = sum;
         };
-        match &table {
+        match table {
             Some(table) => {
                 let row = table.row(pick);
                 for (b, (m, mass)) in nearest
@@ -381,6 +395,49 @@ mod tests {
         assert_eq!(hits[1], 0);
         let ratio = hits[2] as f64 / hits[0] as f64;
         assert!((ratio - 2.0).abs() < 0.15, "ratio {ratio}");
+    }
+
+    /// Both ways of measuring (the table, and each centre against every candidate) pick one
+    /// candidate per cluster when 16 tight clusters lie far apart: after a cluster has a centre,
+    /// its candidates weigh ~(0.001/10)² of the others.
+    #[test]
+    fn plus_plus_picks_one_candidate_per_cluster() {
+        for (d, seed) in [(3usize, 1u64), (16, 2), (33, 3), (256, 4)] {
+            let mut r = ChaCha8Rng::seed_from_u64(seed);
+            let (clusters, per) = (16usize, 7usize);
+            let mut x = Vec::new();
+            for g in 0..clusters {
+                // Cluster g sits 10 away from the others along its own axis (and the origin).
+                for _ in 0..per {
+                    for t in 0..d {
+                        let centre = if t == g % d {
+                            10.0 * (1 + g / d) as f32
+                        } else {
+                            0.0
+                        };
+                        x.push(centre + r.gen_range(-0.001f32..0.001));
+                    }
+                }
+            }
+            let c = clusters * per;
+            let pts = MatRef::new(&x, c, d).unwrap();
+            let w: Vec<u64> = (0..c).map(|i| 1 + (i % 3) as u64).collect();
+            let table = PairDistances::new(pts);
+            for (how, t) in [("table", Some(&table)), ("measured", None)] {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed + 10);
+                let codes = plus_plus_with(pts, &w, clusters, &mut rng, t);
+                let mut hit = vec![0usize; clusters];
+                for j in 0..clusters {
+                    let row = codes.row(j);
+                    let i = (0..c).find(|&i| pts.row(i) == row).expect("a candidate");
+                    hit[i / per] += 1;
+                }
+                assert!(
+                    hit.iter().all(|&h| h == 1),
+                    "d {d}, {how}: codes per cluster {hit:?}"
+                );
+            }
+        }
     }
 
     #[test]
