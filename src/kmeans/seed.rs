@@ -5,7 +5,8 @@
 //! about ℓ rows at once with probability ∝ ℓ·d²(x)/φ, then reduces the few·K candidates to K by
 //! weighted k-means++ (each candidate weighted by the rows nearest to it). A round costs one
 //! nearest search of every row against that round's new candidates (blocked, on the backend),
-//! so the whole seeding costs about `rounds·oversampling` passes of K codes.
+//! so the rounds cost about `rounds·oversampling` passes of K codes. The reduction reads the
+//! candidates' pairwise distances from one table ([`PairDistances`]) where it fits.
 
 use super::pairs::PairDistances;
 use super::shard::{Shard, fetch_rows, gather_rows};
