@@ -373,3 +373,50 @@ fn f32_distance_lower_bound_is_a_bound() {
         }
     }
 }
+
+/// `nearest_approx` (the k-means|| seeding's search; bf16 on CPUs with AVX512_BF16, exact
+/// elsewhere): every code returned lies within the bf16 rounding bound of the nearest code's
+/// exact squared distance, and its distance is that code's, to f32 rounding. Awkward sizes
+/// around the AVX-512 blocks (8 rows × 32 codes), odd dimensions (a zero-padded bf16 pair),
+/// clustered data with near ties, several seeds, both CPU kernels.
+#[test]
+fn approximate_nearest_is_within_the_bf16_bound() {
+    use vqx::nearest::{Prepared, RoundingModel, exact_distance};
+    for kernel in [CpuKernel::Auto, CpuKernel::Portable] {
+        let b = CpuBackend::with_kernel(kernel);
+        for (n, d, k) in [
+            (1, 1, 1),
+            (7, 3, 31),
+            (9, 17, 33),
+            (129, 64, 65),
+            (300, 255, 100),
+        ] {
+            for seed in 0..3u64 {
+                let mut r = rng(seed * 31 + n as u64);
+                let x = random_matrix(n, d, &mut r);
+                let c = random_matrix(k, d, &mut r);
+                let got = b.nearest_approx(x.as_ref(), c.as_ref()).unwrap();
+                let prepared = Prepared::new(c.as_ref(), Metric::L2);
+                for i in 0..n {
+                    let ctx = format!("{kernel:?} N={n} D={d} K={k} seed {seed}: row {i}");
+                    let best = (0..k)
+                        .map(|j| exact_distance(x.row(i), c.row(j), Metric::L2))
+                        .fold(f64::INFINITY, f64::min);
+                    let j = got.indices[i] as usize;
+                    let mine = exact_distance(x.row(i), c.row(j), Metric::L2);
+                    let x_norm = exact_distance(x.row(i), &vec![0.0; d], Metric::L2).sqrt();
+                    let bound = 2.0 * prepared.score_error(x_norm, RoundingModel::BF16);
+                    assert!(
+                        mine <= best + bound,
+                        "{ctx}: code {j} at {mine}, nearest at {best}, bound {bound}"
+                    );
+                    let dist = got.distances[i] as f64;
+                    assert!(
+                        (dist - mine).abs() <= 1e-5 * mine + 1e-6,
+                        "{ctx}: distance {dist} of code {j}, exact {mine}"
+                    );
+                }
+            }
+        }
+    }
+}
