@@ -30,19 +30,6 @@ impl CpuBackend {
     pub fn with_kernel(kernel: CpuKernel) -> Self {
         CpuBackend { kernel }
     }
-
-    /// Whether [`Backend::nearest_approx`] scores in bf16: with the AVX-512 kernel on a CPU
-    /// with AVX512_BF16.
-    fn approx_in_bf16(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            self.kernel.resolve() == CpuKernel::Avx512 && nearest::avx512::bf16_available()
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
 }
 
 impl Backend for CpuBackend {
@@ -54,9 +41,6 @@ impl Backend for CpuBackend {
     }
     fn describe(&self) -> String {
         let kernel = match self.kernel.resolve() {
-            CpuKernel::Avx512 if self.approx_in_bf16() => {
-                "fused AVX-512 nearest kernel (approximate searches in bf16)"
-            }
             CpuKernel::Avx512 => "fused AVX-512 nearest kernel",
             _ => "portable nearest (f32 GEMM tiles through the `gemm` crate)",
         };
@@ -74,29 +58,6 @@ impl Backend for CpuBackend {
                 prepared,
             ))
         })
-    }
-    fn nearest_approx(&self, x: MatRef<'_>, codebook: MatRef<'_>) -> Result<Assignment> {
-        #[cfg(target_arch = "x86_64")]
-        if self.approx_in_bf16() {
-            use rayon::prelude::*;
-            nearest::validate(x, codebook)?;
-            let prepared = nearest::Prepared::new(codebook, Metric::L2);
-            let rows = nearest::Rows::all(x);
-            let c = nearest::avx512::candidates_bf16(rows, codebook, &prepared);
-            let distances = c
-                .best
-                .par_iter()
-                .enumerate()
-                .with_min_len(1024)
-                .map(|(i, &k)| nearest::l2_sq_f32(x.row(i), codebook.row(k as usize)))
-                .collect();
-            return Ok(Assignment {
-                indices: c.best,
-                distances,
-                rechecked: 0,
-            });
-        }
-        self.nearest(x, codebook, Metric::L2)
     }
     fn nearest_with_bounds(
         &self,

@@ -42,14 +42,6 @@ pub trait Backend: Send + Sync {
     }
     /// Nearest code per row of `x` (SPEC §1). Never materialises the N×K distance matrix.
     fn nearest(&self, x: MatRef<'_>, codebook: MatRef<'_>, metric: Metric) -> Result<Assignment>;
-    /// A near code per row for heuristics that do not need the nearest (k-means|| seeding):
-    /// under L2, any code whose squared distance is within a low precision's rounding bound of
-    /// the nearest one's (bf16 on CPUs with AVX512_BF16: [`crate::nearest::RoundingModel::BF16`]),
-    /// with the distance to the code returned computed from the operands in f32. By default
-    /// the exact [`Backend::nearest`].
-    fn nearest_approx(&self, x: MatRef<'_>, codebook: MatRef<'_>) -> Result<Assignment> {
-        self.nearest(x, codebook, Metric::L2)
-    }
     /// [`Backend::nearest`] and, per row, lower bounds on the squared distances to the winner
     /// and to every other code ([`LowerBounds`]): what the exact k-means bounds start from.
     fn nearest_with_bounds(

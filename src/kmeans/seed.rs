@@ -14,6 +14,7 @@ use crate::backend::Backend;
 use crate::collective::Collective;
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
+use crate::nearest::Metric;
 use crate::nearest::l2_sq_f32;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -147,9 +148,7 @@ fn parallel(
         // Fold the latest round's candidates into each row's nearest candidate so far.
         let fresh = MatRef::new(&cands[newest * d..], cands.len() / d - newest, d)?;
         if n > 0 {
-            // A near candidate is enough here (the draws and weights are heuristics): on CPUs
-            // with AVX512_BF16 a bf16 search at twice the f32 kernel's rate.
-            let a = backend.nearest_approx(x, fresh)?;
+            let a = backend.nearest(x, fresh, Metric::L2)?;
             for (i, (&j, &v)) in a.indices.iter().zip(&a.distances).enumerate() {
                 if (v as f64) < d2[i] {
                     d2[i] = v as f64;
