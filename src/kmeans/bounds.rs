@@ -107,7 +107,8 @@ pub(crate) struct Bounds {
 
 impl Bounds {
     /// Groups of the initial `codes` (a few Lloyd passes over the codes themselves, the same
-    /// on every rank) and no bounds yet ([`Bounds::start`] sets them after the first pass's search).
+    /// on every rank) and no bounds yet ([`Bounds::reset`] makes the first pass search every
+    /// group of every row, which sets them).
     pub(crate) fn new(
         backend: &dyn Backend,
         codes: MatRef<'_>,
@@ -243,7 +244,8 @@ impl Bounds {
         self.upper.par_iter_mut().for_each(|u| *u = f64::INFINITY);
     }
 
-    /// Assigns the rows the bounds cannot settle (after [`Bounds::start`]). Returns (distances
+    /// Assigns the rows the bounds cannot settle (every group of every row after
+    /// [`Bounds::reset`]). Returns (distances
     /// computed, rows whose code changed).
     pub(crate) fn assign(
         &mut self,

@@ -241,20 +241,6 @@ fn plus_plus_with(
     while chosen.len() < k {
         chosen.push(pick);
         taken[pick] = true;
-        let (w, taken_now) = (&w, &taken);
-        // One block: its nearest values against the new centre, then its mass.
-        let update = |b: usize, m: &mut [f32], mass: &mut f64, dist: &dyn Fn(usize) -> f32| {
-            let base = b * PP_BLOCK;
-            let mut sum = 0.0;
-            for (t, v) in m.iter_mut().enumerate() {
-                let i = base + t;
-                *v = v.min(dist(i));
-                if !taken_now[i] {
-                    sum += w[i] * *v as f64;
-                }
-            }
-            *mass = sum;
-        };
         match table {
             Some(table) => {
                 let row = table.row(pick);
@@ -263,18 +249,21 @@ fn plus_plus_with(
                     .zip(block_mass.iter_mut())
                     .enumerate()
                 {
-                    update(b, m, mass, &|i| row[i]);
+                    *mass = lower_block(m, b * PP_BLOCK, &w, &taken, |i| row[i]);
                 }
             }
             None => {
                 let centre = points.row(pick);
+                let (w, taken) = (&w, &taken);
                 nearest
                     .par_chunks_mut(PP_BLOCK)
                     .zip(block_mass.par_iter_mut())
                     .enumerate()
                     .with_min_len(min_len)
                     .for_each(|(b, (m, mass))| {
-                        update(b, m, mass, &|i| l2_sq_f32(points.row(i), centre))
+                        *mass = lower_block(m, b * PP_BLOCK, w, taken, |i| {
+                            l2_sq_f32(points.row(i), centre)
+                        })
                     });
             }
         }
@@ -306,6 +295,27 @@ fn plus_plus_with(
         i += 1;
     }
     Matrix::new(out, k, d).expect("k × d values")
+}
+
+/// One block of the weighted k-means++ update: each candidate's nearest value (`m`, candidates
+/// `base..`) lowered to its distance to the new centre (`dist`), then the block's mass,
+/// Σ weight × nearest over the untaken. Generic over `dist`, so it inlines into the loop.
+fn lower_block(
+    m: &mut [f32],
+    base: usize,
+    w: &[f64],
+    taken: &[bool],
+    dist: impl Fn(usize) -> f32,
+) -> f64 {
+    let mut sum = 0.0;
+    for (t, v) in m.iter_mut().enumerate() {
+        let i = base + t;
+        *v = v.min(dist(i));
+        if !taken[i] {
+            sum += w[i] * *v as f64;
+        }
+    }
+    sum
 }
 
 /// An index drawn with probability ∝ `mass` (None when the mass is all zero).

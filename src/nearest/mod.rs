@@ -1000,28 +1000,29 @@ mod l2_f32_tests {
             xt[..len - n].copy_from_slice(&x[n..]);
             ct[..len - n].copy_from_slice(&c[n..]);
             let plain = l2_sq_f32_scalar(&x[..n], &c[..n], &xt, &ct);
+            let same = |path: &str, v: f32| {
+                assert_eq!(
+                    v.to_bits(),
+                    plain.to_bits(),
+                    "{path}, length {len}: {v} vs {plain}"
+                )
+            };
             #[cfg(target_arch = "x86_64")]
             {
                 if crate::model::simd::has_avx512() {
                     // SAFETY: the CPU has AVX-512 F; n ≤ len.
-                    let v = unsafe { l2_sq_f32_avx512(&x[..n], &c[..n], &xt, &ct) };
-                    assert_eq!(
-                        v.to_bits(),
-                        plain.to_bits(),
-                        "AVX-512, length {len}: {v} vs {plain}"
-                    );
+                    same("AVX-512", unsafe {
+                        l2_sq_f32_avx512(&x[..n], &c[..n], &xt, &ct)
+                    });
                 }
                 if crate::model::simd::has_avx2() {
                     // SAFETY: the CPU has AVX2; n ≤ len.
-                    let v = unsafe { l2_sq_f32_avx2(&x[..n], &c[..n], &xt, &ct) };
-                    assert_eq!(
-                        v.to_bits(),
-                        plain.to_bits(),
-                        "AVX2, length {len}: {v} vs {plain}"
-                    );
+                    same("AVX2", unsafe {
+                        l2_sq_f32_avx2(&x[..n], &c[..n], &xt, &ct)
+                    });
                 }
             }
-            assert_eq!(l2_sq_f32(&x, &c).to_bits(), plain.to_bits(), "length {len}");
+            same("the dispatched path", l2_sq_f32(&x, &c));
         }
     }
 }
