@@ -67,6 +67,7 @@ fn simt_model(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candi
         best_score: vec![0.0; x.rows()],
         second_score: vec![0.0; x.rows()],
         row_norm_sq: None,
+        shortlist: None,
     };
     for r in 0..x.rows() {
         let scores: Vec<f32> = (0..scored.rows())

@@ -16,10 +16,25 @@ use crate::{gather, usage};
 /// let portable = CpuBackend::with_kernel(CpuKernel::Portable);
 /// assert!(portable.describe().contains("portable"));
 /// ```
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct CpuBackend {
     kernel: CpuKernel,
+    bf16_screen: bool,
 }
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend {
+            kernel: CpuKernel::Auto,
+            bf16_screen: true,
+        }
+    }
+}
+
+/// Largest |value| the bf16 screen takes (rows and codes): far from f32's and bf16's overflow
+/// (products below 2^80), so every screened score is finite.
+#[cfg(target_arch = "x86_64")]
+const SCREEN_MAX_ABS: f32 = (1u64 << 40) as f32;
 
 impl CpuBackend {
     /// The fastest kernel this CPU supports.
@@ -28,7 +43,31 @@ impl CpuBackend {
     }
     /// A backend whose nearest search uses `kernel` (where the CPU supports it).
     pub fn with_kernel(kernel: CpuKernel) -> Self {
-        CpuBackend { kernel }
+        CpuBackend {
+            kernel,
+            ..CpuBackend::default()
+        }
+    }
+    /// Whether k-means' bounded searches ([`Backend::nearest_rows_with_bounds`]) may score in
+    /// bf16 first, on CPUs with AVX512_BF16 and under the AVX-512 kernel (on by default). The
+    /// indices are the exact search's either way (`nearest::avx512::screen_bf16`); only the
+    /// lower bounds are looser.
+    pub fn with_bf16_screen(self, on: bool) -> Self {
+        CpuBackend {
+            bf16_screen: on,
+            ..self
+        }
+    }
+    /// Whether the bf16 screen runs at all on this CPU with this backend.
+    fn screens(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.bf16_screen
+            && self.kernel.resolve() == CpuKernel::Avx512
+            && nearest::avx512::bf16_available()
+        {
+            return true;
+        }
+        false
     }
 }
 
@@ -41,6 +80,9 @@ impl Backend for CpuBackend {
     }
     fn describe(&self) -> String {
         let kernel = match self.kernel.resolve() {
+            CpuKernel::Avx512 if self.screens() => {
+                "fused AVX-512 nearest kernel; k-means searches screened in bf16 (AVX512_BF16)"
+            }
             CpuKernel::Avx512 => "fused AVX-512 nearest kernel",
             _ => "portable nearest (f32 GEMM tiles through the `gemm` crate)",
         };
@@ -81,12 +123,27 @@ impl Backend for CpuBackend {
         codebook: MatRef<'_>,
         metric: Metric,
     ) -> Result<(Assignment, LowerBounds)> {
+        #[cfg(target_arch = "x86_64")]
+        if self.screens()
+            && metric == Metric::L2
+            && x.max_abs() <= SCREEN_MAX_ABS
+            && codebook.data().iter().all(|v| v.abs() <= SCREEN_MAX_ABS)
+        {
+            return nearest::search_picked_with_bounds(
+                x,
+                rows,
+                codebook,
+                metric,
+                nearest::RoundingModel::BF16_F32_SUMS,
+                |picked, prepared| Ok(nearest::avx512::screen_bf16(picked, codebook, prepared)),
+            );
+        }
         nearest::search_picked_with_bounds(
             x,
             rows,
             codebook,
             metric,
-            Precision::Exact,
+            Precision::Exact.model(),
             |picked, prepared| {
                 Ok(nearest::cpu::candidates_rows(
                     self.kernel,

@@ -15,7 +15,7 @@
 //! Accumulation is one FMA per (row, code, d) in increasing d: the f32 rounding bound of
 //! [`super::RoundingModel::F32`] holds.
 
-use super::{Candidates, Prepared, Rows};
+use super::{Candidates, Prepared, RoundingModel, Rows, Shortlist};
 use crate::matrix::MatRef;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -24,6 +24,8 @@ use std::arch::x86_64::*;
 const MR: usize = 8;
 /// Codes per panel (two zmm of f32).
 const NR: usize = 32;
+// A lane of the lane states is a lane of a [`Shortlist`]: codes k with k mod 32 = lane.
+const _: () = assert!(NR == Shortlist::LANES);
 /// Rows per rayon task.
 pub const ROW_BLOCK: usize = 128;
 /// Bytes of packed codebook per L2 tile.
@@ -39,7 +41,6 @@ struct Packed {
     data: Vec<f32>,
     norms: Vec<f32>,
     panels: usize,
-    dim: usize,
 }
 
 fn pack(codebook: MatRef<'_>, norms: &[f32]) -> Packed {
@@ -62,7 +63,6 @@ fn pack(codebook: MatRef<'_>, norms: &[f32]) -> Packed {
         data,
         norms: padded,
         panels,
-        dim: d,
     }
 }
 
@@ -110,55 +110,280 @@ pub(crate) fn candidates(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared)
     assert!(available(), "AVX-512F path called on a CPU without it");
     let d = x.cols();
     let packed = pack(prepared.scored(codebook), prepared.norms());
-    let tile_panels = (TILE_BYTES / (d * NR * 4)).max(1);
+    let panel_len = d * NR;
+    let tile_panels = (TILE_BYTES / (panel_len * 4)).max(1);
     super::cpu::for_each_row_block(
         x,
         prepared,
         ROW_BLOCK,
+        false,
         || vec![LaneState::START; ROW_BLOCK],
-        |states, xs, out| {
+        |states, xs, mut out| {
             let rows = out.best.len();
             debug_assert_eq!(rows, xs.len());
             let states = &mut states[..rows];
-            states.fill(LaneState::START);
-            let mut p0 = 0;
-            while p0 < packed.panels {
-                let p1 = (p0 + tile_panels).min(packed.panels);
-                for g in (0..rows).step_by(MR) {
-                    let live = MR.min(rows - g);
-                    // Missing rows of a short last group repeat the group's first row; their
-                    // results are dropped.
-                    let ptrs: [*const f32; MR] = std::array::from_fn(|r| {
-                        let row = g + if r < live { r } else { 0 };
-                        xs.row(row).as_ptr()
-                    });
-                    for p in p0..p1 {
-                        // SAFETY: available() was checked above; each pointer in `ptrs`
-                        // addresses a full row of d values (`xs.row`), the panel slice holds
-                        // d·NR values and the norms slice NR, and `states[g..g + live]`
-                        // is in bounds.
-                        unsafe {
-                            block_8x32(
-                                &ptrs,
-                                &packed.data[p * d * NR..(p + 1) * d * NR],
-                                &packed.norms[p * NR..(p + 1) * NR],
-                                (p * NR) as u32,
-                                &mut states[g..g + live],
-                                packed.dim,
-                            );
-                        }
+            walk(
+                states,
+                packed.panels,
+                tile_panels,
+                |r| xs.row(r).as_ptr(),
+                |ptrs, p, states| {
+                    // SAFETY: available() was checked above; each pointer in `ptrs` addresses
+                    // a full row of d values (`xs.row`), the panel slice holds d·NR values
+                    // and the norms slice NR, and `states` has at most MR rows.
+                    unsafe {
+                        block_8x32(
+                            ptrs,
+                            &packed.data[p * panel_len..(p + 1) * panel_len],
+                            &packed.norms[p * NR..(p + 1) * NR],
+                            (p * NR) as u32,
+                            states,
+                            d,
+                        )
                     }
-                }
-                p0 = p1;
+                },
+            );
+            reduce_into(states, &mut out);
+        },
+    )
+}
+
+/// The walk both kernels share: the codebook in L2-sized tiles of panels, each 8-row group of
+/// the block streamed over a tile (`block(rows, panel, their states)`).
+fn walk<T>(
+    states: &mut [LaneState],
+    panels: usize,
+    tile_panels: usize,
+    row: impl Fn(usize) -> *const T,
+    mut block: impl FnMut(&[*const T; MR], usize, &mut [LaneState]),
+) {
+    let rows = states.len();
+    states.fill(LaneState::START);
+    let mut p0 = 0;
+    while p0 < panels {
+        let p1 = (p0 + tile_panels).min(panels);
+        for g in (0..rows).step_by(MR) {
+            let live = MR.min(rows - g);
+            // Missing rows of a short last group repeat the group's first row; their results
+            // are dropped.
+            let ptrs: [*const T; MR] =
+                std::array::from_fn(|r| row(g + if r < live { r } else { 0 }));
+            for p in p0..p1 {
+                block(&ptrs, p, &mut states[g..g + live]);
             }
-            for (r, s) in states.iter().enumerate() {
-                let (i, b, sc) = s.reduce();
-                out.best[r] = i;
-                out.best_score[r] = b;
-                out.second_score[r] = sc;
+        }
+        p0 = p1;
+    }
+}
+
+/// Each row's lanes reduced into its (best, best score, runner-up score).
+fn reduce_into(states: &[LaneState], out: &mut super::cpu::BlockOut<'_>) {
+    for (r, s) in states.iter().enumerate() {
+        let (i, b, sc) = s.reduce();
+        out.best[r] = i;
+        out.best_score[r] = b;
+        out.second_score[r] = sc;
+    }
+}
+
+/// Whether this CPU can run the bf16 screen ([`screen_bf16`]).
+pub fn bf16_available() -> bool {
+    available() && is_x86_feature_detected!("avx512bf16")
+}
+
+/// `v` rounded to bf16 (to nearest, ties to even), as its 16 bits. A finite value past bf16's
+/// range becomes ±inf, whose scores then send the row to the exact recheck.
+#[inline(always)]
+fn to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Codebook packed for [`block_8x32_bf16`]: `[panel][d/2][NR][2]` bf16, each code's
+/// coordinates 2t and 2t + 1 side by side (the pair `vdpbf16ps` multiplies in one lane); an
+/// odd d is padded with a zero coordinate.
+struct PackedBf16 {
+    data: Vec<u16>,
+    norms: Vec<f32>,
+    panels: usize,
+}
+
+fn pack_bf16(codebook: MatRef<'_>, norms: &[f32]) -> PackedBf16 {
+    let (k, d) = (codebook.rows(), codebook.cols());
+    let (panels, pairs) = (k.div_ceil(NR), d.div_ceil(2));
+    let mut data = vec![0u16; panels * pairs * NR * 2];
+    data.par_chunks_mut(pairs * NR * 2)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for lane in 0..NR.min(k - p * NR) {
+                for (t, &v) in codebook.row(p * NR + lane).iter().enumerate() {
+                    panel[(t / 2 * NR + lane) * 2 + t % 2] = to_bf16(v);
+                }
+            }
+        });
+    let mut padded = vec![f32::INFINITY; panels * NR];
+    padded[..k].copy_from_slice(norms);
+    PackedBf16 {
+        data,
+        norms: padded,
+        panels,
+    }
+}
+
+/// Candidates with shortlists from operands rounded to bf16 (products exact, sums in f32:
+/// `vdpbf16ps`, twice the multiply-adds per instruction of the f32 kernel), to be finished
+/// with [`RoundingModel::BF16_F32_SUMS`]: that finish gives the exact search's indices.
+///
+/// The bf16 bound is some 250 times the f32 one, so more rows fall inside it (on 256-D
+/// embeddings, 6% of a full search at K = 1,024, and more among the rows a k-means bound
+/// leaves open). For each such row the 32 lanes hold every code the recheck could need: the
+/// lanes whose best is within twice the bound of the row's best (its [`Shortlist`]), unless a
+/// lane's runner-up is also within it, or they are more than a shortlist holds; only then does
+/// the recheck measure every code.
+///
+/// L2 only. Panics if the CPU lacks AVX512_BF16: callers check [`bf16_available`] first.
+pub(crate) fn screen_bf16(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
+    assert!(
+        bf16_available(),
+        "AVX512_BF16 path called on a CPU without it"
+    );
+    assert!(
+        prepared.metric() == super::Metric::L2,
+        "the bf16 screen scores L2 only"
+    );
+    let d = x.cols();
+    let pairs = d.div_ceil(2);
+    let packed = pack_bf16(prepared.scored(codebook), prepared.norms());
+    let panel_len = pairs * NR * 2;
+    let tile_panels = (TILE_BYTES / (panel_len * 2)).max(1);
+    super::cpu::for_each_row_block(
+        x,
+        prepared,
+        ROW_BLOCK,
+        true,
+        || (vec![LaneState::START; ROW_BLOCK], Vec::<u32>::new()),
+        |(states, xb), xs, mut out| {
+            let rows = out.best.len();
+            debug_assert_eq!(rows, xs.len());
+            // The block's rows in bf16, two coordinates per u32 (the broadcast unit).
+            xb.clear();
+            xb.resize(rows * pairs, 0);
+            for r in 0..rows {
+                // SAFETY: bf16_available() was checked above.
+                unsafe { row_to_bf16(xs.row(r), &mut xb[r * pairs..(r + 1) * pairs]) };
+            }
+            let xb = &xb[..];
+            let states = &mut states[..rows];
+            walk(
+                states,
+                packed.panels,
+                tile_panels,
+                |r| xb[r * pairs..].as_ptr(),
+                |ptrs, p, states| {
+                    // SAFETY: bf16_available() was checked above; each pointer addresses a
+                    // row of `pairs` u32 in `xb`, the panel slice holds pairs·NR·2 values and
+                    // the norms slice NR, and `states` has at most MR rows.
+                    unsafe {
+                        block_8x32_bf16(
+                            ptrs,
+                            &packed.data[p * panel_len..(p + 1) * panel_len],
+                            &packed.norms[p * NR..(p + 1) * NR],
+                            (p * NR) as u32,
+                            states,
+                            pairs,
+                        )
+                    }
+                },
+            );
+            reduce_into(states, &mut out);
+            let lists = out.shortlist.as_deref_mut().expect("asked for shortlists");
+            for (r, st) in states.iter().enumerate() {
+                // finish's own bound (same norm, same model), with a hair of room.
+                let err = prepared.score_error(out.norm_sq[r].sqrt(), RoundingModel::BF16_F32_SUMS);
+                lists[r] = shortlist(st, out.best_score[r] as f64 + 2.0 * err * (1.0 + 1e-9));
             }
         },
     )
+}
+
+/// Every code whose score may be at most `limit`: the lane's best when only it is, the whole
+/// lane when its runner-up is too; nothing listed (every code) when a score is NaN.
+fn shortlist(st: &LaneState, limit: f64) -> Shortlist {
+    let mut list = Shortlist::default();
+    if limit.is_nan() {
+        return list;
+    }
+    for l in 0..NR {
+        let (b, s) = (st.best[l] as f64, st.second[l] as f64);
+        if b.is_nan() || s.is_nan() {
+            return Shortlist::default();
+        }
+        if s <= limit {
+            list.push_lane(l);
+        } else if b <= limit {
+            list.push(st.index[l]);
+        }
+    }
+    list
+}
+
+/// One row rounded to bf16 (`vcvtneps2bf16`: to nearest, ties to even), two coordinates per
+/// u32, the odd one in the high half; an odd length ends with a zero.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn row_to_bf16(row: &[f32], out: &mut [u32]) {
+    debug_assert_eq!(out.len(), row.len().div_ceil(2));
+    let whole = row.len() / 16 * 16;
+    let op = out.as_mut_ptr() as *mut u16;
+    for i in (0..whole).step_by(16) {
+        // SAFETY: i + 16 ≤ whole ≤ row.len(); `out` holds ⌈len/2⌉ u32, that is ≥ len u16.
+        unsafe {
+            let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(row.as_ptr().add(i)));
+            _mm256_storeu_si256(
+                op.add(i) as *mut __m256i,
+                std::mem::transmute::<__m256bh, __m256i>(h),
+            );
+        }
+    }
+    for (i, &v) in row.iter().enumerate().skip(whole) {
+        // SAFETY: i < row.len() ≤ 2·out.len() u16.
+        unsafe { *op.add(i) = to_bf16(v) };
+    }
+    if row.len() % 2 == 1 {
+        // SAFETY: the last u32's high half, inside `out`.
+        unsafe { *op.add(row.len()) = 0 };
+    }
+}
+
+/// [`block_8x32`] on bf16 operands: per step, one coordinate pair of 8 rows against 32 codes.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block_8x32_bf16(
+    x: &[*const u32; MR],
+    panel: &[u16],
+    norms: &[f32],
+    base: u32,
+    states: &mut [LaneState],
+    pairs: usize,
+) {
+    debug_assert!(panel.len() == pairs * NR * 2 && norms.len() == NR && states.len() <= MR);
+    let mut acc = [_mm512_setzero_ps(); 2 * MR];
+    let pp = panel.as_ptr();
+    for j in 0..pairs {
+        // SAFETY: j < pairs, so the 64 u16 at j·NR·2 lie in the panel, and x[r] + j is inside
+        // row r's pairs. The casts reinterpret 64 bytes as 32 bf16 (same size, any bits).
+        unsafe {
+            let c0: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(pp.add(j * NR * 2) as *const _));
+            let c1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(pp.add(j * NR * 2 + 32) as *const _));
+            for r in 0..MR {
+                let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x[r].add(j) as i32));
+                acc[2 * r] = _mm512_dpbf16_ps(acc[2 * r], xv, c0);
+                acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], xv, c1);
+            }
+        }
+    }
+    // SAFETY: as the caller's (norms holds NR values).
+    unsafe { fold(&acc, norms, base, states) };
 }
 
 /// Scores 8 rows against one 32-code panel over all d, then folds the scores
@@ -187,6 +412,16 @@ unsafe fn block_8x32(
             }
         }
     }
+    // SAFETY: as the caller's (norms holds NR values).
+    unsafe { fold(&acc, norms, base, states) };
+}
+
+/// Folds the dot products `acc` (two zmm per row) of ≤ 8 rows with one 32-code panel into the
+/// rows' lane states as scores s = ||c||² − 2 x·c.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fold(acc: &[__m512; 2 * MR], norms: &[f32], base: u32, states: &mut [LaneState]) {
+    debug_assert!(norms.len() == NR && states.len() <= MR);
     let minus_two = _mm512_set1_ps(-2.0);
     let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for h in 0..2 {

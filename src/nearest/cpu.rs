@@ -103,6 +103,7 @@ fn portable(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidate
         x,
         prepared,
         ROW_BLOCK,
+        false,
         || (vec![0f32; ROW_BLOCK * CODE_TILE], Vec::new()),
         |(tile, xbuf), block, out| {
             let xs = block.contiguous(xbuf);
@@ -161,6 +162,10 @@ pub(crate) struct BlockOut<'a> {
     pub best: &'a mut [u32],
     pub best_score: &'a mut [f32],
     pub second_score: &'a mut [f32],
+    /// The rows' shortlists, when the driver was asked for them.
+    pub shortlist: Option<&'a mut [super::Shortlist]>,
+    /// ||x||² of each row in f64, the value `finish` uses (under L2; zeros under cosine).
+    pub norm_sq: &'a [f64],
 }
 
 /// One block's rows as a kernel reads them: in place (rows of the input), or from a per-worker
@@ -210,10 +215,13 @@ impl<'a> BlockRows<'a> {
 /// rayon task each, hands `score` the block's rows ([`BlockRows`]: in place, or L2-normalised
 /// copies under cosine), a scratch value made by `init` once per worker, and the block's
 /// slices of the output.
+///
+/// With `shortlists`, the output has a [`Candidates::shortlist`] for `score` to fill.
 pub(crate) fn for_each_row_block<S>(
     x: Rows<'_>,
     prepared: &Prepared,
     row_block: usize,
+    shortlists: bool,
     init: impl Fn() -> S + Sync + Send,
     score: impl Fn(&mut S, &BlockRows<'_>, BlockOut<'_>) + Sync + Send,
 ) -> Candidates {
@@ -224,19 +232,28 @@ pub(crate) fn for_each_row_block<S>(
         best_score: vec![0.0; n],
         second_score: vec![0.0; n],
         row_norm_sq: None,
+        shortlist: None,
     };
+    let mut lists = vec![super::Shortlist::default(); if shortlists { n } else { 0 }];
     // Under L2, finish needs each row's norm: known beforehand for checked rows, else computed
-    // here while the block is in cache.
+    // here as the block comes into cache.
     let mut norms = vec![0f64; n];
+    let list_parts: Vec<Option<&mut [super::Shortlist]>> = if shortlists {
+        lists.chunks_mut(row_block).map(Some).collect()
+    } else {
+        (0..n.div_ceil(row_block)).map(|_| None).collect()
+    };
     out.best
         .par_chunks_mut(row_block)
         .zip(out.best_score.par_chunks_mut(row_block))
         .zip(out.second_score.par_chunks_mut(row_block))
         .zip(norms.par_chunks_mut(row_block))
+        .zip(list_parts.into_par_iter())
         .enumerate()
         .for_each_init(
             || (init(), Vec::<f32>::new()),
-            |(scratch, xbuf), (block, (((best, best_score), second_score), block_norms))| {
+            |(scratch, xbuf),
+             (block, ((((best, best_score), second_score), block_norms), shortlist))| {
                 let r0 = block * row_block;
                 let len = best.len();
                 let copy = if cosine {
@@ -256,12 +273,6 @@ pub(crate) fn for_each_row_block<S>(
                     len,
                     copy,
                 };
-                let out = BlockOut {
-                    best,
-                    best_score,
-                    second_score,
-                };
-                score(scratch, &rows, out);
                 if !cosine {
                     for (i, o) in block_norms.iter_mut().enumerate() {
                         *o = x
@@ -269,10 +280,21 @@ pub(crate) fn for_each_row_block<S>(
                             .unwrap_or_else(|| super::norm_sq_f64(rows.row(i)));
                     }
                 }
+                let out = BlockOut {
+                    best,
+                    best_score,
+                    second_score,
+                    shortlist,
+                    norm_sq: block_norms,
+                };
+                score(scratch, &rows, out);
             },
         );
     if !cosine {
         out.row_norm_sq = Some(norms);
+    }
+    if shortlists {
+        out.shortlist = Some(lists);
     }
     out
 }

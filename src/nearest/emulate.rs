@@ -108,6 +108,7 @@ pub fn candidates(
         best_score: per_row.iter().map(|r| r.1).collect(),
         second_score: per_row.iter().map(|r| r.2).collect(),
         row_norm_sq: None,
+        shortlist: None,
     }
 }
 

@@ -316,29 +316,31 @@ pub fn search_with_precision(
     precision: Precision,
     candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
 ) -> Result<Assignment> {
-    Ok(search_rows(Rows::all(x), codebook, metric, precision, candidates, false)?.0)
+    Ok(search_rows(
+        Rows::all(x),
+        codebook,
+        metric,
+        precision.model(),
+        candidates,
+        false,
+    )?
+    .0)
 }
 
 /// [`search_with_precision`], with the [`LowerBounds`] when `bounds` asks for them.
+/// `model`: the rounding of the scores `candidates` computes.
 pub(crate) fn search_rows(
     x: Rows<'_>,
     codebook: MatRef<'_>,
     metric: Metric,
-    precision: Precision,
+    model: RoundingModel,
     candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
     bounds: bool,
 ) -> Result<(Assignment, Option<LowerBounds>)> {
     validate_rows(x, codebook)?;
     let prepared = Prepared::new(codebook, metric);
     let c = candidates(&prepared)?;
-    Ok(finish_rows(
-        x,
-        codebook,
-        &prepared,
-        precision.model(),
-        c,
-        bounds,
-    ))
+    Ok(finish_rows(x, codebook, &prepared, model, c, bounds))
 }
 
 /// The arithmetic the scores of `nearest` are computed in. Whatever the precision, the indices
@@ -396,6 +398,63 @@ pub struct Candidates {
     /// ||x||² of each raw row in f64, when the kernel computed it while the row was in cache
     /// (the CPU kernels, under L2); [`finish`] computes it otherwise.
     pub row_norm_sq: Option<Vec<f64>>,
+    /// Per row, when the kernel could list them: every code whose computed score is within
+    /// twice the rounding bound of the best, so a recheck measures only these instead of the
+    /// whole codebook (the CPU bf16 screen; None from the other kernels).
+    pub shortlist: Option<Vec<Shortlist>>,
+}
+
+/// The codes of one row that can be its nearest ([`Candidates::shortlist`]): a few codes by
+/// index, and whole lanes (lane l: every code k with k mod [`Shortlist::LANES`] = l, the codes
+/// one SIMD lane of a kernel scored, when it cannot tell which of them are close). Nothing
+/// listed (the default) means every code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shortlist {
+    codes: [u32; Shortlist::CAPACITY],
+    len: u8,
+    lanes: u32,
+}
+
+impl Shortlist {
+    /// Most codes listed by index (the entry is 32 bytes).
+    pub const CAPACITY: usize = 6;
+    /// Lanes of the lane mask.
+    pub const LANES: usize = 32;
+
+    /// Lists `code` (or, when the list is full, its whole lane).
+    pub fn push(&mut self, code: u32) {
+        if (self.len as usize) < Self::CAPACITY {
+            self.codes[self.len as usize] = code;
+            self.len += 1;
+        } else {
+            self.push_lane(code as usize % Self::LANES);
+        }
+    }
+
+    /// Lists every code of lane `lane`.
+    pub fn push_lane(&mut self, lane: usize) {
+        self.lanes |= 1 << lane;
+    }
+
+    /// Whether anything is listed (if not, every code can win).
+    pub fn is_listed(&self) -> bool {
+        self.len > 0 || self.lanes != 0
+    }
+
+    /// The listed codes among `k` codes: by index (outside the listed lanes), then the lanes'.
+    pub fn codes(&self, k: usize) -> impl ExactSizeIterator<Item = u32> + '_ {
+        let lanes = self.lanes;
+        let by_index = self.codes[..self.len as usize]
+            .iter()
+            .copied()
+            .filter(move |&c| lanes >> (c as usize % Self::LANES) & 1 == 0);
+        let in_lanes = (0..Self::LANES)
+            .filter(move |l| lanes >> l & 1 == 1)
+            .flat_map(move |l| (l..k).step_by(Self::LANES))
+            .map(|c| c as u32);
+        let all: Vec<u32> = by_index.chain(in_lanes).collect();
+        all.into_iter()
+    }
 }
 
 /// The rounding model behind the recheck bound.
@@ -475,6 +534,14 @@ impl RoundingModel {
     /// Operands rounded to bf16 (u = 2^-8), accumulated on tensor cores (u = 2^-22).
     pub const BF16: RoundingModel = RoundingModel {
         unit_roundoff: 1.0 / 4_194_304.0,
+        extra_terms: 8.0,
+        operand_roundoff: 1.0 / 256.0,
+    };
+    /// Operands rounded to bf16 (u = 2^-8), products exact and sums in IEEE f32 rounded to
+    /// nearest (the CPU's `vdpbf16ps`: at most one rounding per product added, in any grouping;
+    /// its flushing of subnormal operands and sums to zero is within η above).
+    pub const BF16_F32_SUMS: RoundingModel = RoundingModel {
+        unit_roundoff: 1.0 / 16_777_216.0,
         extra_terms: 8.0,
         operand_roundoff: 1.0 / 256.0,
     };
@@ -573,13 +640,14 @@ pub struct LowerBounds {
 }
 
 /// [`search_with_bounds`] for the rows of `x` that `rows` names, in that order (row t of the
-/// result is row `rows[t]` of `x`).
+/// result is row `rows[t]` of `x`); `model` is the rounding of the scores `candidates`
+/// computes.
 pub(crate) fn search_picked_with_bounds(
     x: &CheckedRows<'_>,
     rows: &[u32],
     codebook: MatRef<'_>,
     metric: Metric,
-    precision: Precision,
+    model: RoundingModel,
     candidates: impl FnOnce(Rows<'_>, &Prepared) -> Result<Candidates>,
 ) -> Result<(Assignment, LowerBounds)> {
     let picked = Rows::picked(x, rows)?;
@@ -587,7 +655,7 @@ pub(crate) fn search_picked_with_bounds(
         picked,
         codebook,
         metric,
-        precision,
+        model,
         |p| candidates(picked, p),
         true,
     )?;
@@ -602,7 +670,14 @@ pub fn search_with_bounds(
     precision: Precision,
     candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
 ) -> Result<(Assignment, LowerBounds)> {
-    let (a, bounds) = search_rows(Rows::all(x), codebook, metric, precision, candidates, true)?;
+    let (a, bounds) = search_rows(
+        Rows::all(x),
+        codebook,
+        metric,
+        precision.model(),
+        candidates,
+        true,
+    )?;
     Ok((a, bounds.expect("bounds asked for")))
 }
 
@@ -624,6 +699,7 @@ fn finish_rows(
         best_score,
         second_score,
         row_norm_sq,
+        shortlist,
     } = candidates;
     let n = x.len();
     // The computed best is kept only for the bounds (the recheck may overwrite `indices`).
@@ -656,7 +732,12 @@ fn finish_rows(
             // A NaN margin (a non-finite score) also takes the exact path.
             let margin = s - b;
             if margin.is_nan() || margin <= 2.0 * err {
-                let (k, d) = exact_row(xr, codebook, prepared.metric);
+                let (k, d) = match shortlist.as_ref().map(|s| &s[row]) {
+                    Some(s) if s.is_listed() => {
+                        exact_among(xr, codebook, s.codes(codebook.rows()), prepared.metric)
+                    }
+                    _ => exact_row(xr, codebook, prepared.metric),
+                };
                 *index = k;
                 *dist = d as f32;
                 1
@@ -712,15 +793,72 @@ fn finish_rows(
 /// Products of two f32 values are exact in f64, so the only rounding is in the sums (relative
 /// 1e-16·D): far below any gap an f32 input can express.
 pub fn exact_row(x: &[f32], codebook: MatRef<'_>, metric: Metric) -> (u32, f64) {
+    exact_among(x, codebook, 0..codebook.rows() as u32, metric)
+}
+
+/// [`exact_row`] over the codes `codes` names, in increasing order (a [`Shortlist`] that
+/// holds every code that can win gives [`exact_row`]'s answer, bit for bit).
+fn exact_among(
+    x: &[f32],
+    codebook: MatRef<'_>,
+    codes: impl ExactSizeIterator<Item = u32>,
+    metric: Metric,
+) -> (u32, f64) {
+    if metric == Metric::L2 {
+        if codes.len() <= Shortlist::CAPACITY {
+            let mut buf = [(0u32, 0f64); Shortlist::CAPACITY];
+            let lows = &mut buf[..codes.len()];
+            for (slot, k) in lows.iter_mut().zip(codes) {
+                slot.0 = k;
+            }
+            return exact_l2_among(x, codebook, lows);
+        }
+        let mut lows: Vec<(u32, f64)> = codes.map(|k| (k, 0.0)).collect();
+        return exact_l2_among(x, codebook, &mut lows);
+    }
     let mut best = (0u32, f64::INFINITY);
     let x_inv = x_inverse_norm(x, metric);
-    for k in 0..codebook.rows() {
-        let d = distance_with(x, x_inv, codebook.row(k), metric);
+    for k in codes {
+        let d = distance_with(x, x_inv, codebook.row(k as usize), metric);
         if d < best.1 {
-            best = (k as u32, d);
+            best = (k, d);
         }
     }
     (best.0, best.1.max(0.0))
+}
+
+/// [`exact_among`] under L2 for the codes in `lows` (their second fields are scratch). Each
+/// code is first measured in f32 ([`l2_sq_lower_f32`], a lower bound on the f64 distance),
+/// and only those whose bound does not exceed the f64 distance of the lowest are measured in
+/// f64: the same winner, at a fraction of the cost when rows are rechecked by the thousand
+/// (k-means' bf16 screen).
+fn exact_l2_among(x: &[f32], codebook: MatRef<'_>, lows: &mut [(u32, f64)]) -> (u32, f64) {
+    if lows.is_empty() {
+        return (0, 0.0);
+    }
+    let (mut first, mut first_low) = (0, f64::INFINITY);
+    for (t, slot) in lows.iter_mut().enumerate() {
+        let l = l2_sq_lower_f32(x, codebook.row(slot.0 as usize));
+        // An f32 sum that overflowed bounds nothing: such a code is always measured.
+        slot.1 = if l.is_finite() { l } else { 0.0 };
+        if slot.1 < first_low {
+            (first, first_low) = (t, slot.1);
+        }
+    }
+    let k0 = lows[first].0;
+    let mut best = (l2_sq_f64(x, codebook.row(k0 as usize)), k0);
+    // A hair of room over the bound's own.
+    let open = best.0 * (1.0 + 1e-12);
+    for &(k, l) in lows.iter() {
+        if k == k0 || l > open {
+            continue;
+        }
+        let d = l2_sq_f64(x, codebook.row(k as usize));
+        if (d, k) < best {
+            best = (d, k);
+        }
+    }
+    (best.1, best.0.max(0.0))
 }
 
 /// The distance [`exact_row`] computes between `x` and one code, clamped at 0.

@@ -225,6 +225,7 @@ impl<G: Gpu> GpuBackend<G> {
             best_score: g.download("best scores", &out.best_score)?,
             second_score: g.download("runner-up scores", &out.second_score)?,
             row_norm_sq: None,
+            shortlist: None,
         })
     }
 }
