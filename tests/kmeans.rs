@@ -520,13 +520,12 @@ fn ranks_whose_codebooks_differ_are_stopped() {
 /// The bounds search picked rows in place (`nearest_rows_with_bounds`): the same assignment
 /// and bounds, bit for bit, as a search of the same rows copied into a matrix, on both CPU
 /// kernels, rows in any order and repeated; bad picks and bad picked rows are typed errors.
-/// With the bf16 screen (which only the picked search has) the indices are still the same
-/// (tests/screen.rs checks its bounds).
+/// The search the bounds make (`nearest_rows_for_bounds`, with the CPU's bf16 screen where it
+/// runs) gives the same indices (tests/screen.rs checks its bounds).
 #[test]
 fn picked_rows_search_equals_the_copied_rows_search() {
     for kernel in [CpuKernel::Auto, CpuKernel::Portable] {
-        let backend = CpuBackend::with_kernel(kernel).with_bf16_screen(false);
-        let screened = CpuBackend::with_kernel(kernel);
+        let backend = CpuBackend::with_kernel(kernel);
         for seed in SEEDS {
             let mut r = rng(seed);
             for (n, d, k) in [(1, 3, 1), (300, 17, 95), (700, 64, 40)] {
@@ -553,10 +552,10 @@ fn picked_rows_search_equals_the_copied_rows_search() {
                     devices::assert_bits(&a.distances, &b.distances, &format!("{ctx}: distances"));
                     assert_eq!(lb.winner, lb2.winner, "{ctx}: winner bounds");
                     assert_eq!(lb.others, lb2.others, "{ctx}: runner-up bounds");
-                    let (s, _) = screened
-                        .nearest_rows_with_bounds(&checked, &pick, c.as_ref(), metric)
+                    let (s, _) = backend
+                        .nearest_rows_for_bounds(&checked, &pick, c.as_ref(), metric)
                         .unwrap();
-                    assert_eq!(s.indices, b.indices, "{ctx}: indices with the bf16 screen");
+                    assert_eq!(s, b.indices, "{ctx}: indices of the search for bounds");
                 }
             }
         }

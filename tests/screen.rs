@@ -30,35 +30,50 @@ fn note_if_unscreened(test: &str) {
     }
 }
 
-/// Searches `rows` of `x` with and without the screen; both must give the reference's
-/// indices (the first of equal f64 distances), and every lower bound must hold.
+/// Searches `rows` of `x` for k-means' bounds with and without the screen, and with the full
+/// search (which has distances too); all must give the reference's indices (the first of equal
+/// f64 distances), and every lower bound must hold.
 fn check(x: MatRef<'_>, c: MatRef<'_>, rows: &[u32], context: &str) {
     let checked = CheckedRows::new(x).unwrap();
     let want = reference::nearest(x, c, Metric::L2);
     let all = reference::distances(x, c, Metric::L2);
     let norm_sq = |v: &[f32]| v.iter().map(|&a| a as f64 * a as f64).sum::<f64>();
     let c_max_sq = (0..c.rows()).map(|k| norm_sq(c.row(k))).fold(0.0, f64::max);
-    for (name, b) in [("screened", screened()), ("f32", plain())] {
-        let (a, lb) = b
-            .nearest_rows_with_bounds(&checked, rows, c, Metric::L2)
-            .unwrap();
-        assert_eq!(a.indices.len(), rows.len(), "{context} {name}: rows");
+    let (full, full_lb) = plain()
+        .nearest_rows_with_bounds(&checked, rows, c, Metric::L2)
+        .unwrap();
+    for (t, &i) in rows.iter().enumerate() {
+        // The f32 search's distance is ||x||² + its score: off by the scores' rounding.
+        let (gd, wd) = (full.distances[t] as f64, want[i as usize].1);
+        let tol = 1e-5 * (wd + norm_sq(x.row(i as usize)) + c_max_sq) + 1e-30;
+        assert!(
+            (gd - wd).abs() <= tol,
+            "{context} full: row {i}: distance {gd:e} but the reference says {wd:e}"
+        );
+    }
+    let searches = [
+        (
+            "screened",
+            screened().nearest_rows_for_bounds(&checked, rows, c, Metric::L2),
+        ),
+        (
+            "f32",
+            plain().nearest_rows_for_bounds(&checked, rows, c, Metric::L2),
+        ),
+        ("full", Ok((full.indices, full_lb))),
+    ];
+    for (name, result) in searches {
+        let (indices, lb) = result.unwrap();
+        assert_eq!(indices.len(), rows.len(), "{context} {name}: rows");
         for (t, &i) in rows.iter().enumerate() {
             let i = i as usize;
             let (wi, wd) = want[i];
-            let gi = a.indices[t];
+            let gi = indices[t];
             // The reference keeps the first of equal f64 distances, as the search must.
             assert_eq!(
                 gi, wi,
                 "{context} {name}: row {i}: index {gi} (f64 {:e}) but the reference says {wi} (f64 {wd:e})",
                 all[i][gi as usize]
-            );
-            // The f32 search's distance is ||x||² + its score: off by the scores' rounding.
-            let gd = a.distances[t] as f64;
-            let tol = 1e-5 * (wd + norm_sq(x.row(i)) + c_max_sq) + 1e-30;
-            assert!(
-                (gd - wd).abs() <= tol,
-                "{context} {name}: row {i}: distance {gd:e} but the reference says {wd:e}"
             );
             assert!(
                 lb.winner[t] <= wd,

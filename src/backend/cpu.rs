@@ -48,7 +48,7 @@ impl CpuBackend {
             ..CpuBackend::default()
         }
     }
-    /// Whether k-means' bounded searches ([`Backend::nearest_rows_with_bounds`]) may score in
+    /// Whether k-means' bounded searches ([`Backend::nearest_rows_for_bounds`]) may score in
     /// bf16 first, on CPUs with AVX512_BF16 and under the AVX-512 kernel (on by default). The
     /// indices are the exact search's either way (`nearest::avx512::screen_bf16`); only the
     /// lower bounds are looser.
@@ -123,21 +123,6 @@ impl Backend for CpuBackend {
         codebook: MatRef<'_>,
         metric: Metric,
     ) -> Result<(Assignment, LowerBounds)> {
-        #[cfg(target_arch = "x86_64")]
-        if self.screens()
-            && metric == Metric::L2
-            && x.max_abs() <= SCREEN_MAX_ABS
-            && codebook.data().iter().all(|v| v.abs() <= SCREEN_MAX_ABS)
-        {
-            return nearest::search_picked_with_bounds(
-                x,
-                rows,
-                codebook,
-                metric,
-                nearest::RoundingModel::BF16_F32_SUMS,
-                |picked, prepared| Ok(nearest::avx512::screen_bf16(picked, codebook, prepared)),
-            );
-        }
         nearest::search_picked_with_bounds(
             x,
             rows,
@@ -153,6 +138,31 @@ impl Backend for CpuBackend {
                 ))
             },
         )
+    }
+    fn nearest_rows_for_bounds(
+        &self,
+        x: &nearest::CheckedRows<'_>,
+        rows: &[u32],
+        codebook: MatRef<'_>,
+        metric: Metric,
+    ) -> Result<(Vec<u32>, LowerBounds)> {
+        #[cfg(target_arch = "x86_64")]
+        if self.screens()
+            && metric == Metric::L2
+            && x.max_abs() <= SCREEN_MAX_ABS
+            && codebook.data().iter().all(|v| v.abs() <= SCREEN_MAX_ABS)
+        {
+            return nearest::search_picked_for_bounds(
+                x,
+                rows,
+                codebook,
+                metric,
+                nearest::RoundingModel::BF16_F32_SUMS,
+                |picked, prepared| Ok(nearest::avx512::screen_bf16(picked, codebook, prepared)),
+            );
+        }
+        let (a, bounds) = self.nearest_rows_with_bounds(x, rows, codebook, metric)?;
+        Ok((a.indices, bounds))
     }
     fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix> {
         gather::validate(codebook, indices)?;

@@ -65,6 +65,20 @@ pub trait Backend: Send + Sync {
         let sub = crate::gather::cpu(x.rows(), rows);
         self.nearest_with_bounds(sub.as_ref(), codebook, metric)
     }
+    /// What the exact k-means bounds need of [`Backend::nearest_rows_with_bounds`]: the
+    /// winners (the exact search's, as ever) and the [`LowerBounds`], without the distances. A
+    /// backend may score these searches at a lower precision and recheck close rows exactly
+    /// (the CPU's bf16 screen); the bounds are then looser. By default: the full search.
+    fn nearest_rows_for_bounds(
+        &self,
+        x: &CheckedRows<'_>,
+        rows: &[u32],
+        codebook: MatRef<'_>,
+        metric: Metric,
+    ) -> Result<(Vec<u32>, LowerBounds)> {
+        let (a, bounds) = self.nearest_rows_with_bounds(x, rows, codebook, metric)?;
+        Ok((a.indices, bounds))
+    }
     /// Codebook rows named by `indices`, as an N×D matrix.
     fn gather(&self, codebook: MatRef<'_>, indices: &[u32]) -> Result<Matrix>;
     /// Per-code sums and counts of the rows of `x` assigned by `indices` (SPEC §4).

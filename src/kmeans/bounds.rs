@@ -387,7 +387,7 @@ impl Bounds {
                 group_codes.extend_from_slice(codes.row(j as usize));
             }
             let group_codes = Matrix::new(group_codes, members.len(), d)?;
-            let (a, lb) = backend.nearest_rows_with_bounds(
+            let (winners, lb) = backend.nearest_rows_for_bounds(
                 checked,
                 &rows,
                 group_codes.as_ref(),
@@ -408,7 +408,7 @@ impl Bounds {
                         // No code of the group comes near the best so far.
                         return Outcome::Bound(down(lb.winner[t].sqrt() * (1.0 - MARGIN)));
                     }
-                    let b = members[a.indices[t] as usize];
+                    let b = members[winners[t] as usize];
                     let others = down(lb.others[t].sqrt() * (1.0 - MARGIN));
                     if b == idx_now[i] {
                         // The row's own code wins its group: nothing to measure.

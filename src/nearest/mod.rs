@@ -340,7 +340,26 @@ pub(crate) fn search_rows(
     validate_rows(x, codebook)?;
     let prepared = Prepared::new(codebook, metric);
     let c = candidates(&prepared)?;
-    Ok(finish_rows(x, codebook, &prepared, model, c, bounds))
+    Ok(finish_rows(x, codebook, &prepared, model, c, bounds, true))
+}
+
+/// What k-means' bounds need of a search of the rows of `x` that `rows` names: the winners
+/// and the [`LowerBounds`], not the distances ([`finish_rows`]); `model` is the rounding of the
+/// scores `candidates` computes.
+pub(crate) fn search_picked_for_bounds(
+    x: &CheckedRows<'_>,
+    rows: &[u32],
+    codebook: MatRef<'_>,
+    metric: Metric,
+    model: RoundingModel,
+    candidates: impl FnOnce(Rows<'_>, &Prepared) -> Result<Candidates>,
+) -> Result<(Vec<u32>, LowerBounds)> {
+    let picked = Rows::picked(x, rows)?;
+    validate_rows(picked, codebook)?;
+    let prepared = Prepared::new(codebook, metric);
+    let c = candidates(picked, &prepared)?;
+    let (a, bounds) = finish_rows(picked, codebook, &prepared, model, c, true, false);
+    Ok((a.indices, bounds.expect("bounds asked for")))
 }
 
 /// The arithmetic the scores of `nearest` are computed in. Whatever the precision, the indices
@@ -625,7 +644,16 @@ pub fn finish(
     model: RoundingModel,
     candidates: Candidates,
 ) -> Assignment {
-    finish_rows(Rows::all(x), codebook, prepared, model, candidates, false).0
+    finish_rows(
+        Rows::all(x),
+        codebook,
+        prepared,
+        model,
+        candidates,
+        false,
+        true,
+    )
+    .0
 }
 
 /// Lower bounds a search leaves per row, for pruning later searches (the exact k-means bounds,
@@ -685,6 +713,10 @@ pub fn search_with_bounds(
 /// its exact value, the winner's exact score is at least the smallest computed score, and every
 /// code but the computed best scored at least the runner-up (when the recheck moved the winner
 /// off the computed best, that best is among the others).
+///
+/// Without `distances` the winners' distances are left at 0 where they would cost a
+/// computation of their own (the low-precision models' winners; k-means' bounds do not read
+/// them).
 fn finish_rows(
     x: Rows<'_>,
     codebook: MatRef<'_>,
@@ -692,6 +724,7 @@ fn finish_rows(
     model: RoundingModel,
     candidates: Candidates,
     bounds: bool,
+    distances_wanted: bool,
 ) -> (Assignment, Option<LowerBounds>) {
     use rayon::prelude::*;
     let Candidates {
@@ -741,6 +774,8 @@ fn finish_rows(
                 *index = k;
                 *dist = d as f32;
                 1
+            } else if model.operand_roundoff > 0.0 && !distances_wanted {
+                0
             } else if model.operand_roundoff > 0.0 {
                 // Low-precision scores locate the winner but carry the operands' rounding
                 // (relative 2^-8 for bf16): the reported distance is recomputed exactly for
