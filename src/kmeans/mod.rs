@@ -295,7 +295,17 @@ pub fn fit(
         Some(s) => Shard::new(s.rows.as_ref(), s.first, s.total)?,
         None => shard,
     };
-    let (mut codes, seeding) = seed(backend, comm, &first_stage, k, &config.seeding, config.seed)?;
+    // The checked rows are the shard's own only under L2 and without a sample stage.
+    let seed_checked = (config.metric == Metric::L2 && sample.is_none()).then_some(&checked);
+    let (mut codes, seeding) = seed(
+        backend,
+        comm,
+        &first_stage,
+        seed_checked,
+        k,
+        &config.seeding,
+        config.seed,
+    )?;
     // A resumed fit's codes are already the unit vectors the passes left: normalising them
     // again could move their last bits.
     if config.metric == Metric::Cosine && config.resume.is_none() {

@@ -14,8 +14,8 @@ use crate::backend::Backend;
 use crate::collective::Collective;
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, Matrix};
-use crate::nearest::Metric;
 use crate::nearest::l2_sq_f32;
+use crate::nearest::{CheckedRows, Metric};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -65,10 +65,14 @@ pub struct SeedReport {
 
 /// K codes for the rows of `shard` (all ranks get the same codes). `metric` only says whether
 /// the rows are already unit vectors (cosine); distances are L2 either way.
+///
+/// `checked`: the shard's rows already checked, when the caller has them (k-means|| searches
+/// them; checked here otherwise).
 pub fn seed(
     backend: &dyn Backend,
     comm: &dyn Collective,
     shard: &Shard<'_>,
+    checked: Option<&CheckedRows<'_>>,
     k: usize,
     seeding: &Seeding,
     seed: u64,
@@ -105,6 +109,7 @@ pub fn seed(
                 backend,
                 comm,
                 shard,
+                checked,
                 k,
                 rounds,
                 oversampling,
@@ -129,6 +134,7 @@ fn parallel(
     backend: &dyn Backend,
     comm: &dyn Collective,
     shard: &Shard<'_>,
+    checked: Option<&CheckedRows<'_>>,
     k: usize,
     rounds: usize,
     oversampling: f64,
@@ -144,14 +150,35 @@ fn parallel(
     let mut owner = vec![0u32; n];
     let mut distances = 0u64;
     let ell = oversampling * k as f64;
+    // A rank may hold no rows: it searches nothing.
+    let own;
+    let checked = match checked {
+        Some(c) => Some(c),
+        None if n > 0 => {
+            own = CheckedRows::new(x)?;
+            Some(&own)
+        }
+        None => None,
+    };
+    let every: Vec<u32> = (0..n as u32).collect();
     for round in 0..=rounds {
-        // Fold the latest round's candidates into each row's nearest candidate so far.
+        // Fold the latest round's candidates into each row's nearest candidate so far. The
+        // search is the one k-means' bounds make (the exact nearest; screened in bf16 where
+        // the CPU can), and each row's distance to its winner is then measured here by one
+        // fixed f32 computation: the same bits whatever the backend, so are the draws.
         let fresh = MatRef::new(&cands[newest * d..], cands.len() / d - newest, d)?;
-        if n > 0 {
-            let a = backend.nearest(x, fresh, Metric::L2)?;
-            for (i, (&j, &v)) in a.indices.iter().zip(&a.distances).enumerate() {
-                if (v as f64) < d2[i] {
-                    d2[i] = v as f64;
+        if let Some(checked) = checked {
+            let (winners, _) =
+                backend.nearest_rows_for_bounds(checked, &every, fresh, Metric::L2)?;
+            let found: Vec<f64> = winners
+                .par_iter()
+                .enumerate()
+                .with_min_len(1024)
+                .map(|(i, &j)| l2_sq_f32(x.row(i), fresh.row(j as usize)) as f64)
+                .collect();
+            for (i, (&j, &v)) in winners.iter().zip(&found).enumerate() {
+                if v < d2[i] {
+                    d2[i] = v;
                     owner[i] = (newest + j as usize) as u32;
                 }
             }
