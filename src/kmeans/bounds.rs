@@ -1,5 +1,7 @@
 //! Exact pruning for Lloyd's passes: grouped lower bounds (Ding et al., "Yinyang K-means",
-//! ICML 2015), searched a group at a time with the backend's blocked `nearest`.
+//! ICML 2015), searched a group at a time with the backend's blocked search for bounds
+//! (`Backend::nearest_rows_for_bounds`: exact winners; on CPUs with AVX512_BF16 scored in bf16
+//! first and rechecked where close, so its lower bounds are looser by the bf16 rounding).
 //!
 //! The codes are split once into G groups (k-means of the initial codes). Each row keeps, per
 //! group, a lower bound on its distance to every code of the group other than its own code.

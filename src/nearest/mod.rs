@@ -227,7 +227,7 @@ impl<'a> Rows<'a> {
 /// f64: what repeated searches of subsets of the same rows share, so that no search re-checks
 /// the rows or re-reads them for their norms. The exact k-means bounds search a different
 /// subset of the rows against each group of codes every pass
-/// ([`crate::backend::Backend::nearest_rows_with_bounds`]).
+/// ([`crate::backend::Backend::nearest_rows_for_bounds`]).
 ///
 /// ```
 /// use vqx::nearest::CheckedRows;
