@@ -448,3 +448,137 @@ unsafe fn fold(acc: &[__m512; 2 * MR], norms: &[f32], base: u32, states: &mut [L
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nearest::{Metric, exact_distance, exact_row, finish_rows};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// [`screen_bf16`] without AVX512_BF16: the same lane states (code k in lane k mod 32),
+    /// from operands rounded to bf16 and products summed in f32 one at a time (an order the
+    /// rounding model covers), so the shortlists and their recheck run on every CPU.
+    fn screen_scalar(x: MatRef<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
+        let bf = |v: f32| f32::from_bits((to_bf16(v) as u32) << 16);
+        let (n, d, k) = (x.rows(), x.cols(), codebook.rows());
+        let cb: Vec<f32> = codebook.data().iter().map(|&v| bf(v)).collect();
+        let mut out = Candidates {
+            best: vec![0; n],
+            best_score: vec![0.0; n],
+            second_score: vec![0.0; n],
+            row_norm_sq: None,
+            shortlist: Some(vec![Shortlist::default(); n]),
+        };
+        for r in 0..n {
+            let xr: Vec<f32> = x.row(r).iter().map(|&v| bf(v)).collect();
+            let mut st = LaneState::START;
+            for j in 0..k {
+                let dot = (0..d).fold(0f32, |acc, t| acc + xr[t] * cb[j * d + t]);
+                let s = (-2f32).mul_add(dot, prepared.norms()[j]);
+                let l = j % NR;
+                if s < st.best[l] {
+                    (st.second[l], st.best[l], st.index[l]) = (st.best[l], s, j as u32);
+                } else {
+                    st.second[l] = st.second[l].min(s);
+                }
+            }
+            let (i, b, sc) = st.reduce();
+            (out.best[r], out.best_score[r], out.second_score[r]) = (i, b, sc);
+            let x_norm = crate::nearest::norm_sq_f64(x.row(r)).sqrt();
+            let err = prepared.score_error(x_norm, RoundingModel::BF16_F32_SUMS);
+            out.shortlist.as_mut().unwrap()[r] =
+                shortlist(&st, b as f64 + 2.0 * err * (1.0 + 1e-9));
+        }
+        out
+    }
+
+    /// Codes crowded around a few centres (copies within 1e-3, some exact duplicates) and
+    /// rows near the centres: many rows fall inside the bf16 bound, with shortlists by index
+    /// and whole lanes.
+    fn crowded(seed: u64, k: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut r = ChaCha8Rng::seed_from_u64(seed);
+        let centres = 5;
+        let base: Vec<f32> = (0..centres * d).map(|_| r.gen_range(-1.0..1.0)).collect();
+        let mut c = Vec::with_capacity(k * d);
+        for j in 0..k {
+            let at = (j % centres) * d;
+            if j >= centres && j % 4 == 0 {
+                let prev = c[(j - centres) * d..(j - centres + 1) * d].to_vec();
+                c.extend(prev);
+            } else {
+                c.extend(
+                    base[at..at + d]
+                        .iter()
+                        .map(|&v| v + r.gen_range(-1e-3f32..1e-3)),
+                );
+            }
+        }
+        let x = (0..150 * d)
+            .map(|i| base[(i / d % centres) * d + i % d] + r.gen_range(-0.05f32..0.05))
+            .collect();
+        (x, c)
+    }
+
+    /// The shortlist recheck gives `exact_row`'s winner on every row, its bounds hold against
+    /// every code, and the test reaches both kinds of list (else it would prove nothing).
+    #[test]
+    fn shortlists_recheck_to_the_exact_winner() {
+        let (mut by_index, mut by_lane) = (0, 0);
+        for seed in 0..4u64 {
+            for (k, d) in [(40usize, 16usize), (100, 33), (300, 8)] {
+                let (x, c) = crowded(seed, k, d);
+                let (x, c) = (
+                    MatRef::new(&x, x.len() / d, d).unwrap(),
+                    MatRef::new(&c, k, d).unwrap(),
+                );
+                let prepared = Prepared::new(c, Metric::L2);
+                let cands = screen_scalar(x, c, &prepared);
+                let lists = cands.shortlist.clone().unwrap();
+                for (r, s) in lists.iter().enumerate() {
+                    let margin = (cands.second_score[r] - cands.best_score[r]) as f64;
+                    let x_norm = crate::nearest::norm_sq_f64(x.row(r)).sqrt();
+                    if margin <= 2.0 * prepared.score_error(x_norm, RoundingModel::BF16_F32_SUMS) {
+                        by_index += usize::from(s.len > 0);
+                        by_lane += usize::from(s.lanes != 0);
+                    }
+                }
+                let model = RoundingModel::BF16_F32_SUMS;
+                let (a, lb) = finish_rows(
+                    super::super::Rows::all(x),
+                    c,
+                    &prepared,
+                    model,
+                    cands,
+                    true,
+                    true,
+                );
+                let lb = lb.unwrap();
+                for r in 0..x.rows() {
+                    let (want, wd) = exact_row(x.row(r), c, Metric::L2);
+                    let ctx = format!("seed {seed} K {k} D {d} row {r}");
+                    assert_eq!(a.indices[r], want, "{ctx}: index (exact distance {wd:e})");
+                    assert!(
+                        lb.winner[r] <= wd,
+                        "{ctx}: winner bound {} > {wd}",
+                        lb.winner[r]
+                    );
+                    for j in 0..k {
+                        let dj = exact_distance(x.row(r), c.row(j), Metric::L2);
+                        if j as u32 != want {
+                            assert!(
+                                lb.others[r] <= dj,
+                                "{ctx}: others bound {} > code {j}'s {dj}",
+                                lb.others[r]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            by_index > 0 && by_lane > 0,
+            "lists by index {by_index}, by lane {by_lane}"
+        );
+    }
+}

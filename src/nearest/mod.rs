@@ -427,6 +427,20 @@ pub struct Candidates {
 /// index, and whole lanes (lane l: every code k with k mod [`Shortlist::LANES`] = l, the codes
 /// one SIMD lane of a kernel scored, when it cannot tell which of them are close). Nothing
 /// listed (the default) means every code.
+///
+/// ```
+/// use vqx::nearest::Shortlist;
+/// let mut s = Shortlist::default();
+/// assert!(!s.is_listed());
+/// s.push(70);
+/// s.push_lane(3); // codes 3, 35, 67, 99 of 100
+/// assert_eq!(s.codes(100), [70, 3, 35, 67, 99]);
+/// for c in [1, 2, 4, 5, 6] {
+///     s.push(c); // six codes by index: the list is full
+/// }
+/// s.push(7); // so code 7 brings its whole lane (7, 39, 71)
+/// assert_eq!(s.codes(100), [70, 1, 2, 4, 5, 6, 3, 35, 67, 99, 7, 39, 71]);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Shortlist {
     codes: [u32; Shortlist::CAPACITY],
@@ -460,19 +474,19 @@ impl Shortlist {
         self.len > 0 || self.lanes != 0
     }
 
-    /// The listed codes among `k` codes: by index (outside the listed lanes), then the lanes'.
-    pub fn codes(&self, k: usize) -> impl ExactSizeIterator<Item = u32> + '_ {
+    /// The listed codes among `k` codes, each once: by index (outside the listed lanes), then
+    /// the lanes' in lane order.
+    pub fn codes(&self, k: usize) -> Vec<u32> {
         let lanes = self.lanes;
         let by_index = self.codes[..self.len as usize]
             .iter()
             .copied()
-            .filter(move |&c| lanes >> (c as usize % Self::LANES) & 1 == 0);
+            .filter(|&c| lanes >> (c as usize % Self::LANES) & 1 == 0);
         let in_lanes = (0..Self::LANES)
-            .filter(move |l| lanes >> l & 1 == 1)
-            .flat_map(move |l| (l..k).step_by(Self::LANES))
+            .filter(|l| lanes >> l & 1 == 1)
+            .flat_map(|l| (l..k).step_by(Self::LANES))
             .map(|c| c as u32);
-        let all: Vec<u32> = by_index.chain(in_lanes).collect();
-        all.into_iter()
+        by_index.chain(in_lanes).collect()
     }
 }
 
@@ -717,7 +731,7 @@ pub fn search_with_bounds(
 /// Without `distances` the winners' distances are left at 0 where they would cost a
 /// computation of their own (the low-precision models' winners; k-means' bounds do not read
 /// them).
-fn finish_rows(
+pub(crate) fn finish_rows(
     x: Rows<'_>,
     codebook: MatRef<'_>,
     prepared: &Prepared,
@@ -767,7 +781,8 @@ fn finish_rows(
             if margin.is_nan() || margin <= 2.0 * err {
                 let (k, d) = match shortlist.as_ref().map(|s| &s[row]) {
                     Some(s) if s.is_listed() => {
-                        exact_among(xr, codebook, s.codes(codebook.rows()), prepared.metric)
+                        let listed = s.codes(codebook.rows());
+                        exact_among(xr, codebook, listed.into_iter(), prepared.metric)
                     }
                     _ => exact_row(xr, codebook, prepared.metric),
                 };
