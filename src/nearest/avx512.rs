@@ -298,9 +298,13 @@ pub(crate) fn screen_bf16(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared
             reduce_into(states, &mut out);
             let lists = out.shortlist.as_deref_mut().expect("asked for shortlists");
             for (r, st) in states.iter().enumerate() {
-                // finish's own bound (same norm, same model), with a hair of room.
+                // finish's own bound (same norm, same model), with a hair of room; a row whose
+                // runner-up is outside it is not rechecked and needs no list.
                 let err = prepared.score_error(out.norm_sq[r].sqrt(), RoundingModel::BF16_F32_SUMS);
-                lists[r] = shortlist(st, out.best_score[r] as f64 + 2.0 * err * (1.0 + 1e-9));
+                let limit = out.best_score[r] as f64 + 2.0 * err * (1.0 + 1e-9);
+                if !(out.second_score[r] as f64 > limit) {
+                    lists[r] = shortlist(st, limit);
+                }
             }
         },
     )
