@@ -179,11 +179,63 @@ fn walk<T>(
 /// Each row's lanes reduced into its (best, best score, runner-up score).
 fn reduce_into(states: &[LaneState], out: &mut super::cpu::BlockOut<'_>) {
     for (r, s) in states.iter().enumerate() {
-        let (i, b, sc) = s.reduce();
+        // SAFETY: the kernels that fill lane states run only where AVX-512F is (`available`).
+        let (i, b, sc) = unsafe { reduce_avx512(s) };
         out.best[r] = i;
         out.best_score[r] = b;
         out.second_score[r] = sc;
     }
+}
+
+/// [`LaneState::reduce`] in two zmm per field: the same answer (the smallest (score, index),
+/// then the smallest other score) where no score is NaN, which the callers' bounds on the
+/// inputs rule out; with a NaN it defers to the scalar one.
+#[target_feature(enable = "avx512f")]
+unsafe fn reduce_avx512(st: &LaneState) -> (u32, f32, f32) {
+    // SAFETY: each field is an array of 32 lanes: two loads of 16 at offsets 0 and 16.
+    let (b0, b1, i0, i1) = unsafe {
+        (
+            _mm512_loadu_ps(st.best.as_ptr()),
+            _mm512_loadu_ps(st.best.as_ptr().add(16)),
+            _mm512_loadu_si512(st.index.as_ptr() as *const _),
+            _mm512_loadu_si512(st.index.as_ptr().add(16) as *const _),
+        )
+    };
+    let nan =
+        _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(b0, b0) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(b1, b1);
+    if nan != 0 || st.second.iter().any(|v| v.is_nan()) {
+        return st.reduce();
+    }
+    let m = _mm512_reduce_min_ps(_mm512_min_ps(b0, b1));
+    let mv = _mm512_set1_ps(m);
+    let (e0, e1) = (
+        _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(b0, mv),
+        _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(b1, mv),
+    );
+    // Among the lanes holding the smallest score, the smallest code index.
+    let big = _mm512_set1_epi32(-1);
+    let w = _mm512_reduce_min_epu32(_mm512_min_epu32(
+        _mm512_mask_mov_epi32(big, e0, i0),
+        _mm512_mask_mov_epi32(big, e1, i1),
+    )) as u32;
+    let wv = _mm512_set1_epi32(w as i32);
+    let (w0, w1) = (
+        e0 & _mm512_cmpeq_epi32_mask(i0, wv),
+        e1 & _mm512_cmpeq_epi32_mask(i1, wv),
+    );
+    let lane = if w0 != 0 {
+        w0.trailing_zeros()
+    } else {
+        16 + w1.trailing_zeros()
+    } as usize;
+    // The runner-up: the winner lane's own, or another lane's best.
+    let inf = _mm512_set1_ps(f32::INFINITY);
+    let others = _mm512_reduce_min_ps(_mm512_min_ps(
+        _mm512_mask_mov_ps(b0, w0, inf),
+        _mm512_mask_mov_ps(b1, w1, inf),
+    ));
+    // The winner's own score (not `m`: a min may pick either sign of a zero).
+    (w, st.best[lane], st.second[lane].min(others))
 }
 
 /// Whether this CPU can run the bf16 screen ([`screen_bf16`]).
@@ -302,7 +354,8 @@ pub(crate) fn screen_bf16(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared
                 // runner-up is outside it is not rechecked and needs no list.
                 let err = prepared.score_error(out.norm_sq[r].sqrt(), RoundingModel::BF16_F32_SUMS);
                 let limit = out.best_score[r] as f64 + 2.0 * err * (1.0 + 1e-9);
-                if !(out.second_score[r] as f64 > limit) {
+                let second = out.second_score[r] as f64;
+                if second <= limit || second.is_nan() {
                     lists[r] = shortlist(st, limit);
                 }
             }
@@ -495,6 +548,40 @@ mod tests {
                 shortlist(&st, b as f64 + 2.0 * err * (1.0 + 1e-9));
         }
         out
+    }
+
+    /// The vector lane reduction gives the scalar one's answer, bit for bit: random states,
+    /// ties across lanes (the smaller code wins), unused lanes (+inf, index 0), zeros of
+    /// both signs, and a NaN (deferred to the scalar one).
+    #[test]
+    fn vector_reduce_equals_the_scalar_one() {
+        if !available() {
+            return;
+        }
+        let mut r = ChaCha8Rng::seed_from_u64(11);
+        for case in 0..2000 {
+            let mut st = LaneState::START;
+            let used = 1 + case % NR;
+            for l in 0..used {
+                // Few distinct values, so ties across lanes are common.
+                let b =
+                    [0.0f32, -0.0, 1.0, 2.5, -3.0][r.gen_range(0..5)] + r.gen_range(0..3) as f32;
+                st.best[l] = b;
+                st.second[l] = b + r.gen_range(0..4) as f32;
+                st.index[l] = (r.gen_range(0..50) * NR + l) as u32;
+            }
+            if case % 97 == 0 {
+                st.second[r.gen_range(0..used)] = f32::NAN;
+            }
+            let want = st.reduce();
+            // SAFETY: available() was checked above.
+            let got = unsafe { reduce_avx512(&st) };
+            assert_eq!(
+                (got.0, got.1.to_bits(), got.2.to_bits()),
+                (want.0, want.1.to_bits(), want.2.to_bits()),
+                "case {case}: {got:?} against {want:?}"
+            );
+        }
     }
 
     /// Codes crowded around a few centres (copies within 1e-3, some exact duplicates) and
