@@ -337,10 +337,26 @@ pub(crate) fn search_rows(
     candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
     bounds: bool,
 ) -> Result<(Assignment, Option<LowerBounds>)> {
+    search_rows_for(x, codebook, metric, model, candidates, bounds, true)
+}
+
+/// [`search_rows`]; without `distances` the winners' distances may be left at 0
+/// ([`finish_rows`]).
+fn search_rows_for(
+    x: Rows<'_>,
+    codebook: MatRef<'_>,
+    metric: Metric,
+    model: RoundingModel,
+    candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
+    bounds: bool,
+    distances: bool,
+) -> Result<(Assignment, Option<LowerBounds>)> {
     validate_rows(x, codebook)?;
     let prepared = Prepared::new(codebook, metric);
     let c = candidates(&prepared)?;
-    Ok(finish_rows(x, codebook, &prepared, model, c, bounds, true))
+    Ok(finish_rows(
+        x, codebook, &prepared, model, c, bounds, distances,
+    ))
 }
 
 /// What k-means' bounds need of a search of the rows of `x` that `rows` names: the winners
@@ -355,10 +371,15 @@ pub(crate) fn search_picked_for_bounds(
     candidates: impl FnOnce(Rows<'_>, &Prepared) -> Result<Candidates>,
 ) -> Result<(Vec<u32>, LowerBounds)> {
     let picked = Rows::picked(x, rows)?;
-    validate_rows(picked, codebook)?;
-    let prepared = Prepared::new(codebook, metric);
-    let c = candidates(picked, &prepared)?;
-    let (a, bounds) = finish_rows(picked, codebook, &prepared, model, c, true, false);
+    let (a, bounds) = search_rows_for(
+        picked,
+        codebook,
+        metric,
+        model,
+        |p| candidates(picked, p),
+        true,
+        false,
+    )?;
     Ok((a.indices, bounds.expect("bounds asked for")))
 }
 
