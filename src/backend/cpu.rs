@@ -137,6 +137,7 @@ impl Backend for CpuBackend {
                     prepared,
                 ))
             },
+            true,
         )
     }
     fn nearest_rows_for_bounds(
@@ -152,14 +153,16 @@ impl Backend for CpuBackend {
             && x.max_abs() <= SCREEN_MAX_ABS
             && codebook.data().iter().all(|v| v.abs() <= SCREEN_MAX_ABS)
         {
-            return nearest::search_picked_for_bounds(
+            let (a, bounds) = nearest::search_picked_with_bounds(
                 x,
                 rows,
                 codebook,
                 metric,
                 nearest::RoundingModel::BF16_F32_SUMS,
                 |picked, prepared| Ok(nearest::avx512::screen_bf16(picked, codebook, prepared)),
-            );
+                false,
+            )?;
+            return Ok((a.indices, bounds));
         }
         let (a, bounds) = self.nearest_rows_with_bounds(x, rows, codebook, metric)?;
         Ok((a.indices, bounds))

@@ -323,26 +323,15 @@ pub fn search_with_precision(
         precision.model(),
         candidates,
         false,
+        true,
     )?
     .0)
 }
 
-/// [`search_with_precision`], with the [`LowerBounds`] when `bounds` asks for them.
-/// `model`: the rounding of the scores `candidates` computes.
+/// [`search_with_precision`], with the [`LowerBounds`] when `bounds` asks for them; `model`
+/// is the rounding of the scores `candidates` computes. Without `distances` the winners'
+/// distances may be left at 0 ([`finish_rows`]).
 pub(crate) fn search_rows(
-    x: Rows<'_>,
-    codebook: MatRef<'_>,
-    metric: Metric,
-    model: RoundingModel,
-    candidates: impl FnOnce(&Prepared) -> Result<Candidates>,
-    bounds: bool,
-) -> Result<(Assignment, Option<LowerBounds>)> {
-    search_rows_for(x, codebook, metric, model, candidates, bounds, true)
-}
-
-/// [`search_rows`]; without `distances` the winners' distances may be left at 0
-/// ([`finish_rows`]).
-fn search_rows_for(
     x: Rows<'_>,
     codebook: MatRef<'_>,
     metric: Metric,
@@ -357,30 +346,6 @@ fn search_rows_for(
     Ok(finish_rows(
         x, codebook, &prepared, model, c, bounds, distances,
     ))
-}
-
-/// What k-means' bounds need of a search of the rows of `x` that `rows` names: the winners
-/// and the [`LowerBounds`], not the distances ([`finish_rows`]); `model` is the rounding of the
-/// scores `candidates` computes.
-pub(crate) fn search_picked_for_bounds(
-    x: &CheckedRows<'_>,
-    rows: &[u32],
-    codebook: MatRef<'_>,
-    metric: Metric,
-    model: RoundingModel,
-    candidates: impl FnOnce(Rows<'_>, &Prepared) -> Result<Candidates>,
-) -> Result<(Vec<u32>, LowerBounds)> {
-    let picked = Rows::picked(x, rows)?;
-    let (a, bounds) = search_rows_for(
-        picked,
-        codebook,
-        metric,
-        model,
-        |p| candidates(picked, p),
-        true,
-        false,
-    )?;
-    Ok((a.indices, bounds.expect("bounds asked for")))
 }
 
 /// The arithmetic the scores of `nearest` are computed in. Whatever the precision, the indices
@@ -704,7 +669,8 @@ pub struct LowerBounds {
 
 /// [`search_with_bounds`] for the rows of `x` that `rows` names, in that order (row t of the
 /// result is row `rows[t]` of `x`); `model` is the rounding of the scores `candidates`
-/// computes.
+/// computes. Without `distances` (what k-means' bounds need) the winners' distances may be
+/// left at 0 ([`finish_rows`]).
 pub(crate) fn search_picked_with_bounds(
     x: &CheckedRows<'_>,
     rows: &[u32],
@@ -712,6 +678,7 @@ pub(crate) fn search_picked_with_bounds(
     metric: Metric,
     model: RoundingModel,
     candidates: impl FnOnce(Rows<'_>, &Prepared) -> Result<Candidates>,
+    distances: bool,
 ) -> Result<(Assignment, LowerBounds)> {
     let picked = Rows::picked(x, rows)?;
     let (a, bounds) = search_rows(
@@ -721,6 +688,7 @@ pub(crate) fn search_picked_with_bounds(
         model,
         |p| candidates(picked, p),
         true,
+        distances,
     )?;
     Ok((a, bounds.expect("bounds asked for")))
 }
@@ -739,6 +707,7 @@ pub fn search_with_bounds(
         metric,
         precision.model(),
         candidates,
+        true,
         true,
     )?;
     Ok((a, bounds.expect("bounds asked for")))
