@@ -81,13 +81,13 @@ impl ExactSums {
                         prefetch(&x.row(ahead as usize)[s0 * STRIPE..c_end]);
                     }
                     let whole = x.row(i as usize);
-                    let mut part_at = 0;
-                    for c0 in (s0 * STRIPE..c_end).step_by(STRIPE) {
-                        let c1 = (c0 + STRIPE).min(d);
-                        let w = c1 - c0;
-                        let part = &mut run[part_at..part_at + k * w];
-                        part_at += k * w;
-                        let row = &whole[c0..c1];
+                    // A stripe's sums are K × its width; only the last stripe is narrower.
+                    for (c0, part) in (s0 * STRIPE..c_end)
+                        .step_by(STRIPE)
+                        .zip(run.chunks_mut(k * STRIPE))
+                    {
+                        let row = &whole[c0..(c0 + STRIPE).min(d)];
+                        let w = row.len();
                         let t = to as usize * w;
                         if from == u32::MAX {
                             for (a, &v) in part[t..t + w].iter_mut().zip(row) {
@@ -116,9 +116,13 @@ impl ExactSums {
             .enumerate()
             .with_min_len(16)
             .for_each(|(j, row)| {
-                for (c, o) in row.iter_mut().enumerate() {
-                    let (c0, w) = (c / STRIPE * STRIPE, STRIPE.min(d - c / STRIPE * STRIPE));
-                    *o = (self.sums[k * c0 + j * w + (c - c0)] as f64) * scale;
+                // Stripe s (columns s·STRIPE.., width w) holds code j's values at k·s·STRIPE + j·w.
+                for (s, cols) in row.chunks_mut(STRIPE).enumerate() {
+                    let w = cols.len();
+                    let at = k * s * STRIPE + j * w;
+                    for (o, &v) in cols.iter_mut().zip(&self.sums[at..at + w]) {
+                        *o = (v as f64) * scale;
+                    }
                 }
             });
         out

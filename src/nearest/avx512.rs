@@ -288,10 +288,10 @@ fn pack_bf16(codebook: MatRef<'_>, norms: &[f32]) -> PackedBf16 {
 ///
 /// The bf16 bound is some 250 times the f32 one, so more rows fall inside it (on 256-D
 /// embeddings, 6% of a full search at K = 1,024, and more among the rows a k-means bound
-/// leaves open). For each such row the 32 lanes hold every code the recheck could need: the
-/// lanes whose best is within twice the bound of the row's best (its [`Shortlist`]), unless a
-/// lane's runner-up is also within it, or they are more than a shortlist holds; only then does
-/// the recheck measure every code.
+/// leaves open). For each such row the 32 lanes name every code the recheck could need (its
+/// [`Shortlist`]): a lane whose best is within twice the bound of the row's best names that
+/// code, and a lane whose runner-up is within it too names all its codes. Only a NaN score
+/// leaves a row unlisted, and the recheck then measures every code.
 ///
 /// L2 only. Panics if the CPU lacks AVX512_BF16: callers check [`bf16_available`] first.
 pub(crate) fn screen_bf16(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared) -> Candidates {
@@ -350,10 +350,8 @@ pub(crate) fn screen_bf16(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared
             reduce_into(states, &mut out);
             let lists = out.shortlist.as_deref_mut().expect("asked for shortlists");
             for (r, st) in states.iter().enumerate() {
-                // finish's own bound (same norm, same model), with a hair of room; a row whose
-                // runner-up is outside it is not rechecked and needs no list.
-                let err = prepared.score_error(out.norm_sq[r].sqrt(), RoundingModel::BF16_F32_SUMS);
-                let limit = out.best_score[r] as f64 + 2.0 * err * (1.0 + 1e-9);
+                // A row whose runner-up is outside the limit is not rechecked: no list.
+                let limit = list_limit(prepared, out.norm_sq[r], out.best_score[r]);
                 let second = out.second_score[r] as f64;
                 if second <= limit || second.is_nan() {
                     lists[r] = shortlist(st, limit);
@@ -361,6 +359,14 @@ pub(crate) fn screen_bf16(x: Rows<'_>, codebook: MatRef<'_>, prepared: &Prepared
             }
         },
     )
+}
+
+/// The highest score a code may have and still win a row whose ||x||² is `norm_sq` and whose
+/// best score is `best`: finish's own recheck bound (same norm, same model), with a hair of
+/// room so the list covers every code it rechecks.
+fn list_limit(prepared: &Prepared, norm_sq: f64, best: f32) -> f64 {
+    let err = prepared.score_error(norm_sq.sqrt(), RoundingModel::BF16_F32_SUMS);
+    best as f64 + 2.0 * err * (1.0 + 1e-9)
 }
 
 /// Every code whose score may be at most `limit`: the lane's best when only it is, the whole
@@ -542,10 +548,8 @@ mod tests {
             }
             let (i, b, sc) = st.reduce();
             (out.best[r], out.best_score[r], out.second_score[r]) = (i, b, sc);
-            let x_norm = crate::nearest::norm_sq_f64(x.row(r)).sqrt();
-            let err = prepared.score_error(x_norm, RoundingModel::BF16_F32_SUMS);
-            out.shortlist.as_mut().unwrap()[r] =
-                shortlist(&st, b as f64 + 2.0 * err * (1.0 + 1e-9));
+            let limit = list_limit(prepared, crate::nearest::norm_sq_f64(x.row(r)), b);
+            out.shortlist.as_mut().unwrap()[r] = shortlist(&st, limit);
         }
         out
     }

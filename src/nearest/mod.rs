@@ -779,13 +779,14 @@ pub(crate) fn finish_rows(
                 *index = k;
                 *dist = d as f32;
                 1
-            } else if model.operand_roundoff > 0.0 && !distances_wanted {
-                0
             } else if model.operand_roundoff > 0.0 {
                 // Low-precision scores locate the winner but carry the operands' rounding
-                // (relative 2^-8 for bf16): the reported distance is recomputed exactly for
-                // the winning code alone (O(D) per row).
-                *dist = exact_distance(xr, codebook.row(*index as usize), prepared.metric) as f32;
+                // (relative 2^-8 for bf16): the reported distance, when wanted, is recomputed
+                // exactly for the winning code alone (O(D) per row).
+                if distances_wanted {
+                    *dist =
+                        exact_distance(xr, codebook.row(*index as usize), prepared.metric) as f32;
+                }
                 0
             } else {
                 *dist = match prepared.metric {
