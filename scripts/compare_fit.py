@@ -34,6 +34,15 @@ is the whole time of a run stopped by vqx's own rule (`--tol`).
 """
 import argparse, json, os, shlex, statistics, subprocess, sys, tempfile, time
 
+# The parent scores each codebook with numpy between the timed runs, and OpenBLAS's worker
+# threads spin on for a while after every call, on the cores the next timed child then runs
+# on (measured on 2 cores: `vqx fit` on 20,000 rows took 30-50 ms longer right after a matmul
+# than after a pause). So the parent's BLAS runs on its own thread (no workers to spin), and
+# the children get the environment as it was.
+CHILD_ENV = dict(os.environ)
+if "--faiss-child" not in sys.argv:
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
 import numpy as np
 
 SEED = 1234
@@ -103,7 +112,7 @@ def run_timed(cmd, log, timeout):
     """
     with open(log, "w") as f:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=CHILD_ENV)
         while True:
             # os.wait4, not p.wait: it also returns the child's own resource usage.
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)
