@@ -55,6 +55,9 @@ const MOVER_FRACTION: f64 = 0.05;
 /// the fastest of 1, 2, 4 and 8 at K = 1,024 and 4,096 on 256-D embeddings).
 const MOVER_COST: usize = 8;
 
+/// Rows read ahead of the one whose bounds are checked.
+const ROW_AHEAD: usize = 4;
+
 /// At most this many past codebooks are kept (bounds are stamped with a pass mod 256).
 const MAX_SNAPSHOTS: usize = 16;
 
@@ -281,6 +284,11 @@ impl Bounds {
             .enumerate()
             .with_min_len(512)
             .map(|(i, (((lower, stamp), upper), own))| {
+                // The rows the bounds leave open are scattered, so the hardware prefetchers
+                // miss the start of each: ask for a row a few ahead.
+                if i + ROW_AHEAD < n {
+                    super::prefetch(x.row(i + ROW_AHEAD));
+                }
                 let age = |s: u8| now.wrapping_sub(s) as usize;
                 let mut low = f64::INFINITY;
                 for g in 0..g_n {

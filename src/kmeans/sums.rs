@@ -78,7 +78,7 @@ impl ExactSums {
                 let c_end = ((s0 + per) * STRIPE).min(d);
                 for (m, &(i, from, to)) in moved.iter().enumerate() {
                     if let Some(&(ahead, _, _)) = moved.get(m + PREFETCH_AHEAD) {
-                        prefetch(&x.row(ahead as usize)[s0 * STRIPE..c_end]);
+                        super::prefetch(&x.row(ahead as usize)[s0 * STRIPE..c_end]);
                     }
                     let whole = x.row(i as usize);
                     // A stripe's sums are K × its width; only the last stripe is narrower.
@@ -132,22 +132,6 @@ impl ExactSums {
 /// Moved rows read ahead of the one being added: the moved rows of a late pass are sparse,
 /// so the hardware prefetchers do not see them coming.
 const PREFETCH_AHEAD: usize = 8;
-
-/// Asks for the cache lines of `data` ahead of their use (a hint; nothing elsewhere).
-#[inline(always)]
-fn prefetch(data: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
-        // SAFETY: a prefetch is a hint that never faults; the address is inside `data`.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
-}
 
 /// `v` in units of 2^lsb, rounded to the nearest (ties away from zero).
 #[inline(always)]
