@@ -878,14 +878,17 @@ fn exact_l2_among(x: &[f32], codebook: MatRef<'_>, lows: &mut [(u32, f64)]) -> (
         return (0, 0.0);
     }
     let (mut first, mut first_low) = (0, f64::INFINITY);
-    for (t, slot) in lows.iter_mut().enumerate() {
-        let l = l2_sq_lower_f32(x, codebook.row(slot.0 as usize));
+    let slots = std::cell::Cell::from_mut(lows).as_slice_of_cells();
+    let mut t = 0;
+    l2_sq_lower_f32_each(x, codebook, slots.iter().map(|s| s.get().0), |l| {
         // An f32 sum that overflowed bounds nothing: such a code is always measured.
-        slot.1 = if l.is_finite() { l } else { 0.0 };
-        if slot.1 < first_low {
-            (first, first_low) = (t, slot.1);
+        let l = if l.is_finite() { l } else { 0.0 };
+        slots[t].set((slots[t].get().0, l));
+        if l < first_low {
+            (first, first_low) = (t, l);
         }
-    }
+        t += 1;
+    });
     let k0 = lows[first].0;
     let mut best = (l2_sq_f64(x, codebook.row(k0 as usize)), k0);
     // A hair of room over the bound's own.
@@ -942,9 +945,94 @@ crate::model::simd::multiversion! {
 /// lanes are added in 15 steps: at most (D + 20)·2^-24 of the sum in all, less what
 /// underflow loses (2^-149 per term and step), both taken off with room to spare.
 pub fn l2_sq_lower_f32(x: &[f32], c: &[f32]) -> f64 {
-    let d = x.len() as f64;
-    let s = l2_sq_f32(x, c) as f64;
-    s / (1.0 + (d + 20.0) * f32::EPSILON as f64) - (2.0 * d + 32.0) * 1.5e-45
+    lower_of_f32(l2_sq_f32(x, c), x.len())
+}
+
+/// [`l2_sq_lower_f32`]'s bound from the f32 sum `s` of `d` terms.
+#[inline(always)]
+fn lower_of_f32(s: f32, d: usize) -> f64 {
+    let d = d as f64;
+    s as f64 / (1.0 + (d + 20.0) * f32::EPSILON as f64) - (2.0 * d + 32.0) * 1.5e-45
+}
+
+/// [`l2_sq_lower_f32`] of `x` against each code of `codebook` that `codes` names, handed to
+/// `put` in that order: the same bits as one call per code, at a fraction of the cost where
+/// the codes are in cache (the kernel is chosen and the row's padded last block made once,
+/// and no call stands between two codes, so their sums overlap).
+pub fn l2_sq_lower_f32_each(
+    x: &[f32],
+    codebook: MatRef<'_>,
+    codes: impl IntoIterator<Item = u32>,
+    put: impl FnMut(f64),
+) {
+    assert_eq!(x.len(), codebook.cols());
+    let n = x.len() / 16 * 16;
+    let mut xt = [0f32; 16];
+    xt[..x.len() - n].copy_from_slice(&x[n..]);
+    let codes = codes.into_iter();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::model::simd::has_avx512() {
+            // SAFETY: the CPU has AVX-512 F.
+            return unsafe { l2_sq_lower_each_avx512(x, &xt, codebook, codes, put) };
+        }
+        if crate::model::simd::has_avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { l2_sq_lower_each_avx2(x, &xt, codebook, codes, put) };
+        }
+    }
+    each_code(x, &xt, codebook, codes, put, l2_sq_f32_scalar);
+}
+
+/// The loop of [`l2_sq_lower_f32_each`] with the kernel `sum` (whole blocks, padded blocks).
+#[inline(always)]
+fn each_code(
+    x: &[f32],
+    xt: &[f32; 16],
+    codebook: MatRef<'_>,
+    codes: impl Iterator<Item = u32>,
+    mut put: impl FnMut(f64),
+    sum: impl Fn(&[f32], &[f32], &[f32; 16], &[f32; 16]) -> f32,
+) {
+    let (d, n) = (x.len(), x.len() / 16 * 16);
+    let mut ct = [0f32; 16];
+    for j in codes {
+        let c = codebook.row(j as usize);
+        ct[..d - n].copy_from_slice(&c[n..]);
+        put(lower_of_f32(sum(&x[..n], &c[..n], xt, &ct), d));
+    }
+}
+
+/// [`each_code`] with the AVX-512 kernel inlined.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn l2_sq_lower_each_avx512(
+    x: &[f32],
+    xt: &[f32; 16],
+    codebook: MatRef<'_>,
+    codes: impl Iterator<Item = u32>,
+    put: impl FnMut(f64),
+) {
+    // SAFETY: the caller checked AVX-512 F; whole blocks and padded blocks as the kernel needs.
+    each_code(x, xt, codebook, codes, put, |a, b, at, bt| unsafe {
+        l2_sq_f32_avx512(a, b, at, bt)
+    });
+}
+
+/// [`each_code`] with the AVX2 kernel inlined.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn l2_sq_lower_each_avx2(
+    x: &[f32],
+    xt: &[f32; 16],
+    codebook: MatRef<'_>,
+    codes: impl Iterator<Item = u32>,
+    put: impl FnMut(f64),
+) {
+    // SAFETY: the caller checked AVX2; whole blocks and padded blocks as the kernel needs.
+    each_code(x, xt, codebook, codes, put, |a, b, at, bt| unsafe {
+        l2_sq_f32_avx2(a, b, at, bt)
+    });
 }
 
 /// Σ (x_i − c_i)² in f32 in a fixed order, the same (and the same bits) on AVX-512, AVX2 and
@@ -1028,16 +1116,29 @@ unsafe fn l2_sq_f32_avx512(x: &[f32], c: &[f32], xt: &[f32; 16], ct: &[f32; 16])
             a3 = _mm512_add_ps(a3, sq(xp.add(i + 48), cp.add(i + 48)));
         }
     }
-    // The last whole blocks (at most three), then the padded one, to accumulators in turn.
-    let mut acc = [a0, a1, a2, a3];
-    let mut j = 0;
-    for i in (n4..n).step_by(16) {
-        // SAFETY: i + 16 ≤ n.
-        acc[j] = _mm512_add_ps(acc[j], unsafe { sq(xp.add(i), cp.add(i)) });
-        j += 1;
+    // The last whole blocks (at most three), then the padded one, to accumulators in turn;
+    // written out, since an accumulator picked by a runtime index lives on the stack.
+    let rest = (n - n4) / 16;
+    // SAFETY: block r < rest starts at n4 + 16r, and n4 + 16·rest = n.
+    unsafe {
+        if rest > 0 {
+            a0 = _mm512_add_ps(a0, sq(xp.add(n4), cp.add(n4)));
+        }
+        if rest > 1 {
+            a1 = _mm512_add_ps(a1, sq(xp.add(n4 + 16), cp.add(n4 + 16)));
+        }
+        if rest > 2 {
+            a2 = _mm512_add_ps(a2, sq(xp.add(n4 + 32), cp.add(n4 + 32)));
+        }
     }
-    acc[j] = _mm512_add_ps(acc[j], sq(xt.as_ptr(), ct.as_ptr()));
-    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let t = sq(xt.as_ptr(), ct.as_ptr());
+    match rest {
+        0 => a0 = _mm512_add_ps(a0, t),
+        1 => a1 = _mm512_add_ps(a1, t),
+        2 => a2 = _mm512_add_ps(a2, t),
+        _ => a3 = _mm512_add_ps(a3, t),
+    }
+    let s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
     reduce8(_mm256_add_ps(_mm512_castps512_ps256(s), hi))
 }
@@ -1049,7 +1150,6 @@ unsafe fn l2_sq_f32_avx2(x: &[f32], c: &[f32], xt: &[f32; 16], ct: &[f32; 16]) -
     use std::arch::x86_64::*;
     let n = x.len();
     let z = _mm256_setzero_ps();
-    let mut acc = [(z, z); 4];
     // SAFETY (every call): as in the AVX-512 version, 8 lanes at a time.
     let sq = |p: *const f32, q: *const f32| unsafe {
         let d = _mm256_sub_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(q));
@@ -1064,7 +1164,7 @@ unsafe fn l2_sq_f32_avx2(x: &[f32], c: &[f32], xt: &[f32; 16], ct: &[f32; 16]) -
     };
     let (xp, cp) = (x.as_ptr(), c.as_ptr());
     let n4 = n / 64 * 64;
-    let (mut r0, mut r1, mut r2, mut r3) = (acc[0], acc[1], acc[2], acc[3]);
+    let (mut r0, mut r1, mut r2, mut r3) = ((z, z), (z, z), (z, z), (z, z));
     for i in (0..n4).step_by(64) {
         // SAFETY: i + 64 ≤ n4 ≤ n.
         unsafe {
@@ -1074,22 +1174,29 @@ unsafe fn l2_sq_f32_avx2(x: &[f32], c: &[f32], xt: &[f32; 16], ct: &[f32; 16]) -
             r3 = add(r3, xp.add(i + 48), cp.add(i + 48));
         }
     }
-    acc = [r0, r1, r2, r3];
-    let mut j = 0;
-    for i in (n4..n).step_by(16) {
-        // SAFETY: i + 16 ≤ n.
-        acc[j] = add(acc[j], unsafe { xp.add(i) }, unsafe { cp.add(i) });
-        j += 1;
+    // As in the AVX-512 version: the last whole blocks, then the padded one, written out.
+    let rest = (n - n4) / 16;
+    // SAFETY: block r < rest starts at n4 + 16r, and n4 + 16·rest = n.
+    unsafe {
+        if rest > 0 {
+            r0 = add(r0, xp.add(n4), cp.add(n4));
+        }
+        if rest > 1 {
+            r1 = add(r1, xp.add(n4 + 16), cp.add(n4 + 16));
+        }
+        if rest > 2 {
+            r2 = add(r2, xp.add(n4 + 32), cp.add(n4 + 32));
+        }
     }
-    acc[j] = add(acc[j], xt.as_ptr(), ct.as_ptr());
-    let lo = _mm256_add_ps(
-        _mm256_add_ps(acc[0].0, acc[1].0),
-        _mm256_add_ps(acc[2].0, acc[3].0),
-    );
-    let hi = _mm256_add_ps(
-        _mm256_add_ps(acc[0].1, acc[1].1),
-        _mm256_add_ps(acc[2].1, acc[3].1),
-    );
+    let (xq, cq) = (xt.as_ptr(), ct.as_ptr());
+    match rest {
+        0 => r0 = add(r0, xq, cq),
+        1 => r1 = add(r1, xq, cq),
+        2 => r2 = add(r2, xq, cq),
+        _ => r3 = add(r3, xq, cq),
+    }
+    let lo = _mm256_add_ps(_mm256_add_ps(r0.0, r1.0), _mm256_add_ps(r2.0, r3.0));
+    let hi = _mm256_add_ps(_mm256_add_ps(r0.1, r1.1), _mm256_add_ps(r2.1, r3.1));
     reduce8(_mm256_add_ps(lo, hi))
 }
 
@@ -1202,6 +1309,81 @@ mod l2_f32_tests {
                 }
             }
             same("the dispatched path", l2_sq_f32(&x, &c));
+        }
+    }
+
+    type Put<'a> = &'a mut dyn FnMut(f64);
+
+    /// The batched bounds are each code's own [`l2_sq_lower_f32`], bit for bit, on every path,
+    /// for codes named in any order (repeats included).
+    #[test]
+    fn the_batch_gives_each_codes_own_bits() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let k = 9;
+        let order = [3u32, 0, 8, 3, 5, 1, 7, 2, 6, 4];
+        for len in [1usize, 15, 16, 17, 48, 63, 64, 65, 100, 256, 1000] {
+            let x: Vec<f32> = (0..len).map(|_| next() * 3.0).collect();
+            let data: Vec<f32> = (0..k * len).map(|_| next()).collect();
+            let codebook = MatRef::new(&data, k, len).unwrap();
+            let want: Vec<u64> = order
+                .iter()
+                .map(|&j| l2_sq_lower_f32(&x, codebook.row(j as usize)).to_bits())
+                .collect();
+            let n = len / 16 * 16;
+            let mut xt = [0f32; 16];
+            xt[..len - n].copy_from_slice(&x[n..]);
+            let check = |path: &str, got: Vec<f64>| {
+                assert_eq!(got.len(), order.len(), "{path}, length {len}");
+                for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        *w,
+                        "{path}, length {len}, code {}: {g} vs {}",
+                        order[t],
+                        f64::from_bits(*w)
+                    );
+                }
+            };
+            let run = |f: &dyn Fn(Put<'_>)| {
+                let mut got = Vec::new();
+                f(&mut |v| got.push(v));
+                got
+            };
+            check(
+                "the dispatched path",
+                run(&|put| l2_sq_lower_f32_each(&x, codebook, order, put)),
+            );
+            check(
+                "the plain code",
+                run(&|put| each_code(&x, &xt, codebook, order.into_iter(), put, l2_sq_f32_scalar)),
+            );
+            #[cfg(target_arch = "x86_64")]
+            {
+                if crate::model::simd::has_avx512() {
+                    // SAFETY: the CPU has AVX-512 F.
+                    check(
+                        "AVX-512",
+                        run(&|put| unsafe {
+                            l2_sq_lower_each_avx512(&x, &xt, codebook, order.into_iter(), put)
+                        }),
+                    );
+                }
+                if crate::model::simd::has_avx2() {
+                    // SAFETY: the CPU has AVX2.
+                    check(
+                        "AVX2",
+                        run(&|put| unsafe {
+                            l2_sq_lower_each_avx2(&x, &xt, codebook, order.into_iter(), put)
+                        }),
+                    );
+                }
+            }
         }
     }
 }
