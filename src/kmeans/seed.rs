@@ -168,8 +168,14 @@ fn parallel(
         // fixed f32 computation: the same bits whatever the backend, so are the draws.
         let fresh = MatRef::new(&cands[newest * d..], cands.len() / d - newest, d)?;
         if let Some(checked) = checked {
-            let (winners, _) =
-                backend.nearest_rows_for_bounds(checked, &every, fresh, Metric::L2)?;
+            // The first round's one candidate is every row's nearest: no search.
+            let winners = if fresh.rows() == 1 {
+                vec![0; n]
+            } else {
+                backend
+                    .nearest_rows_for_bounds(checked, &every, fresh, Metric::L2)?
+                    .0
+            };
             let found: Vec<f64> = winners
                 .par_iter()
                 .enumerate()
