@@ -652,7 +652,7 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
     eprintln!(
         "fit {k} codes × {d} on {n} rows{}: {} seeding ({} candidates) in {:.2} s, {passes} \
          {}Lloyd passes on {} ({}), {:.2} s in all; last pass: error {:.6e}, used {}/{k}, \
-         skipped {:.1}% of distances ({:.1}% over all passes); wrote {}",
+         skipped {:.1}% of distances ({:.1}% over all passes); wrote {}; ran on {}",
         if comm.size() > 1 {
             format!(" in {} shards", comm.size())
         } else {
@@ -681,7 +681,8 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
         last.used,
         100.0 * last.skipped,
         100.0 * (1.0 - searched / (passes as f64 * n as f64 * k as f64)),
-        args.output.display()
+        args.output.display(),
+        backend.describe()
     );
     Ok(())
 }

@@ -959,7 +959,7 @@ fn lower_of_f32(s: f32, d: usize) -> f64 {
 /// `put` in that order: the same bits as one call per code, at a fraction of the cost where
 /// the codes are in cache (the kernel is chosen and the row's padded last block made once,
 /// and no call stands between two codes, so their sums overlap).
-pub fn l2_sq_lower_f32_each(
+pub(crate) fn l2_sq_lower_f32_each(
     x: &[f32],
     codebook: MatRef<'_>,
     codes: impl IntoIterator<Item = u32>,
