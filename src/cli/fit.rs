@@ -651,7 +651,7 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
     let searched: f64 = fit.passes.iter().map(|p| p.distances as f64).sum();
     eprintln!(
         "fit {k} codes × {d} on {n} rows{}: {} seeding ({} candidates) in {:.2} s, {passes} \
-         {}Lloyd passes on {} ({}), {:.2} s in all; last pass: error {:.6e}, used {}/{k}, \
+         {}Lloyd passes ({}), {:.2} s in all; last pass: error {:.6e}, used {}/{k}, \
          skipped {:.1}% of distances ({:.1}% over all passes); wrote {}; ran on {}",
         if comm.size() > 1 {
             format!(" in {} shards", comm.size())
@@ -670,7 +670,6 @@ fn lloyd_job(args: &Args, comm: &dyn Collective, shard: Shard<'_>) -> Result<()>
             ),
             None => String::new(),
         },
-        backend.name(),
         match fit.stop {
             kmeans::Stop::Converged => "converged: no row changed code",
             kmeans::Stop::Tolerance => "stopped: the error gain fell below --tol",

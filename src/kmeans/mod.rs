@@ -233,7 +233,8 @@ pub fn check_same_codebook(
 /// per quantity, far below this for any D an f32 index can reach).
 const MARGIN: f64 = 1e-10;
 
-/// Asks for the cache lines of `data` ahead of their use (a hint; nothing elsewhere).
+/// Asks for the cache lines of `data` ahead of their use (a hint), for the bounds and the
+/// exact sums, whose rows are scattered.
 #[inline(always)]
 pub(super) fn prefetch(data: &[f32]) {
     #[cfg(target_arch = "x86_64")]
